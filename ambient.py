@@ -1,0 +1,743 @@
+"""Creative diffusion models with Ambient Diffusion, in one file.
+
+Reference implementation of Shah, Kalavasis, Klivans & Daras, "Does Generation Require Memorization?
+Creative Diffusion Models using Ambient Diffusion" (ICML 2025).
+
+Diffusion models trained on few images copy them. The paper's Algorithm 1 trains the low-noise part
+of the diffusion (t < t_n) on the clean images with the usual loss (Eq. 3), and the high-noise part
+(t > t_n) only on ONE fixed noisy copy x_tn of each image with Ambient Score Matching (Eq. 6). The
+model never sees a clean image at high noise, so it cannot snap onto one there, and copying drops.
+
+    python ambient.py --data cifar --n 300 --sigma-tn 0.4      # Algorithm 1, the paper's setting
+    python ambient.py --data cifar --n 300 --sigma-tn 0        # the DDPM baseline
+    python ambient.py --data demo --preset tiny --resolution 16 --iters 2000 --device cpu
+
+The file reads top to bottom like the paper: schedule -> network -> losses -> data -> Algorithm 1
+-> sampler -> memorization -> closed forms -> CLI. NOTES.md maps each equation to its function.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ------------------------------------------------------------------------------------------------
+# 1. Noise schedule (Eq. 1): x_t = sqrt(1 - sigma_t^2) x_0 + sigma_t z, data in [-1, 1].
+#
+# The paper writes the variance-preserving (VP) process. Its experiments (EDM code) quote noise in
+# variance-exploding units, x = x_0 + sigma n. The two describe the same corruption up to a scale:
+# dividing the VP x_t by sqrt(1 - sigma_t^2) gives x_0 + sigma n with sigma = sigma_t/sqrt(1-sigma_t^2).
+# Command-line sigmas (--sigma-tn 0.4) are EDM units; the losses and Algorithm 1 use VP units.
+# ------------------------------------------------------------------------------------------------
+SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 80.0, 7.0  # EDM's noise range and time warp (EDM units)
+SIGMA_DATA = 0.5  # EDM's prior on the data's standard deviation, for the network's scalings
+
+
+def vp_from_edm(sigma):
+    """EDM sigma -> VP sigma_t = sigma / sqrt(1 + sigma^2)."""
+    return sigma / (1 + sigma ** 2) ** 0.5
+
+
+def edm_from_vp(sigma_t):
+    """VP sigma_t -> EDM sigma = sigma_t / sqrt(1 - sigma_t^2)."""
+    return sigma_t / (1 - sigma_t ** 2) ** 0.5
+
+
+def alpha(sigma_t):
+    """The VP signal scale sqrt(1 - sigma_t^2); alpha^2 + sigma_t^2 = 1."""
+    return (1 - sigma_t ** 2) ** 0.5
+
+
+def sigma_at(t):
+    """EDM sigma at diffusion time t in [0, 1]: EDM's rho = 7 warp from SIGMA_MIN to SIGMA_MAX.
+    Uniform t spends most draws at low noise, as EDM's sampler does; T = 1 is sigma = 80."""
+    lo, hi = SIGMA_MIN ** (1 / RHO), SIGMA_MAX ** (1 / RHO)
+    return (lo + t * (hi - lo)) ** RHO
+
+
+def time_at(sigma):
+    """Inverse of sigma_at: the time t_n of an EDM noise level."""
+    lo, hi = SIGMA_MIN ** (1 / RHO), SIGMA_MAX ** (1 / RHO)
+    return (sigma ** (1 / RHO) - lo) / (hi - lo)
+
+
+def bcast(s, x):
+    """Per-sample scalars (B,) -> shape that broadcasts against x (B, ...)."""
+    return s.reshape(-1, *[1] * (x.dim() - 1)) if torch.is_tensor(s) and s.dim() else s
+
+
+def add_noise(x0, sigma_t, z):
+    """Eq. 1 in VP units."""
+    return bcast(alpha(sigma_t), x0) * x0 + bcast(sigma_t, x0) * z
+
+
+def noise_further(x_tn, sigma_tn, sigma_t, z):
+    """Algorithm 1, line 10: take the stored noisy x_tn (level sigma_tn) up to sigma_t > sigma_tn.
+    x_t = sqrt((1-s_t^2)/(1-s_tn^2)) x_tn + sqrt((s_t^2-s_tn^2)/(1-s_tn^2)) z has, given x_0,
+    exactly the law of Eq. 1: signal alpha_t x_0 and noise variance sigma_t^2."""
+    scale = alpha(sigma_t) / alpha(sigma_tn)
+    std = ((sigma_t ** 2 - sigma_tn ** 2) / (1 - sigma_tn ** 2)) ** 0.5
+    return bcast(scale, x_tn) * x_tn + bcast(std, x_tn) * z
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. Compact U-Net h_theta(x_t, t) that predicts x_0 (the x_0-prediction of Eq. 3).
+#
+# EDM's preconditioning (Karras et al. 2022, Table 1) keeps the network's input and target at unit
+# variance at every noise level, so one network serves from sigma = 0.002 to 80:
+#   h = c_skip x + c_out F(c_in x, c_noise), with x = x_t / alpha the EDM-units input.
+# ------------------------------------------------------------------------------------------------
+PRESETS = {  # channels, per-level multipliers, residual blocks per level, attention resolutions
+    "tiny": dict(channels=16, mults=(1, 2, 4), blocks=1, attn_at=(4,)),  # CPU: 0.69M parameters
+    "paper": dict(channels=64, mults=(1, 2, 2), blocks=2, attn_at=(16,)),  # GPU: 6.47M at 32x32
+}
+
+
+def groups(c):
+    return math.gcd(32, c // 4)  # GroupNorm groups of at least 4 channels, at most 32 groups
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, c, heads=1):
+        super().__init__()
+        self.heads, self.norm = heads, nn.GroupNorm(groups(c), c)
+        self.qkv, self.proj = nn.Conv2d(c, 3 * c, 1), nn.Conv2d(c, c, 1)
+        nn.init.zeros_(self.proj.weight), nn.init.zeros_(self.proj.bias)  # starts as identity
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, self.heads, C // self.heads, H * W).unbind(1)
+        out = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
+        return x + self.proj(out.transpose(-1, -2).reshape(B, C, H, W))
+
+
+class ResBlock(nn.Module):
+    """GroupNorm -> SiLU -> conv, plus the noise embedding, twice, with a residual path."""
+
+    def __init__(self, c_in, c_out, emb_dim, attention=False, dropout=0.0):
+        super().__init__()
+        self.norm1, self.conv1 = nn.GroupNorm(groups(c_in), c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, c_out)
+        self.norm2, self.conv2 = nn.GroupNorm(groups(c_out), c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
+        nn.init.zeros_(self.conv2.weight), nn.init.zeros_(self.conv2.bias)  # block starts as identity
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+        self.attention = SelfAttention(c_out) if attention else nn.Identity()
+        self.dropout = dropout
+
+    def forward(self, x, emb):
+        h = self.conv1(F.silu(self.norm1(x))) + self.emb(emb)[:, :, None, None]
+        h = self.conv2(F.dropout(F.silu(self.norm2(h)), self.dropout, self.training))
+        return self.attention((self.skip(x) + h) * 0.5 ** 0.5)
+
+
+class UNet(nn.Module):
+    """F_theta: the raw network inside the preconditioning."""
+
+    def __init__(self, resolution=32, channels=64, mults=(1, 2, 2), blocks=2, attn_at=(16,), dropout=0.0):
+        super().__init__()
+        self.channels, emb_dim = channels, 4 * channels
+        self.embed = nn.Sequential(nn.Linear(channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.conv_in = nn.Conv2d(3, channels, 3, padding=1)
+        self.down, self.up, skips, c, res = nn.ModuleList(), nn.ModuleList(), [channels], channels, resolution
+        for level, m in enumerate(mults):
+            for _ in range(blocks):
+                self.down.append(ResBlock(c, channels * m, emb_dim, res in attn_at, dropout))
+                c = channels * m
+                skips.append(c)
+            if level < len(mults) - 1:
+                self.down.append(nn.Conv2d(c, c, 3, stride=2, padding=1))
+                skips.append(c)
+                res //= 2
+        self.mid = nn.ModuleList([ResBlock(c, c, emb_dim, True, dropout), ResBlock(c, c, emb_dim, False, dropout)])
+        for level, m in reversed(list(enumerate(mults))):
+            for _ in range(blocks + 1):
+                self.up.append(ResBlock(c + skips.pop(), channels * m, emb_dim, res in attn_at, dropout))
+                c = channels * m
+            if level > 0:
+                self.up.append(nn.Sequential(nn.Upsample(scale_factor=2), nn.Conv2d(c, c, 3, padding=1)))
+                res *= 2
+        self.norm_out, self.conv_out = nn.GroupNorm(groups(c), c), nn.Conv2d(c, 3, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight), nn.init.zeros_(self.conv_out.bias)
+
+    def forward(self, x, c_noise):
+        # Sinusoidal embedding of c_noise = ln(sigma)/4, as EDM feeds its DDPM++ network.
+        half = self.channels // 2
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, device=x.device) / (half - 1))
+        angles = c_noise[:, None].float() * freqs[None]
+        emb = self.embed(torch.cat([angles.cos(), angles.sin()], dim=1))
+        h = self.conv_in(x)
+        skips = [h]
+        for layer in self.down:
+            h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
+            skips.append(h)
+        for layer in self.mid:
+            h = layer(h, emb)
+        for layer in self.up:
+            h = layer(torch.cat([h, skips.pop()], 1), emb) if isinstance(layer, ResBlock) else layer(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class Denoiser(nn.Module):
+    """h_theta(x_t, sigma_t) -> estimate of x_0, with VP inputs as in the paper."""
+
+    def __init__(self, resolution=32, preset="tiny", **overrides):
+        super().__init__()
+        self.resolution, self.levels = resolution, len(PRESETS[preset]["mults"])
+        self.net = UNet(resolution, **{**PRESETS[preset], **overrides})
+
+    def forward(self, x_t, sigma_t):
+        sigma_t = torch.as_tensor(sigma_t, dtype=x_t.dtype, device=x_t.device).expand(x_t.shape[0])
+        sigma = edm_from_vp(sigma_t)
+        x = x_t / bcast(alpha(sigma_t), x_t)  # = x_0 + sigma n: EDM units
+        c_skip = SIGMA_DATA ** 2 / (sigma ** 2 + SIGMA_DATA ** 2)
+        c_out = sigma * SIGMA_DATA / (sigma ** 2 + SIGMA_DATA ** 2) ** 0.5
+        c_in = 1 / (sigma ** 2 + SIGMA_DATA ** 2) ** 0.5
+        F_x = self.net(bcast(c_in, x) * x, sigma.log() / 4)
+        return bcast(c_skip, x) * x + bcast(c_out, x) * F_x.to(x.dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. Losses: DDPM (Eq. 3) below t_n, Ambient Score Matching (Eq. 6, Algorithm 1 line 11) above it.
+#
+# Why Eq. 6 works (Lemma C.1). Write x_t = (alpha_t/alpha_tn) x_tn + noise. The Gaussian noise
+# from x_0 to x_t splits into the part up to t_n and the rest, so given x_t
+#     E[x_tn | x_t] = sigma_tn^2 alpha_t / (sigma_t^2 alpha_tn) * x_t
+#                   + (sigma_t^2 - sigma_tn^2) / (sigma_t^2 alpha_tn) * E[x_0 | x_t].
+# x_tn is observed, x_0 is not: regress x_tn on x_t through this affine map of h_theta. The
+# minimiser of E|c_h h + c_x x_t - x_tn|^2 is h = E[x_0 | x_t] (the clean-data optimum), although
+# no clean image appears in the loss. At sigma_tn = 0 the map is h itself and Eq. 6 is Eq. 3.
+#
+# Weighting. Both losses are per-sample mean squared errors as written in the paper. Training
+# multiplies them by loss_weight: EDM's lambda(sigma) = (sigma^2 + s_d^2) / (sigma s_d)^2 divided by
+# c_h^2, as in the authors' released code. The expected ambient loss is c_h^2 E|h - E[x_0|x_t]|^2 +
+# const, so each noise level then pulls on the x_0 error exactly as much as in EDM.
+# ------------------------------------------------------------------------------------------------
+def ddpm_loss(x0_pred, x0):
+    """Eq. 3: |h_theta(x_t, t) - x_0|^2, per sample."""
+    return (x0_pred - x0).square().flatten(1).mean(1)
+
+
+def ambient_coefficients(sigma_t, sigma_tn):
+    """(c_h, c_x) with E[x_tn | x_t] = c_h E[x_0 | x_t] + c_x x_t (Lemma C.1), VP units."""
+    c_h = (sigma_t ** 2 - sigma_tn ** 2) / (sigma_t ** 2 * alpha(sigma_tn))
+    c_x = sigma_tn ** 2 * alpha(sigma_t) / (sigma_t ** 2 * alpha(sigma_tn))
+    return c_h, c_x
+
+
+def ambient_loss(x0_pred, x_t, x_tn, sigma_t, sigma_tn):
+    """Eq. 6: |c_h h_theta(x_t, t) + c_x x_t - x_tn|^2, per sample; needs sigma_t > sigma_tn."""
+    c_h, c_x = ambient_coefficients(sigma_t, sigma_tn)
+    return (bcast(c_h, x_t) * x0_pred + bcast(c_x, x_t) * x_t - x_tn).square().flatten(1).mean(1)
+
+
+def loss_weight(sigma_t, sigma_tn):
+    """EDM's lambda(sigma), divided by c_h^2 for the ambient branch (c_h = 1 when sigma_tn = 0)."""
+    sigma = edm_from_vp(sigma_t)
+    c_h, _ = ambient_coefficients(sigma_t, sigma_tn)
+    return (sigma ** 2 + SIGMA_DATA ** 2) / (sigma * SIGMA_DATA) ** 2 / c_h ** 2
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. Data: images as uint8 (N, H, W, 3) -> float tensors in [-1, 1], shape (N, 3, H, W).
+# ------------------------------------------------------------------------------------------------
+DEMO_FILE = Path(__file__).with_name("cifar10_demo.npz")
+CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+
+
+class UserError(Exception):
+    """Bad input: printed as one line, exit code 2, no traceback."""
+
+
+def load_images(spec, data_dir="data"):
+    """--data cifar | demo | file.npz | folder of images  ->  uint8 (N, H, W, 3)."""
+    if spec == "demo":
+        return np.load(DEMO_FILE)["images"]
+    if spec == "cifar":
+        return load_cifar10(data_dir)
+    path = Path(spec)
+    if path.is_dir():
+        return load_image_folder(path)
+    if path.suffix == ".npz" and path.is_file():
+        try:
+            images = np.load(path)["images"]
+        except Exception as e:  # corrupt archive or no 'images' key
+            raise UserError(f"cannot read images from {path} ({type(e).__name__}: {e}); it needs a uint8 array "
+                            "'images' of shape N x H x W x 3")
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+            raise UserError(f"{path}: 'images' is {images.dtype} {images.shape}; expected uint8 N x H x W x 3")
+        return images
+    if path.suffix or os.sep in spec:
+        raise UserError(f"cannot read --data {spec}: no such .npz file or image folder")
+    raise UserError(f"unknown dataset '{spec}': use cifar, demo, a .npz file with 'images', or a folder of images")
+
+
+def load_cifar10(data_dir):
+    import socket
+    import torchvision
+    socket.setdefaulttimeout(20)  # offline machines should fail in seconds, not hang
+    try:  # download=True only downloads when the archive is missing; a placed archive is extracted
+        ds = torchvision.datasets.CIFAR10(data_dir, train=True, download=True)
+    except Exception as e:
+        raise UserError(f"CIFAR-10 is not in {data_dir}/cifar-10-batches-py and could not be downloaded "
+                        f"({type(e).__name__}). Place {CIFAR_URL.rsplit('/', 1)[1]} from {CIFAR_URL} in "
+                        f"{data_dir}/ (or pass --data-dir), or use --data demo")
+    return np.asarray(ds.data)
+
+
+def load_image_folder(path):
+    from PIL import Image
+    files = sorted(p for p in path.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".webp"))
+    if not files:
+        raise UserError(f"no .png/.jpg/.jpeg/.bmp/.webp images in folder {path}")
+    try:
+        images = [np.asarray(Image.open(f).convert("RGB")) for f in files]
+    except OSError as e:
+        raise UserError(f"cannot read image in {path}: {e}")
+    if len({im.shape for im in images}) > 1:
+        raise UserError(f"images in {path} differ in size; resize them to one size first")
+    return np.stack(images)
+
+
+def prepare(images, resolution=None):
+    """uint8 NHWC -> float NCHW in [-1, 1], area-downsampled to `resolution` if given."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    if resolution and resolution != x.shape[-1]:
+        x = F.interpolate(x, size=(resolution, resolution), mode="area")
+    return x
+
+
+def choose_subset(num_images, n, seed):
+    """The paper's seeded random subset of n training images (n = 300 / 1000 / 3000)."""
+    if n is None:
+        return np.arange(num_images)
+    if n > num_images:
+        raise UserError(f"--n {n} is larger than the dataset ({num_images} images); pass --n {num_images} or less")
+    return np.sort(np.random.default_rng(seed).choice(num_images, n, replace=False))
+
+
+# ------------------------------------------------------------------------------------------------
+# 5. Algorithm 1. Line 1: draw ONE noisy copy x_tn of every training image, once, from a seeded
+# generator; it is saved with the checkpoint and never redrawn. Lines 3-10: draw a batch, split
+# it at t_n, noise it. Two ways to pick the noise levels, because the paper's text and its code
+# differ (NOTES.md compares them):
+#   algorithm1  lines 3-16 as written: each sample is a clean image or its noisy copy with equal
+#               probability (uniform over S and S_tn); clean gets t ~ U(0, t_n), noisy t ~ U(t_n, T).
+#   edm         the released code behind Table 1: ln sigma ~ N(-1.2, 1.2^2) per sample; clean when
+#               sigma < sigma_tn, else the fixed noisy copy. The clean share is P(sigma < sigma_tn).
+# With sigma_tn = 0 there is no split and nothing noisy: t_n = 0, every sample is clean, drawn over
+# the whole range, with the DDPM loss. That is the baseline, exactly.
+# ------------------------------------------------------------------------------------------------
+def make_noisy_copies(S, sigma_tn, seed):
+    """Line 1: S_tn = {sqrt(1 - sigma_tn^2) x_0 + sigma_tn eps}, one draw per image (VP units)."""
+    eps = torch.randn(S.shape, generator=torch.Generator().manual_seed(seed + 1))
+    return add_noise(S, torch.as_tensor(sigma_tn, dtype=S.dtype), eps)
+
+
+def algorithm1_batch(S, S_tn, sigma_tn_edm, batch, gen, schedule="algorithm1", flip=False):
+    """Lines 3-10. Returns idx, x0, x_tn, x_t, sigma_t (VP), sigma (EDM) and `noisy` (the high-noise branch)."""
+    dev = S.device
+    idx = torch.randint(len(S), (batch,), generator=gen, device=dev)
+    x0, x_tn = S[idx], S_tn[idx]
+    if flip:  # the same mirror for an image and its noisy copy, so x_tn stays a noisy x_0
+        mirror = bcast(torch.rand(batch, generator=gen, device=dev) < 0.5, x0)
+        x0, x_tn = torch.where(mirror, x0.flip(-1), x0), torch.where(mirror, x_tn.flip(-1), x_tn)
+    u = torch.rand(batch, generator=gen, device=dev)
+    if schedule == "algorithm1":
+        t_n = time_at(sigma_tn_edm) if sigma_tn_edm > 0 else 0.0
+        noisy = (torch.rand(batch, generator=gen, device=dev) < 0.5) & (sigma_tn_edm > 0)
+        t = torch.where(noisy, t_n + u * (1 - t_n), u * (t_n if sigma_tn_edm > 0 else 1.0))
+        sigma = sigma_at(t)
+    elif schedule == "edm":
+        # Clamped to EDM's range (it cuts 2e-6 of the draws) so that alpha stays representable in float32.
+        sigma = (-1.2 + 1.2 * torch.randn(batch, generator=gen, device=dev)).exp().clamp(SIGMA_MIN, SIGMA_MAX)
+        noisy = sigma >= sigma_tn_edm if sigma_tn_edm > 0 else torch.zeros_like(sigma, dtype=torch.bool)
+    else:
+        raise ValueError(schedule)
+    sigma_t, sigma_tn = vp_from_edm(sigma), vp_from_edm(torch.tensor(float(sigma_tn_edm), device=dev))
+    z = torch.randn(x0.shape, generator=gen, device=dev)
+    x_t_noisy = noise_further(x_tn, sigma_tn, sigma_t.maximum(sigma_tn), z)  # maximum: no NaN in the unused half
+    x_t = torch.where(bcast(noisy, x0), x_t_noisy, add_noise(x0, sigma_t, z))
+    return dict(idx=idx, x0=x0, x_tn=x_tn, x_t=x_t, sigma_t=sigma_t, sigma=sigma, sigma_tn=sigma_tn, noisy=noisy)
+
+
+def algorithm1_loss(h_theta, b):
+    """Line 11 (noisy branch, Eq. 6) and the clean branch (Eq. 3), weighted, averaged."""
+    x0_pred = h_theta(b["x_t"], b["sigma_t"])
+    noisy, zero = b["noisy"], torch.zeros_like(b["sigma_t"])
+    sigma_tn = torch.where(noisy, b["sigma_tn"].expand_as(zero), zero)
+    ambient = ambient_loss(x0_pred, b["x_t"], b["x_tn"], b["sigma_t"], sigma_tn)
+    loss = torch.where(noisy, ambient, ddpm_loss(x0_pred, b["x0"]))
+    return (loss_weight(b["sigma_t"], sigma_tn) * loss).mean()
+
+
+# ------------------------------------------------------------------------------------------------
+# 6. Training loop: AdamW with the paper's settings, EMA weights for sampling, atomic checkpoints.
+# ------------------------------------------------------------------------------------------------
+RUN_KEYS = ("data", "n", "sigma_tn", "schedule", "preset", "resolution", "batch", "lr", "flip", "seed")
+
+
+def save_atomic(obj, path):
+    """torch.save to a temp file, then rename: a run killed mid-write keeps its last checkpoint."""
+    tmp = Path(str(path) + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def train(h_theta, S, S_tn, cfg, out, log=print, state=None):
+    """Lines 2-16 of Algorithm 1. Returns the EMA copy of h_theta. `state` resumes a checkpoint."""
+    device, out = S.device, Path(out)
+    opt = torch.optim.AdamW(h_theta.parameters(), lr=cfg["lr"], betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01,
+                            fused=True)  # one kernel for all tensors: the tiny step spends 4 ms here, not 16
+    ema = Denoiser(h_theta.resolution, cfg["preset"]).to(device).requires_grad_(False)
+    ema.load_state_dict(h_theta.state_dict())
+    gen = torch.Generator(device).manual_seed(cfg["seed"] + 2)
+    step = 0
+    if state is not None:
+        h_theta.load_state_dict(state["net"]), ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"]), gen.set_state(state["rng"].cpu())
+        step = state["step"]
+
+    def checkpoint():
+        save_atomic(dict(net=h_theta.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), step=step,
+                         rng=gen.get_state(), S_tn=S_tn, config=cfg), out / "checkpoint.pt")
+
+    t0, first = time.time(), step
+    while step < cfg["iters"]:
+        b = algorithm1_batch(S, S_tn, cfg["sigma_tn"], cfg["batch"], gen, cfg["schedule"], cfg["flip"])
+        loss = algorithm1_loss(h_theta, b)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        # EMA with EDM's half-life of 500k images, ramped up to 5% of images seen for short runs.
+        halflife = min(500_000, 0.05 * step * cfg["batch"])
+        beta = 0.5 ** (cfg["batch"] / max(halflife, 1e-8))
+        with torch.no_grad():
+            for p_ema, p in zip(ema.parameters(), h_theta.parameters()):
+                p_ema.lerp_(p, 1 - beta)
+        if step % cfg["log_every"] == 0 or step == cfg["iters"]:
+            rate = (step - first) * cfg["batch"] / (time.time() - t0)
+            eta = (cfg["iters"] - step) * cfg["batch"] / rate
+            log(f"step {step}/{cfg['iters']}  loss {loss.item():.4f}  {rate:.0f} img/s  eta {eta / 60:.1f} min")
+        if step % cfg["ckpt_every"] == 0 or step == cfg["iters"]:
+            checkpoint()
+    if state is None and cfg["iters"] == 0:
+        checkpoint()
+    return ema
+
+
+# ------------------------------------------------------------------------------------------------
+# 7. Sampler (Eq. 5): the probability-flow ODE, integrated in EDM units where it reads
+# dx/dsigma = (x - D(x; sigma)) / sigma, with D(x; sigma) = h_theta(alpha x, sigma_t). Dividing the
+# VP x_t by alpha turns the VP ODE into this one, so both give the same samples. Steps follow
+# EDM's rho = 7 spacing; Euler by default, Heun (EDM's second-order correction) as an option.
+#
+# To stop at sigma_stop > 0 (Lemma 4.1 stops at t_n), integrate in s = sqrt(sigma^2 - sigma_stop^2),
+# the noise left above sigma_stop. The same ODE then reads dx/ds = (x - E[x_stop | x]) / s with
+# E[x_stop | x] = r x + (1 - r) D, r = sigma_stop^2 / sigma^2 (Lemma C.1 in EDM units): EDM's form
+# for the data at level sigma_stop, so the last Euler step to s = 0 lands on E[x_stop | x].
+# ------------------------------------------------------------------------------------------------
+def sigma_steps(steps, sigma_max=SIGMA_MAX):
+    """EDM's rho = 7 grid from sigma_max down to SIGMA_MIN, then 0."""
+    i = torch.arange(steps, dtype=torch.float64) / max(steps - 1, 1)
+    grid = (sigma_max ** (1 / RHO) + i * (SIGMA_MIN ** (1 / RHO) - sigma_max ** (1 / RHO))) ** RHO
+    return torch.cat([grid, torch.zeros(1, dtype=torch.float64)])
+
+
+@torch.no_grad()
+def sample(h_theta, shape, steps=40, sampler="euler", seed=0, sigma_stop=0.0, device="cpu", dtype=torch.float32):
+    """Integrate Eq. 5 from sigma = 80 down to sigma_stop. Returns EDM units: x_0 + sigma_stop n."""
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    x = (x * SIGMA_MAX).to(device, dtype)  # the same noise for a seed on every device
+
+    def x_stop_pred(x, s):  # E[x_stop | x] at the noise level sigma = sqrt(s^2 + sigma_stop^2)
+        sigma = torch.full((x.shape[0],), (s ** 2 + sigma_stop ** 2) ** 0.5, dtype=x.dtype, device=x.device)
+        D = h_theta(x * bcast(alpha(vp_from_edm(sigma)), x), vp_from_edm(sigma))
+        r = sigma_stop ** 2 / (s ** 2 + sigma_stop ** 2)
+        return r * x + (1 - r) * D
+
+    s_grid = sigma_steps(steps, (SIGMA_MAX ** 2 - sigma_stop ** 2) ** 0.5).tolist()
+    for s, s_next in zip(s_grid[:-1], s_grid[1:]):
+        d = (x - x_stop_pred(x, s)) / s
+        x_next = x + (s_next - s) * d
+        if sampler == "heun" and s_next > 0:  # trapezoid rule, except on the last step: no slope at s = 0
+            x_next = x + (s_next - s) * (d + (x_next - x_stop_pred(x_next, s_next)) / s_next) / 2
+        x = x_next
+    return x
+
+
+def generate(h_theta, count, batch=256, log=print, **kw):
+    """`count` samples from the noise of seeds seed, seed+1, ... (one per batch), clamped to [-1, 1]."""
+    shape, seed, out = (3, h_theta.resolution, h_theta.resolution), kw.pop("seed", 0), []
+    for k, start in enumerate(range(0, count, batch)):
+        out.append(sample(h_theta, (min(batch, count - start), *shape), seed=seed + k, **kw).clamp(-1, 1).cpu())
+        log(f"sampled {start + len(out[-1])}/{count}")
+    return torch.cat(out)
+
+
+# ------------------------------------------------------------------------------------------------
+# 8. Memorization, without DINOv2. The paper scores a sample by the DINOv2 cosine to its nearest
+# training image (eval_memorization.py). Pixels give two weight-free stand-ins:
+#   (a) the cosine of mean-centred pixels (a correlation; it ignores brightness shifts);
+#   (b) d1/d2, the L2 distance to the nearest training image over the second-nearest. A copy sits
+#       far closer to one image than to any other; Gu et al. (2023) count a copy when d1/d2 < 1/3.
+# ------------------------------------------------------------------------------------------------
+COSINE_THRESHOLDS = (0.9, 0.925, 0.95)  # Table 1's CIFAR-10 thresholds
+COPY_RATIO = 1 / 3
+
+
+def nearest_neighbours(samples, train, chunk=1024):
+    """For each sample: best centred cosine and its index; d1/d2 and the L2 nearest index."""
+    t = train.flatten(1).float()
+    tc = F.normalize(t - t.mean(1, keepdim=True), dim=1)
+    cos, cos_idx, ratio, l2_idx = [], [], [], []
+    for s in samples.flatten(1).float().split(chunk):
+        best = (F.normalize(s - s.mean(1, keepdim=True), dim=1) @ tc.T).max(1)
+        d = torch.cdist(s, t).topk(min(2, len(t)), dim=1, largest=False)
+        cos.append(best.values), cos_idx.append(best.indices), l2_idx.append(d.indices[:, 0])
+        ratio.append(d.values[:, 0] / d.values[:, -1].clamp_min(1e-12))
+    return dict(cosine=torch.cat(cos), cosine_idx=torch.cat(cos_idx), ratio=torch.cat(ratio), l2_idx=torch.cat(l2_idx))
+
+
+def memorization_report(samples, train):
+    nn_ = nearest_neighbours(samples, train)
+    cos, ratio = nn_["cosine"], nn_["ratio"]
+    report = {"samples": len(samples), "train_images": len(train),
+              "cosine_mean": cos.mean().item(), "cosine_median": cos.median().item(),
+              **{f"cosine_above_{th}": (cos > th).float().mean().item() for th in COSINE_THRESHOLDS},
+              "ratio_median": ratio.median().item(), "copy_rate": (ratio < COPY_RATIO).float().mean().item()}
+    return report, nn_
+
+
+def save_neighbour_grid(samples, train, idx, path, pairs=32, per_row=8, upscale=4):
+    """Each pair: a sample (left) beside its nearest training image (right)."""
+    from torchvision.utils import save_image
+    k = min(pairs, len(samples))
+    tiles = torch.stack([samples[:k], train[idx[:k]].to(samples)], 1).flatten(0, 1)  # s0, n0, s1, n1, ...
+    tiles = F.pad(F.interpolate(tiles, scale_factor=upscale), (0, 0, 0, upscale * 2), value=1)
+    save_image((tiles + 1) / 2, path, nrow=2 * per_row, padding=2, pad_value=1)
+
+
+# ------------------------------------------------------------------------------------------------
+# 9. Closed forms: the optimal denoisers the theory is about, for tests and the tutorial.
+# ------------------------------------------------------------------------------------------------
+def ambient_optimal_denoiser(S_tn, sigma_tn):
+    """Lemma 4.1: the minimiser of Eq. 6 when the data are the finite set S_tn (VP units), t > t_n.
+    Given x_t, x_tn is one of S_tn with posterior weights from N(x_t; (alpha_t/alpha_tn) x_tn, s^2),
+    s^2 = (sigma_t^2 - sigma_tn^2)/(1 - sigma_tn^2); E[x_0 | x_t] follows from Lemma C.1's map.
+    With sigma_tn = 0 and S_tn = S it is the empirical optimum of Eq. 3 (Section 2.2)."""
+    points = S_tn.flatten(1)
+    sq_norms = points.square().sum(1)
+
+    def h(x_t, sigma_t):
+        sigma_t = torch.as_tensor(sigma_t, dtype=x_t.dtype).expand(x_t.shape[0])
+        scale, s2 = alpha(sigma_t) / alpha(sigma_tn), (sigma_t ** 2 - sigma_tn ** 2) / (1 - sigma_tn ** 2)
+        x = x_t.flatten(1)
+        d2 = x.square().sum(1, keepdim=True) - 2 * scale[:, None] * x @ points.T + scale[:, None] ** 2 * sq_norms
+        mean_x_tn = (torch.softmax(-d2 / (2 * s2[:, None]), dim=1) @ points).reshape(x_t.shape)
+        c_h, c_x = ambient_coefficients(sigma_t, sigma_tn)
+        return (mean_x_tn - bcast(c_x, x_t) * x_t) / bcast(c_h, x_t)
+
+    return h
+
+
+def empirical_denoiser(S):
+    """Section 2.2: E[x_0 | x_t] when x_0 is uniform on the training set S. Its ODE copies S."""
+    return ambient_optimal_denoiser(S, 0.0)
+
+
+class GaussianMixture:
+    """x_0 ~ sum_k w_k N(mu_k, Sigma_k) in R^d: E[x_0 | x_t] and log p_t(x_t) in closed form."""
+
+    def __init__(self, weights, means, covs):
+        self.weights, self.means, self.covs = weights, means, covs
+
+    def sample(self, n, gen):
+        k = torch.multinomial(self.weights, n, replacement=True, generator=gen)
+        z = torch.randn(n, self.means.shape[1], generator=gen, dtype=self.means.dtype)
+        return self.means[k] + (torch.linalg.cholesky(self.covs)[k] @ z[:, :, None])[:, :, 0]
+
+    def _components(self, x_t, sigma_t):
+        """Per component k: x_t ~ N(alpha mu_k, alpha^2 Sigma_k + sigma^2 I)."""
+        sigma_t = torch.as_tensor(sigma_t, dtype=x_t.dtype).expand(x_t.shape[0])
+        if (sigma_t == sigma_t[0]).all():  # one noise level (the sampler's case): one inverse per component
+            sigma_t = sigma_t[:1]
+        a, eye = alpha(sigma_t)[:, None, None, None], torch.eye(x_t.shape[1], dtype=x_t.dtype)
+        cov = a ** 2 * self.covs[None] + sigma_t[:, None, None, None] ** 2 * eye  # (B or 1, K, d, d)
+        diff = x_t[:, None, :] - a[..., 0] * self.means[None]  # (B, K, d)
+        sol = (torch.linalg.inv(cov) @ diff[..., None])[..., 0]
+        log_n = -0.5 * ((diff * sol).sum(-1) + torch.logdet(cov) + x_t.shape[1] * math.log(2 * math.pi))
+        return a, sol, log_n + self.weights.log()
+
+    def log_density(self, x_t, sigma_t):
+        return torch.logsumexp(self._components(x_t, sigma_t)[2], dim=1)
+
+    def denoiser(self, x_t, sigma_t):
+        """E[x_0 | x_t] = sum_k P(k | x_t) (mu_k + alpha Sigma_k (alpha^2 Sigma_k + sigma^2 I)^-1 (x_t - alpha mu_k))."""
+        a, sol, log_joint = self._components(x_t, sigma_t)
+        post_means = self.means[None] + a[..., 0] * (self.covs[None] @ sol[..., None])[..., 0]
+        return (torch.softmax(log_joint, dim=1)[..., None] * post_means).sum(1)
+
+
+# ------------------------------------------------------------------------------------------------
+# 10. Command line: train with Algorithm 1, sample, score memorization, write runs/<name>/.
+# ------------------------------------------------------------------------------------------------
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Noise levels are EDM units (x = x_0 + sigma n, data in [-1, 1]); "
+                                       "the VP value is sigma/sqrt(1+sigma^2). See README.md and NOTES.md.")
+    a = p.add_argument
+    a("--data", default="demo", help="cifar (torchvision, into --data-dir), demo (bundled 800-image CIFAR-10 "
+      "subset), a .npz with uint8 'images' N x H x W x 3, or a folder of images (default: demo)")
+    a("--data-dir", default="data", help="where --data cifar is downloaded or placed (default: ./data)")
+    a("--n", type=int, default=None, help="train on a seeded random subset of n images (paper: 300/1000/3000)")
+    a("--sigma-tn", type=float, default=0.4, help="sigma_tn in EDM units: above it train only on the noisy "
+      "copies (Eq. 6), below it on clean images (Eq. 3). 0 = the DDPM baseline. Paper: 0.4-4 (default 0.4)")
+    a("--schedule", choices=("algorithm1", "edm"), default="algorithm1",
+      help="algorithm1: the paper's Algorithm 1, half clean with t~U(0,t_n), half noisy with t~U(t_n,T). "
+           "edm: the released code, ln sigma ~ N(-1.2, 1.2^2), noisy copy when sigma >= sigma_tn")
+    a("--preset", choices=tuple(PRESETS), default="paper", help="network size: paper (GPU) or tiny (CPU)")
+    a("--resolution", type=int, default=None, help="downsample images to this side (default: native)")
+    a("--iters", type=int, default=30000, help="training iterations (paper: 30000)")
+    a("--batch", type=int, default=256, help="batch size (paper: 256)")
+    a("--lr", type=float, default=1e-4, help="AdamW learning rate (paper: 1e-4)")
+    a("--flip", action="store_true", help="random horizontal flips, the same for an image and its noisy copy")
+    a("--seed", type=int, default=0, help="seeds the subset, S_tn, initialisation, batches and sampling")
+    a("--samples", type=int, default=256, help="images to generate after training (default 256)")
+    a("--steps", type=int, default=40, help="ODE steps for sampling (default 40)")
+    a("--sampler", choices=("euler", "heun"), default="euler", help="Euler (default) or Heun steps")
+    a("--out", default=None, help="run folder (default: runs/<data>-n<n>-<ddpm|ambient-sigma_tn>)")
+    a("--resume", action="store_true", help="continue the checkpoint in the run folder; the config must match")
+    a("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    a("--log-every", type=int, default=100, help="progress line every this many steps")
+    a("--ckpt-every", type=int, default=1000, help="checkpoint every this many steps")
+    a("--compare", nargs="+", metavar="RUN", help="print the memorization table of finished run folders and exit")
+    return p
+
+
+def check_args(args):
+    """Every check that needs no data, before anything slow happens."""
+    if args.sigma_tn < 0:
+        raise UserError(f"--sigma-tn {args.sigma_tn} is negative; use 0 (DDPM) or a positive noise level such as 0.4")
+    if args.sigma_tn >= SIGMA_MAX:
+        raise UserError(f"--sigma-tn {args.sigma_tn} is at or above the top noise level {SIGMA_MAX}; "
+                        "nothing would be trained on noisy data. Use a value below it (paper: 0.4 to 4)")
+    if 0 < args.sigma_tn <= SIGMA_MIN:
+        raise UserError(f"--sigma-tn {args.sigma_tn} is below the lowest trained noise level {SIGMA_MIN}; use 0 for DDPM")
+    for flag in ("iters", "batch", "samples", "steps", "log_every", "ckpt_every"):
+        if getattr(args, flag) < (0 if flag in ("iters", "samples") else 1):
+            raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be positive")
+    if args.n is not None and args.n < 2:
+        raise UserError(f"--n {args.n}: train on at least 2 images")
+
+
+def pick_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: no CUDA device is available here; use --device cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name} is not a device name; use auto, cpu or cuda")
+
+
+def compare(run_dirs):
+    """A Markdown table of the runs' metrics.json, one column per run."""
+    metrics = {}
+    for d in run_dirs:
+        try:
+            metrics[Path(d).name] = json.loads((Path(d) / "metrics.json").read_text())
+        except (OSError, ValueError) as e:
+            raise UserError(f"--compare: cannot read {Path(d) / 'metrics.json'} ({e}); is {d} a finished run?")
+    rows = ["| metric | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
+    for key in next(iter(metrics.values())):
+        cells = (m.get(key) for m in metrics.values())
+        rows.append(f"| {key} | " + " | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in cells) + " |")
+    print("\n".join(rows))
+
+
+def run(args):
+    if args.compare:
+        return compare(args.compare)
+    check_args(args)
+    device = pick_device(args.device)
+    images = load_images(args.data, args.data_dir)
+    h, w = images.shape[1:3]
+    levels = len(PRESETS[args.preset]["mults"])
+    res = args.resolution or h
+    if h != w or res > h or res % 2 ** (levels - 1):
+        raise UserError(f"images are {h}x{w} and --resolution is {res}: preset {args.preset} needs square images "
+                        f"with a side that is a multiple of {2 ** (levels - 1)} and at most the images' side; "
+                        f"pass --resolution {max(2 ** (levels - 1), min(h, w) // 2 ** (levels - 1) * 2 ** (levels - 1))}")
+    name = f"{Path(args.data).stem}-n{args.n or len(images)}-" + (f"ambient-{args.sigma_tn:g}" if args.sigma_tn else "ddpm")
+    out = Path(args.out or Path("runs") / name)
+    cfg = {k: v for k, v in vars(args).items() if k not in ("resume", "out", "device")}
+    cfg["resolution"] = res
+    state = None
+    if args.resume:
+        if not (out / "checkpoint.pt").is_file():
+            raise UserError(f"--resume: no checkpoint at {out / 'checkpoint.pt'}; drop --resume to start fresh")
+        saved = json.loads((out / "config.json").read_text())
+        diff = [k for k in RUN_KEYS if saved.get(k) != cfg.get(k)]
+        if diff:
+            raise UserError(f"--resume: {out} was trained with a different config ("
+                            + ", ".join(f"{k}: {saved.get(k)!r} there, {cfg.get(k)!r} here" for k in diff)
+                            + "); repeat the original flags or use another --out")
+        state = torch.load(out / "checkpoint.pt", map_location=device, weights_only=False)
+    elif (out / "checkpoint.pt").exists():
+        raise UserError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    logfile = open(out / "log.txt", "a")
+
+    def log(msg):
+        print(msg, flush=True)
+        logfile.write(msg + "\n"), logfile.flush()
+
+    torch.manual_seed(args.seed)
+    indices = choose_subset(len(images), args.n, args.seed)
+    S = prepare(images[indices], res).to(device)
+    S_tn = state["S_tn"].to(device) if state else make_noisy_copies(S.cpu(), vp_from_edm(args.sigma_tn), args.seed).to(device)
+    h_theta = Denoiser(res, args.preset).to(device)
+    (out / "config.json").write_text(json.dumps(cfg, indent=1))
+    (out / "indices.json").write_text(json.dumps(indices.tolist()))
+    params = sum(p.numel() for p in h_theta.parameters())
+    log(f"{'resuming' if state else 'training'} {out}: {len(S)} images at {res}x{res} on {device}, preset {args.preset} "
+        f"({params / 1e6:.2f}M parameters), sigma_tn = {args.sigma_tn:g} EDM = {vp_from_edm(args.sigma_tn):.4f} VP "
+        f"(t_n = {time_at(args.sigma_tn) if args.sigma_tn else 0:.3f}), schedule {args.schedule}")
+    if device.type == "cpu" and args.preset == "paper" and args.iters > 1000:
+        log("note: the paper preset on CPU takes days; try --preset tiny --resolution 16, or `make demo`")
+    ema = train(h_theta, S, S_tn, cfg, out, log, state)
+    samples = generate(ema, args.samples, steps=args.steps, sampler=args.sampler, seed=args.seed, device=device, log=log)
+    from torchvision.utils import save_image
+    save_image((samples[:64] + 1) / 2, out / "samples.png", nrow=8)
+    np.savez_compressed(out / "samples.npz", images=((samples + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy())
+    report, nn_ = memorization_report(samples, S.cpu())
+    save_neighbour_grid(samples, S.cpu(), nn_["l2_idx"], out / "neighbours.png")
+    (out / "metrics.json").write_text(json.dumps(report, indent=1))
+    log("memorization (pixels): " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in report.items()))
+    log(f"wrote {out}/: config.json, checkpoint.pt, samples.png, samples.npz, neighbours.png, metrics.json, log.txt")
+    return out
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted; the last checkpoint is kept, continue with --resume", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

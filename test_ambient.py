@@ -1,0 +1,387 @@
+"""Facts about ambient.py: each test checks an identity, a closed form, or behaviour a user relies on.
+
+Run with `make test`. Float64 for the maths, the tiny preset on CPU for the plumbing.
+"""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import norm
+
+import ambient as A
+
+f64 = torch.float64
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def mixture(d=2, seed=0):
+    """A 3-component Gaussian mixture in R^d with full covariances (float64)."""
+    g = gen(seed)
+    L = torch.randn(3, d, d, generator=g, dtype=f64) * 0.3
+    covs = L @ L.transpose(1, 2) + 0.05 * torch.eye(d, dtype=f64)
+    return A.GaussianMixture(torch.tensor([0.5, 0.3, 0.2], dtype=f64), torch.randn(3, d, generator=g, dtype=f64), covs)
+
+
+def gaussian(d=2):
+    mu, cov = torch.tensor([0.5, -0.3, 0.1][:d], dtype=f64), torch.tensor([[0.3, 0.1, 0.0], [0.1, 0.2, 0.05], [0.0, 0.05, 0.25]], dtype=f64)[:d, :d]
+    return A.GaussianMixture(torch.ones(1, dtype=f64), mu[None], cov[None]), mu, cov
+
+
+def sqrtm(M):
+    e, V = torch.linalg.eigh(M)
+    return V @ torch.diag(e.sqrt()) @ V.T
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Noise schedule (Eq. 1) and Algorithm 1 line 10
+# ---------------------------------------------------------------------------------------------
+def test_vp_schedule_preserves_variance_and_units_round_trip():
+    sigma_t = torch.linspace(0, 0.999, 101, dtype=f64)
+    assert torch.allclose(A.alpha(sigma_t) ** 2 + sigma_t ** 2, torch.ones_like(sigma_t), atol=1e-14)
+    sigma = torch.logspace(-3, 2, 50, dtype=f64)
+    assert torch.allclose(A.edm_from_vp(A.vp_from_edm(sigma)), sigma, rtol=1e-10)
+    assert torch.allclose(A.vp_from_edm(A.edm_from_vp(sigma_t)), sigma_t, atol=1e-12)
+    assert A.vp_from_edm(1.0) == pytest.approx(2 ** -0.5)  # x_0 + n, rescaled by 1/sqrt(2)
+    # VP x_t divided by alpha is the EDM-units x_0 + sigma n
+    x0, z, s_vp = torch.randn(4, 3, dtype=f64), torch.randn(4, 3, dtype=f64), torch.tensor(0.6, dtype=f64)
+    assert torch.allclose(A.add_noise(x0, s_vp, z) / A.alpha(s_vp), x0 + A.edm_from_vp(s_vp) * z)
+
+
+def test_time_map_is_inverse_and_spans_edm_range():
+    t = torch.linspace(0, 1, 33, dtype=f64)
+    assert torch.allclose(A.time_at(A.sigma_at(t)), t, atol=1e-12)
+    assert A.sigma_at(0.0) == pytest.approx(A.SIGMA_MIN) and A.sigma_at(1.0) == pytest.approx(A.SIGMA_MAX)
+
+
+@pytest.mark.parametrize("sigma_tn,sigma_t", [(0.1, 0.3), (0.37, 0.8), (0.6, 0.99)])
+def test_noise_further_has_eq1_coefficients(sigma_tn, sigma_t):
+    s_n, s_t = torch.tensor(sigma_tn, dtype=f64), torch.tensor(sigma_t, dtype=f64)
+    one, zero = torch.ones(1, dtype=f64), torch.zeros(1, dtype=f64)
+    scale = A.noise_further(one, s_n, s_t, zero)  # coefficient of x_tn
+    std = A.noise_further(zero, s_n, s_t, one)  # coefficient of the fresh noise
+    # x_t = scale (alpha_n x_0 + sigma_n z1) + std z2 must be alpha_t x_0 + N(0, sigma_t^2)
+    assert (scale * A.alpha(s_n)).item() == pytest.approx(A.alpha(s_t).item(), abs=1e-14)
+    assert ((scale * s_n) ** 2 + std ** 2).item() == pytest.approx(sigma_t ** 2, abs=1e-14)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Network and preconditioning
+# ---------------------------------------------------------------------------------------------
+def test_fresh_network_is_c_skip_times_edm_input():
+    """The output layer starts at zero, so h = c_skip(sigma) x_t / alpha: EDM's preconditioning."""
+    h = A.Denoiser(16, "tiny")
+    x_t, sigma_t = torch.randn(5, 3, 16, 16), torch.tensor([0.05, 0.2, 0.5, 0.9, 0.999])
+    sigma = A.edm_from_vp(sigma_t)
+    expected = (A.SIGMA_DATA ** 2 / (sigma ** 2 + A.SIGMA_DATA ** 2) / A.alpha(sigma_t))[:, None, None, None] * x_t
+    assert torch.allclose(h(x_t, sigma_t), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_preset_sizes_match_the_documented_budget():
+    count = lambda m: sum(p.numel() for p in m.parameters())
+    assert count(A.Denoiser(16, "tiny")) <= 1_000_000
+    assert 2_000_000 <= count(A.Denoiser(32, "paper")) <= 50_000_000
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Losses: Lemma C.1, Eq. 6 at sigma_tn = 0, and the ambient minimiser
+# ---------------------------------------------------------------------------------------------
+def test_ambient_loss_at_zero_sigma_tn_is_ddpm_loss_exactly():
+    g = gen(1)
+    x0, pred, x_t = (torch.randn(16, 3, 8, 8, generator=g) for _ in range(3))
+    sigma_t = torch.rand(16, generator=g) * 0.9 + 0.05
+    assert torch.equal(A.ambient_loss(pred, x_t, x0, sigma_t, torch.zeros(16)), A.ddpm_loss(pred, x0))
+    assert torch.equal(A.ambient_loss(pred, x_t, x0, sigma_t, 0.0), A.ddpm_loss(pred, x0))
+    sigma = A.edm_from_vp(sigma_t)  # and the weight is EDM's lambda
+    assert torch.allclose(A.loss_weight(sigma_t, 0.0), (sigma ** 2 + 0.25) / (sigma * 0.5) ** 2)
+
+
+@pytest.mark.parametrize("data", ["gaussian", "mixture"])
+def test_lemma_c1_ambient_residual_has_zero_conditional_mean(data):
+    """E[c_h E[x_0|x_t] + c_x x_t - x_tn | x_t] = 0: checked against test functions g(x_t)."""
+    dist = gaussian()[0] if data == "gaussian" else mixture()
+    g, n = gen(2), 200_000
+    s_n, s_t = torch.tensor(0.45, dtype=f64), torch.tensor(0.8, dtype=f64)
+    x0 = dist.sample(n, g)
+    x_tn = A.add_noise(x0, s_n, torch.randn(x0.shape, generator=g, dtype=f64))
+    x_t = A.noise_further(x_tn, s_n, s_t, torch.randn(x0.shape, generator=g, dtype=f64))
+    c_h, c_x = A.ambient_coefficients(s_t, s_n)
+    tests = torch.stack([torch.ones(n, dtype=f64), x_t[:, 0], x_t[:, 1], (x_t[:, 0] > 0).double(), x_t[:, 1].tanh()], 1)
+
+    def z_scores(x0_hat):
+        r = c_h * x0_hat + c_x * x_t - x_tn  # (n, d)
+        prod = r[:, :, None] * tests[:, None, :]  # (n, d, tests)
+        return (prod.mean(0) / (prod.std(0) / n ** 0.5)).abs()
+
+    assert z_scores(dist.denoiser(x_t, s_t)).max() < 5  # the exact E[x_0 | x_t]: zero mean
+    wrong = dist.denoiser(x_t, torch.tensor(0.5, dtype=f64))  # the posterior mean at the wrong level
+    assert z_scores(wrong).max() > 10  # the check has the power to see a wrong denoiser
+
+
+def test_ambient_loss_minimiser_is_the_clean_posterior_mean():
+    """Noisy data only: least squares on Eq. 6 over linear h recovers E[x_0 | x_t] = A x_t + b."""
+    dist, mu, cov = gaussian(3)
+    g, n = gen(3), 200_000
+    s_n, s_t = torch.tensor(0.5, dtype=f64), torch.tensor(0.8, dtype=f64)
+    x_tn = A.add_noise(dist.sample(n, g), s_n, torch.randn(n, 3, generator=g, dtype=f64))  # S_tn, fixed
+    x_t = A.noise_further(x_tn, s_n, s_t, torch.randn(n, 3, generator=g, dtype=f64))
+    W, b = torch.zeros(3, 3, dtype=f64, requires_grad=True), torch.zeros(3, dtype=f64, requires_grad=True)
+    opt = torch.optim.LBFGS([W, b], max_iter=200, tolerance_grad=1e-12, tolerance_change=1e-14, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = A.ambient_loss(x_t @ W.T + b, x_t, x_tn, s_t, s_n).mean()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    a = A.alpha(s_t)
+    W_exact = a * cov @ torch.linalg.inv(a ** 2 * cov + s_t ** 2 * torch.eye(3, dtype=f64))
+    assert (W.detach() - W_exact).abs().max() < 1e-2
+    assert (b.detach() - (mu - a * W_exact @ mu)).abs().max() < 1e-2
+
+
+def test_tweedie_score_from_denoiser_equals_autograd_gradient():
+    """Eq. 2: grad log p_t(x_t) = (alpha E[x_0 | x_t] - x_t) / sigma_t^2."""
+    dist = mixture(d=3, seed=4)
+    x_t = torch.randn(64, 3, generator=gen(5), dtype=f64).requires_grad_()
+    sigma_t = torch.rand(64, generator=gen(6), dtype=f64) * 0.9 + 0.05
+    (autograd_score,) = torch.autograd.grad(dist.log_density(x_t, sigma_t).sum(), x_t)
+    tweedie = (A.alpha(sigma_t)[:, None] * dist.denoiser(x_t.detach(), sigma_t) - x_t.detach()) / sigma_t[:, None] ** 2
+    assert torch.allclose(tweedie, autograd_score, rtol=1e-9, atol=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------
+# Closed forms: Lemma 4.1 and Section 2.2 through the sampler
+# ---------------------------------------------------------------------------------------------
+def test_lemma_4_1_ambient_optimum_ode_lands_on_noisy_copies():
+    S = torch.randn(6, 12, generator=gen(7), dtype=f64)
+    sigma_tn = 1.0  # EDM units
+    S_tn = A.make_noisy_copies(S, A.vp_from_edm(torch.tensor(sigma_tn, dtype=f64)), seed=0)
+    h = A.ambient_optimal_denoiser(S_tn, A.vp_from_edm(torch.tensor(sigma_tn, dtype=f64)))
+    x = A.sample(h, (32, 12), steps=60, seed=1, sigma_stop=sigma_tn, dtype=f64)
+    noisy_points = S_tn / A.alpha(A.vp_from_edm(torch.tensor(sigma_tn, dtype=f64)))  # EDM units
+    assert torch.cdist(x, noisy_points).min(1).values.max() < 1e-5  # on a point of S_tn
+    assert torch.cdist(x, S).min(1).values.min() > 1.0  # and on none of the clean images
+
+
+def test_ddpm_empirical_optimum_ode_copies_training_points():
+    S = torch.randn(6, 12, generator=gen(8), dtype=f64)
+    x = A.sample(A.empirical_denoiser(S), (32, 12), steps=40, seed=2, dtype=f64)
+    assert torch.cdist(x, S).min(1).values.max() < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampler
+# ---------------------------------------------------------------------------------------------
+def test_sampler_grid():
+    s = A.sigma_steps(18)
+    assert s[0] == pytest.approx(A.SIGMA_MAX) and s[-2] == pytest.approx(A.SIGMA_MIN) and s[-1] == 0
+    assert (s[1:] < s[:-1]).all()
+
+
+@pytest.mark.parametrize("sampler,steps", [("euler", 512), ("heun", 64)])
+def test_sampler_reproduces_gaussian_mean_and_covariance(sampler, steps):
+    dist, mu, cov = gaussian()
+    x = A.sample(dist.denoiser, (20_000, 2), steps=steps, sampler=sampler, seed=4, dtype=f64)
+    assert (x.mean(0) - mu).abs().max() < 0.02  # 5 standard errors
+    assert (torch.cov(x.T) - cov).abs().max() < 0.02
+
+
+def test_heun_error_shrinks_faster_than_euler():
+    """Against the exact ODE flow of a Gaussian: x_0 = mu + Sigma^1/2 (Sigma + 80^2 I)^-1/2 (x_T - mu)."""
+    dist, mu, cov = gaussian()
+    x_T = torch.randn(500, 2, generator=gen(3), dtype=f64) * A.SIGMA_MAX
+    flow = sqrtm(cov) @ torch.linalg.inv(sqrtm(cov + A.SIGMA_MAX ** 2 * torch.eye(2, dtype=f64)))
+    exact = mu + (x_T - mu) @ flow.T
+    err = {s: [(A.sample(dist.denoiser, (500, 2), steps=n, sampler=s, seed=3, dtype=f64) - exact).abs().max().item()
+               for n in (16, 32, 64)] for s in ("euler", "heun")}
+    order = {s: math.log2(e[1] / e[2]) for s, e in err.items()}
+    assert 0.8 < order["euler"] < 1.2  # first order
+    assert order["heun"] > 1.8  # second order
+    assert all(h < e for h, e in zip(err["heun"], err["euler"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Algorithm 1 plumbing
+# ---------------------------------------------------------------------------------------------
+def plumbing_data(n=16):
+    S = torch.randn(n, 3, 8, 8, generator=gen(9))
+    return S, A.make_noisy_copies(S, A.vp_from_edm(torch.tensor(0.4)), seed=0)
+
+
+def test_algorithm1_branches_keep_their_time_ranges():
+    S, S_tn = plumbing_data()
+    b = A.algorithm1_batch(S, S_tn, 0.4, 8192, gen(10), "algorithm1")
+    sigma, noisy = b["sigma"], b["noisy"]
+    assert (sigma[noisy] >= 0.4 * (1 - 1e-6)).all() and (sigma[noisy] <= A.SIGMA_MAX * (1 + 1e-6)).all()  # U(t_n, T)
+    assert (sigma[~noisy] <= 0.4 * (1 + 1e-6)).all() and (sigma[~noisy] >= A.SIGMA_MIN * (1 - 1e-6)).all()  # U(0, t_n)
+    assert abs(noisy.float().mean().item() - 0.5) < 4 * 0.5 / 8192 ** 0.5  # uniform over S and S_tn
+    t = A.time_at(sigma.double())  # and uniform in time within each branch
+    t_n = A.time_at(torch.tensor(0.4, dtype=f64))
+    assert abs(t[noisy].mean() - (1 + t_n) / 2) < 0.02 and abs(t[~noisy].mean() - t_n / 2) < 0.02
+
+
+def test_edm_schedule_splits_at_sigma_tn():
+    S, S_tn = plumbing_data()
+    for sigma_tn in (0.2, 0.4, 2.0):
+        b = A.algorithm1_batch(S, S_tn, sigma_tn, 8192, gen(11), "edm")
+        assert torch.equal(b["noisy"], b["sigma"] >= sigma_tn)
+        expected = 1 - norm.cdf((math.log(sigma_tn) + 1.2) / 1.2)  # P(ln sigma >= ln sigma_tn)
+        assert abs(b["noisy"].float().mean().item() - expected) < 4 * 0.5 / 8192 ** 0.5
+
+
+@pytest.mark.parametrize("schedule", ["algorithm1", "edm"])
+def test_sigma_tn_zero_is_plain_ddpm(schedule):
+    S, S_tn = plumbing_data()
+    b = A.algorithm1_batch(S, S, 0.0, 8192, gen(12), schedule)
+    assert not b["noisy"].any()  # every sample clean, the DDPM loss everywhere
+    if schedule == "algorithm1":  # over the whole range of t, uniformly
+        t = A.time_at(b["sigma"].double())
+        assert abs(t.mean().item() - 0.5) < 0.01 and t.max() > 0.99 and t.min() < 0.01
+
+
+def test_noisy_copies_are_fixed_and_flipped_with_their_image():
+    S, S_tn = plumbing_data()
+    assert torch.equal(S_tn, A.make_noisy_copies(S, A.vp_from_edm(torch.tensor(0.4)), seed=0))  # line 1 is seeded
+    g = gen(13)
+    for _ in range(20):  # many "epochs": the noisy branch always reads the same x_tn
+        b = A.algorithm1_batch(S, S_tn, 0.4, 64, g, "algorithm1", flip=True)
+        i = b["idx"]
+        same = (b["x_tn"] == S_tn[i]).flatten(1).all(1) & (b["x0"] == S[i]).flatten(1).all(1)
+        mirrored = (b["x_tn"] == S_tn[i].flip(-1)).flatten(1).all(1) & (b["x0"] == S[i].flip(-1)).flatten(1).all(1)
+        assert (same | mirrored).all()
+    z = (S_tn - A.alpha(A.vp_from_edm(torch.tensor(0.4))) * S) / A.vp_from_edm(torch.tensor(0.4))
+    assert abs(z.std().item() - 1) < 0.1  # one draw of N(0, 1) per pixel
+
+
+# ---------------------------------------------------------------------------------------------
+# Training: smoke test, checkpoints, resume, determinism
+# ---------------------------------------------------------------------------------------------
+TINY = ["--data", "demo", "--n", "16", "--preset", "tiny", "--resolution", "16", "--batch", "8", "--samples", "8",
+        "--steps", "4", "--device", "cpu", "--log-every", "1000", "--seed", "3"]
+
+
+def test_tiny_preset_trains_with_falling_loss_and_checkpoint_reproduces_samples(tmp_path):
+    torch.manual_seed(0)
+    S = A.prepare(np.load(A.DEMO_FILE)["images"][:16], 16)
+    S_tn = A.make_noisy_copies(S, A.vp_from_edm(torch.tensor(0.4)), seed=0)
+    h = A.Denoiser(16, "tiny")
+    cfg = dict(lr=2e-3, seed=0, iters=40, batch=32, sigma_tn=0.4, schedule="algorithm1", flip=False, preset="tiny",
+               log_every=1000, ckpt_every=1000)
+
+    def fixed_batch_losses():  # the same 8 batches (images, noise levels, noise) every time
+        g = gen(14)
+        with torch.no_grad():
+            return torch.tensor([A.algorithm1_loss(h, A.algorithm1_batch(S, S_tn, 0.4, 64, g)).item() for _ in range(8)])
+
+    before = fixed_batch_losses()
+    ema = A.train(h, S, S_tn, cfg, tmp_path, log=lambda m: None)
+    assert (fixed_batch_losses() < before).all()  # lower on every one of them
+    x = A.sample(ema, (4, 3, 16, 16), steps=6, seed=5)
+    assert torch.isfinite(x).all() and x.abs().max() < 5  # data in [-1, 1]: no blow-up
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert state["step"] == 40 and torch.equal(state["S_tn"], S_tn)
+    loaded = A.Denoiser(16, "tiny")
+    loaded.load_state_dict(state["ema"])
+    assert torch.equal(A.sample(loaded, (4, 3, 16, 16), steps=6, seed=5), x)
+
+
+def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path):
+    A.main(TINY + ["--iters", "6", "--out", str(tmp_path / "full")])
+    A.main(TINY + ["--iters", "3", "--out", str(tmp_path / "part")])
+    A.main(TINY + ["--iters", "6", "--out", str(tmp_path / "part"), "--resume"])
+    full, part = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=False) for d in ("full", "part"))
+    assert part["step"] == 6 and torch.equal(full["S_tn"], part["S_tn"])
+    assert all(torch.equal(full["net"][k], part["net"][k]) for k in full["net"])
+    for f in ("config.json", "indices.json", "samples.png", "neighbours.png", "metrics.json", "log.txt", "samples.npz"):
+        assert (tmp_path / "full" / f).is_file()
+    assert len(json.loads((tmp_path / "full" / "indices.json").read_text())) == 16
+    assert not list(tmp_path.glob("*/*.tmp"))  # atomic writes leave no temp files
+
+
+# ---------------------------------------------------------------------------------------------
+# Memorization fallback
+# ---------------------------------------------------------------------------------------------
+def test_planted_copies_are_flagged_and_held_out_images_are_not():
+    demo = np.load(A.DEMO_FILE)
+    train, held_out = A.prepare(demo["images"][:300]), A.prepare(demo["test_images"])
+    planted = [5, 77, 123, 250]
+    copies = train[planted] + 0.02 * torch.randn(4, 3, 32, 32, generator=gen(15))
+    report, nn_ = A.memorization_report(torch.cat([copies, held_out]), train)
+    assert nn_["l2_idx"][:4].tolist() == planted and nn_["cosine_idx"][:4].tolist() == planted
+    assert (nn_["cosine"][:4] > 0.95).all() and (nn_["ratio"][:4] < A.COPY_RATIO).all()
+    assert (nn_["cosine"][4:] < 0.95).all() and (nn_["ratio"][4:] > A.COPY_RATIO).all()
+    assert report["copy_rate"] == pytest.approx(4 / (4 + len(held_out)))
+
+
+def test_neighbour_grid_is_written(tmp_path):
+    from PIL import Image
+    x = torch.rand(10, 3, 16, 16) * 2 - 1
+    A.save_neighbour_grid(x, x, torch.arange(10), tmp_path / "n.png", pairs=10, per_row=5, upscale=2)
+    assert Image.open(tmp_path / "n.png").size[0] == 2 * 5 * (32 + 2) + 2  # 5 pairs a row, 2 px padding
+
+
+# ---------------------------------------------------------------------------------------------
+# Data and command line
+# ---------------------------------------------------------------------------------------------
+def test_subset_is_seeded_and_loaders_read_npz_and_folders(tmp_path):
+    assert np.array_equal(A.choose_subset(800, 300, 0), A.choose_subset(800, 300, 0))
+    assert len(set(A.choose_subset(800, 300, 0))) == 300
+    from PIL import Image
+    imgs = (np.random.default_rng(0).random((3, 8, 8, 3)) * 255).astype(np.uint8)
+    for i, im in enumerate(imgs):
+        Image.fromarray(im).save(tmp_path / f"{i}.png")
+    assert np.array_equal(A.load_images(str(tmp_path)), imgs)
+    np.savez(tmp_path / "d.npz", images=imgs, labels=np.arange(3))
+    assert np.array_equal(A.load_images(str(tmp_path / "d.npz")), imgs)
+    x = A.prepare(imgs)
+    assert x.shape == (3, 3, 8, 8) and x.min() >= -1 and x.max() <= 1
+
+
+def error_of(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        A.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.startswith("error: ") and "\n" not in err
+    return err
+
+
+def test_cli_bad_input_gives_one_clear_line(tmp_path, capsys, monkeypatch):
+    out = ["--out", str(tmp_path / "r")]
+    assert "larger than the dataset" in error_of(TINY + ["--n", "5000"], capsys)
+    assert "negative" in error_of(TINY + ["--sigma-tn", "-0.1"], capsys)
+    assert "top noise level" in error_of(TINY + ["--sigma-tn", "80"], capsys)
+    assert "unknown dataset" in error_of(["--data", "imagenet"], capsys)
+    (tmp_path / "bad.npz").write_bytes(b"not an archive")
+    assert "cannot read" in error_of(["--data", str(tmp_path / "bad.npz")], capsys)
+    np.savez(tmp_path / "odd.npz", images=np.zeros((4, 30, 30, 3), np.uint8))
+    assert "multiple of 4" in error_of(["--data", str(tmp_path / "odd.npz"), "--preset", "tiny"], capsys)
+    A.main(TINY + ["--iters", "1"] + out)
+    assert "different config" in error_of(TINY + ["--iters", "1", "--sigma-tn", "1", "--resume"] + out, capsys)
+    assert "already holds a run" in error_of(TINY + ["--iters", "1"] + out, capsys)
+    import torchvision
+
+    def offline(*args, **kwargs):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    assert "cifar-10-python.tar.gz" in error_of(["--data", "cifar", "--data-dir", str(tmp_path)], capsys)
+
+
+def test_cli_error_has_no_traceback_in_a_real_process():
+    r = subprocess.run([sys.executable, "ambient.py", "--sigma-tn", "-1"], capture_output=True, text=True,
+                       cwd=Path(A.__file__).parent)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_every_flag_is_explained_in_help():
+    for action in A.build_parser()._actions:
+        assert action.help and len(action.help) > 10, action.option_strings
