@@ -395,7 +395,7 @@ def train(h_theta, S, S_tn, cfg, out, log=print, state=None):
     device, out = S.device, Path(out)
     opt = torch.optim.AdamW(h_theta.parameters(), lr=cfg["lr"], betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01,
                             fused=True)  # one kernel for all tensors: the tiny step spends 4 ms here, not 16
-    ema = Denoiser(h_theta.resolution, cfg["preset"]).to(device).requires_grad_(False)
+    ema = Denoiser(h_theta.resolution, cfg["preset"]).to(device).requires_grad_(False).eval()
     ema.load_state_dict(h_theta.state_dict())
     gen = torch.Generator(device).manual_seed(cfg["seed"] + 2)
     step = 0
