@@ -390,9 +390,22 @@ def save_atomic(obj, path):
     os.replace(tmp, path)
 
 
+def distributed():
+    """(rank, world size). Under torchrun (WORLD_SIZE > 1) this joins the process group once."""
+    if int(os.environ.get("WORLD_SIZE", 1)) == 1:
+        return 0, 1
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
 def train(h_theta, S, S_tn, cfg, out, log=print, state=None):
-    """Lines 2-16 of Algorithm 1. Returns the EMA copy of h_theta. `state` resumes a checkpoint."""
-    device, out = S.device, Path(out)
+    """Lines 2-16 of Algorithm 1. Returns the EMA copy of h_theta. `state` resumes a checkpoint.
+    With several processes every rank draws the same global batch and trains on its slice of it;
+    DDP averages the gradients, so a step equals the single-process step on the whole batch."""
+    device, out, (rank, world) = S.device, Path(out), distributed()
+    model = nn.parallel.DistributedDataParallel(h_theta) if world > 1 else h_theta
     opt = torch.optim.AdamW(h_theta.parameters(), lr=cfg["lr"], betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01,
                             fused=True)  # one kernel for all tensors: the tiny step spends 4 ms here, not 16
     ema = Denoiser(h_theta.resolution, cfg["preset"]).to(device).requires_grad_(False).eval()
@@ -411,7 +424,9 @@ def train(h_theta, S, S_tn, cfg, out, log=print, state=None):
     t0, first = time.time(), step
     while step < cfg["iters"]:
         b = algorithm1_batch(S, S_tn, cfg["sigma_tn"], cfg["batch"], gen, cfg["schedule"], cfg["flip"])
-        loss = algorithm1_loss(h_theta, b)
+        if world > 1:
+            b = {k: v.chunk(world)[rank] if v.dim() else v for k, v in b.items()}
+        loss = algorithm1_loss(model, b)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -422,13 +437,13 @@ def train(h_theta, S, S_tn, cfg, out, log=print, state=None):
         with torch.no_grad():
             for p_ema, p in zip(ema.parameters(), h_theta.parameters()):
                 p_ema.lerp_(p, 1 - beta)
-        if step % cfg["log_every"] == 0 or step == cfg["iters"]:
+        if rank == 0 and (step % cfg["log_every"] == 0 or step == cfg["iters"]):
             rate = (step - first) * cfg["batch"] / (time.time() - t0)
             eta = (cfg["iters"] - step) * cfg["batch"] / rate
             log(f"step {step}/{cfg['iters']}  loss {loss.item():.4f}  {rate:.0f} img/s  eta {eta / 60:.1f} min")
-        if step % cfg["ckpt_every"] == 0 or step == cfg["iters"]:
+        if rank == 0 and (step % cfg["ckpt_every"] == 0 or step == cfg["iters"]):
             checkpoint()
-    if state is None and cfg["iters"] == 0:
+    if rank == 0 and state is None and cfg["iters"] == 0:
         checkpoint()
     return ema
 
@@ -668,7 +683,12 @@ def run(args):
     if args.compare:
         return compare(args.compare)
     check_args(args)
+    rank, world = distributed()
+    if args.batch % world:
+        raise UserError(f"--batch {args.batch} does not split over {world} processes; use a multiple of {world}")
     device = pick_device(args.device)
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
     images = load_images(args.data, args.data_dir)
     h, w = images.shape[1:3]
     levels = len(PRESETS[args.preset]["mults"])
@@ -695,26 +715,30 @@ def run(args):
     elif (out / "checkpoint.pt").exists():
         raise UserError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
-    logfile = open(out / "log.txt", "a")
+    logfile = open(out / "log.txt", "a") if rank == 0 else None
 
-    def log(msg):
-        print(msg, flush=True)
-        logfile.write(msg + "\n"), logfile.flush()
+    def log(msg):  # rank 0 speaks for all processes
+        if logfile:
+            print(msg, flush=True)
+            logfile.write(msg + "\n"), logfile.flush()
 
     torch.manual_seed(args.seed)
     indices = choose_subset(len(images), args.n, args.seed)
     S = prepare(images[indices], res).to(device)
     S_tn = state["S_tn"].to(device) if state else make_noisy_copies(S.cpu(), vp_from_edm(args.sigma_tn), args.seed).to(device)
     h_theta = Denoiser(res, args.preset).to(device)
-    (out / "config.json").write_text(json.dumps(cfg, indent=1))
-    (out / "indices.json").write_text(json.dumps(indices.tolist()))
+    if rank == 0:
+        (out / "config.json").write_text(json.dumps(cfg, indent=1))
+        (out / "indices.json").write_text(json.dumps(indices.tolist()))
     params = sum(p.numel() for p in h_theta.parameters())
-    log(f"{'resuming' if state else 'training'} {out}: {len(S)} images at {res}x{res} on {device}, preset {args.preset} "
+    log(f"{'resuming' if state else 'training'} {out}: {len(S)} images at {res}x{res} on {device}{f' x {world} processes' if world > 1 else ''}, preset {args.preset} "
         f"({params / 1e6:.2f}M parameters), sigma_tn = {args.sigma_tn:g} EDM = {vp_from_edm(args.sigma_tn):.4f} VP "
         f"(t_n = {time_at(args.sigma_tn) if args.sigma_tn else 0:.3f}), schedule {args.schedule}")
     if device.type == "cpu" and args.preset == "paper" and args.iters > 1000:
         log("note: the paper preset on CPU takes days; try --preset tiny --resolution 16, or `make demo`")
     ema = train(h_theta, S, S_tn, cfg, out, log, state)
+    if rank > 0:
+        return out
     samples = generate(ema, args.samples, steps=args.steps, sampler=args.sampler, seed=args.seed, device=device, log=log)
     from torchvision.utils import save_image
     save_image((samples[:64] + 1) / 2, out / "samples.png", nrow=8)
@@ -731,6 +755,8 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         run(args)
+        if distributed()[1] > 1:
+            torch.distributed.destroy_process_group()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -307,6 +307,18 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path):
     assert not list(tmp_path.glob("*/*.tmp"))  # atomic writes leave no temp files
 
 
+def test_two_process_ddp_step_equals_single_process_step(tmp_path):
+    """torchrun with 2 CPU processes (gloo): same global batch, so the same weights as one process."""
+    args = TINY + ["--iters", "3", "--sigma-tn", "0.4", "--flip"]
+    A.main(args + ["--out", str(tmp_path / "one")])
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--", "ambient.py",
+                        *args, "--out", str(tmp_path / "two")], capture_output=True, text=True, cwd=Path(A.__file__).parent)
+    assert r.returncode == 0, r.stderr[-2000:]
+    one, two = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=False) for d in ("one", "two"))
+    assert torch.equal(one["S_tn"], two["S_tn"]) and two["step"] == 3
+    assert all(torch.allclose(one["net"][k], two["net"][k], rtol=1e-4, atol=1e-6) for k in one["net"])
+
+
 # ---------------------------------------------------------------------------------------------
 # Memorization fallback
 # ---------------------------------------------------------------------------------------------
