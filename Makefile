@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 export MALLOC_MMAP_THRESHOLD_ ?= 1000000000000
 export MALLOC_TRIM_THRESHOLD_ ?= 1000000000000
 
-.PHONY: demo test train clean
+.PHONY: demo test train bench clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -33,3 +33,7 @@ train: $(VENV)/.installed
 
 clean:
 	rm -rf runs __pycache__ .pytest_cache
+
+# Throughput table (training and sampling images/s, FLOPs, MFU): tiny on CPU, paper on the GPU.
+bench: $(VENV)/.installed
+	$(PY) bench.py

@@ -426,7 +426,8 @@ def train(h_theta, S, S_tn, cfg, out, log=print, state=None):
         b = algorithm1_batch(S, S_tn, cfg["sigma_tn"], cfg["batch"], gen, cfg["schedule"], cfg["flip"])
         if world > 1:
             b = {k: v.chunk(world)[rank] if v.dim() else v for k, v in b.items()}
-        loss = algorithm1_loss(model, b)
+        with torch.autocast(device.type, torch.bfloat16, enabled=cfg.get("precision") == "bf16"):
+            loss = algorithm1_loss(model, b)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -631,6 +632,8 @@ def build_parser():
     a("--out", default=None, help="run folder (default: runs/<data>-n<n>-<ddpm|ambient-sigma_tn>)")
     a("--resume", action="store_true", help="continue the checkpoint in the run folder; the config must match")
     a("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    a("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16 runs the network under bfloat16 "
+      "autocast (fast on GPUs); weights, optimizer and losses stay float32 (default fp32)")
     a("--log-every", type=int, default=100, help="progress line every this many steps")
     a("--ckpt-every", type=int, default=1000, help="checkpoint every this many steps")
     a("--compare", nargs="+", metavar="RUN", help="print the memorization table of finished run folders and exit")
@@ -687,6 +690,8 @@ def run(args):
     if args.batch % world:
         raise UserError(f"--batch {args.batch} does not split over {world} processes; use a multiple of {world}")
     device = pick_device(args.device)
+    if device.type == "cuda":  # TF32 matmuls and convolutions: float32 range, 10-bit mantissa, much faster
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
     images = load_images(args.data, args.data_dir)
@@ -699,7 +704,7 @@ def run(args):
                         f"pass --resolution {max(2 ** (levels - 1), min(h, w) // 2 ** (levels - 1) * 2 ** (levels - 1))}")
     name = f"{Path(args.data).stem}-n{args.n or len(images)}-" + (f"ambient-{args.sigma_tn:g}" if args.sigma_tn else "ddpm")
     out = Path(args.out or Path("runs") / name)
-    cfg = {k: v for k, v in vars(args).items() if k not in ("resume", "out", "device")}
+    cfg = {k: v for k, v in vars(args).items() if k not in ("resume", "out", "device", "compare")}
     cfg["resolution"] = res
     state = None
     if args.resume:
@@ -739,7 +744,8 @@ def run(args):
     ema = train(h_theta, S, S_tn, cfg, out, log, state)
     if rank > 0:
         return out
-    samples = generate(ema, args.samples, steps=args.steps, sampler=args.sampler, seed=args.seed, device=device, log=log)
+    with torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16"):
+        samples = generate(ema, args.samples, steps=args.steps, sampler=args.sampler, seed=args.seed, device=device, log=log)
     from torchvision.utils import save_image
     save_image((samples[:64] + 1) / 2, out / "samples.png", nrow=8)
     np.savez_compressed(out / "samples.npz", images=((samples + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy())

@@ -294,6 +294,19 @@ def test_tiny_preset_trains_with_falling_loss_and_checkpoint_reproduces_samples(
     assert torch.equal(A.sample(loaded, (4, 3, 16, 16), steps=6, seed=5), x)
 
 
+def test_bf16_autocast_loss_matches_fp32_to_bf16_precision():
+    S, S_tn = plumbing_data(8)
+    S = torch.nn.functional.interpolate(S, size=16)
+    S_tn = torch.nn.functional.interpolate(S_tn, size=16)
+    h = A.Denoiser(16, "tiny")
+    torch.nn.init.normal_(h.net.conv_out.weight, std=0.1)  # a non-trivial network output
+    b = A.algorithm1_batch(S, S_tn, 0.4, 32, gen(16))
+    fp32 = A.algorithm1_loss(h, b)
+    with torch.autocast("cpu", torch.bfloat16):
+        bf16 = A.algorithm1_loss(h, b)
+    assert bf16.dtype == torch.float32 and abs(bf16.item() - fp32.item()) < 0.05 * fp32.item()  # 8-bit mantissa
+
+
 def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path):
     A.main(TINY + ["--iters", "6", "--out", str(tmp_path / "full")])
     A.main(TINY + ["--iters", "3", "--out", str(tmp_path / "part")])

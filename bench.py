@@ -1,0 +1,132 @@
+"""Throughput benchmark for ambient.py (`make bench`): a benchmark, not a test.
+
+    python bench.py                                   # tiny preset on CPU, paper preset on the GPU if any
+    python bench.py --preset paper --batch 256 --dtype bf16 --device cuda
+
+For each case it prints training images/s (Algorithm 1 batch, forward, backward, AdamW), sampling
+images/s (Euler ODE, --steps network calls per image), model FLOPs per image from torch's FLOP
+counter, and the share of the device's peak (MFU). The peak is measured here, as the rate of a
+large dense matmul in the same dtype, not taken from a data sheet. On CPU the tiny case is also run
+in a child process without the Makefile's glibc malloc settings, to show what they change.
+"""
+import argparse
+import os
+import subprocess
+import sys
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import ambient as A
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+MALLOC_VARS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, warmup, repeat):
+    """Median seconds of `repeat` calls after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def matmul_peak(device, dtype):
+    n = 4096 if device.type == "cuda" else 1024
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    return 2 * n ** 3 / timed(lambda: a @ b, device, 3, 10)
+
+
+def bench(preset, resolution, batch, dtype, device, steps, repeat):
+    torch.manual_seed(0)
+    h = A.Denoiser(resolution, preset).to(device)
+    S = torch.randn(max(batch, 64), 3, resolution, resolution, device=device)
+    S_tn = A.make_noisy_copies(S.cpu(), A.vp_from_edm(0.4), 0).to(device)
+    opt = torch.optim.AdamW(h.parameters(), lr=1e-4, fused=True)
+    gen = torch.Generator(device).manual_seed(0)
+    autocast = torch.autocast(device.type, dtype=DTYPES[dtype], enabled=dtype != "fp32")
+
+    def train_step():
+        with autocast:
+            loss = A.algorithm1_loss(h, A.algorithm1_batch(S, S_tn, 0.4, batch, gen))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    with FlopCounterMode(display=False) as train_flops:
+        train_step()
+    with FlopCounterMode(display=False) as call_flops, torch.no_grad(), autocast:
+        h(S[:batch], torch.full((batch,), 0.5, device=device))
+    t_train = timed(train_step, device, 3, repeat)
+    with autocast:
+        t_sample = timed(lambda: A.sample(h, (batch, 3, resolution, resolution), steps=steps, device=device),
+                         device, 1, max(2, repeat // 5))
+    peak = matmul_peak(device, DTYPES[dtype])
+    achieved = train_flops.get_total_flops() / t_train
+    return dict(case=f"{preset} {resolution}x{resolution} b{batch} {dtype} {device.type}",
+                params=sum(p.numel() for p in h.parameters()), train_ips=batch / t_train, step_ms=1e3 * t_train,
+                sample_ips=batch / t_sample, gflop_per_image=train_flops.get_total_flops() / batch / 1e9,
+                call_gflop=call_flops.get_total_flops() / batch / 1e9, mfu=achieved / peak, peak_tflops=peak / 1e12)
+
+
+def row(r, note=""):
+    return (f"| {r['case']}{note} | {r['params'] / 1e6:.2f}M | {r['step_ms']:.0f} | {r['train_ips']:.0f} | "
+            f"{r['sample_ips']:.1f} | {r['gflop_per_image']:.3f} | {r['call_gflop']:.3f} | {100 * r['mfu']:.1f}% "
+            f"of {r['peak_tflops']:.2f} |")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", choices=tuple(A.PRESETS), help="one case with this preset (default: tiny on CPU, "
+                   "and paper on the GPU when there is one)")
+    p.add_argument("--resolution", type=int, help="image side (default: 16 for tiny, 32 for paper)")
+    p.add_argument("--batch", type=int, help="batch size (default: 32 for tiny, 256 for paper)")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="autocast dtype (default fp32)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cpu for tiny, cuda for paper)")
+    p.add_argument("--steps", type=int, default=40, help="sampler steps per image (default 40)")
+    p.add_argument("--repeat", type=int, default=20, help="timed training steps (default 20)")
+    p.add_argument("--json", action="store_true", help="print one JSON result instead of the table")
+    args = p.parse_args()
+    cases = [(args.preset, args.device)] if args.preset else [("tiny", "cpu")] + (
+        [("paper", "cuda")] if torch.cuda.is_available() else [])
+    results = []
+    for preset, device in cases:
+        device = torch.device(device or ("cpu" if preset == "tiny" else "cuda"))
+        if device.type == "cuda" and not torch.cuda.is_available():
+            sys.exit("error: --device cuda: no CUDA device here; use --device cpu")
+        if device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        res = args.resolution or (16 if preset == "tiny" else 32)
+        batch = args.batch or (32 if preset == "tiny" else 256)
+        results.append(bench(preset, res, batch, args.dtype, device, args.steps, args.repeat))
+    if args.json:
+        import json
+        return print(json.dumps(results[0]))
+    lines = ["| case | params | step ms | train img/s | sample img/s | train GFLOP/img | h_theta GFLOP/img | MFU |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [row(r, " (malloc vars set)" if r["case"].endswith("cpu") and all(v in os.environ for v in MALLOC_VARS)
+                  else "") for r in results]
+    if not args.preset and all(v in os.environ for v in MALLOC_VARS):  # the same CPU case without them
+        env = {k: v for k, v in os.environ.items() if k not in MALLOC_VARS}
+        child = subprocess.run([sys.executable, __file__, "--preset", "tiny", "--device", "cpu", "--repeat",
+                                str(args.repeat), "--dtype", args.dtype, "--json"], env=env, capture_output=True, text=True)
+        if child.returncode == 0:
+            import json
+            lines.append(row(json.loads(child.stdout.strip().splitlines()[-1]), " (malloc defaults)"))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
