@@ -244,6 +244,17 @@ def loss_weight(sigma_t, sigma_tn):
     return (sigma ** 2 + SIGMA_DATA ** 2) / (sigma * SIGMA_DATA) ** 2 / c_h ** 2
 
 
+def ambient_eps_v_targets(x_t, x_tn, sigma_t, sigma_tn):
+    """Lemma C.2: Eq. 6 for eps- and v-prediction networks. With x_0 = (x_t - sigma_t eps)/alpha_t
+    = alpha_t x_t - sigma_t v, Eq. 6's residual is -c_h sigma_t (eps_pred - eps_target), and the same
+    for v: plain regression onto targets made of x_t and x_tn. At sigma_tn = 0 they are eps and v."""
+    c_h, c_x = ambient_coefficients(sigma_t, sigma_tn)
+    a, s, c_h, c_x = (bcast(torch.as_tensor(v), x_t) for v in (alpha(sigma_t), sigma_t, c_h, c_x))
+    eps_target = ((c_h + a * c_x) * x_t - a * x_tn) / (c_h * s)
+    v_target = ((c_h * a + c_x) * x_t - x_tn) / (c_h * s)
+    return eps_target, v_target
+
+
 # ------------------------------------------------------------------------------------------------
 # 4. Data: images as uint8 (N, H, W, 3) -> float tensors in [-1, 1], shape (N, 3, H, W).
 # ------------------------------------------------------------------------------------------------
@@ -340,8 +351,9 @@ def make_noisy_copies(S, sigma_tn, seed):
     return add_noise(S, torch.as_tensor(sigma_tn, dtype=S.dtype), eps)
 
 
-def algorithm1_batch(S, S_tn, sigma_tn_edm, batch, gen, schedule="algorithm1", flip=False):
-    """Lines 3-10. Returns idx, x0, x_tn, x_t, sigma_t (VP), sigma (EDM) and `noisy` (the high-noise branch)."""
+def algorithm1_batch(S, S_tn, sigma_tn_edm, batch, gen, schedule="algorithm1", flip=False, noisy_only=False):
+    """Lines 3-10. Returns idx, x0, x_tn, x_t, sigma_t (VP), sigma (EDM) and `noisy` (the high-noise branch).
+    noisy_only: the Ambient Tweedie baseline (Table 2), every sample noisy and above t_n."""
     dev = S.device
     idx = torch.randint(len(S), (batch,), generator=gen, device=dev)
     x0, x_tn = S[idx], S_tn[idx]
@@ -351,12 +363,16 @@ def algorithm1_batch(S, S_tn, sigma_tn_edm, batch, gen, schedule="algorithm1", f
     u = torch.rand(batch, generator=gen, device=dev)
     if schedule == "algorithm1":
         t_n = time_at(sigma_tn_edm) if sigma_tn_edm > 0 else 0.0
-        noisy = (torch.rand(batch, generator=gen, device=dev) < 0.5) & (sigma_tn_edm > 0)
+        noisy = ((torch.rand(batch, generator=gen, device=dev) < 0.5) | noisy_only) & (sigma_tn_edm > 0)
         t = torch.where(noisy, t_n + u * (1 - t_n), u * (t_n if sigma_tn_edm > 0 else 1.0))
         sigma = sigma_at(t)
     elif schedule == "edm":
         # Clamped to EDM's range (it cuts 2e-6 of the draws) so that alpha stays representable in float32.
-        sigma = (-1.2 + 1.2 * torch.randn(batch, generator=gen, device=dev)).exp().clamp(SIGMA_MIN, SIGMA_MAX)
+        z = torch.randn(batch, generator=gen, device=dev)
+        if noisy_only:  # ln sigma ~ N(-1.2, 1.2^2) conditioned on sigma >= sigma_tn: invert the normal CDF
+            lo = torch.special.ndtr(torch.tensor((math.log(sigma_tn_edm) + 1.2) / 1.2, device=dev))
+            z = torch.special.ndtri(lo + (1 - lo) * torch.special.ndtr(z))
+        sigma = (-1.2 + 1.2 * z).exp().clamp(SIGMA_MIN, SIGMA_MAX)
         noisy = sigma >= sigma_tn_edm if sigma_tn_edm > 0 else torch.zeros_like(sigma, dtype=torch.bool)
     else:
         raise ValueError(schedule)
@@ -368,19 +384,20 @@ def algorithm1_batch(S, S_tn, sigma_tn_edm, batch, gen, schedule="algorithm1", f
 
 
 def algorithm1_loss(h_theta, b):
-    """Line 11 (noisy branch, Eq. 6) and the clean branch (Eq. 3), weighted, averaged."""
-    x0_pred = h_theta(b["x_t"], b["sigma_t"])
-    noisy, zero = b["noisy"], torch.zeros_like(b["sigma_t"])
-    sigma_tn = torch.where(noisy, b["sigma_tn"].expand_as(zero), zero)
-    ambient = ambient_loss(x0_pred, b["x_t"], b["x_tn"], b["sigma_t"], sigma_tn)
-    loss = torch.where(noisy, ambient, ddpm_loss(x0_pred, b["x0"]))
+    """Line 11: Eq. 6 on the noisy branch, Eq. 3 on the clean one, weighted and averaged. Eq. 3 is
+    Eq. 6 at sigma_tn = 0 with x_0 in place of x_tn (bit for bit, tested), so one call serves both,
+    and a clean image never reaches a noisy sample's loss or gradient."""
+    noisy = b["noisy"]
+    sigma_tn = torch.where(noisy, b["sigma_tn"], torch.zeros_like(b["sigma_t"]))
+    target = torch.where(bcast(noisy, b["x0"]), b["x_tn"], b["x0"])
+    loss = ambient_loss(h_theta(b["x_t"], b["sigma_t"]), b["x_t"], target, b["sigma_t"], sigma_tn)
     return (loss_weight(b["sigma_t"], sigma_tn) * loss).mean()
 
 
 # ------------------------------------------------------------------------------------------------
 # 6. Training loop: AdamW with the paper's settings, EMA weights for sampling, atomic checkpoints.
 # ------------------------------------------------------------------------------------------------
-RUN_KEYS = ("data", "n", "sigma_tn", "schedule", "preset", "resolution", "batch", "lr", "flip", "seed")
+RUN_KEYS = ("data", "n", "method", "sigma_tn", "schedule", "preset", "resolution", "batch", "lr", "flip", "seed")
 
 
 def save_atomic(obj, path):
@@ -423,7 +440,8 @@ def train(h_theta, S, S_tn, cfg, out, log=print, state=None):
 
     t0, first = time.time(), step
     while step < cfg["iters"]:
-        b = algorithm1_batch(S, S_tn, cfg["sigma_tn"], cfg["batch"], gen, cfg["schedule"], cfg["flip"])
+        b = algorithm1_batch(S, S_tn, cfg["sigma_tn"], cfg["batch"], gen, cfg["schedule"], cfg["flip"],
+                             noisy_only=cfg.get("method") == "noisy-only")
         if world > 1:
             b = {k: v.chunk(world)[rank] if v.dim() else v for k, v in b.items()}
         with torch.autocast(device.type, torch.bfloat16, enabled=cfg.get("precision") == "bf16"):
@@ -489,11 +507,18 @@ def sample(h_theta, shape, steps=40, sampler="euler", seed=0, sigma_stop=0.0, de
     return x
 
 
-def generate(h_theta, count, batch=256, log=print, **kw):
-    """`count` samples from the noise of seeds seed, seed+1, ... (one per batch), clamped to [-1, 1]."""
+@torch.no_grad()
+def generate(h_theta, count, batch=256, log=print, sigma_stop=0.0, **kw):
+    """`count` samples from the noise of seeds seed, seed+1, ... (one per batch), clamped to [-1, 1].
+    sigma_stop > 0 (a model that never trained below t_n): stop the ODE there and finish with the
+    network's own E[x_0 | x_tn], Tweedie's one-step denoiser."""
     shape, seed, out = (3, h_theta.resolution, h_theta.resolution), kw.pop("seed", 0), []
     for k, start in enumerate(range(0, count, batch)):
-        out.append(sample(h_theta, (min(batch, count - start), *shape), seed=seed + k, **kw).clamp(-1, 1).cpu())
+        x = sample(h_theta, (min(batch, count - start), *shape), seed=seed + k, sigma_stop=sigma_stop, **kw)
+        if sigma_stop > 0:
+            s_vp = torch.full((len(x),), vp_from_edm(sigma_stop), dtype=x.dtype, device=x.device)
+            x = h_theta(x * bcast(alpha(s_vp), x), s_vp)
+        out.append(x.clamp(-1, 1).cpu())
         log(f"sampled {start + len(out[-1])}/{count}")
     return torch.cat(out)
 
@@ -619,6 +644,9 @@ def build_parser():
     a("--schedule", choices=("algorithm1", "edm"), default="algorithm1",
       help="algorithm1: the paper's Algorithm 1, half clean with t~U(0,t_n), half noisy with t~U(t_n,T). "
            "edm: the released code, ln sigma ~ N(-1.2, 1.2^2), noisy copy when sigma >= sigma_tn")
+    a("--method", choices=("algorithm1", "noisy-only"), default="algorithm1", help="algorithm1: the paper's method. "
+      "noisy-only: the Ambient Tweedie baseline of Table 2, trained on S_tn alone above t_n, sampled down to t_n "
+      "and finished with one denoising step")
     a("--preset", choices=tuple(PRESETS), default="paper", help="network size: paper (GPU) or tiny (CPU)")
     a("--resolution", type=int, default=None, help="downsample images to this side (default: native)")
     a("--iters", type=int, default=30000, help="training iterations (paper: 30000)")
@@ -652,6 +680,8 @@ def check_args(args):
     for flag in ("iters", "batch", "samples", "steps", "log_every", "ckpt_every"):
         if getattr(args, flag) < (0 if flag in ("iters", "samples") else 1):
             raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be positive")
+    if args.method == "noisy-only" and args.sigma_tn == 0:
+        raise UserError("--method noisy-only needs the noise level of the data: pass --sigma-tn > 0")
     if args.n is not None and args.n < 2:
         raise UserError(f"--n {args.n}: train on at least 2 images")
 
@@ -702,7 +732,8 @@ def run(args):
         raise UserError(f"images are {h}x{w} and --resolution is {res}: preset {args.preset} needs square images "
                         f"with a side that is a multiple of {2 ** (levels - 1)} and at most the images' side; "
                         f"pass --resolution {max(2 ** (levels - 1), min(h, w) // 2 ** (levels - 1) * 2 ** (levels - 1))}")
-    name = f"{Path(args.data).stem}-n{args.n or len(images)}-" + (f"ambient-{args.sigma_tn:g}" if args.sigma_tn else "ddpm")
+    method = "ddpm" if not args.sigma_tn else "ambient" if args.method == "algorithm1" else args.method
+    name = f"{Path(args.data).stem}-n{args.n or len(images)}-{method}" + (f"-{args.sigma_tn:g}" if args.sigma_tn else "")
     out = Path(args.out or Path("runs") / name)
     cfg = {k: v for k, v in vars(args).items() if k not in ("resume", "out", "device", "compare")}
     cfg["resolution"] = res
@@ -741,11 +772,13 @@ def run(args):
         f"(t_n = {time_at(args.sigma_tn) if args.sigma_tn else 0:.3f}), schedule {args.schedule}")
     if device.type == "cpu" and args.preset == "paper" and args.iters > 1000:
         log("note: the paper preset on CPU takes days; try --preset tiny --resolution 16, or `make demo`")
-    ema = train(h_theta, S, S_tn, cfg, out, log, state)
+    noisy_only = args.method == "noisy-only"
+    ema = train(h_theta, S_tn if noisy_only else S, S_tn, cfg, out, log, state)  # noisy-only: no clean image at all
     if rank > 0:
         return out
     with torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16"):
-        samples = generate(ema, args.samples, steps=args.steps, sampler=args.sampler, seed=args.seed, device=device, log=log)
+        samples = generate(ema, args.samples, steps=args.steps, sampler=args.sampler, seed=args.seed, device=device,
+                           log=log, sigma_stop=args.sigma_tn if noisy_only else 0.0)
     from torchvision.utils import save_image
     save_image((samples[:64] + 1) / 2, out / "samples.png", nrow=8)
     np.savez_compressed(out / "samples.npz", images=((samples + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy())

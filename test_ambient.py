@@ -148,6 +148,36 @@ def test_ambient_loss_minimiser_is_the_clean_posterior_mean():
     assert (b.detach() - (mu - a * W_exact @ mu)).abs().max() < 1e-2
 
 
+def test_eps_and_v_targets_are_eps_and_v_at_zero_sigma_tn():
+    g = gen(17)
+    x0, eps = torch.randn(8, 5, generator=g, dtype=f64), torch.randn(8, 5, generator=g, dtype=f64)
+    s_t = torch.rand(8, generator=g, dtype=f64) * 0.9 + 0.05
+    a = A.alpha(s_t)[:, None]
+    x_t = a * x0 + s_t[:, None] * eps
+    eps_target, v_target = A.ambient_eps_v_targets(x_t, x0, s_t, torch.zeros(8, dtype=f64))
+    assert torch.allclose(eps_target, eps) and torch.allclose(v_target, a * eps - s_t[:, None] * x0)
+
+
+def test_x0_eps_and_v_parametrisations_share_the_ambient_optimum():
+    """Lemma C.2 on Gaussian data, noisy copies only: least squares on each target gives the same
+    x_0 predictor, the exact E[x_0 | x_t]; the x_0 form is fitted on Eq. 6 itself above."""
+    dist, mu, cov = gaussian(3)
+    g, n = gen(18), 200_000
+    s_n, s_t = torch.tensor(0.5, dtype=f64), torch.tensor(0.8, dtype=f64)
+    x_tn = A.add_noise(dist.sample(n, g), s_n, torch.randn(n, 3, generator=g, dtype=f64))
+    x_t = A.noise_further(x_tn, s_n, s_t, torch.randn(n, 3, generator=g, dtype=f64))
+    eps_target, v_target = A.ambient_eps_v_targets(x_t, x_tn, s_t, s_n)
+    design = torch.cat([x_t, torch.ones(n, 1, dtype=f64)], 1)
+    a = A.alpha(s_t)
+    W_exact = a * cov @ torch.linalg.inv(a ** 2 * cov + s_t ** 2 * torch.eye(3, dtype=f64))
+    eye = torch.eye(3, dtype=f64)
+    for target, to_x0 in [(eps_target, lambda W: (eye - s_t * W) / a),  # x_0 = (x_t - sigma eps) / alpha
+                          (v_target, lambda W: a * eye - s_t * W)]:  # x_0 = alpha x_t - sigma v
+        coef = torch.linalg.lstsq(design, target).solution  # (4, 3): [W^T; b]
+        W_x0 = to_x0(coef[:3].T)
+        assert (W_x0 - W_exact).abs().max() < 1e-2
+
+
 def test_tweedie_score_from_denoiser_equals_autograd_gradient():
     """Eq. 2: grad log p_t(x_t) = (alpha E[x_0 | x_t] - x_t) / sigma_t^2."""
     dist = mixture(d=3, seed=4)
@@ -260,6 +290,37 @@ def test_noisy_copies_are_fixed_and_flipped_with_their_image():
         assert (same | mirrored).all()
     z = (S_tn - A.alpha(A.vp_from_edm(torch.tensor(0.4))) * S) / A.vp_from_edm(torch.tensor(0.4))
     assert abs(z.std().item() - 1) < 0.1  # one draw of N(0, 1) per pixel
+
+
+@pytest.mark.parametrize("schedule", ["algorithm1", "edm"])
+def test_noisy_only_training_never_reads_a_clean_image(schedule):
+    """Clean images set to NaN: the Ambient Tweedie baseline's loss and gradients stay finite,
+    while Algorithm 1, which does read them below t_n, turns NaN: the check has power."""
+    S, S_tn = plumbing_data()
+    h = A.Denoiser(8, "tiny")
+    torch.nn.init.normal_(h.net.conv_out.weight, std=0.1)
+    for noisy_only, finite in ((True, True), (False, False)):
+        h.zero_grad()
+        b = A.algorithm1_batch(torch.full_like(S, float("nan")), S_tn, 0.4, 64, gen(19), schedule, noisy_only=noisy_only)
+        A.algorithm1_loss(h, b).backward()
+        grads_finite = all(torch.isfinite(p.grad).all() for p in h.parameters())
+        assert grads_finite == finite and bool(b["noisy"].all()) == noisy_only
+
+
+def test_noisy_only_edm_draws_the_truncated_log_normal():
+    S, S_tn = plumbing_data()
+    b = A.algorithm1_batch(S, S_tn, 0.4, 20_000, gen(20), "edm", noisy_only=True)
+    log_sigma = b["sigma"].double().log()
+    a = (math.log(0.4) + 1.2) / 1.2
+    expected = -1.2 + 1.2 * norm.pdf(a) / norm.sf(a)  # mean of N(-1.2, 1.2^2) above ln 0.4
+    assert (b["sigma"] >= 0.4 * (1 - 1e-6)).all() and abs(log_sigma.mean().item() - expected) < 0.03
+
+
+def test_noisy_only_runs_from_the_command_line(tmp_path, capsys):
+    A.main(TINY + ["--iters", "2", "--method", "noisy-only", "--sigma-tn", "1", "--out", str(tmp_path / "r")])
+    samples = np.load(tmp_path / "r" / "samples.npz")["images"]
+    assert samples.shape == (8, 16, 16, 3)
+    assert "noisy-only needs" in error_of(TINY + ["--method", "noisy-only", "--sigma-tn", "0"], capsys)
 
 
 # ---------------------------------------------------------------------------------------------
