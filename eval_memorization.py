@@ -1,0 +1,659 @@
+"""Quality and memorization of ambient.py runs, measured as in the paper (Table 1, Tables 3-4, Figure 2).
+
+    python eval_memorization.py runs/ddpm runs/ambient-0.4                 # run folders from ambient.py
+    python eval_memorization.py samples.npz --train cifar --samples 50000  # any images, training set by flag
+
+Quality is FID with pytorch-fid's Inception-v3 (the TF 2015-12-05 weights that pytorch-fid and EDM use),
+against reference statistics over the whole dataset, cached to a file. Memorization is the top-1 cosine
+of each sample's DINOv2 CLS embedding to the training set, following the authors' released recipe:
+images in [0, 1], reflect-padded to a multiple of 14, no ImageNet normalisation, ViT-g/14 by default.
+FD_DINOv2 is the Frechet distance of the same embeddings to the whole dataset's.
+
+Weights are never downloaded behind your back into an unexpected place and never replaced by another
+network: each file is looked up by its original name in --*-weights, $AMBIENT_WEIGHTS, then the torch
+hub cache, and only then downloaded there. Without them the report falls back to ambient.py's pixel
+metrics and says so. Output: a Markdown table on stdout, report.json, report.md and PNGs in --out.
+"""
+import argparse
+import hashlib
+import json
+import os
+import socket
+import sys
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import scipy.linalg
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import ambient as A
+from ambient import UserError
+
+# ------------------------------------------------------------------------------------------------
+# 1. Weight files: where each one comes from and where it is looked for.
+# ------------------------------------------------------------------------------------------------
+WEIGHTS_ENV = "AMBIENT_WEIGHTS"  # a folder holding the files below under their original names
+INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
+INCEPTION_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + INCEPTION_FILE
+DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/dinov2_{0}/dinov2_{0}_pretrain.pth"  # torch.hub.load's source
+
+
+def dinov2_file(size):
+    return f"dinov2_{size}_pretrain.pth"
+
+
+class WeightsMissing(Exception):
+    """A weight file that is nowhere to be found: one line that says which, where and from where."""
+
+
+def find_weights(filename, url, explicit=None, download=True):
+    """The path of a weight file: the explicit flag, then $AMBIENT_WEIGHTS, then the torch hub cache
+    (where torch.hub.load and pytorch-fid keep it), then a download into that cache."""
+    if explicit:
+        if not Path(explicit).is_file():
+            raise UserError(f"weights file {explicit} does not exist; it should be {filename} from {url}")
+        return Path(explicit)
+    hub = Path(torch.hub.get_dir()) / "checkpoints"
+    places = ([Path(os.environ[WEIGHTS_ENV])] if os.environ.get(WEIGHTS_ENV) else []) + [hub]
+    for folder in places:
+        if (folder / filename).is_file():
+            return folder / filename
+    why = "downloads are off (--no-download)"
+    if download:
+        socket.setdefaulttimeout(20)  # an offline machine should fail in seconds, not hang
+        try:
+            hub.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(url, str(hub / filename), progress=True)
+            return hub / filename
+        except Exception as e:  # no network, proxy, HTTP error: all mean "not here"
+            why = f"the download failed ({type(e).__name__})"
+    raise WeightsMissing(f"{filename} is not at {' nor '.join(str(p / filename) for p in places)} and {why}; "
+                         f"get it from {url} and put it in ${WEIGHTS_ENV} (or the torch hub folder, or pass the flag)")
+
+
+def load_state_dict(net, path, what):
+    try:
+        net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    except Exception as e:  # truncated download, wrong model size, not a state dict
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path} is not a {what} state dict ({first[:200]}); re-download it or check the size flag")
+    return net
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. Inception-v3 for FID: pytorch-fid's network (pool3, 2048 features), resized to 299 bilinearly
+# and scaled to [-1, 1] inside it. pytorch-fid downloads within its constructor; we hand it the file
+# that find_weights resolved instead, so the offline rules above hold for it too.
+# ------------------------------------------------------------------------------------------------
+def inception_network(weights_path=None):
+    """pytorch-fid's InceptionV3 with the FID weights at weights_path; None = random init (tests)."""
+    try:
+        from pytorch_fid import inception as pf
+    except ImportError:
+        raise WeightsMissing("pytorch-fid is not installed (pip install pytorch-fid); it provides the FID Inception-v3")
+    with ExitStack() as patches:
+        if weights_path is None:  # same architecture, its random initialisation kept
+            patches.enter_context(mock.patch.object(pf, "load_state_dict_from_url", lambda *a, **k: None))
+            patches.enter_context(mock.patch.object(pf.torchvision.models.Inception3, "load_state_dict", lambda *a, **k: None))
+        else:
+            try:
+                state = torch.load(weights_path, map_location="cpu", weights_only=True)
+            except Exception as e:
+                raise UserError(f"cannot read {weights_path} ({type(e).__name__}); re-download {INCEPTION_FILE} from {INCEPTION_URL}")
+            patches.enter_context(mock.patch.object(pf, "load_state_dict_from_url", lambda *a, **k: state))
+        try:
+            net = pf.InceptionV3([pf.InceptionV3.BLOCK_INDEX_BY_DIM[2048]])
+        except RuntimeError as e:
+            raise UserError(f"{weights_path} is not the FID Inception-v3 state dict ({str(e).splitlines()[0][:200]}); "
+                            f"re-download {INCEPTION_FILE} from {INCEPTION_URL}")
+    return net.eval().requires_grad_(False)
+
+
+def inception_input(x):
+    """[-1, 1] -> [0, 1]: what pytorch-fid's network expects (it resizes and rescales itself)."""
+    return (x + 1) / 2
+
+
+def inception_forward(net):
+    return lambda x: net(inception_input(x))[0].flatten(1)
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. DINOv2 ViT/14, a minimal copy of facebookresearch/dinov2's DinoVisionTransformer as torch.hub
+# builds it (img_size 518, LayerScale 1.0, no register tokens, SwiGLU MLP for ViT-g). Its parameter
+# names are the hub checkpoints', so *_pretrain.pth loads strictly. Own code rather than torch.hub
+# (which fetches the repository's code at run time) or timm (which brings huggingface_hub, safetensors
+# and pyyaml, and resamples position embeddings differently from the original).
+# ------------------------------------------------------------------------------------------------
+DINOV2_SIZES = {  # width, depth, heads, MLP kind
+    "vits14": (384, 12, 6, "mlp"), "vitb14": (768, 12, 12, "mlp"),
+    "vitl14": (1024, 24, 16, "mlp"), "vitg14": (1536, 40, 24, "swiglu"),
+}
+PATCH, TRAIN_SIDE = 14, 518
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads, self.qkv, self.proj = heads, nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class SwiGLU(nn.Module):
+    """DINOv2's SwiGLUFFNFused: hidden width 2/3 of 4 dim, rounded up to a multiple of 8."""
+
+    def __init__(self, dim):
+        super().__init__()
+        hidden = (int(4 * dim * 2 / 3) + 7) // 8 * 8
+        self.w12, self.w3 = nn.Linear(dim, 2 * hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        x1, x2 = self.w12(x).chunk(2, dim=-1)
+        return self.w3(F.silu(x1) * x2)
+
+
+class Block(nn.Module):
+    def __init__(self, dim, heads, mlp):
+        super().__init__()
+        self.norm1, self.attn, self.ls1 = nn.LayerNorm(dim, eps=1e-6), Attention(dim, heads), LayerScale(dim)
+        self.norm2, self.ls2 = nn.LayerNorm(dim, eps=1e-6), LayerScale(dim)
+        self.mlp = SwiGLU(dim) if mlp == "swiglu" else Mlp(dim)
+
+    def forward(self, x):
+        x = x + self.ls1(self.attn(self.norm1(x)))
+        return x + self.ls2(self.mlp(self.norm2(x)))
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.proj = nn.Conv2d(3, dim, PATCH, PATCH)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class DINOv2(nn.Module):
+    """forward(x in [0, 1], sides multiples of 14) -> the normalised CLS token (B, width)."""
+
+    def __init__(self, size="vitg14"):
+        super().__init__()
+        dim, depth, heads, mlp = DINOV2_SIZES[size]
+        grid = TRAIN_SIDE // PATCH
+        self.patch_embed = PatchEmbed(dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.randn(1, 1 + grid * grid, dim) * 0.02)
+        self.mask_token = nn.Parameter(torch.zeros(1, dim))  # unused at inference; in the checkpoints
+        self.blocks = nn.ModuleList(Block(dim, heads, mlp) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+
+    def position_embedding(self, h, w):
+        """The original's interpolate_pos_encoding: bicubic from 37x37, with its +0.1 on the scale."""
+        grid, dim = TRAIN_SIDE // PATCH, self.pos_embed.shape[-1]
+        h0, w0 = h // PATCH, w // PATCH
+        if (h0, w0) == (grid, grid):
+            return self.pos_embed
+        patch_pos = self.pos_embed[:, 1:].float().reshape(1, grid, grid, dim).permute(0, 3, 1, 2)
+        patch_pos = F.interpolate(patch_pos, scale_factor=((h0 + 0.1) / grid, (w0 + 0.1) / grid), mode="bicubic")
+        patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, h0 * w0, dim)
+        return torch.cat([self.pos_embed[:, :1], patch_pos.to(self.pos_embed.dtype)], dim=1)
+
+    def forward(self, x):
+        tokens = self.patch_embed(x)
+        tokens = torch.cat([self.cls_token.expand(len(x), -1, -1), tokens], dim=1)
+        tokens = tokens + self.position_embedding(*x.shape[-2:])
+        for block in self.blocks:
+            tokens = block(tokens)
+        return self.norm(tokens)[:, 0]
+
+
+def dinov2_input(x):
+    """The released recipe: [-1, 1] -> [0, 1], reflect-padded (centred) to a multiple of 14, no
+    ImageNet normalisation. Reflection keeps the border statistics that zero padding would change."""
+    x = (x + 1) / 2
+    h, w = x.shape[-2:]
+    ph, pw = -h % PATCH, -w % PATCH
+    if max(ph, pw) and min(h, w) <= (max(ph, pw) + 1) // 2:
+        raise UserError(f"images of {h}x{w} are too small to reflect-pad to a multiple of {PATCH}; use 8x8 or larger")
+    return F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2), mode="reflect") if ph or pw else x
+
+
+def dinov2_forward(net):
+    return lambda x: net(dinov2_input(x))
+
+
+def dinov2_network(size, weights_path=None):
+    net = DINOv2(size)
+    if weights_path is not None:
+        load_state_dict(net, weights_path, f"DINOv2 {size}")
+    return net.eval().requires_grad_(False)
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. Features in batches, Frechet distance, nearest neighbours.
+# ------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def features(forward, images, batch, device, label="features", log=None):
+    """forward over images ([-1, 1], N x 3 x H x W) in batches -> float64 numpy (N, D)."""
+    out, t0, last = [], time.time(), 0.0
+    for start in range(0, len(images), batch):
+        out.append(forward(images[start:start + batch].to(device)).double().cpu())
+        done = start + len(out[-1])
+        if log and (time.time() - last > 10 or done == len(images)):
+            last = time.time()
+            log(f"{label}: {done}/{len(images)} images ({done / (last - t0 + 1e-9):.1f} img/s)")
+    return torch.cat(out).numpy() if out else np.zeros((0, 0))
+
+
+def statistics(feats):
+    """Mean and covariance (1/(N-1), as pytorch-fid) in float64."""
+    feats = np.asarray(feats, np.float64)
+    return feats.mean(0), np.atleast_2d(np.cov(feats, rowvar=False))
+
+
+def above_round_off(eigenvalues):
+    """Eigenvalues of a PSD matrix with the round-off noise (|e| < n eps max e) set to 0: the square
+    root would blow 1e-16 up to 1e-8, once per missing dimension when samples are fewer than features."""
+    return np.where(eigenvalues > len(eigenvalues) * np.finfo(np.float64).eps * eigenvalues.max(), eigenvalues, 0.0)
+
+
+def frechet_distance(mu1, cov1, mu2, cov2):
+    """|mu1 - mu2|^2 + tr(C1 + C2 - 2 (C1 C2)^1/2), in float64.
+    tr (C1 C2)^1/2 = tr (C1^1/2 C2 C1^1/2)^1/2, and the inner matrix is symmetric positive
+    semi-definite: its eigenvalues are real, so round-off is cut to zero instead of producing the
+    complex parts and singular products that sqrtm(C1 C2) meets with fewer samples than features."""
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    cov1, cov2 = np.asarray(cov1, np.float64), np.asarray(cov2, np.float64)
+    e1, v1 = scipy.linalg.eigh(cov1)
+    root1 = (v1 * np.sqrt(above_round_off(e1))) @ v1.T
+    inner = root1 @ cov2 @ root1
+    tr_covmean = np.sqrt(above_round_off(scipy.linalg.eigvalsh((inner + inner.T) / 2))).sum()
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(cov1) + np.trace(cov2) - 2 * tr_covmean)
+
+
+def frechet_distance_to(feats, mu2, cov2):
+    """The Frechet distance of a feature set to (mu2, cov2). With fewer samples than features, C1 =
+    X^T X / (n - 1) for the centred X, and C1^1/2 C2 C1^1/2 has the nonzero eigenvalues of the n x n
+    X C2 X^T / (n - 1): the same number for a fraction of the work of two d x d eigen-decompositions."""
+    mu1, cov1 = statistics(feats)
+    if len(feats) > feats.shape[1]:
+        return frechet_distance(mu1, cov1, mu2, cov2)
+    X = np.asarray(feats, np.float64) - mu1
+    inner = X @ np.asarray(cov2, np.float64) @ X.T / (len(X) - 1)
+    tr_covmean = np.sqrt(above_round_off(scipy.linalg.eigvalsh((inner + inner.T) / 2))).sum()
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(cov1) + np.trace(cov2) - 2 * tr_covmean)
+
+
+def top1_cosine(samples, train, chunk=4096):
+    """Each sample's best cosine to the training features and its index (the embeddings L2-normalised)."""
+    t = F.normalize(torch.as_tensor(train, dtype=torch.float64), dim=1)
+    sims, idx = [], []
+    for s in torch.as_tensor(samples, dtype=torch.float64).split(chunk):
+        best = (F.normalize(s, dim=1) @ t.T).max(1)
+        sims.append(best.values), idx.append(best.indices)
+    return torch.cat(sims).numpy(), torch.cat(idx).numpy()
+
+
+def similarity_summary(sims, thresholds):
+    return {"similarity_mean": float(np.mean(sims)), "similarity_median": float(np.median(sims)),
+            **{f"similarity_above_{th:g}": float((sims > th).mean()) for th in thresholds}}
+
+
+# ------------------------------------------------------------------------------------------------
+# 5. Cache files (npz): reference statistics and training features, valid only for the same key.
+# ------------------------------------------------------------------------------------------------
+def cache_path(cache_dir, kind, key):
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    return Path(cache_dir) / f"{kind}-{digest}.npz"
+
+
+def save_cache(path, key, **arrays):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.npz")  # a killed run leaves no half-written cache
+    np.savez(tmp, key=json.dumps(key, sort_keys=True), **arrays)
+    os.replace(tmp, path)
+
+
+def load_cache(path, key):
+    """The arrays of a cache file written for the same key, or None."""
+    try:
+        with np.load(path) as f:
+            if str(f["key"]) != json.dumps(key, sort_keys=True):
+                return None
+            return {k: f[k] for k in f.files if k != "key"}
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def cached(cache_dir, kind, key, compute, log):
+    path = cache_path(cache_dir, kind, key)
+    hit = load_cache(path, key)
+    if hit is not None:
+        log(f"{kind}: cached in {path}")
+        return hit
+    arrays = compute()
+    save_cache(path, key, **arrays)
+    log(f"{kind}: wrote {path}")
+    return arrays
+
+
+# ------------------------------------------------------------------------------------------------
+# 6. Inputs: run folders (their config names the training set) or images with --train.
+# ------------------------------------------------------------------------------------------------
+FFHQ_THRESHOLDS, DEFAULT_THRESHOLDS = (0.85, 0.875, 0.9), (0.9, 0.925, 0.95)  # Table 1
+
+
+def thresholds_for(data_spec):
+    return FFHQ_THRESHOLDS if "ffhq" in str(data_spec).lower() else DEFAULT_THRESHOLDS
+
+
+def load_run(path, args, log):
+    """A run folder -> samples, training images, reference spec, config (images as [-1, 1] tensors)."""
+    cfg = json.loads((path / "config.json").read_text())
+    data_dir = args.data_dir or cfg.get("data_dir", "data")
+    dataset = A.load_images(cfg["data"], data_dir)
+    try:
+        indices = json.loads((path / "indices.json").read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {path / 'indices.json'} ({e}); is {path} a run folder from ambient.py?")
+    res = cfg["resolution"]
+    samples = None
+    if (path / "samples.npz").is_file():
+        samples = np.load(path / "samples.npz")["images"]
+    if samples is None and not args.samples:
+        raise UserError(f"{path} has no samples.npz; pass --samples N to generate N from its checkpoint")
+    want = args.samples or len(samples)
+    if samples is None or len(samples) < want:
+        samples = generate_for(path, cfg, want, args, log)
+    train = A.prepare(dataset[indices], res)
+    return dict(samples=A.prepare(samples[:want]), train=train, ref_spec=args.ref or cfg["data"], ref_dir=data_dir,
+                resolution=res, train_key=[cfg["data"], str(Path(data_dir).resolve()), res, indices],
+                sigma_tn=cfg.get("sigma_tn"), data=cfg["data"])
+
+
+def generate_for(path, cfg, count, args, log):
+    """More samples than samples.npz holds: draw them from the checkpoint's EMA weights, once."""
+    out = path / f"eval-samples-{count}.npz"
+    if out.is_file():
+        return np.load(out)["images"]
+    if not (path / "checkpoint.pt").is_file():
+        raise UserError(f"{path} has no checkpoint.pt to generate {count} samples from; lower --samples")
+    state = torch.load(path / "checkpoint.pt", map_location="cpu", weights_only=False)
+    ema = A.Denoiser(cfg["resolution"], cfg["preset"])
+    ema.load_state_dict(state["ema"])
+    ema = ema.to(args.device).eval()
+    log(f"{path.name}: generating {count} samples from its checkpoint")
+    x = A.generate(ema, count, steps=cfg.get("steps", 40), sampler=cfg.get("sampler", "euler"),
+                   seed=cfg.get("seed", 0), device=args.device, log=log)
+    images = ((x + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    np.savez_compressed(out, images=images)
+    return images
+
+
+def load_images_input(path, args):
+    if not args.train:
+        raise UserError(f"{path} holds images, not an ambient.py run: pass --train with the training set "
+                        "(cifar, demo, a .npz or a folder of images)")
+    samples = A.load_images(str(path))
+    res = samples.shape[1]
+    if args.samples:
+        if args.samples > len(samples):
+            raise UserError(f"--samples {args.samples}: {path} holds only {len(samples)} images")
+        samples = samples[:args.samples]
+    train = A.load_images(args.train, args.data_dir or "data")
+    return dict(samples=A.prepare(samples), train=A.prepare(train, res), ref_spec=args.ref or args.train,
+                ref_dir=args.data_dir or "data", resolution=res, sigma_tn=None, data=args.train,
+                train_key=[args.train, str(Path(args.data_dir or "data").resolve()), res, "all"])
+
+
+def load_input(spec, args, log):
+    path = Path(spec)
+    if (path / "config.json").is_file():
+        return load_run(path, args, log)
+    if path.is_dir() or (path.suffix == ".npz" and path.is_file()):
+        return load_images_input(path, args)
+    raise UserError(f"{spec} is neither a run folder (with config.json) nor a folder or .npz of images")
+
+
+# ------------------------------------------------------------------------------------------------
+# 7. The evaluation: networks once, then per run FID, FD_DINOv2, similarity and pixel metrics.
+# ------------------------------------------------------------------------------------------------
+def networks(args, log):
+    """{'inception': forward or None, 'dinov2': forward or None, and the reasons for any None}."""
+    nets, download = {}, not args.no_download
+    wanted = {"inception": (INCEPTION_FILE, INCEPTION_URL, args.inception_weights, inception_network),
+              "dinov2": (dinov2_file(args.dinov2), DINOV2_URL.format(args.dinov2), args.dinov2_weights,
+                         lambda p: dinov2_network(args.dinov2, p))}
+    for name, (filename, url, explicit, build) in wanted.items():
+        nets[name], nets[name + "_reason"], nets[name + "_file"] = None, None, None
+        if args.pixels_only:
+            nets[name + "_reason"] = "--pixels-only"
+            continue
+        try:
+            path = find_weights(filename, url, explicit, download)
+            net = build(path).to(args.device)
+            nets[name] = inception_forward(net) if name == "inception" else dinov2_forward(net)
+            nets[name + "_file"] = str(path)
+            log(f"{name}: weights {path}")
+        except WeightsMissing as e:
+            if args.require_weights:
+                raise UserError(f"{name} weights missing: {e}")
+            nets[name + "_reason"] = str(e)
+            log(f"note: {name} unavailable, falling back to pixel metrics: {e}")
+    return nets
+
+
+def evaluate_run(run, nets, args, log, name):
+    """One column of the table, plus what the plots need."""
+    samples, train = run["samples"], run["train"]
+    thresholds = tuple(args.thresholds) if args.thresholds else thresholds_for(run["data"])
+    row = {"samples": len(samples), "train_images": len(train), "resolution": run["resolution"],
+           "sigma_tn": run["sigma_tn"], "thresholds": list(thresholds)}
+    ref = None
+
+    def reference():  # the whole dataset at the run's resolution, loaded only on a cache miss
+        nonlocal ref
+        if ref is None:
+            ref = A.prepare(A.load_images(run["ref_spec"], run["ref_dir"]), run["resolution"])
+        return ref
+
+    ref_key = [run["ref_spec"], str(Path(run["ref_dir"]).resolve()), run["resolution"]]
+    for net_name, metric in (("inception", "fid"), ("dinov2", "fd_dinov2")):
+        if nets[net_name] is None:
+            row[metric], row[metric + "_unavailable"] = None, nets[net_name + "_reason"]
+            continue
+        net_id = [net_name, args.dinov2 if net_name == "dinov2" else "", Path(nets[net_name + "_file"]).name]
+        stats = cached(args.cache_dir, f"{net_name}-reference", ref_key + net_id, lambda: dict(zip(
+            ("mu", "cov"), statistics(features(nets[net_name], reference(), args.batch, args.device,
+                                               f"{net_name} reference", log)))), log)
+        gen = features(nets[net_name], samples, args.batch, args.device, f"{name} {net_name}", log)
+        row[metric] = frechet_distance_to(gen, stats["mu"], stats["cov"])
+        if net_name == "dinov2":
+            train_feats = cached(args.cache_dir, "dinov2-train", run["train_key"] + net_id, lambda: {
+                "features": features(nets["dinov2"], train, args.batch, args.device, "dinov2 train", log)}, log)
+            sims, idx = top1_cosine(gen, train_feats["features"])
+            row.update(similarity_space=f"DINOv2 {args.dinov2} CLS", **similarity_summary(sims, thresholds))
+    pixel, nn_ = A.memorization_report(samples, train)
+    row["pixel_copy_rate"] = pixel["copy_rate"]
+    row["pixel_ratio_median"] = pixel["ratio_median"]
+    if nets["dinov2"] is None:  # ambient.py's weight-free stand-in for the DINOv2 similarity
+        sims, idx = nn_["cosine"].numpy(), nn_["cosine_idx"].numpy()
+        row.update(similarity_space="pixels, centred cosine", **similarity_summary(sims, thresholds))
+    if len(samples) < 10_000 and nets["inception"] is not None:
+        row["note"] = f"FID from {len(samples)} samples is biased upwards; the paper uses 50,000"
+    return row, sims, idx
+
+
+# ------------------------------------------------------------------------------------------------
+# 8. Report: Markdown on stdout, JSON, PNGs.
+# ------------------------------------------------------------------------------------------------
+def markdown(rows):
+    first = next(iter(rows.values()))
+    space = first["similarity_space"]
+    lines = ["| metric | " + " | ".join(rows) + " |", "|---" * (len(rows) + 1) + "|"]
+
+    def line(label, key, fmt="{:.3f}", percent=False):
+        cells = []
+        for r in rows.values():
+            v = r.get(key)
+            cells.append("n/a" if v is None else f"{100 * v:.1f}%" if percent else fmt.format(v))
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+
+    line("FID (Inception-v3)", "fid", "{:.2f}")
+    line("FD_DINOv2", "fd_dinov2", "{:.2f}")
+    line(f"similarity mean ({space})", "similarity_mean")
+    line("similarity median", "similarity_median")
+    for th in first["thresholds"]:
+        line(f"share with similarity > {th:g}", f"similarity_above_{th:g}", percent=True)
+    line("pixel copy rate (d1/d2 < 1/3)", "pixel_copy_rate", percent=True)
+    line("samples", "samples", "{}")
+    line("training images", "train_images", "{}")
+    labels = {"fid_unavailable": "FID", "fd_dinov2_unavailable": "FD_DINOv2 and DINOv2 similarity"}
+    notes = sorted({f"{labels[k]} unavailable: {v}" for r in rows.values() for k, v in r.items() if k in labels})
+    if any(r["similarity_space"].startswith("pixels") for r in rows.values()):
+        notes.append("the similarity rows use ambient.py's pixel fallback, not DINOv2: "
+                     "they are not comparable to the paper's numbers")
+    notes += sorted({r["note"] for r in rows.values() if "note" in r})
+    return "\n".join(lines + [""] + [f"- {n}" for n in notes])
+
+
+def save_plots(rows, sims, out, log):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # files only; no display needed
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("note: matplotlib is not installed (pip install matplotlib); skipped the histogram and Pareto plot")
+        return []
+    space = next(iter(rows.values()))["similarity_space"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, s in sims.items():
+        ax.hist(s, bins=50, range=(min(0, min(x.min() for x in sims.values())), 1), alpha=0.5, label=name)
+    for th in next(iter(rows.values()))["thresholds"]:
+        ax.axvline(th, color="k", lw=0.8, ls="--")
+    ax.set(xlabel=f"top-1 similarity to the training set ({space})", ylabel="samples")
+    ax.legend()
+    fig.tight_layout(), fig.savefig(out / "similarity_histogram.png", dpi=120), plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    th = next(iter(rows.values()))["thresholds"][1]
+    mem = [r[f"similarity_above_{th:g}"] for r in rows.values()]
+    if all(r["fid"] is not None for r in rows.values()):
+        ax.plot(mem, [r["fid"] for r in rows.values()], "o-")
+        ax.set(xlabel=f"memorization: share with similarity > {th:g}", ylabel="FID (lower is better)")
+    else:  # no quality axis without Inception: memorization against sigma_tn instead
+        ax.plot([r["sigma_tn"] or 0 for r in rows.values()], mem, "o")
+        ax.set(xlabel="sigma_tn (EDM units)", ylabel=f"share with similarity > {th:g}",
+               title="FID unavailable: memorization against sigma_tn")
+    xs = ax.lines[0].get_xdata()
+    ys = ax.lines[0].get_ydata()
+    for name, x, y in zip(rows, xs, ys):
+        ax.annotate(name, (x, y), fontsize=7)
+    fig.tight_layout(), fig.savefig(out / "pareto.png", dpi=120), plt.close(fig)
+    return ["similarity_histogram.png", "pareto.png"]
+
+
+# ------------------------------------------------------------------------------------------------
+# 9. Command line.
+# ------------------------------------------------------------------------------------------------
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=f"Weights: {INCEPTION_FILE} ({INCEPTION_URL}) and dinov2_<size>_pretrain.pth "
+                                       f"({DINOV2_URL.format('<size>')}), in ${WEIGHTS_ENV} or the torch hub folder.")
+    a = p.add_argument
+    a("inputs", nargs="+", metavar="RUN_OR_IMAGES", help="run folders from ambient.py, or folders / .npz files of images")
+    a("--train", help="the training set of image inputs: cifar, demo, a .npz or a folder (run folders name their own)")
+    a("--ref", help="FID / FD_DINOv2 reference dataset (default: the run's whole dataset, or --train)")
+    a("--data-dir", default=None, help="where cifar lives (default: the run's data_dir, else ./data)")
+    a("--samples", type=int, default=None, help="score this many samples; runs generate more from their "
+      "checkpoint when samples.npz holds fewer (default: all in samples.npz; paper: 50000)")
+    a("--batch", type=int, default=64, help="images per network batch (default 64)")
+    a("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    a("--dinov2", choices=tuple(DINOV2_SIZES), default="vitg14", help="DINOv2 size (paper: vitg14, the default)")
+    a("--thresholds", type=float, nargs=3, metavar="T", help="similarity thresholds (default: 0.9 0.925 0.95, "
+      "or 0.85 0.875 0.9 when the dataset name contains ffhq)")
+    a("--inception-weights", metavar="FILE", help=f"local {INCEPTION_FILE}")
+    a("--dinov2-weights", metavar="FILE", help="local dinov2_<size>_pretrain.pth")
+    a("--no-download", action="store_true", help="never try to download weights")
+    a("--require-weights", action="store_true", help="missing weights are an error instead of the pixel fallback")
+    a("--pixels-only", action="store_true", help="skip the networks: ambient.py's pixel metrics only")
+    a("--cache-dir", default="runs/eval-cache", help="reference statistics and training features (default runs/eval-cache)")
+    a("--out", default="runs/eval", help="report.md, report.json and PNGs go here (default runs/eval)")
+    return p
+
+
+def check_args(args):
+    for flag in ("samples", "batch"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise UserError(f"--{flag} {getattr(args, flag)} must be positive")
+    if args.thresholds and not all(0 < t < 1 for t in args.thresholds):
+        raise UserError(f"--thresholds {args.thresholds}: cosine thresholds lie between 0 and 1, e.g. 0.9 0.925 0.95")
+
+
+def run(args):
+    check_args(args)
+    args.device = A.pick_device(args.device)
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)
+    nets = networks(args, log)
+    rows, sims, grids, names = {}, {}, {}, []
+    for spec in args.inputs:
+        name = Path(spec).stem if Path(spec).suffix == ".npz" else Path(spec).resolve().name
+        name = name if name not in names else f"{name}-{len(names)}"
+        names.append(name)
+        run_ = load_input(spec, args, log)
+        rows[name], sims[name], idx = evaluate_run(run_, nets, args, log, name)
+        grids[name] = (run_["samples"], run_["train"], idx)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    files = save_plots(rows, sims, out, log)
+    for name, (samples, train, idx) in grids.items():  # most memorized first, beside their neighbours
+        order = torch.as_tensor(np.argsort(-sims[name], kind="stable"))
+        A.save_neighbour_grid(samples[order], train, torch.as_tensor(idx)[order], out / f"memorized_{name}.png")
+        files.append(f"memorized_{name}.png")
+    table = markdown(rows)
+    print(table)
+    (out / "report.md").write_text(table + "\n")
+    (out / "report.json").write_text(json.dumps({"runs": rows, "inception_weights": nets["inception_file"],
+                                                 "dinov2_weights": nets["dinov2_file"]}, indent=1))
+    log(f"wrote {out}/: report.md, report.json, " + ", ".join(files))
+    return rows
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
