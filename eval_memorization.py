@@ -124,7 +124,7 @@ def inception_forward(net):
 
 
 # ------------------------------------------------------------------------------------------------
-# 3. DINOv2 ViT/14, a minimal copy of facebookresearch/dinov2's DinoVisionTransformer as torch.hub
+# 3. DINOv2 ViT/14, a minimal re-implementation of facebookresearch/dinov2's model as torch.hub
 # builds it (img_size 518, LayerScale 1.0, no register tokens, SwiGLU MLP for ViT-g). Its parameter
 # names are the hub checkpoints', so *_pretrain.pth loads strictly. Own code rather than torch.hub
 # (which fetches the repository's code at run time) or timm (which brings huggingface_hub, safetensors
@@ -411,7 +411,8 @@ def generate_for(path, cfg, count, args, log):
     ema = ema.to(args.device).eval()
     log(f"{path.name}: generating {count} samples from its checkpoint")
     x = A.generate(ema, count, steps=cfg.get("steps", 40), sampler=cfg.get("sampler", "euler"),
-                   seed=cfg.get("seed", 0), device=args.device, log=log)
+                   seed=cfg.get("seed", 0), device=args.device, log=log,
+                   sigma_stop=cfg["sigma_tn"] if cfg.get("method") == "noisy-only" else 0.0)
     images = ((x + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
     np.savez_compressed(out, images=images)
     return images

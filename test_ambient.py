@@ -386,7 +386,8 @@ def test_two_process_ddp_step_equals_single_process_step(tmp_path):
     args = TINY + ["--iters", "3", "--sigma-tn", "0.4", "--flip"]
     A.main(args + ["--out", str(tmp_path / "one")])
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--", "ambient.py",
-                        *args, "--out", str(tmp_path / "two")], capture_output=True, text=True, cwd=Path(A.__file__).parent)
+                        *args, "--out", str(tmp_path / "two")], capture_output=True, text=True, cwd=Path(A.__file__).parent,
+                       timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     one, two = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=False) for d in ("one", "two"))
     assert torch.equal(one["S_tn"], two["S_tn"]) and two["step"] == 3
