@@ -16,6 +16,7 @@ The file reads top to bottom like the paper: schedule -> network -> losses -> da
 -> sampler -> memorization -> closed forms -> CLI. NOTES.md maps each equation to its function.
 """
 import argparse
+import copy
 import json
 import math
 import os
@@ -140,9 +141,9 @@ class ResBlock(nn.Module):
 class UNet(nn.Module):
     """F_theta: the raw network inside the preconditioning."""
 
-    def __init__(self, resolution=32, channels=64, mults=(1, 2, 2), blocks=2, attn_at=(16,), dropout=0.0):
+    def __init__(self, resolution=32, channels=64, mults=(1, 2, 2), blocks=2, attn_at=(16,), dropout=0.0, num_classes=0):
         super().__init__()
-        self.channels, emb_dim = channels, 4 * channels
+        self.channels, self.num_classes, emb_dim = channels, num_classes, 4 * channels
         self.embed = nn.Sequential(nn.Linear(channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.conv_in = nn.Conv2d(3, channels, 3, padding=1)
         self.down, self.up, skips, c, res = nn.ModuleList(), nn.ModuleList(), [channels], channels, resolution
@@ -165,13 +166,18 @@ class UNet(nn.Module):
                 res *= 2
         self.norm_out, self.conv_out = nn.GroupNorm(groups(c), c), nn.Conv2d(c, 3, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight), nn.init.zeros_(self.conv_out.bias)
+        # Class conditioning (Table 1's ImageNet rows): a learned vector per class joins the noise
+        # embedding. Index num_classes means "no class": classifier-free guidance trains on it.
+        self.label_embed = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None
 
-    def forward(self, x, c_noise):
+    def forward(self, x, c_noise, labels=None):
         # Sinusoidal embedding of c_noise = ln(sigma)/4, as EDM feeds its DDPM++ network.
         half = self.channels // 2
         freqs = torch.exp(-math.log(10000) * torch.arange(half, device=x.device) / (half - 1))
         angles = c_noise[:, None].float() * freqs[None]
         emb = self.embed(torch.cat([angles.cos(), angles.sin()], dim=1))
+        if self.label_embed is not None:
+            emb = emb + self.label_embed(labels if labels is not None else torch.full_like(c_noise, self.num_classes).long())
         h = self.conv_in(x)
         skips = [h]
         for layer in self.down:
@@ -187,19 +193,19 @@ class UNet(nn.Module):
 class Denoiser(nn.Module):
     """h_theta(x_t, sigma_t) -> estimate of x_0, with VP inputs as in the paper."""
 
-    def __init__(self, resolution=32, preset="tiny", **overrides):
+    def __init__(self, resolution=32, preset="tiny", num_classes=0, **overrides):
         super().__init__()
         self.resolution, self.levels = resolution, len(PRESETS[preset]["mults"])
-        self.net = UNet(resolution, **{**PRESETS[preset], **overrides})
+        self.net = UNet(resolution, **{**PRESETS[preset], **overrides}, num_classes=num_classes)
 
-    def forward(self, x_t, sigma_t):
+    def forward(self, x_t, sigma_t, labels=None):
         sigma_t = torch.as_tensor(sigma_t, dtype=x_t.dtype, device=x_t.device).expand(x_t.shape[0])
         sigma = edm_from_vp(sigma_t)
         x = x_t / bcast(alpha(sigma_t), x_t)  # = x_0 + sigma n: EDM units
         c_skip = SIGMA_DATA ** 2 / (sigma ** 2 + SIGMA_DATA ** 2)
         c_out = sigma * SIGMA_DATA / (sigma ** 2 + SIGMA_DATA ** 2) ** 0.5
         c_in = 1 / (sigma ** 2 + SIGMA_DATA ** 2) ** 0.5
-        F_x = self.net(bcast(c_in, x) * x, sigma.log() / 4)
+        F_x = self.net(bcast(c_in, x) * x, sigma.log() / 4, labels)
         return bcast(c_skip, x) * x + bcast(c_out, x) * F_x.to(x.dtype)
 
 
@@ -289,7 +295,19 @@ def load_images(spec, data_dir="data"):
     raise UserError(f"unknown dataset '{spec}': use cifar, demo, a .npz file with 'images', or a folder of images")
 
 
-def load_cifar10(data_dir):
+def load_labels(spec, data_dir="data"):
+    """Class labels for --cond class: CIFAR-10's, or an .npz's int array 'labels'. Folders have none."""
+    if spec == "cifar":
+        return load_cifar10(data_dir, labels=True)
+    path = DEMO_FILE if spec == "demo" else Path(spec)
+    if path.suffix == ".npz":
+        with np.load(path) as f:
+            if "labels" in f.files:
+                return f["labels"].astype(np.int64)
+    raise UserError(f"--cond class needs class labels and {spec} has none; use an .npz with an int array 'labels'")
+
+
+def load_cifar10(data_dir, labels=False):
     import socket
     import torchvision
     socket.setdefaulttimeout(20)  # offline machines should fail in seconds, not hang
@@ -299,7 +317,7 @@ def load_cifar10(data_dir):
         raise UserError(f"CIFAR-10 is not in {data_dir}/cifar-10-batches-py and could not be downloaded "
                         f"({type(e).__name__}). Place {CIFAR_URL.rsplit('/', 1)[1]} from {CIFAR_URL} in "
                         f"{data_dir}/ (or pass --data-dir), or use --data demo")
-    return np.asarray(ds.data)
+    return np.asarray(ds.targets, dtype=np.int64) if labels else np.asarray(ds.data)
 
 
 def load_image_folder(path):
@@ -351,9 +369,11 @@ def make_noisy_copies(S, sigma_tn, seed):
     return add_noise(S, torch.as_tensor(sigma_tn, dtype=S.dtype), eps)
 
 
-def algorithm1_batch(S, S_tn, sigma_tn_edm, batch, gen, schedule="algorithm1", flip=False, noisy_only=False):
+def algorithm1_batch(S, S_tn, sigma_tn_edm, batch, gen, schedule="algorithm1", flip=False, noisy_only=False,
+                     labels=None, null_label=None, label_dropout=0.0):
     """Lines 3-10. Returns idx, x0, x_tn, x_t, sigma_t (VP), sigma (EDM) and `noisy` (the high-noise branch).
-    noisy_only: the Ambient Tweedie baseline (Table 2), every sample noisy and above t_n."""
+    noisy_only: the Ambient Tweedie baseline (Table 2), every sample noisy and above t_n.
+    labels: the images' classes, each replaced by null_label with probability label_dropout."""
     dev = S.device
     idx = torch.randint(len(S), (batch,), generator=gen, device=dev)
     x0, x_tn = S[idx], S_tn[idx]
@@ -380,7 +400,11 @@ def algorithm1_batch(S, S_tn, sigma_tn_edm, batch, gen, schedule="algorithm1", f
     z = torch.randn(x0.shape, generator=gen, device=dev)
     x_t_noisy = noise_further(x_tn, sigma_tn, sigma_t.maximum(sigma_tn), z)  # maximum: no NaN in the unused half
     x_t = torch.where(bcast(noisy, x0), x_t_noisy, add_noise(x0, sigma_t, z))
-    return dict(idx=idx, x0=x0, x_tn=x_tn, x_t=x_t, sigma_t=sigma_t, sigma=sigma, sigma_tn=sigma_tn, noisy=noisy)
+    y = None
+    if labels is not None:
+        y = torch.where(torch.rand(batch, generator=gen, device=dev) < label_dropout, null_label, labels[idx])
+    return dict(idx=idx, x0=x0, x_tn=x_tn, x_t=x_t, sigma_t=sigma_t, sigma=sigma, sigma_tn=sigma_tn, noisy=noisy,
+                labels=y)
 
 
 def algorithm1_loss(h_theta, b):
@@ -390,14 +414,14 @@ def algorithm1_loss(h_theta, b):
     noisy = b["noisy"]
     sigma_tn = torch.where(noisy, b["sigma_tn"], torch.zeros_like(b["sigma_t"]))
     target = torch.where(bcast(noisy, b["x0"]), b["x_tn"], b["x0"])
-    loss = ambient_loss(h_theta(b["x_t"], b["sigma_t"]), b["x_t"], target, b["sigma_t"], sigma_tn)
+    loss = ambient_loss(h_theta(b["x_t"], b["sigma_t"], b["labels"]), b["x_t"], target, b["sigma_t"], sigma_tn)
     return (loss_weight(b["sigma_t"], sigma_tn) * loss).mean()
 
 
 # ------------------------------------------------------------------------------------------------
 # 6. Training loop: AdamW with the paper's settings, EMA weights for sampling, atomic checkpoints.
 # ------------------------------------------------------------------------------------------------
-RUN_KEYS = ("data", "n", "method", "sigma_tn", "schedule", "preset", "resolution", "batch", "lr", "flip", "seed")
+RUN_KEYS = ("data", "n", "method", "cond", "label_dropout", "sigma_tn", "schedule", "preset", "resolution", "batch", "lr", "flip", "seed")
 
 
 def save_atomic(obj, path):
@@ -417,7 +441,7 @@ def distributed():
     return dist.get_rank(), dist.get_world_size()
 
 
-def train(h_theta, S, S_tn, cfg, out, log=print, state=None):
+def train(h_theta, S, S_tn, cfg, out, log=print, state=None, labels=None):
     """Lines 2-16 of Algorithm 1. Returns the EMA copy of h_theta. `state` resumes a checkpoint.
     With several processes every rank draws the same global batch and trains on its slice of it;
     DDP averages the gradients, so a step equals the single-process step on the whole batch."""
@@ -425,8 +449,7 @@ def train(h_theta, S, S_tn, cfg, out, log=print, state=None):
     model = nn.parallel.DistributedDataParallel(h_theta) if world > 1 else h_theta
     opt = torch.optim.AdamW(h_theta.parameters(), lr=cfg["lr"], betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01,
                             fused=True)  # one kernel for all tensors: the tiny step spends 4 ms here, not 16
-    ema = Denoiser(h_theta.resolution, cfg["preset"]).to(device).requires_grad_(False).eval()
-    ema.load_state_dict(h_theta.state_dict())
+    ema = copy.deepcopy(h_theta).requires_grad_(False).eval()
     gen = torch.Generator(device).manual_seed(cfg["seed"] + 2)
     step = 0
     if state is not None:
@@ -441,9 +464,9 @@ def train(h_theta, S, S_tn, cfg, out, log=print, state=None):
     t0, first = time.time(), step
     while step < cfg["iters"]:
         b = algorithm1_batch(S, S_tn, cfg["sigma_tn"], cfg["batch"], gen, cfg["schedule"], cfg["flip"],
-                             noisy_only=cfg.get("method") == "noisy-only")
+                             cfg.get("method") == "noisy-only", labels, cfg.get("num_classes"), cfg.get("label_dropout", 0))
         if world > 1:
-            b = {k: v.chunk(world)[rank] if v.dim() else v for k, v in b.items()}
+            b = {k: v.chunk(world)[rank] if torch.is_tensor(v) and v.dim() else v for k, v in b.items()}
         with torch.autocast(device.type, torch.bfloat16, enabled=cfg.get("precision") == "bf16"):
             loss = algorithm1_loss(model, b)
         opt.zero_grad(set_to_none=True)
@@ -507,17 +530,36 @@ def sample(h_theta, shape, steps=40, sampler="euler", seed=0, sigma_stop=0.0, de
     return x
 
 
+def guided(h_theta, labels=None, guidance=1.0):
+    """h_theta with the class labels bound. Classifier-free guidance (Ho & Salimans 2022) mixes the
+    conditional and unconditional predictions: h_u + w (h_c - h_u); w = 1 is plain conditional."""
+    if labels is None:
+        return h_theta
+    null = torch.full_like(labels, h_theta.net.num_classes)
+
+    def h(x_t, sigma_t):
+        cond = h_theta(x_t, sigma_t, labels)
+        if guidance == 1:
+            return cond
+        uncond = h_theta(x_t, sigma_t, null)
+        return uncond + guidance * (cond - uncond)
+
+    return h
+
+
 @torch.no_grad()
-def generate(h_theta, count, batch=256, log=print, sigma_stop=0.0, **kw):
+def generate(h_theta, count, batch=256, log=print, sigma_stop=0.0, labels=None, guidance=1.0, **kw):
     """`count` samples from the noise of seeds seed, seed+1, ... (one per batch), clamped to [-1, 1].
     sigma_stop > 0 (a model that never trained below t_n): stop the ODE there and finish with the
-    network's own E[x_0 | x_tn], Tweedie's one-step denoiser."""
+    network's own E[x_0 | x_tn], Tweedie's one-step denoiser. labels: one class per sample."""
     shape, seed, out = (3, h_theta.resolution, h_theta.resolution), kw.pop("seed", 0), []
     for k, start in enumerate(range(0, count, batch)):
-        x = sample(h_theta, (min(batch, count - start), *shape), seed=seed + k, sigma_stop=sigma_stop, **kw)
+        n = min(batch, count - start)
+        h = guided(h_theta, None if labels is None else labels[start:start + n].to(kw.get("device", "cpu")), guidance)
+        x = sample(h, (n, *shape), seed=seed + k, sigma_stop=sigma_stop, **kw)
         if sigma_stop > 0:
             s_vp = torch.full((len(x),), vp_from_edm(sigma_stop), dtype=x.dtype, device=x.device)
-            x = h_theta(x * bcast(alpha(s_vp), x), s_vp)
+            x = h(x * bcast(alpha(s_vp), x), s_vp)
         out.append(x.clamp(-1, 1).cpu())
         log(f"sampled {start + len(out[-1])}/{count}")
     return torch.cat(out)
@@ -647,6 +689,12 @@ def build_parser():
     a("--method", choices=("algorithm1", "noisy-only"), default="algorithm1", help="algorithm1: the paper's method. "
       "noisy-only: the Ambient Tweedie baseline of Table 2, trained on S_tn alone above t_n, sampled down to t_n "
       "and finished with one denoising step")
+    a("--cond", choices=("none", "class"), default="none", help="class: condition on the dataset's labels "
+      "(Table 1's ImageNet rows); samples cycle through the classes")
+    a("--label-dropout", type=float, default=0.1, help="with --cond class: share of training labels replaced by "
+      "'no class', so that classifier-free guidance has an unconditional model (default 0.1)")
+    a("--guidance", type=float, default=1.0, help="classifier-free guidance weight w: h_u + w (h_c - h_u); "
+      "1 = plain conditional (default), 0 = unconditional")
     a("--preset", choices=tuple(PRESETS), default="paper", help="network size: paper (GPU) or tiny (CPU)")
     a("--resolution", type=int, default=None, help="downsample images to this side (default: native)")
     a("--iters", type=int, default=30000, help="training iterations (paper: 30000)")
@@ -680,6 +728,8 @@ def check_args(args):
     for flag in ("iters", "batch", "samples", "steps", "log_every", "ckpt_every"):
         if getattr(args, flag) < (0 if flag in ("iters", "samples") else 1):
             raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be positive")
+    if not 0 <= args.label_dropout < 1:
+        raise UserError(f"--label-dropout {args.label_dropout} must be in [0, 1)")
     if args.method == "noisy-only" and args.sigma_tn == 0:
         raise UserError("--method noisy-only needs the noise level of the data: pass --sigma-tn > 0")
     if args.n is not None and args.n < 2:
@@ -762,7 +812,11 @@ def run(args):
     indices = choose_subset(len(images), args.n, args.seed)
     S = prepare(images[indices], res).to(device)
     S_tn = state["S_tn"].to(device) if state else make_noisy_copies(S.cpu(), vp_from_edm(args.sigma_tn), args.seed).to(device)
-    h_theta = Denoiser(res, args.preset).to(device)
+    labels, cfg["num_classes"] = None, 0
+    if args.cond == "class":
+        all_labels = load_labels(args.data, args.data_dir)
+        labels, cfg["num_classes"] = torch.from_numpy(all_labels[indices]).to(device), int(all_labels.max()) + 1
+    h_theta = Denoiser(res, args.preset, cfg["num_classes"]).to(device)
     if rank == 0:
         (out / "config.json").write_text(json.dumps(cfg, indent=1))
         (out / "indices.json").write_text(json.dumps(indices.tolist()))
@@ -773,12 +827,13 @@ def run(args):
     if device.type == "cpu" and args.preset == "paper" and args.iters > 1000:
         log("note: the paper preset on CPU takes days; try --preset tiny --resolution 16, or `make demo`")
     noisy_only = args.method == "noisy-only"
-    ema = train(h_theta, S_tn if noisy_only else S, S_tn, cfg, out, log, state)  # noisy-only: no clean image at all
+    ema = train(h_theta, S_tn if noisy_only else S, S_tn, cfg, out, log, state, labels)  # noisy-only: no clean image
     if rank > 0:
         return out
     with torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16"):
         samples = generate(ema, args.samples, steps=args.steps, sampler=args.sampler, seed=args.seed, device=device,
-                           log=log, sigma_stop=args.sigma_tn if noisy_only else 0.0)
+                           log=log, sigma_stop=args.sigma_tn if noisy_only else 0.0, guidance=args.guidance,
+                           labels=torch.arange(args.samples) % cfg["num_classes"] if labels is not None else None)
     from torchvision.utils import save_image
     save_image((samples[:64] + 1) / 2, out / "samples.png", nrow=8)
     np.savez_compressed(out / "samples.npz", images=((samples + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy())

@@ -323,6 +323,42 @@ def test_noisy_only_runs_from_the_command_line(tmp_path, capsys):
     assert "noisy-only needs" in error_of(TINY + ["--method", "noisy-only", "--sigma-tn", "0"], capsys)
 
 
+def test_class_labels_reach_the_network_and_guidance_mixes_predictions():
+    h = A.Denoiser(8, "tiny", num_classes=3)
+    with torch.no_grad():  # the zero-initialised layers (residual branches, output) made non-trivial
+        for p in h.parameters():
+            if not p.any():
+                p.normal_(std=0.1, generator=gen(23))
+    x_t, s = torch.randn(4, 3, 8, 8, generator=gen(21)), torch.full((4,), 0.7)
+    labels, null = torch.tensor([0, 1, 2, 0]), torch.full((4,), 3)
+    assert not torch.allclose(h(x_t, s, torch.zeros(4).long()), h(x_t, s, torch.ones(4).long()))
+    cond, uncond = h(x_t, s, labels), h(x_t, s, null)
+    assert torch.equal(A.guided(h, labels, 1.0)(x_t, s), cond)
+    assert torch.equal(A.guided(h, labels, 0.0)(x_t, s), uncond)
+    assert torch.allclose(A.guided(h, labels, 2.0)(x_t, s), 2 * cond - uncond, atol=1e-6)
+    assert torch.equal(h(x_t, s), uncond)  # no labels = the "no class" label
+    one, two = (A.generate(h, 4, steps=4, labels=torch.full((4,), c), log=lambda m: None) for c in (0, 2))
+    assert not torch.allclose(one, two)  # the label changes the samples drawn from the same noise
+
+
+def test_label_dropout_replaces_labels_at_its_rate():
+    S, S_tn = plumbing_data()
+    labels = torch.arange(16) % 10
+    b = A.algorithm1_batch(S, S_tn, 0.4, 20_000, gen(22), labels=labels, null_label=10, label_dropout=0.1)
+    dropped = b["labels"] == 10
+    assert abs(dropped.float().mean().item() - 0.1) < 4 * (0.1 * 0.9 / 20_000) ** 0.5
+    assert torch.equal(b["labels"][~dropped], labels[b["idx"]][~dropped])
+
+
+def test_class_conditional_run_from_the_command_line(tmp_path, capsys):
+    A.main(TINY + ["--iters", "2", "--cond", "class", "--guidance", "2", "--out", str(tmp_path / "r")])
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["num_classes"] == 10
+    from PIL import Image
+    for i in range(2):
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / f"{i}.png")
+    assert "needs class labels" in error_of(["--data", str(tmp_path), "--cond", "class", "--preset", "tiny"], capsys)
+
+
 # ---------------------------------------------------------------------------------------------
 # Training: smoke test, checkpoints, resume, determinism
 # ---------------------------------------------------------------------------------------------
