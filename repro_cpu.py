@@ -1,0 +1,308 @@
+"""Produce the CPU tables and figures of NOTES.md ("Results"): the paper's phenomena at laptop scale.
+
+    python repro_cpu.py demo    # DDPM vs Algorithm 1 (sigma_tn = 1), bundled data, <= 10 min on 2 cores
+    python repro_cpu.py sweep   # sigma_tn sweep: table + Pareto plot (the shape of the paper's Figure 2)
+    python repro_cpu.py fig3    # Figure 3: denoised estimates at high noise + train/held-out loss gap
+
+Each command trains the runs it lacks with ambient.py (the exact command lines are printed and logged),
+reuses finished ones, and writes a Markdown table to runs/cpu/<command>.md and PNGs to figures/.
+The protocol below was fixed on a pilot of the DDPM baseline only, before any Algorithm 1 run (the pilot,
+the results and their reading: NOTES.md, Results). `sweep` needs matplotlib (pip install matplotlib).
+fig3 also prints closed-form optima and a "snapping" table, added after the first Algorithm 1 results
+to explain them; they change no protocol or metric.
+
+Protocol. n = 16 images of the bundled CIFAR-10 subset (seeded choice), area-downsampled to 8x8, the
+tiny preset (0.65M parameters), EDM noise schedule, batch 64, AdamW lr 1e-3, ITERS iterations, EMA
+weights, 256 samples with 32 Euler steps. Two runs train side by side with one thread each.
+
+Measures (none needs downloaded weights):
+  memorization  ambient.py's pixel report against the n training images: copy rate (share of samples
+                with d1/d2 < 1/3) and the shares with centred cosine > 0.9 / 0.925 / 0.95.
+  held-out loss EDM-weighted denoising error lambda(sigma) |h(x_t) - x_0|^2 on the 200 bundled test
+                images at each sigma in SIGMAS (4 fixed noise draws per image), averaged over SIGMAS.
+                It is the training objective evaluated on unseen images (with the ELBO's weighting
+                its integral would bound the held-out negative log-likelihood), so it scores the fit
+                to the data distribution rather than to the training set.
+  FD 4x4        Frechet distance between 256 samples and the 200 test images on 4x4 area-downsampled
+                pixels (48 numbers: layout and colour). Coarse, but estimable from 256 samples;
+                two references bracket it: 256 random bundled training images (a perfect generator)
+                and 256 draws from the n training images (a perfect copier).
+"""
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import ambient
+
+ROOT = Path(__file__).resolve().parent
+RUNS, FIGS = ROOT / "runs" / "cpu", ROOT / "figures"
+N, RES, ITERS, BATCH, SCHEDULE = 16, 8, 1000, 64, "edm"
+COMMON = (f"--data demo --n {N} --preset tiny --resolution {RES} --iters {ITERS} --batch {BATCH} --lr 1e-3 "
+          f"--schedule {SCHEDULE} --samples 256 --steps 32 --device cpu --seed 0 --log-every 250").split()
+DEMO_SIGMA_TN = 1.0
+SWEEP = (0, 0.1, 0.2, 0.4, 1, 2, 4, 20)  # 20: above the paper's range, expected to be too high
+SIGMAS = (0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 40)  # EDM units, for the held-out loss
+FIG3_SIGMAS = (1, 2, 5, 10, 20)
+
+
+def run_name(sigma_tn, n=N):
+    return (f"n{n}-" if n != N else "") + ("ddpm" if sigma_tn == 0 else f"ambient-{sigma_tn:g}")
+
+
+def command(sigma_tn, n=N):
+    args = list(COMMON)
+    args[args.index("--n") + 1] = str(n)
+    return [sys.executable, "ambient.py", *args, "--sigma-tn", f"{sigma_tn:g}", "--out", str((RUNS / run_name(sigma_tn, n)).relative_to(ROOT))]
+
+
+def train_missing(jobs, parallel=2):
+    """jobs: list of (sigma_tn, n). Trains those without metrics.json, `parallel` at a time, one thread each."""
+    todo = [j for j in jobs if not (RUNS / run_name(*j) / "metrics.json").exists()]
+    env = {**os.environ, "OMP_NUM_THREADS": "1" if min(parallel, len(todo)) > 1 else "2"}
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", "33554432"), env.setdefault("MALLOC_TRIM_THRESHOLD_", "1073741824")
+    RUNS.mkdir(parents=True, exist_ok=True)
+    running = []
+    while todo or running:
+        while todo and len(running) < parallel:
+            job = todo.pop(0)
+            out = RUNS / run_name(*job)
+            if (out / "checkpoint.pt").exists():  # an interrupted run: start it again from scratch
+                for f in out.iterdir():
+                    f.unlink()
+            cmd = command(*job)
+            print("$ " + " ".join(Path(c).name if c == sys.executable else c for c in cmd), flush=True)
+            out.mkdir(parents=True, exist_ok=True)
+            running.append((subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(out / "stdout.txt", "w"),
+                                             stderr=subprocess.STDOUT), time.time(), out))
+        time.sleep(2)
+        for p in [r for r in running if r[0].poll() is not None]:
+            running.remove(p)
+            if p[0].returncode:
+                sys.exit(f"{p[2]} failed, see {p[2] / 'stdout.txt'}")
+            (p[2] / "wall_s.txt").write_text(f"{time.time() - p[1]:.0f}")
+            print(f"done {p[2].name} in {time.time() - p[1]:.0f} s", flush=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluation
+# ------------------------------------------------------------------------------------------------
+def load_run(name):
+    d = RUNS / name
+    cfg = json.loads((d / "config.json").read_text())
+    model = ambient.Denoiser(cfg["resolution"], cfg["preset"])
+    model.load_state_dict(torch.load(d / "checkpoint.pt", map_location="cpu", weights_only=False)["ema"])
+    return model.eval(), cfg, json.loads((d / "metrics.json").read_text())
+
+
+def data():
+    """The bundled images at RES: all 800 training images, the n-image subset, the 200 test images."""
+    f = np.load(ambient.DEMO_FILE)
+    train_all = ambient.prepare(f["images"], RES)
+    subset = ambient.choose_subset(len(train_all), N, 0)  # the same seeded subset as ambient.py --n N --seed 0
+    return train_all, train_all[subset], ambient.prepare(f["test_images"], RES)
+
+
+@torch.no_grad()
+def weighted_loss(model, x0, sigma, draws, seed=0):
+    """Mean of lambda(sigma) |h(x_t) - x_0|^2 over images and `draws` fixed noise draws each."""
+    x0 = x0.repeat(draws, 1, 1, 1)
+    z = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
+    s_t = torch.tensor(ambient.vp_from_edm(float(sigma)))
+    pred = model(ambient.add_noise(x0, s_t, z), s_t)
+    return (ambient.loss_weight(s_t, torch.tensor(0.0)) * ambient.ddpm_loss(pred, x0)).mean().item()
+
+
+def fd44(a, b):
+    """Frechet distance of 4x4 area-downsampled pixels (48 features) between image sets in [-1, 1]."""
+    from scipy import linalg
+    fa, fb = (F.interpolate(x.float(), size=(4, 4), mode="area").flatten(1).double().numpy() for x in (a, b))
+    mu_a, mu_b, ca, cb = fa.mean(0), fb.mean(0), np.cov(fa, rowvar=False), np.cov(fb, rowvar=False)
+    covmean = linalg.sqrtm(ca @ cb).real
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(ca + cb - 2 * covmean))
+
+
+def load_samples(name):
+    return ambient.prepare(np.load(RUNS / name / "samples.npz")["images"])
+
+
+def row(name, test):
+    model, cfg, m = load_run(name)
+    heldout = np.mean([weighted_loss(model, test, s, 4) for s in SIGMAS])
+    wall = (RUNS / name / "wall_s.txt").read_text() if (RUNS / name / "wall_s.txt").exists() else "?"
+    return dict(sigma_tn=cfg["sigma_tn"], copy=m["copy_rate"], c90=m["cosine_above_0.9"],
+                c925=m["cosine_above_0.925"], c95=m["cosine_above_0.95"], cmed=m["cosine_median"],
+                rmed=m["ratio_median"], heldout=heldout, fd=fd44(load_samples(name), test), wall=wall)
+
+
+def table(rows, train_all, subset, test):
+    g = torch.Generator().manual_seed(0)
+    ref_gen = fd44(train_all[torch.randperm(len(train_all), generator=g)[:256]], test)
+    ref_copy = fd44(subset[torch.randint(len(subset), (256,), generator=g)], test)
+    lines = ["| sigma_tn | copy rate (d1/d2 < 1/3) | cos > 0.9 | cos > 0.925 | cos > 0.95 | cos median | "
+             "d1/d2 median | held-out loss (lower better) | FD 4x4 (lower better) | wall s |",
+             "|---" * 10 + "|"]
+    for r in rows:
+        lines.append(f"| {r['sigma_tn']:g}{' (DDPM)' if r['sigma_tn'] == 0 else ''} | {r['copy']:.3f} | {r['c90']:.3f} | "
+                     f"{r['c925']:.3f} | {r['c95']:.3f} | {r['cmed']:.3f} | {r['rmed']:.3f} | {r['heldout']:.4f} | "
+                     f"{r['fd']:.3f} | {r['wall']} |")
+    lines.append(f"\nFD 4x4 references: 256 random bundled training images {ref_gen:.3f} (a perfect generator); "
+                 f"256 draws from the {N} training images {ref_copy:.3f} (a perfect copier).")
+    return "\n".join(lines)
+
+
+def write(name, text):
+    RUNS.mkdir(parents=True, exist_ok=True)
+    (RUNS / f"{name}.md").write_text(text + "\n")
+    print(text)
+
+
+# ------------------------------------------------------------------------------------------------
+# Commands
+# ------------------------------------------------------------------------------------------------
+def demo(args):
+    train_missing([(0, N), (DEMO_SIGMA_TN, N)], args.parallel)
+    train_all, subset, test = data()
+    FIGS.mkdir(exist_ok=True)
+    grids = []
+    for s in (0, DEMO_SIGMA_TN):
+        grids.append(FIGS / f"cpu_neighbours_{run_name(s)}.png")
+        shutil.copy(RUNS / run_name(s) / "neighbours.png", grids[-1])
+    write("demo", table([row(run_name(s), test) for s in (0, DEMO_SIGMA_TN)], train_all, subset, test)
+          + "\n\nNeighbour grids (each pair: sample left, nearest training image right): "
+          + ", ".join(str(g.relative_to(ROOT)) for g in grids))
+
+
+def sweep(args):
+    values = [float(v) for v in args.values.split(",")] if args.values else SWEEP
+    train_missing([(s, N) for s in values], args.parallel)
+    train_all, subset, test = data()
+    rows = [row(run_name(s), test) for s in values]
+    per_level = ["| sigma_tn | " + " | ".join(f"sigma={s:g}" for s in SIGMAS) + " |", "|---" * (len(SIGMAS) + 1) + "|"]
+    for v in values:
+        model = load_run(run_name(v))[0]
+        per_level.append(f"| {v:g} | " + " | ".join(f"{weighted_loss(model, test, s, 4):.3f}" for s in SIGMAS) + " |")
+    write("sweep", table(rows, train_all, subset, test) + "\n\nHeld-out denoising loss per noise level "
+          "(EDM sigma; the table's held-out loss is the mean of each row):\n\n" + "\n".join(per_level))
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for ax, key, label in ((axes[0], "heldout", "held-out denoising loss"), (axes[1], "fd", "FD 4x4 vs test images")):
+        for r in rows:
+            ax.scatter(r["copy"], r[key], color="C3" if r["sigma_tn"] == 0 else "C0")
+            ax.annotate("DDPM" if r["sigma_tn"] == 0 else f"{r['sigma_tn']:g}", (r["copy"], r[key]),
+                        textcoords="offset points", xytext=(4, 3), fontsize=8)
+        ax.set(xlabel="copy rate (share of samples with d1/d2 < 1/3)", ylabel=label + " (lower better)")
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"sigma_tn sweep: {N} CIFAR-10 images at {RES}x{RES}, {ITERS} x {BATCH} images seen, tiny preset",
+                 fontsize=9)
+    fig.tight_layout()
+    FIGS.mkdir(exist_ok=True)
+    fig.savefig(FIGS / "cpu_sweep_pareto.png", dpi=90)
+    print(f"wrote {FIGS / 'cpu_sweep_pareto.png'}")
+
+
+def fig3(args):
+    models = [(0, N, f"DDPM, {N} images"), (DEMO_SIGMA_TN, N, f"Algorithm 1 (sigma_tn={DEMO_SIGMA_TN:g}), {N} images"),
+              (0, 800, "DDPM, 800 images")]
+    train_missing([(s, n) for s, n, _ in models], args.parallel)
+    train_all, subset, test = data()
+    nets = [load_run(run_name(s, n))[0] for s, n, _ in models]
+    # Loss gap: the same n images are in every model's training set (the 800 contain the 16).
+    lines = ["| sigma (EDM) | " + " | ".join(f"{lab}: train / held-out / gap" for _, _, lab in models) + " |",
+             "|---" * (len(models) + 1) + "|"]
+    for s in SIGMAS:
+        cells = []
+        for net in nets:
+            tr, te = weighted_loss(net, subset, s, 16), weighted_loss(net, test, s, 4)
+            cells.append(f"{tr:.3f} / {te:.3f} / {te - tr:+.3f}")
+        lines.append(f"| {s:g} | " + " | ".join(cells) + " |")
+    # Closed-form optima for comparison: the empirical denoisers (DDPM's optimum) on 16 and on 800 images,
+    # and Lemma 4.1's optimum of Eq. 6 on the 16 fixed noisy copies of the Algorithm 1 run (above sigma_tn).
+    S_tn = torch.load(RUNS / run_name(DEMO_SIGMA_TN) / "checkpoint.pt", map_location="cpu", weights_only=False)["S_tn"]
+    optima = [(f"empirical, {N} images", ambient.empirical_denoiser(subset)),
+              (f"Lemma 4.1 ambient optimum, {N} noisy copies", ambient.ambient_optimal_denoiser(
+                  S_tn, torch.tensor(ambient.vp_from_edm(DEMO_SIGMA_TN)))),
+              ("empirical, 800 images", ambient.empirical_denoiser(train_all))]
+    lines += ["", "Closed-form optima (no training), same losses:", "",
+              "| sigma (EDM) | " + " | ".join(f"{lab}: train / held-out / gap" for lab, _ in optima) + " |",
+              "|---" * (len(optima) + 1) + "|"]
+    for s in SIGMAS:
+        cells = []
+        for lab, f in optima:
+            if "ambient" in lab and s <= DEMO_SIGMA_TN:
+                cells.append("n/a (below sigma_tn)")
+                continue
+            tr, te = weighted_loss(f, subset, s, 16), weighted_loss(f, test, s, 4)
+            cells.append(f"{tr:.3f} / {te:.3f} / {te - tr:+.3f}")
+        lines.append(f"| {s:g} | " + " | ".join(cells) + " |")
+    # Snapping: how often a model's estimate for a HELD-OUT x_t is a copy of one of the 16 training images.
+    lines += ["", f"Held-out estimates that snap to a training image: share of the 200 test images whose E[x_0 | x_t] "
+              f"(one noise draw) has d1/d2 < 1/3 / centred cosine > 0.95 against the {N} training images:", "",
+              "| sigma (EDM) | " + " | ".join(lab for _, _, lab in models) + " |", "|---" * (len(models) + 1) + "|"]
+    z = torch.randn(test.shape, generator=torch.Generator().manual_seed(5))
+    for s in (0.5, 1, 2, 5):
+        s_t, cells = torch.tensor(ambient.vp_from_edm(float(s))), []
+        for net in nets:
+            with torch.no_grad():
+                nn_ = ambient.nearest_neighbours(net(ambient.add_noise(test, s_t, z), s_t), subset)
+            cells.append(f"{(nn_['ratio'] < 1 / 3).float().mean():.3f} / {(nn_['cosine'] > 0.95).float().mean():.3f}")
+        lines.append(f"| {s:g} | " + " | ".join(cells) + " |")
+    write("fig3", "\n".join(lines))
+    # The picture: per image, a row of noisy inputs x_t (shown as x_t / alpha) then one row per model.
+    images = torch.cat([subset[:3], test[:3]])
+    kinds = ["train"] * 3 + ["held-out"] * 3
+    z = torch.randn(images.shape, generator=torch.Generator().manual_seed(1))
+    rows = []
+    with torch.no_grad():
+        for i, x0 in enumerate(images):
+            noisy = [(x0 + s * z[i]) / (1 + s ** 2) ** 0.5 for s in FIG3_SIGMAS]  # the VP x_t
+            rows.append([x0] + noisy)
+            for net in nets:
+                ests = [net(ambient.add_noise(x0[None], torch.tensor(ambient.vp_from_edm(float(s))), z[i:i + 1]),
+                            torch.tensor(ambient.vp_from_edm(float(s))))[0] for s in FIG3_SIGMAS]
+                rows.append([torch.ones_like(x0)] + ests)
+    labels = []
+    for k in kinds:
+        labels += [f"{k} image x_0, then VP x_t"] + [lab for _, _, lab in models]
+    header = ["x_0"] + [f"sigma={s:g}" for s in FIG3_SIGMAS]
+    grid_png(rows, labels, header, FIGS / "cpu_fig3.png")
+
+
+def grid_png(rows, labels, header, path, up=8, label_w=230, top=16):
+    """Rows of images with a text label on the left of each row and a header above the columns."""
+    from PIL import Image, ImageDraw
+    tile, pad = RES * up, 2
+    W, H = label_w + len(rows[0]) * (tile + pad), top + len(rows) * (tile + pad)
+    canvas = Image.new("RGB", (W, H), "white")
+    draw = ImageDraw.Draw(canvas)
+    for c, text in enumerate(header):
+        draw.text((label_w + c * (tile + pad) + 2, 2), text, fill="black")
+    for r, (cells, lab) in enumerate(zip(rows, labels)):
+        y = top + r * (tile + pad)
+        draw.text((4, y + tile // 2 - 6), lab, fill="black")
+        for c, x in enumerate(cells):
+            arr = ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+            canvas.paste(Image.fromarray(arr).resize((tile, tile), Image.NEAREST), (label_w + c * (tile + pad), y))
+    FIGS.mkdir(exist_ok=True)
+    canvas.save(path, optimize=True)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("command", choices=("demo", "sweep", "fig3"))
+    p.add_argument("--parallel", type=int, default=2, help="trainings at once, one thread each (default 2)")
+    p.add_argument("--values", default=None, help="sweep: comma-separated sigma_tn values (default: all)")
+    args = p.parse_args()
+    torch.set_num_threads(2)
+    {"demo": demo, "sweep": sweep, "fig3": fig3}[args.command](args)
