@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 export MALLOC_MMAP_THRESHOLD_ ?= 1000000000000
 export MALLOC_TRIM_THRESHOLD_ ?= 1000000000000
 
-.PHONY: demo test train bench clean
+.PHONY: demo test train repro-cpu bench clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,12 @@ train: $(VENV)/.installed
 
 clean:
 	rm -rf runs __pycache__ .pytest_cache
+
+# NOTES.md's CPU results: the demo, the sigma_tn sweep (Figure 2's shape) and Figure 3; ~15 min.
+repro-cpu: $(VENV)/.installed
+	$(PY) repro_cpu.py demo
+	$(PY) repro_cpu.py sweep
+	$(PY) repro_cpu.py fig3
 
 # Throughput table (training and sampling images/s, FLOPs, MFU): tiny on CPU, paper on the GPU.
 bench: $(VENV)/.installed
