@@ -10,6 +10,7 @@ large dense matmul in the same dtype, not taken from a data sheet. On CPU the ti
 in a child process without the Makefile's glibc malloc settings, to show what they change.
 """
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -99,32 +100,36 @@ def main():
     p.add_argument("--repeat", type=int, default=20, help="timed training steps (default 20)")
     p.add_argument("--json", action="store_true", help="print one JSON result instead of the table")
     args = p.parse_args()
-    cases = [(args.preset, args.device)] if args.preset else [("tiny", "cpu")] + (
-        [("paper", "cuda")] if torch.cuda.is_available() else [])
+    # Default: the tiny preset on CPU at the batch of the tests (32) and a large one (256), where
+    # glibc's malloc settings matter; the paper preset on the GPU when there is one.
+    cases = [(args.preset, args.device, args.batch)] if args.preset else [
+        ("tiny", "cpu", b) for b in ([args.batch] if args.batch else [32, 256])] + (
+        [("paper", "cuda", args.batch)] if torch.cuda.is_available() else [])
     results = []
-    for preset, device in cases:
+    for preset, device, batch in cases:
         device = torch.device(device or ("cpu" if preset == "tiny" else "cuda"))
         if device.type == "cuda" and not torch.cuda.is_available():
             sys.exit("error: --device cuda: no CUDA device here; use --device cpu")
         if device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         res = args.resolution or (16 if preset == "tiny" else 32)
-        batch = args.batch or (32 if preset == "tiny" else 256)
+        batch = batch or (32 if preset == "tiny" else 256)
         results.append(bench(preset, res, batch, args.dtype, device, args.steps, args.repeat))
     if args.json:
-        import json
         return print(json.dumps(results[0]))
+    malloc_set = all(v in os.environ for v in MALLOC_VARS)
     lines = ["| case | params | step ms | train img/s | sample img/s | train GFLOP/img | h_theta GFLOP/img | MFU |",
              "|---|---|---|---|---|---|---|---|"]
-    lines += [row(r, " (malloc vars set)" if r["case"].endswith("cpu") and all(v in os.environ for v in MALLOC_VARS)
-                  else "") for r in results]
-    if not args.preset and all(v in os.environ for v in MALLOC_VARS):  # the same CPU case without them
-        env = {k: v for k, v in os.environ.items() if k not in MALLOC_VARS}
-        child = subprocess.run([sys.executable, __file__, "--preset", "tiny", "--device", "cpu", "--repeat",
-                                str(args.repeat), "--dtype", args.dtype, "--json"], env=env, capture_output=True, text=True)
-        if child.returncode == 0:
-            import json
-            lines.append(row(json.loads(child.stdout.strip().splitlines()[-1]), " (malloc defaults)"))
+    for r, (preset, device, batch) in zip(results, cases):
+        cpu = r["case"].endswith("cpu")
+        lines.append(row(r, " (malloc vars set)" if cpu and malloc_set else ""))
+        if cpu and malloc_set and not args.preset:  # the same case in a child process without them
+            env = {k: v for k, v in os.environ.items() if k not in MALLOC_VARS}
+            same = [f"--{k}={v}" for k, v in vars(args).items() if k in ("resolution", "steps", "repeat", "dtype") and v]
+            child = subprocess.run([sys.executable, __file__, "--preset", "tiny", "--device", "cpu", "--json",
+                                    f"--batch={r['case'].split()[2][1:]}", *same], env=env, capture_output=True, text=True)
+            if child.returncode == 0:
+                lines.append(row(json.loads(child.stdout.strip().splitlines()[-1]), " (malloc defaults)"))
     print("\n".join(lines))
 
 
