@@ -4,7 +4,8 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 
 # glibc hands large freed blocks back to the kernel and page-faults them in again on the next step;
-# keeping them in the heap made a CPU training step faster here (0.23 s -> 0.18 s, NOTES.md).
+# these keep them in the heap. Reported to halve large-batch CPU speed without them; our A/B runs
+# were within noise (NOTES.md, CPU speed). They cost only memory that is not given back.
 export MALLOC_MMAP_THRESHOLD_ ?= 1000000000000
 export MALLOC_TRIM_THRESHOLD_ ?= 1000000000000
 
