@@ -17,7 +17,7 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install --quiet -r requirements.txt
 	touch $@
 
-# DDPM and Algorithm 1 side by side on the bundled CIFAR-10 subset, tiny preset, CPU, about 6 minutes.
+# DDPM and Algorithm 1 side by side on the bundled CIFAR-10 subset, tiny preset, CPU, about 4.5 min.
 # The setting (16 images at 8x8, 64k images seen) is the one NOTES.md's CPU results use.
 DEMO := --data demo --n 16 --preset tiny --resolution 8 --schedule edm --iters 1000 --batch 64 --lr 1e-3 \
         --samples 256 --steps 32 --device cpu --seed 0 --log-every 250

@@ -244,16 +244,19 @@ def ambient_loss(x0_pred, x_t, x_tn, sigma_t, sigma_tn):
 
 
 def loss_weight(sigma_t, sigma_tn):
-    """EDM's lambda(sigma), divided by c_h^2 for the ambient branch (c_h = 1 when sigma_tn = 0)."""
+    """EDM's lambda(sigma), divided by c_h^2 for the ambient branch (c_h = 1 when sigma_tn = 0).
+    c_h -> 0 as sigma_t -> sigma_tn, and float32 can round sigma_t onto sigma_tn (c_h = 0, an
+    infinite weight): c_h is floored at 1e-4, which changes the weight only in that sliver."""
     sigma = edm_from_vp(sigma_t)
     c_h, _ = ambient_coefficients(sigma_t, sigma_tn)
-    return (sigma ** 2 + SIGMA_DATA ** 2) / (sigma * SIGMA_DATA) ** 2 / c_h ** 2
+    return (sigma ** 2 + SIGMA_DATA ** 2) / (sigma * SIGMA_DATA) ** 2 / torch.as_tensor(c_h).clamp_min(1e-4) ** 2
 
 
 def ambient_eps_v_targets(x_t, x_tn, sigma_t, sigma_tn):
     """Lemma C.2: Eq. 6 for eps- and v-prediction networks. With x_0 = (x_t - sigma_t eps)/alpha_t
-    = alpha_t x_t - sigma_t v, Eq. 6's residual is -c_h sigma_t (eps_pred - eps_target), and the same
-    for v: plain regression onto targets made of x_t and x_tn. At sigma_tn = 0 they are eps and v."""
+    = alpha_t x_t - sigma_t v, Eq. 6's residual is -(c_h sigma_t / alpha_t) (eps_pred - eps_target)
+    and -c_h sigma_t (v_pred - v_target): plain regression onto targets made of x_t and x_tn.
+    At sigma_tn = 0 they are eps and v."""
     c_h, c_x = ambient_coefficients(sigma_t, sigma_tn)
     a, s, c_h, c_x = (bcast(torch.as_tensor(v), x_t) for v in (alpha(sigma_t), sigma_t, c_h, c_x))
     eps_target = ((c_h + a * c_x) * x_t - a * x_tn) / (c_h * s)
@@ -385,7 +388,7 @@ def algorithm1_batch(S, S_tn, sigma_tn_edm, batch, gen, schedule="algorithm1", f
         t_n = time_at(sigma_tn_edm) if sigma_tn_edm > 0 else 0.0
         noisy = ((torch.rand(batch, generator=gen, device=dev) < 0.5) | noisy_only) & (sigma_tn_edm > 0)
         t = torch.where(noisy, t_n + u * (1 - t_n), u * (t_n if sigma_tn_edm > 0 else 1.0))
-        sigma = sigma_at(t)
+        sigma = torch.where(noisy, sigma_at(t).clamp_min(sigma_tn_edm), sigma_at(t))  # float32 may round below
     elif schedule == "edm":
         # Clamped to EDM's range (it cuts 2e-6 of the draws) so that alpha stays representable in float32.
         z = torch.randn(batch, generator=gen, device=dev)
@@ -725,9 +728,10 @@ def check_args(args):
                         "nothing would be trained on noisy data. Use a value below it (paper: 0.4 to 4)")
     if 0 < args.sigma_tn <= SIGMA_MIN:
         raise UserError(f"--sigma-tn {args.sigma_tn} is below the lowest trained noise level {SIGMA_MIN}; use 0 for DDPM")
-    for flag in ("iters", "batch", "samples", "steps", "log_every", "ckpt_every"):
-        if getattr(args, flag) < (0 if flag in ("iters", "samples") else 1):
-            raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be positive")
+    for flag in ("iters", "batch", "samples", "steps", "log_every", "ckpt_every", "resolution"):
+        value, least = getattr(args, flag), 0 if flag == "iters" else 1
+        if value is not None and value < least:
+            raise UserError(f"--{flag.replace('_', '-')} {value} must be at least {least}")
     if not 0 <= args.label_dropout < 1:
         raise UserError(f"--label-dropout {args.label_dropout} must be in [0, 1)")
     if args.method == "noisy-only" and args.sigma_tn == 0:
