@@ -390,7 +390,7 @@ def algorithm1_batch(S, S_tn, sigma_tn_edm, batch, gen, schedule="algorithm1", f
         t = torch.where(noisy, t_n + u * (1 - t_n), u * (t_n if sigma_tn_edm > 0 else 1.0))
         sigma = torch.where(noisy, sigma_at(t).clamp_min(sigma_tn_edm), sigma_at(t))  # float32 may round below
     elif schedule == "edm":
-        # Clamped to EDM's range (it cuts 2e-6 of the draws) so that alpha stays representable in float32.
+        # Clamped to EDM's range (it moves 1.6e-5 of the draws) so that alpha stays representable in float32.
         z = torch.randn(batch, generator=gen, device=dev)
         if noisy_only:  # ln sigma ~ N(-1.2, 1.2^2) conditioned on sigma >= sigma_tn: invert the normal CDF
             lo = torch.special.ndtr(torch.tensor((math.log(sigma_tn_edm) + 1.2) / 1.2, device=dev))
