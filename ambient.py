@@ -434,13 +434,13 @@ def save_atomic(obj, path):
     os.replace(tmp, path)
 
 
-def distributed():
-    """(rank, world size). Under torchrun (WORLD_SIZE > 1) this joins the process group once."""
+def distributed(backend="gloo"):
+    """(rank, world size). Under torchrun (WORLD_SIZE > 1) the first call joins the process group."""
     if int(os.environ.get("WORLD_SIZE", 1)) == 1:
         return 0, 1
     import torch.distributed as dist
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group(backend)
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -457,7 +457,10 @@ def train(h_theta, S, S_tn, cfg, out, log=print, state=None, labels=None):
     step = 0
     if state is not None:
         h_theta.load_state_dict(state["net"]), ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["opt"]), gen.set_state(state["rng"].cpu())
+        opt.load_state_dict(state["opt"])
+        if state["rng"].numel() != gen.get_state().numel():
+            raise UserError("--resume: the checkpoint's random state is from another device type; resume on it")
+        gen.set_state(state["rng"].cpu())
         step = state["step"]
 
     def checkpoint():
@@ -732,6 +735,8 @@ def check_args(args):
         value, least = getattr(args, flag), 0 if flag == "iters" else 1
         if value is not None and value < least:
             raise UserError(f"--{flag.replace('_', '-')} {value} must be at least {least}")
+    if args.cond == "none" and (args.guidance != 1 or args.label_dropout != 0.1):
+        raise UserError("--guidance and --label-dropout act on class-conditional models: add --cond class")
     if not 0 <= args.label_dropout < 1:
         raise UserError(f"--label-dropout {args.label_dropout} must be in [0, 1)")
     if args.method == "noisy-only" and args.sigma_tn == 0:
@@ -770,10 +775,10 @@ def run(args):
     if args.compare:
         return compare(args.compare)
     check_args(args)
-    rank, world = distributed()
+    device = pick_device(args.device)
+    rank, world = distributed("nccl" if device.type == "cuda" else "gloo")
     if args.batch % world:
         raise UserError(f"--batch {args.batch} does not split over {world} processes; use a multiple of {world}")
-    device = pick_device(args.device)
     if device.type == "cuda":  # TF32 matmuls and convolutions: float32 range, 10-bit mantissa, much faster
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if world > 1 and device.type == "cuda":

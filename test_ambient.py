@@ -498,6 +498,7 @@ def test_cli_bad_input_gives_one_clear_line(tmp_path, capsys, monkeypatch):
     assert "negative" in error_of(TINY + ["--sigma-tn", "-0.1"], capsys)
     assert "top noise level" in error_of(TINY + ["--sigma-tn", "80"], capsys)
     assert "at least 1" in error_of(TINY + ["--samples", "0"], capsys)
+    assert "add --cond class" in error_of(TINY + ["--guidance", "2"], capsys)
     assert "unknown dataset" in error_of(["--data", "imagenet"], capsys)
     (tmp_path / "bad.npz").write_bytes(b"not an archive")
     assert "cannot read" in error_of(["--data", str(tmp_path / "bad.npz")], capsys)
