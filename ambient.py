@@ -177,7 +177,8 @@ class UNet(nn.Module):
         angles = c_noise[:, None].float() * freqs[None]
         emb = self.embed(torch.cat([angles.cos(), angles.sin()], dim=1))
         if self.label_embed is not None:
-            emb = emb + self.label_embed(labels if labels is not None else torch.full_like(c_noise, self.num_classes).long())
+            no_class = torch.full_like(c_noise, self.num_classes).long()
+            emb = emb + self.label_embed(labels if labels is not None else no_class)
         h = self.conv_in(x)
         skips = [h]
         for layer in self.down:
@@ -388,7 +389,8 @@ def algorithm1_batch(S, S_tn, sigma_tn_edm, batch, gen, schedule="algorithm1", f
         t_n = time_at(sigma_tn_edm) if sigma_tn_edm > 0 else 0.0
         noisy = ((torch.rand(batch, generator=gen, device=dev) < 0.5) | noisy_only) & (sigma_tn_edm > 0)
         t = torch.where(noisy, t_n + u * (1 - t_n), u * (t_n if sigma_tn_edm > 0 else 1.0))
-        sigma = torch.where(noisy, sigma_at(t).clamp_min(sigma_tn_edm), sigma_at(t))  # float32 may round below
+        sigma = sigma_at(t)
+        sigma = torch.where(noisy, sigma.clamp_min(sigma_tn_edm), sigma)  # float32 may round below sigma_tn
     elif schedule == "edm":
         # Clamped to EDM's range (it moves 1.6e-5 of the draws) so that alpha stays representable in float32.
         z = torch.randn(batch, generator=gen, device=dev)
@@ -424,7 +426,8 @@ def algorithm1_loss(h_theta, b):
 # ------------------------------------------------------------------------------------------------
 # 6. Training loop: AdamW with the paper's settings, EMA weights for sampling, atomic checkpoints.
 # ------------------------------------------------------------------------------------------------
-RUN_KEYS = ("data", "n", "method", "cond", "label_dropout", "sigma_tn", "schedule", "preset", "resolution", "batch", "lr", "flip", "seed")
+RUN_KEYS = ("data", "n", "method", "cond", "label_dropout", "sigma_tn", "schedule", "preset", "resolution",
+            "batch", "lr", "flip", "seed")
 
 
 def save_atomic(obj, path):
@@ -432,6 +435,11 @@ def save_atomic(obj, path):
     tmp = Path(str(path) + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+def autocast(device, precision):
+    """--precision bf16: the network under bfloat16 autocast; weights, optimizer and losses stay float32."""
+    return torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16")
 
 
 def distributed(backend="gloo"):
@@ -470,10 +478,11 @@ def train(h_theta, S, S_tn, cfg, out, log=print, state=None, labels=None):
     t0, first = time.time(), step
     while step < cfg["iters"]:
         b = algorithm1_batch(S, S_tn, cfg["sigma_tn"], cfg["batch"], gen, cfg["schedule"], cfg["flip"],
-                             cfg.get("method") == "noisy-only", labels, cfg.get("num_classes"), cfg.get("label_dropout", 0))
+                             cfg.get("method") == "noisy-only", labels, cfg.get("num_classes"),
+                             cfg.get("label_dropout", 0))
         if world > 1:
             b = {k: v.chunk(world)[rank] if torch.is_tensor(v) and v.dim() else v for k, v in b.items()}
-        with torch.autocast(device.type, torch.bfloat16, enabled=cfg.get("precision") == "bf16"):
+        with autocast(device, cfg.get("precision")):
             loss = algorithm1_loss(model, b)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -833,7 +842,8 @@ def run(args):
         (out / "config.json").write_text(json.dumps(cfg, indent=1))
         (out / "indices.json").write_text(json.dumps(indices.tolist()))
     params = sum(p.numel() for p in h_theta.parameters())
-    log(f"{'resuming' if state else 'training'} {out}: {len(S)} images at {res}x{res} on {device}{f' x {world} processes' if world > 1 else ''}, preset {args.preset} "
+    processes = f" x {world} processes" if world > 1 else ""
+    log(f"{'resuming' if state else 'training'} {out}: {len(S)} images at {res}x{res} on {device}{processes}, preset {args.preset} "
         f"({params / 1e6:.2f}M parameters), sigma_tn = {args.sigma_tn:g} EDM = {vp_from_edm(args.sigma_tn):.4f} VP "
         f"(t_n = {time_at(args.sigma_tn) if args.sigma_tn else 0:.3f}), schedule {args.schedule}")
     if device.type == "cpu" and args.preset == "paper" and args.iters > 1000:
@@ -842,7 +852,7 @@ def run(args):
     ema = train(h_theta, S_tn if noisy_only else S, S_tn, cfg, out, log, state, labels)  # noisy-only: no clean image
     if rank > 0:
         return out
-    with torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16"):
+    with autocast(device, args.precision):
         samples = generate(ema, args.samples, steps=args.steps, sampler=args.sampler, seed=args.seed, device=device,
                            log=log, sigma_stop=args.sigma_tn if noisy_only else 0.0, guidance=args.guidance,
                            labels=torch.arange(args.samples) % cfg["num_classes"] if labels is not None else None)

@@ -410,8 +410,7 @@ def generate_for(path, cfg, count, args, log):
     ema.load_state_dict(state["ema"])
     ema = ema.to(args.device).eval()
     log(f"{path.name}: generating {count} samples from its checkpoint")
-    bf16 = torch.autocast(args.device.type, torch.bfloat16, enabled=cfg.get("precision") == "bf16")
-    with bf16:  # as the run sampled its own samples.npz
+    with A.autocast(args.device, cfg.get("precision")):  # as the run sampled its own samples.npz
         x = A.generate(ema, count, steps=cfg.get("steps", 40), sampler=cfg.get("sampler", "euler"),
                        seed=cfg.get("seed", 0), device=args.device, log=log,
                        sigma_stop=cfg["sigma_tn"] if cfg.get("method") == "noisy-only" else 0.0,
