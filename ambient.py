@@ -141,11 +141,12 @@ class ResBlock(nn.Module):
 class UNet(nn.Module):
     """F_theta: the raw network inside the preconditioning."""
 
-    def __init__(self, resolution=32, channels=64, mults=(1, 2, 2), blocks=2, attn_at=(16,), dropout=0.0, num_classes=0):
+    def __init__(self, resolution=32, channels=64, mults=(1, 2, 2), blocks=2, attn_at=(16,), dropout=0.0, num_classes=0,
+                 in_channels=3):
         super().__init__()
         self.channels, self.num_classes, emb_dim = channels, num_classes, 4 * channels
         self.embed = nn.Sequential(nn.Linear(channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        self.conv_in = nn.Conv2d(3, channels, 3, padding=1)
+        self.conv_in = nn.Conv2d(in_channels, channels, 3, padding=1)
         self.down, self.up, skips, c, res = nn.ModuleList(), nn.ModuleList(), [channels], channels, resolution
         for level, m in enumerate(mults):
             for _ in range(blocks):
@@ -192,21 +193,28 @@ class UNet(nn.Module):
 
 
 class Denoiser(nn.Module):
-    """h_theta(x_t, sigma_t) -> estimate of x_0, with VP inputs as in the paper."""
+    """h_theta(x_t, sigma_t) -> estimate of x_0, with VP inputs as in the paper.
+    mask_input: the masking baseline's network, which also reads a 0/1 map of the pixels it sees."""
 
-    def __init__(self, resolution=32, preset="tiny", num_classes=0, **overrides):
+    def __init__(self, resolution=32, preset="tiny", num_classes=0, mask_input=False, **overrides):
         super().__init__()
-        self.resolution, self.levels = resolution, len(PRESETS[preset]["mults"])
-        self.net = UNet(resolution, **{**PRESETS[preset], **overrides}, num_classes=num_classes)
+        self.resolution, self.levels, self.mask_input = resolution, len(PRESETS[preset]["mults"]), mask_input
+        self.net = UNet(resolution, **{**PRESETS[preset], **overrides}, num_classes=num_classes,
+                        in_channels=4 if mask_input else 3)
 
-    def forward(self, x_t, sigma_t, labels=None):
+    def forward(self, x_t, sigma_t, labels=None, mask=None):
         sigma_t = torch.as_tensor(sigma_t, dtype=x_t.dtype, device=x_t.device).expand(x_t.shape[0])
         sigma = edm_from_vp(sigma_t)
         x = x_t / bcast(alpha(sigma_t), x_t)  # = x_0 + sigma n: EDM units
         c_skip = SIGMA_DATA ** 2 / (sigma ** 2 + SIGMA_DATA ** 2)
         c_out = sigma * SIGMA_DATA / (sigma ** 2 + SIGMA_DATA ** 2) ** 0.5
         c_in = 1 / (sigma ** 2 + SIGMA_DATA ** 2) ** 0.5
-        F_x = self.net(bcast(c_in, x) * x, sigma.log() / 4, labels)
+        net_in = bcast(c_in, x) * x
+        if self.mask_input:  # a hidden pixel reads 0, as does a visible one at 0: the map tells them apart
+            if mask is None:
+                raise ValueError("this network was trained on masked images: pass the mask of visible pixels")
+            net_in = torch.cat([net_in, mask.to(x.dtype).expand(len(x), 1, *x.shape[2:])], 1)
+        F_x = self.net(net_in, sigma.log() / 4, labels)
         return bcast(c_skip, x) * x + bcast(c_out, x) * F_x.to(x.dtype)
 
 
@@ -265,6 +273,19 @@ def ambient_eps_v_targets(x_t, x_tn, sigma_t, sigma_tn):
     return eps_target, v_target
 
 
+# Table 2's inpainting baseline, Ambient Diffusion (Daras et al. 2023): every training image is
+# seen only through a fixed mask A (a pixel is missing with probability p). Training hides more:
+# A_further keeps each visible pixel with probability 1 - delta, the network sees A_further x_t and
+# A_further, and the loss covers every pixel of A, including those A_further just hid. Given
+# A_further, a hidden pixel is in A with a probability that does not depend on the image, so the
+# minimiser is E[x_0 | A_further x_t, A_further] on every pixel. With delta = 0 the pixels the
+# network cannot see are never in the loss, and nothing teaches it to fill them in.
+def masking_loss(x0_pred, x0, mask):
+    """|A (h_theta(A_further x_t, A_further) - x_0)|^2, per sample, for a 0/1 mask A. `where`, not a
+    product, so that a hidden pixel's value never enters, not even as 0 * NaN."""
+    return torch.where(mask > 0, x0_pred - x0, 0).square().flatten(1).mean(1)
+
+
 # ------------------------------------------------------------------------------------------------
 # 4. Data: images as uint8 (N, H, W, 3) -> float tensors in [-1, 1], shape (N, 3, H, W).
 # ------------------------------------------------------------------------------------------------
@@ -308,7 +329,8 @@ def load_labels(spec, data_dir="data"):
         with np.load(path) as f:
             if "labels" in f.files:
                 return f["labels"].astype(np.int64)
-    raise UserError(f"--cond class needs class labels and {spec} has none; use an .npz with an int array 'labels'")
+    raise UserError(f"--cond class and --n-per-class need class labels and {spec} has none; "
+                    "use an .npz with an int array 'labels'")
 
 
 def load_cifar10(data_dir, labels=False):
@@ -346,8 +368,16 @@ def prepare(images, resolution=None):
     return x
 
 
-def choose_subset(num_images, n, seed):
-    """The paper's seeded random subset of n training images (n = 300 / 1000 / 3000)."""
+def choose_subset(num_images, n, seed, labels=None, per_class=None):
+    """The paper's seeded random subset of n training images (n = 300 / 1000 / 3000), or of
+    per_class images from every class (Table 1's ImageNet rows: 5 or 15 per class)."""
+    if per_class is not None:
+        classes, counts = np.unique(labels, return_counts=True)
+        if counts.min() < per_class:
+            raise UserError(f"--n-per-class {per_class}: class {classes[counts.argmin()]} has only {counts.min()} "
+                            f"images; pass --n-per-class {counts.min()} or less")
+        rng = np.random.default_rng(seed)
+        return np.sort(np.concatenate([rng.choice(np.flatnonzero(labels == c), per_class, replace=False) for c in classes]))
     if n is None:
         return np.arange(num_images)
     if n > num_images:
@@ -365,7 +395,8 @@ def choose_subset(num_images, n, seed):
 #   edm         the released code behind Table 1: ln sigma ~ N(-1.2, 1.2^2) per sample; clean when
 #               sigma < sigma_tn, else the fixed noisy copy. The clean share is P(sigma < sigma_tn).
 # With sigma_tn = 0 there is no split and nothing noisy: t_n = 0, every sample is clean, drawn over
-# the whole range, with the DDPM loss. That is the baseline, exactly.
+# the whole range, with the DDPM loss. That is the baseline, exactly. The masking baseline takes the
+# same path at sigma_tn = 0, with masked images for S and one more mask drawn per batch.
 # ------------------------------------------------------------------------------------------------
 def make_noisy_copies(S, sigma_tn, seed):
     """Line 1: S_tn = {sqrt(1 - sigma_tn^2) x_0 + sigma_tn eps}, one draw per image (VP units)."""
@@ -373,17 +404,32 @@ def make_noisy_copies(S, sigma_tn, seed):
     return add_noise(S, torch.as_tensor(sigma_tn, dtype=S.dtype), eps)
 
 
+def make_masks(shape, mask_p, seed):
+    """The masking baseline's line 1: one fixed mask A per image, (N, 1, H, W), 0 = missing. A pixel
+    loses all three channels at once, with probability mask_p, as in Ambient Diffusion's CIFAR-10 runs."""
+    keep = torch.rand(shape[0], 1, *shape[2:], generator=torch.Generator().manual_seed(seed + 3))
+    return (keep >= mask_p).float()
+
+
+def observed(S, masks):
+    """A x_0: all the masking baseline is given. Hidden pixels are 0, whatever S holds there."""
+    return torch.where(masks > 0, S, 0)
+
+
 def algorithm1_batch(S, S_tn, sigma_tn_edm, batch, gen, schedule="algorithm1", flip=False, noisy_only=False,
-                     labels=None, null_label=None, label_dropout=0.0):
+                     labels=None, null_label=None, label_dropout=0.0, masks=None, mask_delta=0.0):
     """Lines 3-10. Returns idx, x0, x_tn, x_t, sigma_t (VP), sigma (EDM) and `noisy` (the high-noise branch).
     noisy_only: the Ambient Tweedie baseline (Table 2), every sample noisy and above t_n.
-    labels: the images' classes, each replaced by null_label with probability label_dropout."""
+    labels: the images' classes, each replaced by null_label with probability label_dropout.
+    masks: the masking baseline (sigma_tn = 0, S = A x_0): x_t is hidden outside mask_further, a copy
+    of the image's mask A with a further share mask_delta of its pixels dropped."""
     dev = S.device
     idx = torch.randint(len(S), (batch,), generator=gen, device=dev)
-    x0, x_tn = S[idx], S_tn[idx]
-    if flip:  # the same mirror for an image and its noisy copy, so x_tn stays a noisy x_0
+    x0, x_tn, mask = S[idx], S_tn[idx], None if masks is None else masks[idx]
+    if flip:  # the same mirror for an image, its noisy copy and its mask, so x_tn stays a noisy x_0
         mirror = bcast(torch.rand(batch, generator=gen, device=dev) < 0.5, x0)
         x0, x_tn = torch.where(mirror, x0.flip(-1), x0), torch.where(mirror, x_tn.flip(-1), x_tn)
+        mask = None if mask is None else torch.where(mirror, mask.flip(-1), mask)
     u = torch.rand(batch, generator=gen, device=dev)
     if schedule == "algorithm1":
         t_n = time_at(sigma_tn_edm) if sigma_tn_edm > 0 else 0.0
@@ -405,17 +451,24 @@ def algorithm1_batch(S, S_tn, sigma_tn_edm, batch, gen, schedule="algorithm1", f
     z = torch.randn(x0.shape, generator=gen, device=dev)
     x_t_noisy = noise_further(x_tn, sigma_tn, sigma_t.maximum(sigma_tn), z)  # maximum: no NaN in the unused half
     x_t = torch.where(bcast(noisy, x0), x_t_noisy, add_noise(x0, sigma_t, z))
-    y = None
+    y = mask_further = None
     if labels is not None:
         y = torch.where(torch.rand(batch, generator=gen, device=dev) < label_dropout, null_label, labels[idx])
+    if mask is not None:
+        mask_further = mask * (torch.rand(mask.shape, generator=gen, device=dev) >= mask_delta)
+        x_t = x_t * mask_further
     return dict(idx=idx, x0=x0, x_tn=x_tn, x_t=x_t, sigma_t=sigma_t, sigma=sigma, sigma_tn=sigma_tn, noisy=noisy,
-                labels=y)
+                labels=y, mask=mask, mask_further=mask_further)
 
 
 def algorithm1_loss(h_theta, b):
     """Line 11: Eq. 6 on the noisy branch, Eq. 3 on the clean one, weighted and averaged. Eq. 3 is
     Eq. 6 at sigma_tn = 0 with x_0 in place of x_tn (bit for bit, tested), so one call serves both,
-    and a clean image never reaches a noisy sample's loss or gradient."""
+    and a clean image never reaches a noisy sample's loss or gradient. Masked batches take the
+    masking loss instead, with EDM's weight."""
+    if b.get("mask") is not None:
+        x0_pred = h_theta(b["x_t"], b["sigma_t"], b["labels"], mask=b["mask_further"])
+        return (loss_weight(b["sigma_t"], 0.0) * masking_loss(x0_pred, b["x0"], b["mask"])).mean()
     noisy = b["noisy"]
     sigma_tn = torch.where(noisy, b["sigma_tn"], torch.zeros_like(b["sigma_t"]))
     target = torch.where(bcast(noisy, b["x0"]), b["x_tn"], b["x0"])
@@ -426,8 +479,8 @@ def algorithm1_loss(h_theta, b):
 # ------------------------------------------------------------------------------------------------
 # 6. Training loop: AdamW with the paper's settings, EMA weights for sampling, atomic checkpoints.
 # ------------------------------------------------------------------------------------------------
-RUN_KEYS = ("data", "n", "method", "cond", "label_dropout", "sigma_tn", "schedule", "preset", "resolution",
-            "batch", "lr", "flip", "seed")
+RUN_KEYS = ("data", "n", "n_per_class", "method", "mask_p", "mask_delta", "cond", "label_dropout", "sigma_tn",
+            "schedule", "preset", "resolution", "batch", "lr", "flip", "seed")
 
 
 def save_atomic(obj, path):
@@ -452,8 +505,9 @@ def distributed(backend="gloo"):
     return dist.get_rank(), dist.get_world_size()
 
 
-def train(h_theta, S, S_tn, cfg, out, log=print, state=None, labels=None):
+def train(h_theta, S, S_tn, cfg, out, log=print, state=None, labels=None, masks=None):
     """Lines 2-16 of Algorithm 1. Returns the EMA copy of h_theta. `state` resumes a checkpoint.
+    masks: the masking baseline's fixed masks A (S is then A x_0).
     With several processes every rank draws the same global batch and trains on its slice of it;
     DDP averages the gradients, so a step equals the single-process step on the whole batch."""
     device, out, (rank, world) = S.device, Path(out), distributed()
@@ -473,13 +527,13 @@ def train(h_theta, S, S_tn, cfg, out, log=print, state=None, labels=None):
 
     def checkpoint():
         save_atomic(dict(net=h_theta.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), step=step,
-                         rng=gen.get_state(), S_tn=S_tn, config=cfg), out / "checkpoint.pt")
+                         rng=gen.get_state(), S_tn=S_tn, masks=masks, config=cfg), out / "checkpoint.pt")
 
     t0, first = time.time(), step
     while step < cfg["iters"]:
         b = algorithm1_batch(S, S_tn, cfg["sigma_tn"], cfg["batch"], gen, cfg["schedule"], cfg["flip"],
                              cfg.get("method") == "noisy-only", labels, cfg.get("num_classes"),
-                             cfg.get("label_dropout", 0))
+                             cfg.get("label_dropout", 0), masks, cfg.get("mask_delta") or 0.0)
         if world > 1:
             b = {k: v.chunk(world)[rank] if torch.is_tensor(v) and v.dim() else v for k, v in b.items()}
         with autocast(device, cfg.get("precision")):
@@ -545,32 +599,41 @@ def sample(h_theta, shape, steps=40, sampler="euler", seed=0, sigma_stop=0.0, de
     return x
 
 
-def guided(h_theta, labels=None, guidance=1.0):
-    """h_theta with the class labels bound. Classifier-free guidance (Ho & Salimans 2022) mixes the
-    conditional and unconditional predictions: h_u + w (h_c - h_u); w = 1 is plain conditional."""
-    if labels is None:
+def conditioned(h_theta, labels=None, guidance=1.0, mask=None):
+    """h_theta(x_t, sigma_t) with its other inputs bound.
+    labels: classifier-free guidance (Ho & Salimans 2022) mixes the conditional and unconditional
+    predictions, h_u + w (h_c - h_u); w = 1 is plain conditional.
+    mask: Ambient Diffusion's fixed-mask sampler for the masking baseline. Its network never saw a
+    whole image, so each sample keeps one mask, drawn like A_further, for the whole ODE; the network
+    sees those pixels of x_t and predicts all of x_0."""
+    if labels is None and mask is None:
         return h_theta
-    null = torch.full_like(labels, h_theta.net.num_classes)
+    null = None if labels is None else torch.full_like(labels, h_theta.net.num_classes)
 
     def h(x_t, sigma_t):
-        cond = h_theta(x_t, sigma_t, labels)
-        if guidance == 1:
+        x_in = x_t if mask is None else x_t * mask
+        cond = h_theta(x_in, sigma_t, labels, mask=mask)
+        if labels is None or guidance == 1:
             return cond
-        uncond = h_theta(x_t, sigma_t, null)
+        uncond = h_theta(x_in, sigma_t, null, mask=mask)
         return uncond + guidance * (cond - uncond)
 
     return h
 
 
 @torch.no_grad()
-def generate(h_theta, count, batch=256, log=print, sigma_stop=0.0, labels=None, guidance=1.0, **kw):
+def generate(h_theta, count, batch=256, log=print, sigma_stop=0.0, labels=None, guidance=1.0, mask_keep=None, **kw):
     """`count` samples from the noise of seeds seed, seed+1, ... (one per batch), clamped to [-1, 1].
     sigma_stop > 0 (a model that never trained below t_n): stop the ODE there and finish with the
-    network's own E[x_0 | x_tn], Tweedie's one-step denoiser. labels: one class per sample."""
-    shape, seed, out = (3, h_theta.resolution, h_theta.resolution), kw.pop("seed", 0), []
+    network's own E[x_0 | x_tn], Tweedie's one-step denoiser. labels: one class per sample.
+    mask_keep: the masking baseline's share of visible pixels, (1 - p)(1 - delta) as in training."""
+    shape, seed, out, device = (3, h_theta.resolution, h_theta.resolution), kw.pop("seed", 0), [], kw.get("device", "cpu")
     for k, start in enumerate(range(0, count, batch)):
-        n = min(batch, count - start)
-        h = guided(h_theta, None if labels is None else labels[start:start + n].to(kw.get("device", "cpu")), guidance)
+        n, mask = min(batch, count - start), None
+        if mask_keep is not None:  # its own stream (seed + 2^32), apart from the noise's
+            keep = torch.rand(n, 1, *shape[1:], generator=torch.Generator().manual_seed(2 ** 32 + seed + k))
+            mask = (keep < mask_keep).float().to(device)
+        h = conditioned(h_theta, None if labels is None else labels[start:start + n].to(device), guidance, mask)
         x = sample(h, (n, *shape), seed=seed + k, sigma_stop=sigma_stop, **kw)
         if sigma_stop > 0:
             s_vp = torch.full((len(x),), vp_from_edm(sigma_stop), dtype=x.dtype, device=x.device)
@@ -696,14 +759,22 @@ def build_parser():
       "subset), a .npz with uint8 'images' N x H x W x 3, or a folder of images (default: demo)")
     a("--data-dir", default="data", help="where --data cifar is downloaded or placed (default: ./data)")
     a("--n", type=int, default=None, help="train on a seeded random subset of n images (paper: 300/1000/3000)")
-    a("--sigma-tn", type=float, default=0.4, help="sigma_tn in EDM units: above it train only on the noisy "
-      "copies (Eq. 6), below it on clean images (Eq. 3). 0 = the DDPM baseline. Paper: 0.4-4 (default 0.4)")
+    a("--n-per-class", type=int, default=None, help="train on a seeded random k images of every class instead "
+      "(Table 1's ImageNet rows: 5 or 15); needs labels")
+    a("--sigma-tn", type=float, default=None, help="sigma_tn in EDM units: above it train only on the noisy "
+      "copies (Eq. 6), below it on clean images (Eq. 3). 0 = the DDPM baseline. Paper: 0.4-4 (default 0.4; "
+      "none with --method masking)")
     a("--schedule", choices=("algorithm1", "edm"), default="algorithm1",
       help="algorithm1: the paper's Algorithm 1, half clean with t~U(0,t_n), half noisy with t~U(t_n,T). "
            "edm: the released code, ln sigma ~ N(-1.2, 1.2^2), noisy copy when sigma >= sigma_tn")
-    a("--method", choices=("algorithm1", "noisy-only"), default="algorithm1", help="algorithm1: the paper's method. "
-      "noisy-only: the Ambient Tweedie baseline of Table 2, trained on S_tn alone above t_n, sampled down to t_n "
-      "and finished with one denoising step")
+    a("--method", choices=("algorithm1", "noisy-only", "masking"), default="algorithm1", help="algorithm1: the "
+      "paper's method. noisy-only: the Ambient Tweedie baseline of Table 2, trained on S_tn alone above t_n, "
+      "sampled down to t_n and finished with one denoising step. masking: the Ambient Diffusion baseline of "
+      "Table 2, trained on images with a fixed share --mask-p of pixels missing, sampled with fixed masks")
+    a("--mask-p", type=float, default=None, help="with --method masking: probability that a pixel is missing "
+      "from its training image (Ambient Diffusion's CIFAR-10 runs: 0.2-0.8)")
+    a("--mask-delta", type=float, default=None, help="with --method masking: share of the visible pixels hidden "
+      "again in each training step, delta > 0 is what lets the network learn hidden pixels (default 0.1)")
     a("--cond", choices=("none", "class"), default="none", help="class: condition on the dataset's labels "
       "(Table 1's ImageNet rows); samples cycle through the classes")
     a("--label-dropout", type=float, default=0.1, help="with --cond class: share of training labels replaced by "
@@ -732,7 +803,20 @@ def build_parser():
 
 
 def check_args(args):
-    """Every check that needs no data, before anything slow happens."""
+    """Every check that needs no data, before anything slow happens. Fills in method-dependent defaults."""
+    masking = args.method == "masking"
+    if masking and args.sigma_tn:
+        raise UserError("--method masking trains on masked images without added noise: drop --sigma-tn")
+    if args.sigma_tn is None:
+        args.sigma_tn = 0.0 if masking else 0.4
+    if masking != (args.mask_p is not None) or (args.mask_delta is not None and not masking):
+        raise UserError("--method masking needs --mask-p (e.g. 0.4), and --mask-p/--mask-delta need --method masking")
+    if masking:
+        args.mask_delta = 0.1 if args.mask_delta is None else args.mask_delta
+        if not (0 < args.mask_p < 1 and 0 <= args.mask_delta < 1):
+            raise UserError(f"--mask-p {args.mask_p} must be in (0, 1) and --mask-delta {args.mask_delta} in [0, 1)")
+    if args.n is not None and args.n_per_class is not None:
+        raise UserError("pass --n or --n-per-class, not both")
     if args.sigma_tn < 0:
         raise UserError(f"--sigma-tn {args.sigma_tn} is negative; use 0 (DDPM) or a positive noise level such as 0.4")
     if args.sigma_tn >= SIGMA_MAX:
@@ -752,6 +836,8 @@ def check_args(args):
         raise UserError("--method noisy-only needs the noise level of the data: pass --sigma-tn > 0")
     if args.n is not None and args.n < 2:
         raise UserError(f"--n {args.n}: train on at least 2 images")
+    if args.n_per_class is not None and args.n_per_class < 1:
+        raise UserError(f"--n-per-class {args.n_per_class} must be at least 1")
 
 
 def pick_device(name):
@@ -766,6 +852,20 @@ def pick_device(name):
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
+
+
+def model_for(cfg):
+    """The network a run's config describes."""
+    return Denoiser(cfg["resolution"], cfg["preset"], cfg.get("num_classes", 0), cfg.get("method") == "masking")
+
+
+def sampling_options(cfg, count):
+    """generate()'s method-dependent arguments for a run's config."""
+    masking = cfg.get("method") == "masking"
+    return dict(sigma_stop=cfg["sigma_tn"] if cfg.get("method") == "noisy-only" else 0.0,
+                labels=torch.arange(count) % cfg["num_classes"] if cfg.get("num_classes") else None,
+                guidance=cfg.get("guidance", 1.0),
+                mask_keep=(1 - cfg["mask_p"]) * (1 - cfg["mask_delta"]) if masking else None)
 
 
 def compare(run_dirs):
@@ -803,8 +903,14 @@ def run(args):
         raise UserError(f"images are {h}x{w} and --resolution is {res}: preset {args.preset} needs square images "
                         f"with a side that is a multiple of {2 ** (levels - 1)} and at most the images' side; "
                         f"pass --resolution {max(2 ** (levels - 1), min(h, w) // 2 ** (levels - 1) * 2 ** (levels - 1))}")
-    method = "ddpm" if not args.sigma_tn else "ambient" if args.method == "algorithm1" else args.method
-    name = f"{Path(args.data).stem}-n{args.n or len(images)}-{method}" + (f"-{args.sigma_tn:g}" if args.sigma_tn else "")
+    all_labels = load_labels(args.data, args.data_dir) if args.cond == "class" or args.n_per_class else None
+    if all_labels is not None and len(all_labels) != len(images):
+        raise UserError(f"--data {args.data} has {len(images)} images but {len(all_labels)} labels")
+    indices = choose_subset(len(images), args.n, args.seed, all_labels, args.n_per_class)
+    noisy_only, masking = args.method == "noisy-only", args.method == "masking"
+    method = "ddpm" if not (args.sigma_tn or masking) else "ambient" if args.method == "algorithm1" else args.method
+    level = args.mask_p if masking else args.sigma_tn
+    name = f"{Path(args.data).stem}-n{len(indices)}-{method}" + (f"-{level:g}" if level else "")
     out = Path(args.out or Path("runs") / name)
     cfg = {k: v for k, v in vars(args).items() if k not in ("resume", "out", "device", "compare")}
     cfg["resolution"] = res
@@ -830,32 +936,35 @@ def run(args):
             logfile.write(msg + "\n"), logfile.flush()
 
     torch.manual_seed(args.seed)
-    indices = choose_subset(len(images), args.n, args.seed)
     S = prepare(images[indices], res).to(device)
     S_tn = state["S_tn"].to(device) if state else make_noisy_copies(S.cpu(), vp_from_edm(args.sigma_tn), args.seed).to(device)
+    masks = None
+    if masking:  # the run sees each image only through its fixed mask, and S_tn holds A x_0 too
+        masks = (state["masks"] if state else make_masks(S.shape, args.mask_p, args.seed)).to(device)
+        S_tn = observed(S, masks)
     labels, cfg["num_classes"] = None, 0
     if args.cond == "class":
-        all_labels = load_labels(args.data, args.data_dir)
         labels, cfg["num_classes"] = torch.from_numpy(all_labels[indices]).to(device), int(all_labels.max()) + 1
-    h_theta = Denoiser(res, args.preset, cfg["num_classes"]).to(device)
+    h_theta = model_for(cfg).to(device)
     if rank == 0:
         (out / "config.json").write_text(json.dumps(cfg, indent=1))
         (out / "indices.json").write_text(json.dumps(indices.tolist()))
     params = sum(p.numel() for p in h_theta.parameters())
     processes = f" x {world} processes" if world > 1 else ""
     log(f"{'resuming' if state else 'training'} {out}: {len(S)} images at {res}x{res} on {device}{processes}, preset {args.preset} "
-        f"({params / 1e6:.2f}M parameters), sigma_tn = {args.sigma_tn:g} EDM = {vp_from_edm(args.sigma_tn):.4f} VP "
-        f"(t_n = {time_at(args.sigma_tn) if args.sigma_tn else 0:.3f}), schedule {args.schedule}")
+        f"({params / 1e6:.2f}M parameters), method {args.method}, "
+        + (f"mask_p = {args.mask_p:g}, delta = {args.mask_delta:g}, " if masking else
+           f"sigma_tn = {args.sigma_tn:g} EDM = {vp_from_edm(args.sigma_tn):.4f} VP "
+           f"(t_n = {time_at(args.sigma_tn) if args.sigma_tn else 0:.3f}), ") + f"schedule {args.schedule}")
     if device.type == "cpu" and args.preset == "paper" and args.iters > 1000:
         log("note: the paper preset on CPU takes days; try --preset tiny --resolution 16, or `make demo`")
-    noisy_only = args.method == "noisy-only"
-    ema = train(h_theta, S_tn if noisy_only else S, S_tn, cfg, out, log, state, labels)  # noisy-only: no clean image
+    # The baselines of Table 2 get no clean image: S_tn is all they train on.
+    ema = train(h_theta, S_tn if noisy_only or masking else S, S_tn, cfg, out, log, state, labels, masks)
     if rank > 0:
         return out
     with autocast(device, args.precision):
         samples = generate(ema, args.samples, steps=args.steps, sampler=args.sampler, seed=args.seed, device=device,
-                           log=log, sigma_stop=args.sigma_tn if noisy_only else 0.0, guidance=args.guidance,
-                           labels=torch.arange(args.samples) % cfg["num_classes"] if labels is not None else None)
+                           log=log, **sampling_options(cfg, args.samples))
     from torchvision.utils import save_image
     save_image((samples[:64] + 1) / 2, out / "samples.png", nrow=8)
     np.savez_compressed(out / "samples.npz", images=((samples + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy())

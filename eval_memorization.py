@@ -406,16 +406,13 @@ def generate_for(path, cfg, count, args, log):
     if not (path / "checkpoint.pt").is_file():
         raise UserError(f"{path} has no checkpoint.pt to generate {count} samples from; lower --samples")
     state = torch.load(path / "checkpoint.pt", map_location="cpu", weights_only=False)
-    ema = A.Denoiser(cfg["resolution"], cfg["preset"], cfg.get("num_classes", 0))
+    ema = A.model_for(cfg)
     ema.load_state_dict(state["ema"])
     ema = ema.to(args.device).eval()
     log(f"{path.name}: generating {count} samples from its checkpoint")
     with A.autocast(args.device, cfg.get("precision")):  # as the run sampled its own samples.npz
         x = A.generate(ema, count, steps=cfg.get("steps", 40), sampler=cfg.get("sampler", "euler"),
-                       seed=cfg.get("seed", 0), device=args.device, log=log,
-                       sigma_stop=cfg["sigma_tn"] if cfg.get("method") == "noisy-only" else 0.0,
-                       labels=torch.arange(count) % cfg["num_classes"] if cfg.get("num_classes") else None,
-                       guidance=cfg.get("guidance", 1.0))
+                       seed=cfg.get("seed", 0), device=args.device, log=log, **A.sampling_options(cfg, count))
     images = ((x + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
     np.savez_compressed(out, images=images)
     return images

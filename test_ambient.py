@@ -345,9 +345,9 @@ def test_class_labels_reach_the_network_and_guidance_mixes_predictions():
     labels, null = torch.tensor([0, 1, 2, 0]), torch.full((4,), 3)
     assert not torch.allclose(h(x_t, s, torch.zeros(4).long()), h(x_t, s, torch.ones(4).long()))
     cond, uncond = h(x_t, s, labels), h(x_t, s, null)
-    assert torch.equal(A.guided(h, labels, 1.0)(x_t, s), cond)
-    assert torch.equal(A.guided(h, labels, 0.0)(x_t, s), uncond)
-    assert torch.allclose(A.guided(h, labels, 2.0)(x_t, s), 2 * cond - uncond, atol=1e-6)
+    assert torch.equal(A.conditioned(h, labels, 1.0)(x_t, s), cond)
+    assert torch.equal(A.conditioned(h, labels, 0.0)(x_t, s), uncond)
+    assert torch.allclose(A.conditioned(h, labels, 2.0)(x_t, s), 2 * cond - uncond, atol=1e-6)
     assert torch.equal(h(x_t, s), uncond)  # no labels = the "no class" label
     one, two = (A.generate(h, 4, steps=4, labels=torch.full((4,), c), log=lambda m: None) for c in (0, 2))
     assert not torch.allclose(one, two)  # the label changes the samples drawn from the same noise
@@ -368,7 +368,118 @@ def test_class_conditional_run_from_the_command_line(tmp_path, capsys):
     from PIL import Image
     for i in range(2):
         Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / f"{i}.png")
-    assert "needs class labels" in error_of(["--data", str(tmp_path), "--cond", "class", "--preset", "tiny"], capsys)
+    assert "need class labels" in error_of(["--data", str(tmp_path), "--cond", "class", "--preset", "tiny"], capsys)
+
+
+def test_masks_are_fixed_per_image_hide_p_of_pixels_and_the_batch_hides_delta_more():
+    S, _ = plumbing_data()
+    masks = A.make_masks((4000, 3, 8, 8), 0.4, seed=0)
+    assert masks.shape == (4000, 1, 8, 8) and torch.equal(masks, A.make_masks((4000, 3, 8, 8), 0.4, seed=0))
+    assert abs(1 - masks.mean().item() - 0.4) < 4 * (0.24 / masks.numel()) ** 0.5  # P(missing) = p
+    masks, Y = masks[:16], A.observed(S, masks[:16])
+    b = A.algorithm1_batch(Y, Y, 0.0, 4096, gen(30), flip=True, masks=masks, mask_delta=0.25)
+    i, A_, A_further = b["idx"], b["mask"], b["mask_further"]
+    assert ((A_ == masks[i]).flatten(1).all(1) | (A_ == masks[i].flip(-1)).flatten(1).all(1)).all()
+    assert torch.equal(b["x0"] * A_, b["x0"])  # the flip moved the mask with its image: x0 is 0 where A is
+    assert (A_further <= A_).all() and (b["x_t"][(A_further == 0).expand_as(b["x_t"])] == 0).all()
+    dropped = 1 - A_further.sum() / A_.sum()
+    assert abs(dropped.item() - 0.25) < 4 * (0.25 * 0.75 / A_.sum().item()) ** 0.5  # P(hidden again) = delta
+
+
+def test_masking_loss_on_a_linear_model_recovers_the_posterior_mean_only_with_further_corruption():
+    """Ambient Diffusion's theorem on Gaussian data in R^3. The model is linear in A_further x_t, with
+    its own weights and bias for each of the 8 patterns of A_further; the loss is quadratic, so one
+    Newton step from zero (through masking_loss and autograd) is its exact minimiser. With delta > 0
+    it matches E[x_0 | A_further x_t, A_further] in closed form on every pixel, hidden ones included.
+    With delta = 0 the loss does not depend at all on how a hidden pixel is predicted."""
+    _, mu, cov = gaussian(3)
+    s, a, n, p = 0.6, 0.8, 200_000, 0.3
+    g = gen(31)
+    x0 = mu + torch.randn(n, 3, generator=g, dtype=f64) @ torch.linalg.cholesky(cov).T
+    x_t = a * x0 + s * torch.randn(n, 3, generator=g, dtype=f64)
+    mask = (torch.rand(n, 3, generator=g, dtype=f64) >= p).to(f64)
+    further = (torch.rand(n, 3, generator=g, dtype=f64) >= 0.3).to(f64)
+    seen_x0 = torch.where(mask > 0, x0, float("nan"))  # what the data holds: nothing where A is 0
+    bits = torch.tensor([4, 2, 1])
+
+    def fit(mask_further, k):  # (W, b) for pattern k, and the loss's Hessian in them
+        rows = (mask_further.long() * bits).sum(1) == k
+        u, y, m = (mask_further * x_t)[rows], seen_x0[rows][:, None, None], mask[rows][:, None, None]
+
+        def loss(theta):
+            return A.masking_loss((u @ theta[:9].reshape(3, 3).T + theta[9:])[:, None, None], y, m).sum()
+
+        zero = torch.zeros(12, dtype=f64)
+        H = torch.autograd.functional.hessian(loss, zero)
+        theta = -torch.linalg.pinv(H, hermitian=True) @ torch.autograd.functional.jacobian(loss, zero)
+        return theta[:9].reshape(3, 3), theta[9:], H
+
+    test = a * mu + torch.randn(50, 3, generator=gen(32), dtype=f64) * 0.5
+    for k in range(8):
+        W, b, _ = fit(mask * further, k)
+        seen = [i for i in range(3) if k & bits[i]]
+        want = mu.expand(50, 3).clone()
+        if seen:  # Gaussian conditioning on the visible pixels of x_t
+            gain = a * cov[:, seen] @ torch.linalg.inv(a ** 2 * cov[seen][:, seen] + s ** 2 * torch.eye(len(seen), dtype=f64))
+            want = want + (test[:, seen] - a * mu[seen]) @ gain.T
+        got = test * torch.tensor([bool(k & bits[i]) for i in range(3)], dtype=f64) @ W.T + b
+        assert (got - want).abs().max() < 0.05  # seeded sampling error: 0.025 at most
+    _, _, H = fit(mask, 0b101)  # delta = 0: pattern (1, 0, 1) never puts pixel 1 in the loss
+    assert H[[3, 4, 5, 10]].abs().max() == 0 and H[[0, 1, 2, 9]].abs().max() > 0  # W[1, :], b[1] are free
+
+
+def test_masking_training_never_reads_a_hidden_pixel():
+    """Hidden pixels set to NaN: through observed(), the data the run trains on, loss and gradients stay
+    finite. The same batch built from the raw images turns NaN: the check has power."""
+    S, _ = plumbing_data()
+    masks = A.make_masks(S.shape, 0.4, seed=1)
+    S_nan = torch.where(masks > 0, S, float("nan"))
+    h = A.Denoiser(8, "tiny", mask_input=True)
+    torch.nn.init.normal_(h.net.conv_out.weight, std=0.1)
+    for data, finite in ((A.observed(S_nan, masks), True), (S_nan, False)):
+        h.zero_grad()
+        b = A.algorithm1_batch(data, data, 0.0, 64, gen(33), "edm", masks=masks, mask_delta=0.1)
+        A.algorithm1_loss(h, b).backward()
+        assert all(torch.isfinite(p.grad).all() for p in h.parameters()) == finite
+
+
+def test_fixed_mask_sampler_sees_only_its_pixels_and_the_mask_reaches_the_network():
+    h = A.Denoiser(8, "tiny", mask_input=True)
+    with torch.no_grad():
+        for p in h.parameters():
+            if not p.any():
+                p.normal_(std=0.1, generator=gen(34))
+    mask = A.make_masks((4, 3, 8, 8), 0.5, seed=2)
+    x_t, s = torch.randn(4, 3, 8, 8, generator=gen(35)), torch.full((4,), 0.7)
+    other = torch.where(mask > 0, x_t, torch.randn(4, 3, 8, 8, generator=gen(36)))  # differs only where hidden
+    assert torch.equal(A.conditioned(h, mask=mask)(x_t, s), A.conditioned(h, mask=mask)(other, s))
+    assert not torch.allclose(h(x_t * mask, s, mask=mask), h(x_t * mask, s, mask=torch.ones_like(mask)))
+    one, two = (A.generate(h, 4, steps=4, mask_keep=0.5, seed=5, log=lambda m: None) for _ in range(2))
+    assert torch.equal(one, two) and one.shape == (4, 3, 8, 8)
+
+
+def test_masking_runs_from_the_command_line(tmp_path, capsys):
+    A.main(TINY + ["--iters", "2", "--method", "masking", "--mask-p", "0.4", "--out", str(tmp_path / "r")])
+    cfg = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert (cfg["mask_p"], cfg["mask_delta"], cfg["sigma_tn"]) == (0.4, 0.1, 0.0)
+    state = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=False)
+    assert torch.equal(state["masks"], A.make_masks((16, 3, 16, 16), 0.4, seed=3))
+    assert torch.equal(state["S_tn"], state["S_tn"] * state["masks"])  # the run stored no hidden pixel
+    assert np.load(tmp_path / "r" / "samples.npz")["images"].shape == (8, 16, 16, 3)
+    for flags, words in ((["--mask-p", "0.4"], "need --method masking"), (["--method", "masking"], "needs --mask-p"),
+                         (["--method", "masking", "--mask-p", "0.4", "--sigma-tn", "1"], "drop --sigma-tn"),
+                         (["--method", "masking", "--mask-p", "1.5"], "must be in (0, 1)")):
+        assert words in error_of(TINY + flags, capsys)
+
+
+def test_n_per_class_takes_k_images_of_every_class(capsys):
+    labels = np.random.default_rng(0).integers(0, 5, 200)
+    idx = A.choose_subset(200, None, 7, labels, 3)
+    assert (np.bincount(labels[idx], minlength=5) == 3).all() and (np.diff(idx) > 0).all()
+    assert np.array_equal(idx, A.choose_subset(200, None, 7, labels, 3))
+    assert not np.array_equal(idx, A.choose_subset(200, None, 8, labels, 3))
+    assert "has only" in error_of(TINY[:2] + ["--n-per-class", "500", "--preset", "tiny", "--device", "cpu"], capsys)
+    assert "not both" in error_of(TINY + ["--n-per-class", "2"], capsys)
 
 
 # ---------------------------------------------------------------------------------------------
