@@ -3,6 +3,7 @@
     python repro_cpu.py demo    # DDPM vs Algorithm 1 (sigma_tn = 1), bundled data, <= 10 min on 2 cores
     python repro_cpu.py sweep   # sigma_tn sweep: table + Pareto plot (the shape of the paper's Figure 2)
     python repro_cpu.py fig3    # Figure 3: denoised estimates at high noise + train/held-out loss gap
+    python repro_cpu.py table2  # Table 2: Algorithm 1 against the noisy-only and masking baselines, 2 seeds
 
 Each command trains the runs it lacks with ambient.py (the exact command lines are printed and logged),
 reuses finished ones, and writes a Markdown table to runs/cpu/<command>.md and PNGs to figures/.
@@ -52,20 +53,27 @@ DEMO_SIGMA_TN = 1.0
 SWEEP = (0, 0.1, 0.2, 0.4, 1, 2, 4, 20)  # 20: above the paper's range, expected to be too high
 SIGMAS = (0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 40)  # EDM units, for the held-out loss
 FIG3_SIGMAS = (1, 2, 5, 10, 20)
+# Table 2 at demo scale, fixed before its runs: the noisy-only baseline at Algorithm 1's sigma_tn, and
+# masking with the defaults of Ambient Diffusion's released eval.py (p = 0.4, delta = 0.1).
+MASK_P = 0.4
+TABLE2 = ((0, "algorithm1"), (DEMO_SIGMA_TN, "algorithm1"), (DEMO_SIGMA_TN, "noisy-only"), (MASK_P, "masking"))
 
 
-def run_name(sigma_tn, n=N):
-    return (f"n{n}-" if n != N else "") + ("ddpm" if sigma_tn == 0 else f"ambient-{sigma_tn:g}")
+def run_name(level, n=N, method="algorithm1", seed=0):
+    """level: sigma_tn, or the mask probability p for --method masking."""
+    kind = "ddpm" if level == 0 else f"{'ambient' if method == 'algorithm1' else method}-{level:g}"
+    return (f"seed{seed}-" if seed else "") + (f"n{n}-" if n != N else "") + kind
 
 
-def command(sigma_tn, n=N):
+def command(level, n=N, method="algorithm1", seed=0):
     args = list(COMMON)
-    args[args.index("--n") + 1] = str(n)
-    return [sys.executable, "ambient.py", *args, "--sigma-tn", f"{sigma_tn:g}", "--out", str((RUNS / run_name(sigma_tn, n)).relative_to(ROOT))]
+    args[args.index("--n") + 1], args[args.index("--seed") + 1] = str(n), str(seed)
+    args += ["--method", method] + (["--mask-p", f"{level:g}"] if method == "masking" else ["--sigma-tn", f"{level:g}"])
+    return [sys.executable, "ambient.py", *args, "--out", str((RUNS / run_name(level, n, method, seed)).relative_to(ROOT))]
 
 
 def train_missing(jobs, parallel=2):
-    """jobs: list of (sigma_tn, n). Trains those without metrics.json, `parallel` at a time, one thread each."""
+    """jobs: list of (level, n[, method, seed]). Trains those without metrics.json, `parallel` at a time, one thread each."""
     todo = [j for j in jobs if not (RUNS / run_name(*j) / "metrics.json").exists()]
     env = {**os.environ, "OMP_NUM_THREADS": "1" if min(parallel, len(todo)) > 1 else "2"}
     env.setdefault("MALLOC_MMAP_THRESHOLD_", "33554432"), env.setdefault("MALLOC_TRIM_THRESHOLD_", "1073741824")
@@ -98,7 +106,7 @@ def train_missing(jobs, parallel=2):
 def load_run(name):
     d = RUNS / name
     cfg = json.loads((d / "config.json").read_text())
-    model = ambient.Denoiser(cfg["resolution"], cfg["preset"])
+    model = ambient.model_for(cfg)
     model.load_state_dict(torch.load(d / "checkpoint.pt", map_location="cpu", weights_only=False)["ema"])
     return model.eval(), cfg, json.loads((d / "metrics.json").read_text())
 
@@ -157,6 +165,20 @@ def table(rows, train_all, subset, test):
     lines.append(f"\nFD 4x4 references: 256 random bundled training images {ref_gen:.3f} (a perfect generator); "
                  f"256 draws from the {N} training images {ref_copy:.3f} (a perfect copier).")
     return "\n".join(lines)
+
+
+def denoiser_of(model, cfg):
+    """The E[x_0 | x_t] a run samples with: the network, or for masking its fixed-mask form (one seeded
+    mask per image, drawn as in sampling)."""
+    if cfg.get("method") != "masking":
+        return model
+    keep = (1 - cfg["mask_p"]) * (1 - cfg["mask_delta"])
+
+    def h(x_t, sigma_t):
+        u = torch.rand(x_t.shape[0], 1, *x_t.shape[2:], generator=torch.Generator().manual_seed(7))
+        return ambient.conditioned(model, mask=(u < keep).float())(x_t, sigma_t)
+
+    return h
 
 
 def write(name, text):
@@ -278,6 +300,31 @@ def fig3(args):
     grid_png(rows, labels, header, FIGS / "cpu_fig3.png")
 
 
+def table2(args):
+    """Each method at demo scale, seeds 0 and 1 (another subset, noise, masks, initialisation and batches).
+    Held-out loss here: the mean over the SIGMAS at or above 2, above every method's t_n, because the
+    noisy-only model never trains below t_n; masking is scored with its fixed-mask denoiser."""
+    jobs = [(level, N, method, seed) for seed in (0, 1) for level, method in TABLE2]
+    train_missing(jobs, args.parallel)
+    train_all, subset, test = data()
+    label = {"algorithm1": "Algorithm 1, sigma_tn = {:g}", "noisy-only": "noisy only (Ambient Tweedie), sigma_tn = {:g}",
+             "masking": "masking (Ambient Diffusion), p = {:g}, delta = 0.1"}
+    lines = ["| seed | method | copy rate (d1/d2 < 1/3) | cos > 0.95 | cos median | d1/d2 median | "
+             "held-out loss, sigma >= 2 | FD 4x4 | wall s |", "|---" * 9 + "|"]
+    for level, n, method, seed in jobs:
+        name = run_name(level, n, method, seed)
+        model, cfg, m = load_run(name)
+        heldout = np.mean([weighted_loss(denoiser_of(model, cfg), test, s, 4) for s in SIGMAS if s >= 2])
+        wall = (RUNS / name / "wall_s.txt").read_text() if (RUNS / name / "wall_s.txt").exists() else "?"
+        lines.append(f"| {seed} | {'DDPM' if level == 0 else label[method].format(level)} | {m['copy_rate']:.3f} | "
+                     f"{m['cosine_above_0.95']:.3f} | {m['cosine_median']:.3f} | {m['ratio_median']:.3f} | "
+                     f"{heldout:.4f} | {fd44(load_samples(name), test):.3f} | {wall} |")
+    g = torch.Generator().manual_seed(0)
+    ref_gen = fd44(train_all[torch.randperm(len(train_all), generator=g)[:256]], test)
+    lines.append(f"\nFD 4x4 reference: 256 random bundled training images {ref_gen:.3f} (a perfect generator).")
+    write("table2", "\n".join(lines))
+
+
 def grid_png(rows, labels, header, path, up=8, label_w=230, top=16):
     """Rows of images with a text label on the left of each row and a header above the columns."""
     from PIL import Image, ImageDraw
@@ -300,9 +347,9 @@ def grid_png(rows, labels, header, path, up=8, label_w=230, top=16):
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("command", choices=("demo", "sweep", "fig3"))
+    p.add_argument("command", choices=("demo", "sweep", "fig3", "table2"))
     p.add_argument("--parallel", type=int, default=2, help="trainings at once, one thread each (default 2)")
     p.add_argument("--values", default=None, help="sweep: comma-separated sigma_tn values (default: all)")
     args = p.parse_args()
     torch.set_num_threads(2)
-    {"demo": demo, "sweep": sweep, "fig3": fig3}[args.command](args)
+    {"demo": demo, "sweep": sweep, "fig3": fig3, "table2": table2}[args.command](args)

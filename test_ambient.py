@@ -84,6 +84,18 @@ def test_fresh_network_is_c_skip_times_edm_input():
     assert torch.allclose(h(x_t, sigma_t), expected, rtol=1e-5, atol=1e-6)
 
 
+def test_channels_last_network_computes_the_same_function():
+    h, h_nhwc = A.Denoiser(16, "tiny"), A.Denoiser(16, "tiny", channels_last=True)
+    with torch.no_grad():
+        for p in h.parameters():
+            if not p.any():
+                p.normal_(std=0.1, generator=gen(38))
+    h_nhwc.load_state_dict(h.state_dict())
+    assert h_nhwc.net.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    x_t, s = torch.randn(4, 3, 16, 16, generator=gen(39)), torch.full((4,), 0.5)
+    assert torch.allclose(h(x_t, s), h_nhwc(x_t, s), atol=1e-5)
+
+
 def test_preset_sizes_match_the_documented_budget():
     count = lambda m: sum(p.numel() for p in m.parameters())
     assert count(A.Denoiser(16, "tiny")) <= 1_000_000
@@ -166,6 +178,21 @@ def test_eps_and_v_targets_are_eps_and_v_at_zero_sigma_tn():
     x_t = a * x0 + s_t[:, None] * eps
     eps_target, v_target = A.ambient_eps_v_targets(x_t, x0, s_t, torch.zeros(8, dtype=f64))
     assert torch.allclose(eps_target, eps) and torch.allclose(v_target, a * eps - s_t[:, None] * x0)
+
+
+def test_eps_and_v_losses_are_eq6_reweighted_per_noise_level():
+    """Lemma C.2 as a loss: for any x_0 prediction, the eps- and v-form errors are Eq. 6's times
+    (alpha / (c_h sigma))^2 and 1 / (c_h sigma)^2, per sample. Same minimiser, other weights over t."""
+    g = gen(37)
+    x_t, x_tn, x0_pred = (torch.randn(16, 5, generator=g, dtype=f64) for _ in range(3))
+    s_n = torch.rand(16, generator=g, dtype=f64) * 0.5
+    s_t = s_n + (1 - s_n) * (0.05 + 0.9 * torch.rand(16, generator=g, dtype=f64))
+    a, c_h = A.alpha(s_t), A.ambient_coefficients(s_t, s_n)[0]
+    eps_target, v_target = A.ambient_eps_v_targets(x_t, x_tn, s_t, s_n)
+    eps_pred, v_pred = (x_t - a[:, None] * x0_pred) / s_t[:, None], (a[:, None] * x_t - x0_pred) / s_t[:, None]
+    eq6 = A.ambient_loss(x0_pred, x_t, x_tn, s_t, s_n)
+    assert torch.allclose((eps_pred - eps_target).square().mean(1), (a / (c_h * s_t)) ** 2 * eq6)
+    assert torch.allclose((v_pred - v_target).square().mean(1), eq6 / (c_h * s_t) ** 2)
 
 
 def test_x0_eps_and_v_parametrisations_share_the_ambient_optimum():
