@@ -38,11 +38,12 @@ train: $(VENV)/.installed
 clean:
 	rm -rf runs __pycache__ .pytest_cache
 
-# NOTES.md's CPU results: the demo, the sigma_tn sweep (Figure 2's shape) and Figure 3; ~15 min.
+# NOTES.md's CPU results: the demo, the sigma_tn sweep (Figure 2's shape), Figure 3 and Table 2; ~30 min.
 repro-cpu: $(VENV)/.installed
 	$(PY) repro_cpu.py demo
 	$(PY) repro_cpu.py sweep
 	$(PY) repro_cpu.py fig3
+	$(PY) repro_cpu.py table2
 
 # Throughput table (training and sampling images/s, FLOPs, MFU): tiny on CPU, paper on the GPU.
 bench: $(VENV)/.installed

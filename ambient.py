@@ -381,7 +381,8 @@ def choose_subset(num_images, n, seed, labels=None, per_class=None):
             raise UserError(f"--n-per-class {per_class}: class {classes[counts.argmin()]} has only {counts.min()} "
                             f"images; pass --n-per-class {counts.min()} or less")
         rng = np.random.default_rng(seed)
-        return np.sort(np.concatenate([rng.choice(np.flatnonzero(labels == c), per_class, replace=False) for c in classes]))
+        picks = [rng.choice(np.flatnonzero(labels == c), per_class, replace=False) for c in classes]
+        return np.sort(np.concatenate(picks))
     if n is None:
         return np.arange(num_images)
     if n > num_images:
@@ -640,7 +641,8 @@ def generate(h_theta, count, batch=256, log=print, sigma_stop=0.0, labels=None, 
     sigma_stop > 0 (a model that never trained below t_n): stop the ODE there and finish with the
     network's own E[x_0 | x_tn], Tweedie's one-step denoiser. labels: one class per sample.
     mask_keep: the masking baseline's share of visible pixels, (1 - p)(1 - delta) as in training."""
-    shape, seed, out, device = (3, h_theta.resolution, h_theta.resolution), kw.pop("seed", 0), [], kw.get("device", "cpu")
+    shape, seed, out = (3, h_theta.resolution, h_theta.resolution), kw.pop("seed", 0), []
+    device = kw.get("device", "cpu")
     for k, start in enumerate(range(0, count, batch)):
         n, mask = min(batch, count - start), None
         if mask_keep is not None:  # its own stream (seed + 2^32), apart from the noise's

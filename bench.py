@@ -2,8 +2,10 @@
 
     python bench.py                                   # tiny preset on CPU, paper preset on the GPU if any
     python bench.py --preset paper --batch 256 --dtype bf16 --device cuda
+    python bench.py --preset paper --dtype bf16 --channels-last --compile cudagraphs   # all GPU options
 
-For each case it prints training images/s (Algorithm 1 batch, forward, backward, AdamW), sampling
+For each case it prints the first training step's seconds (with --compile: the compilation),
+training images/s (Algorithm 1 batch, forward, backward, AdamW), sampling
 images/s (Euler ODE, --steps network calls per image), model FLOPs per image from torch's FLOP
 counter, and the share of the device's peak (MFU). The peak is measured here, as the rate of a
 large dense matmul in the same dtype, not taken from a data sheet. On CPU the tiny case is also run
@@ -50,9 +52,10 @@ def matmul_peak(device, dtype):
     return 2 * n ** 3 / timed(lambda: a @ b, device, 3, 10)
 
 
-def bench(preset, resolution, batch, dtype, device, steps, repeat):
+def bench(preset, resolution, batch, dtype, device, steps, repeat, channels_last=False, compile="none"):
     torch.manual_seed(0)
-    h = A.Denoiser(resolution, preset).to(device)
+    h = A.Denoiser(resolution, preset, channels_last=channels_last).to(device)
+    model, sampler_model = A.compiled(h, compile), A.compiled(h, "default" if compile != "none" else "none")
     S = torch.randn(max(batch, 64), 3, resolution, resolution, device=device)
     S_tn = A.make_noisy_copies(S.cpu(), A.vp_from_edm(0.4), 0).to(device)
     opt = torch.optim.AdamW(h.parameters(), lr=1e-4, fused=True)
@@ -61,29 +64,35 @@ def bench(preset, resolution, batch, dtype, device, steps, repeat):
 
     def train_step():
         with autocast:
-            loss = A.algorithm1_loss(h, A.algorithm1_batch(S, S_tn, 0.4, batch, gen))
+            loss = A.algorithm1_loss(model, A.algorithm1_batch(S, S_tn, 0.4, batch, gen))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
+    t0 = time.perf_counter()
+    train_step()  # with --compile: compiles here, outside the timing
+    sync(device)
+    first_s = time.perf_counter() - t0
     with FlopCounterMode(display=False) as train_flops:
-        train_step()
+        A.algorithm1_loss(h, A.algorithm1_batch(S, S_tn, 0.4, batch, gen)).backward()
     with FlopCounterMode(display=False) as call_flops, torch.no_grad(), autocast:
         h(S[:batch], torch.full((batch,), 0.5, device=device))
     t_train = timed(train_step, device, 3, repeat)
     with autocast:
-        t_sample = timed(lambda: A.sample(h, (batch, 3, resolution, resolution), steps=steps, device=device),
+        t_sample = timed(lambda: A.sample(sampler_model, (batch, 3, resolution, resolution), steps=steps, device=device),
                          device, 1, max(2, repeat // 5))
     peak = matmul_peak(device, DTYPES[dtype])
     achieved = train_flops.get_total_flops() / t_train
-    return dict(case=f"{preset} {resolution}x{resolution} b{batch} {dtype} {device.type}",
+    options = (" channels_last" if channels_last else "") + (f" compile={compile}" if compile != "none" else "")
+    options += f" {torch.get_num_threads()} threads" if device.type == "cpu" else ""
+    return dict(case=f"{preset} {resolution}x{resolution} b{batch} {dtype} {device.type}{options}", first_step_s=first_s,
                 params=sum(p.numel() for p in h.parameters()), train_ips=batch / t_train, step_ms=1e3 * t_train,
                 sample_ips=batch / t_sample, gflop_per_image=train_flops.get_total_flops() / batch / 1e9,
                 call_gflop=call_flops.get_total_flops() / batch / 1e9, mfu=achieved / peak, peak_tflops=peak / 1e12)
 
 
 def row(r, note=""):
-    return (f"| {r['case']}{note} | {r['params'] / 1e6:.2f}M | {r['step_ms']:.0f} | {r['train_ips']:.0f} | "
+    return (f"| {r['case']}{note} | {r['params'] / 1e6:.2f}M | {r['first_step_s']:.1f} | {r['step_ms']:.0f} | {r['train_ips']:.0f} | "
             f"{r['sample_ips']:.1f} | {r['gflop_per_image']:.3f} | {r['call_gflop']:.3f} | {100 * r['mfu']:.1f}% "
             f"of {r['peak_tflops']:.2f} |")
 
@@ -98,8 +107,14 @@ def main():
     p.add_argument("--device", default=None, help="cpu or cuda (default: cpu for tiny, cuda for paper)")
     p.add_argument("--steps", type=int, default=40, help="sampler steps per image (default 40)")
     p.add_argument("--repeat", type=int, default=20, help="timed training steps (default 20)")
+    p.add_argument("--channels-last", action="store_true", help="NHWC layout for the network")
+    p.add_argument("--compile", choices=("none", "default", "cudagraphs"), default="none",
+                   help="torch.compile the training step as ambient.py --compile does (default none)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice, one per core)")
     p.add_argument("--json", action="store_true", help="print one JSON result instead of the table")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     # Default: the tiny preset on CPU at the batch of the tests (32) and a large one (256), where
     # glibc's malloc settings matter; the paper preset on the GPU when there is one.
     cases = [(args.preset, args.device, args.batch)] if args.preset else [
@@ -114,18 +129,21 @@ def main():
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         res = args.resolution or (16 if preset == "tiny" else 32)
         batch = batch or (32 if preset == "tiny" else 256)
-        results.append(bench(preset, res, batch, args.dtype, device, args.steps, args.repeat))
+        results.append(bench(preset, res, batch, args.dtype, device, args.steps, args.repeat, args.channels_last,
+                             args.compile))
     if args.json:
         return print(json.dumps(results[0]))
     malloc_set = all(v in os.environ for v in MALLOC_VARS)
-    lines = ["| case | params | step ms | train img/s | sample img/s | train GFLOP/img | h_theta GFLOP/img | MFU |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| case | params | first step s | step ms | train img/s | sample img/s | train GFLOP/img | h_theta GFLOP/img | MFU |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r, (preset, device, batch) in zip(results, cases):
         cpu = r["case"].endswith("cpu")
         lines.append(row(r, " (malloc vars set)" if cpu and malloc_set else ""))
         if cpu and malloc_set and not args.preset:  # the same case in a child process without them
             env = {k: v for k, v in os.environ.items() if k not in MALLOC_VARS}
-            same = [f"--{k}={v}" for k, v in vars(args).items() if k in ("resolution", "steps", "repeat", "dtype") and v]
+            same = [f"--{k}={v}" for k, v in vars(args).items()
+                    if k in ("resolution", "steps", "repeat", "dtype", "compile", "threads") and v]
+            same += ["--channels-last"] if args.channels_last else []
             child = subprocess.run([sys.executable, __file__, "--preset", "tiny", "--device", "cpu", "--json",
                                     f"--batch={r['case'].split()[2][1:]}", *same], env=env, capture_output=True, text=True)
             if child.returncode == 0:
