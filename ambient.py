@@ -16,6 +16,7 @@ The file reads top to bottom like the paper: schedule -> network -> losses -> da
 -> sampler -> memorization -> closed forms -> CLI. NOTES.md maps each equation to its function.
 """
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -218,8 +219,12 @@ class Denoiser(nn.Module):
             if mask is None:
                 raise ValueError("this network was trained on masked images: pass the mask of visible pixels")
             net_in = torch.cat([net_in, mask.to(x.dtype).expand(len(x), 1, *x.shape[2:])], 1)
-        F_x = self.net(net_in.contiguous(memory_format=self.memory_format), sigma.log() / 4, labels)
-        return bcast(c_skip, x) * x + bcast(c_out, x) * F_x.to(x.dtype)
+        F_x = self.net(net_in.contiguous(memory_format=self.memory_format), sigma.log() / 4, labels).to(x.dtype)
+        D = bcast(c_skip, x) * x + bcast(c_out, x) * F_x
+        if self.mask_input:  # a hidden pixel carries no information, as at sigma = infinity. EDM's limits there,
+            # c_skip = 0 and c_out = sigma_data, let it take any value at every noise level (c_out -> 0 would not)
+            D = torch.where(mask > 0, D, SIGMA_DATA * F_x)
+        return D
 
 
 # ------------------------------------------------------------------------------------------------
@@ -284,10 +289,10 @@ def ambient_eps_v_targets(x_t, x_tn, sigma_t, sigma_tn):
 # A_further, a hidden pixel is in A with a probability that does not depend on the image, so the
 # minimiser is E[x_0 | A_further x_t, A_further] on every pixel. With delta = 0 the pixels the
 # network cannot see are never in the loss, and nothing teaches it to fill them in.
-def masking_loss(x0_pred, x0, mask):
-    """|A (h_theta(A_further x_t, A_further) - x_0)|^2, per sample, for a 0/1 mask A. `where`, not a
-    product, so that a hidden pixel's value never enters, not even as 0 * NaN."""
-    return torch.where(mask > 0, x0_pred - x0, 0).square().flatten(1).mean(1)
+def masking_loss(x0_pred, x0, mask, weight=1.0):
+    """|A (h_theta(A_further x_t, A_further) - x_0)|^2, per sample, for a 0/1 mask A, optionally weighted
+    per pixel. `where`, not a product, so that a hidden pixel's value never enters, not even as 0 * NaN."""
+    return (weight * torch.where(mask > 0, x0_pred - x0, 0).square()).flatten(1).mean(1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -470,10 +475,13 @@ def algorithm1_loss(h_theta, b):
     """Line 11: Eq. 6 on the noisy branch, Eq. 3 on the clean one, weighted and averaged. Eq. 3 is
     Eq. 6 at sigma_tn = 0 with x_0 in place of x_tn (bit for bit, tested), so one call serves both,
     and a clean image never reaches a noisy sample's loss or gradient. Masked batches take the
-    masking loss instead, with EDM's weight."""
+    masking loss instead, weighted per pixel as the Denoiser scales it: EDM's lambda(sigma) where the
+    network sees the pixel, 1/sigma_data^2 (lambda at sigma -> infinity) where it does not. The weights
+    depend only on sigma and A_further, so the minimiser is unchanged."""
     if b.get("mask") is not None:
         x0_pred = h_theta(b["x_t"], b["sigma_t"], b["labels"], mask=b["mask_further"])
-        return (loss_weight(b["sigma_t"], 0.0) * masking_loss(x0_pred, b["x0"], b["mask"])).mean()
+        weight = torch.where(b["mask_further"] > 0, bcast(loss_weight(b["sigma_t"], 0.0), x0_pred), SIGMA_DATA ** -2)
+        return masking_loss(x0_pred, b["x0"], b["mask"], weight).mean()
     noisy = b["noisy"]
     sigma_tn = torch.where(noisy, b["sigma_tn"], torch.zeros_like(b["sigma_t"]))
     target = torch.where(bcast(noisy, b["x0"]), b["x_tn"], b["x0"])
@@ -507,6 +515,19 @@ def compiled(module, mode="none"):
     if mode == "none":
         return module
     return torch.compile(module, mode="reduce-overhead" if mode == "cudagraphs" else "default")
+
+
+@contextlib.contextmanager
+def compile_errors(active):
+    """torch.compile builds its kernels on the first call; a machine that cannot (no compiler, no
+    Triton, no Python headers) gets one line instead of a compiler traceback."""
+    try:
+        yield
+    except Exception as e:
+        if not active:
+            raise
+        raise UserError(f"--compile could not build the kernels ({type(e).__name__}: {str(e).strip()[:160]}); "
+                        "run without --compile") from e
 
 
 def distributed(backend="gloo"):
@@ -550,10 +571,11 @@ def train(h_theta, S, S_tn, cfg, out, log=print, state=None, labels=None, masks=
                              cfg.get("label_dropout", 0), masks, cfg.get("mask_delta") or 0.0)
         if world > 1:
             b = {k: v.chunk(world)[rank] if torch.is_tensor(v) and v.dim() else v for k, v in b.items()}
-        with autocast(device, cfg.get("precision")):
-            loss = algorithm1_loss(model, b)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        with compile_errors(step == first and cfg.get("compile", "none") != "none"):
+            with autocast(device, cfg.get("precision")):
+                loss = algorithm1_loss(model, b)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
         opt.step()
         step += 1
         # EMA with EDM's half-life of 500k images, ramped up to 5% of images seen for short runs.
@@ -805,6 +827,8 @@ def build_parser():
     a("--seed", type=int, default=0, help="seeds the subset, S_tn, initialisation, batches and sampling")
     a("--samples", type=int, default=256, help="images to generate after training (default 256)")
     a("--steps", type=int, default=40, help="ODE steps for sampling (default 40)")
+    a("--sample-batch", type=int, default=256, help="images per sampling batch; larger is faster on a GPU. Batch k "
+      "draws its noise from seed + k, so the samples depend on it (default 256)")
     a("--sampler", choices=("euler", "heun"), default="euler", help="Euler (default) or Heun steps")
     a("--out", default=None, help="run folder (default: runs/<data>-n<n>-<ddpm|ambient-sigma_tn>)")
     a("--resume", action="store_true", help="continue the checkpoint in the run folder; the config must match")
@@ -828,8 +852,10 @@ def check_args(args):
         raise UserError("--method masking trains on masked images without added noise: drop --sigma-tn")
     if args.sigma_tn is None:
         args.sigma_tn = 0.0 if masking else 0.4
-    if masking != (args.mask_p is not None) or (args.mask_delta is not None and not masking):
-        raise UserError("--method masking needs --mask-p (e.g. 0.4), and --mask-p/--mask-delta need --method masking")
+    if masking and args.mask_p is None:
+        raise UserError("--method masking needs --mask-p, the share of missing pixels (e.g. 0.4)")
+    if not masking and (args.mask_p is not None or args.mask_delta is not None):
+        raise UserError("--mask-p and --mask-delta need --method masking")
     if masking:
         args.mask_delta = 0.1 if args.mask_delta is None else args.mask_delta
         if not (0 < args.mask_p < 1 and 0 <= args.mask_delta < 1):
@@ -843,7 +869,7 @@ def check_args(args):
                         "nothing would be trained on noisy data. Use a value below it (paper: 0.4 to 4)")
     if 0 < args.sigma_tn <= SIGMA_MIN:
         raise UserError(f"--sigma-tn {args.sigma_tn} is below the lowest trained noise level {SIGMA_MIN}; use 0 for DDPM")
-    for flag in ("iters", "batch", "samples", "steps", "log_every", "ckpt_every", "resolution"):
+    for flag in ("iters", "batch", "samples", "steps", "sample_batch", "log_every", "ckpt_every", "resolution"):
         value, least = getattr(args, flag), 0 if flag == "iters" else 1
         if value is not None and value < least:
             raise UserError(f"--{flag.replace('_', '-')} {value} must be at least {least}")
@@ -880,9 +906,9 @@ def model_for(cfg):
 
 
 def sampling_options(cfg, count):
-    """generate()'s method-dependent arguments for a run's config."""
+    """generate()'s run-dependent arguments for a run's config."""
     masking = cfg.get("method") == "masking"
-    return dict(sigma_stop=cfg["sigma_tn"] if cfg.get("method") == "noisy-only" else 0.0,
+    return dict(batch=cfg.get("sample_batch", 256), sigma_stop=cfg["sigma_tn"] if cfg.get("method") == "noisy-only" else 0.0,
                 labels=torch.arange(count) % cfg["num_classes"] if cfg.get("num_classes") else None,
                 guidance=cfg.get("guidance", 1.0),
                 mask_keep=(1 - cfg["mask_p"]) * (1 - cfg["mask_delta"]) if masking else None)
@@ -981,13 +1007,16 @@ def run(args):
         + (f"mask_p = {args.mask_p:g}, delta = {args.mask_delta:g}, " if masking else
            f"sigma_tn = {args.sigma_tn:g} EDM = {vp_from_edm(args.sigma_tn):.4f} VP "
            f"(t_n = {time_at(args.sigma_tn) if args.sigma_tn else 0:.3f}), ") + f"schedule {args.schedule}")
+    if masking and args.mask_delta == 0:
+        log("note: --mask-delta 0 never puts a hidden pixel in the loss, so the network does not learn to fill "
+            "them (Ambient Diffusion's ablation); the sampler will still hide a share --mask-p of every sample")
     if device.type == "cpu" and args.preset == "paper" and args.iters > 1000:
         log("note: the paper preset on CPU takes days; try --preset tiny --resolution 16, or `make demo`")
     # The baselines of Table 2 get no clean image: S_tn is all they train on.
     ema = train(h_theta, S_tn if noisy_only or masking else S, S_tn, cfg, out, log, state, labels, masks)
     if rank > 0:
         return out
-    with autocast(device, args.precision):
+    with autocast(device, args.precision), compile_errors(args.compile != "none"):
         # Sampling compiles without graph replay: guidance reads two outputs of one step, and a replay
         # would overwrite the first with the second.
         h_sample = compiled(ema, "default" if args.compile != "none" else "none")

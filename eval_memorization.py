@@ -395,7 +395,8 @@ def load_run(path, args, log):
     train = A.prepare(dataset[indices], res)
     return dict(samples=A.prepare(samples[:want]), train=train, ref_spec=args.ref or cfg["data"], ref_dir=data_dir,
                 resolution=res, train_key=[cfg["data"], str(Path(data_dir).resolve()), res, indices],
-                sigma_tn=cfg.get("sigma_tn"), data=cfg["data"])
+                sigma_tn=cfg.get("sigma_tn"), method=cfg.get("method", "algorithm1"), mask_p=cfg.get("mask_p"),
+                data=cfg["data"])
 
 
 def generate_for(path, cfg, count, args, log):
@@ -476,7 +477,8 @@ def evaluate_run(run, nets, args, log, name):
     samples, train = run["samples"], run["train"]
     thresholds = tuple(args.thresholds) if args.thresholds else thresholds_for(run["data"])
     row = {"samples": len(samples), "train_images": len(train), "resolution": run["resolution"],
-           "sigma_tn": run["sigma_tn"], "thresholds": list(thresholds)}
+           "sigma_tn": run["sigma_tn"], "method": run.get("method"), "mask_p": run.get("mask_p"),
+           "thresholds": list(thresholds)}
     ref = None
 
     def reference():  # the whole dataset at the run's resolution, loaded only on a cache miss
@@ -536,6 +538,9 @@ def markdown(rows):
     line("pixel copy rate (d1/d2 < 1/3)", "pixel_copy_rate", percent=True)
     line("samples", "samples", "{}")
     line("training images", "train_images", "{}")
+    line("method", "method", "{}")
+    line("sigma_tn (EDM)", "sigma_tn", "{:g}")
+    line("mask p", "mask_p", "{:g}")
     labels = {"fid_unavailable": "FID", "fd_dinov2_unavailable": "FD_DINOv2 and DINOv2 similarity"}
     notes = sorted({f"{labels[k]} unavailable: {v}" for r in rows.values() for k, v in r.items() if k in labels})
     if any(r["similarity_space"].startswith("pixels") for r in rows.values()):

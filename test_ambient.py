@@ -455,6 +455,53 @@ def test_masking_loss_on_a_linear_model_recovers_the_posterior_mean_only_with_fu
     assert H[[3, 4, 5, 10]].abs().max() == 0 and H[[0, 1, 2, 9]].abs().max() > 0  # W[1, :], b[1] are free
 
 
+def test_masked_denoiser_can_give_a_hidden_pixel_any_value_at_every_noise_level():
+    """With F the raw network's output, D = c_skip x + c_out F where the network sees the pixel and
+    sigma_data F where it does not: EDM's c_out -> 0 at low noise would pin hidden pixels near 0."""
+    class Constant(torch.nn.Module):  # F = 1 everywhere
+        num_classes = 0
+
+        def forward(self, x, c_noise, labels=None):
+            return torch.ones(x.shape[0], 3, *x.shape[2:])
+
+    h = A.Denoiser(8, "tiny", mask_input=True)
+    h.net = Constant()
+    mask = A.make_masks((2, 3, 8, 8), 0.5, seed=5)
+    x_t = torch.randn(2, 3, 8, 8, generator=gen(41)) * mask
+    for sigma_edm in (0.002, 1.0, 80.0):
+        s_t = torch.full((2,), A.vp_from_edm(sigma_edm))
+        D, x = h(x_t, s_t, mask=mask), x_t / A.alpha(s_t[0])
+        c_skip = A.SIGMA_DATA ** 2 / (sigma_edm ** 2 + A.SIGMA_DATA ** 2)
+        c_out = sigma_edm * A.SIGMA_DATA / (sigma_edm ** 2 + A.SIGMA_DATA ** 2) ** 0.5
+        seen = (mask > 0).expand_as(D)
+        assert torch.allclose(D[seen], (c_skip * x + c_out)[seen], atol=1e-5)
+        assert (D[~seen] == A.SIGMA_DATA).all()
+
+
+def test_masking_batch_feeds_the_network_mask_further_and_scores_every_pixel_of_mask():
+    """The wiring of algorithm1_loss: the network gets A_further; the loss reaches every pixel of A,
+    weighted lambda(sigma) where A_further shows it and 1/sigma_data^2 where it hides it, and no
+    pixel outside A."""
+    S, _ = plumbing_data()
+    masks = A.make_masks(S.shape, 0.4, seed=4)
+    Y = A.observed(S, masks)
+    b = A.algorithm1_batch(Y, Y, 0.0, 32, gen(40), masks=masks, mask_delta=0.5)
+    pred, given = torch.zeros_like(b["x0"], requires_grad=True), {}
+
+    def h(x_t, sigma_t, labels=None, mask=None):
+        given["mask"] = mask
+        return pred
+
+    A.algorithm1_loss(h, b).backward()
+    assert torch.equal(given["mask"], b["mask_further"])
+    weight = pred.grad * pred[0].numel() * len(pred) / (2 * (pred - b["x0"])).detach()  # d loss / d pred = 2 w d / N
+    A_, A_further = (b[k].expand_as(pred) > 0 for k in ("mask", "mask_further"))
+    lam = A.loss_weight(b["sigma_t"], 0.0)[:, None, None, None].expand_as(pred)
+    assert torch.allclose(weight[A_further], lam[A_further], rtol=1e-4)
+    assert torch.allclose(weight[A_ & ~A_further], torch.tensor(A.SIGMA_DATA ** -2), rtol=1e-4)
+    assert (pred.grad[~A_] == 0).all() and (A_ & ~A_further).any()
+
+
 def test_masking_training_never_reads_a_hidden_pixel():
     """Hidden pixels set to NaN: through observed(), the data the run trains on, loss and gradients stay
     finite. The same batch built from the raw images turns NaN: the check has power."""
