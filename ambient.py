@@ -204,8 +204,9 @@ class Denoiser(nn.Module):
         self.net = UNet(resolution, **{**PRESETS[preset], **overrides}, num_classes=num_classes,
                         in_channels=4 if mask_input else 3)
         # channels_last: NHWC activations and weights, the layout GPU tensor cores read without transposes.
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.to(memory_format=self.memory_format)
+        self.channels_last = channels_last
+        if channels_last:
+            self.to(memory_format=torch.channels_last)
 
     def forward(self, x_t, sigma_t, labels=None, mask=None):
         sigma_t = torch.as_tensor(sigma_t, dtype=x_t.dtype, device=x_t.device).expand(x_t.shape[0])
@@ -219,7 +220,9 @@ class Denoiser(nn.Module):
             if mask is None:
                 raise ValueError("this network was trained on masked images: pass the mask of visible pixels")
             net_in = torch.cat([net_in, mask.to(x.dtype).expand(len(x), 1, *x.shape[2:])], 1)
-        F_x = self.net(net_in.contiguous(memory_format=self.memory_format), sigma.log() / 4, labels).to(x.dtype)
+        if self.channels_last:  # only then: a layout copy changes the convolutions' rounding, and so a run
+            net_in = net_in.contiguous(memory_format=torch.channels_last)
+        F_x = self.net(net_in, sigma.log() / 4, labels).to(x.dtype)
         D = bcast(c_skip, x) * x + bcast(c_out, x) * F_x
         if self.mask_input:  # a hidden pixel carries no information, as at sigma = infinity. EDM's limits there,
             # c_skip = 0 and c_out = sigma_data, let it take any value at every noise level (c_out -> 0 would not)
@@ -830,7 +833,8 @@ def build_parser():
     a("--sample-batch", type=int, default=256, help="images per sampling batch; larger is faster on a GPU. Batch k "
       "draws its noise from seed + k, so the samples depend on it (default 256)")
     a("--sampler", choices=("euler", "heun"), default="euler", help="Euler (default) or Heun steps")
-    a("--out", default=None, help="run folder (default: runs/<data>-n<n>-<ddpm|ambient-sigma_tn>)")
+    a("--out", default=None, help="run folder (default: runs/<data>-n<n>-<method>, e.g. demo-n800-ambient-0.4, "
+      "demo-n16-ddpm, demo-n16-masking-0.4)")
     a("--resume", action="store_true", help="continue the checkpoint in the run folder; the config must match")
     a("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     a("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16 runs the network under bfloat16 "
