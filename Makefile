@@ -38,7 +38,7 @@ train: $(VENV)/.installed
 clean:
 	rm -rf runs __pycache__ .pytest_cache
 
-# NOTES.md's CPU results: the demo, the sigma_tn sweep (Figure 2's shape), Figure 3 and Table 2; ~30 min.
+# NOTES.md's CPU results: the demo, the sigma_tn sweep (Figure 2's shape), Figure 3 and Table 2; ~25 min.
 repro-cpu: $(VENV)/.installed
 	$(PY) repro_cpu.py demo
 	$(PY) repro_cpu.py sweep
