@@ -511,13 +511,15 @@ def autocast(device, precision):
     return torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16")
 
 
-def compiled(module, mode="none"):
+def compiled(module, mode="none", replay=True):
     """--compile: torch.compile fuses the network's elementwise work into few kernels; `cudagraphs`
     (torch's reduce-overhead mode) also replays each training step as one CUDA graph, which removes
-    the per-kernel launch cost that dominates a small network on a fast GPU."""
+    the per-kernel launch cost that dominates a small network on a fast GPU. replay=False (sampling)
+    compiles without graph replay: guidance reads two outputs of one step, and a replay would
+    overwrite the first with the second."""
     if mode == "none":
         return module
-    return torch.compile(module, mode="reduce-overhead" if mode == "cudagraphs" else "default")
+    return torch.compile(module, mode="reduce-overhead" if mode == "cudagraphs" and replay else "default")
 
 
 @contextlib.contextmanager
@@ -992,11 +994,13 @@ def run(args):
 
     torch.manual_seed(args.seed)
     S = prepare(images[indices], res).to(device)
-    S_tn = state["S_tn"].to(device) if state else make_noisy_copies(S.cpu(), vp_from_edm(args.sigma_tn), args.seed).to(device)
     masks = None
     if masking:  # the run sees each image only through its fixed mask, and S_tn holds A x_0 too
         masks = (state["masks"] if state else make_masks(S.shape, args.mask_p, args.seed)).to(device)
         S_tn = observed(S, masks)
+    else:
+        S_tn = state["S_tn"] if state else make_noisy_copies(S.cpu(), vp_from_edm(args.sigma_tn), args.seed)
+        S_tn = S_tn.to(device)
     labels, cfg["num_classes"] = None, 0
     if args.cond == "class":
         labels, cfg["num_classes"] = torch.from_numpy(all_labels[indices]).to(device), int(all_labels.max()) + 1
@@ -1021,9 +1025,7 @@ def run(args):
     if rank > 0:
         return out
     with autocast(device, args.precision), compile_errors(args.compile != "none"):
-        # Sampling compiles without graph replay: guidance reads two outputs of one step, and a replay
-        # would overwrite the first with the second.
-        h_sample = compiled(ema, "default" if args.compile != "none" else "none")
+        h_sample = compiled(ema, args.compile, replay=False)
         samples = generate(h_sample, args.samples, steps=args.steps, sampler=args.sampler, seed=args.seed, device=device,
                            log=log, **sampling_options(cfg, args.samples))
     from torchvision.utils import save_image

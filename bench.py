@@ -55,7 +55,7 @@ def matmul_peak(device, dtype):
 def bench(preset, resolution, batch, dtype, device, steps, repeat, channels_last=False, compile="none"):
     torch.manual_seed(0)
     h = A.Denoiser(resolution, preset, channels_last=channels_last).to(device)
-    model, sampler_model = A.compiled(h, compile), A.compiled(h, "default" if compile != "none" else "none")
+    model, sampler_model = A.compiled(h, compile), A.compiled(h, compile, replay=False)
     S = torch.randn(max(batch, 64), 3, resolution, resolution, device=device)
     S_tn = A.make_noisy_copies(S.cpu(), A.vp_from_edm(0.4), 0).to(device)
     opt = torch.optim.AdamW(h.parameters(), lr=1e-4, fused=True)
