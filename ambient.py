@@ -8,9 +8,13 @@ of the diffusion (t < t_n) on the clean images with the usual loss (Eq. 3), and 
 (t > t_n) only on ONE fixed noisy copy x_tn of each image with Ambient Score Matching (Eq. 6). The
 model never sees a clean image at high noise, so it cannot snap onto one there, and copying drops.
 
-    python ambient.py --data cifar --n 300 --sigma-tn 0.4      # Algorithm 1, the paper's setting
+    python ambient.py --data cifar --n 300 --sigma-tn 0.4      # Algorithm 1 as the authors' code runs it
     python ambient.py --data cifar --n 300 --sigma-tn 0        # the DDPM baseline
     python ambient.py --data demo --preset tiny --resolution 16 --iters 2000 --device cpu
+
+Defaults are the authors' released code (an EDM fork) wherever the paper leaves a choice open: the
+loss weight, the log-normal noise split, Heun's sampler with 40 steps, Adam. NOTES.md lists every
+difference from that code, with its reason.
 
 The file reads top to bottom like the paper: schedule -> network -> losses -> data -> Algorithm 1
 -> sampler -> memorization -> closed forms -> CLI. NOTES.md maps each equation to its function.
@@ -59,8 +63,9 @@ def alpha(sigma_t):
 
 
 def sigma_at(t):
-    """EDM sigma at diffusion time t in [0, 1]: EDM's rho = 7 warp from SIGMA_MIN to SIGMA_MAX.
-    Uniform t spends most draws at low noise, as EDM's sampler does; T = 1 is sigma = 80."""
+    """EDM sigma at diffusion time t in [0, 1], for --schedule algorithm1 only. The paper draws t
+    uniformly but names no sigma(t); this project's assumption is EDM's sampling warp (rho = 7, from
+    SIGMA_MIN to SIGMA_MAX), so uniform t spends most draws at low noise as EDM's sampler does."""
     lo, hi = SIGMA_MIN ** (1 / RHO), SIGMA_MAX ** (1 / RHO)
     return (lo + t * (hi - lo)) ** RHO
 
@@ -97,9 +102,12 @@ def noise_further(x_tn, sigma_tn, sigma_t, z):
 # variance at every noise level, so one network serves from sigma = 0.002 to 80:
 #   h = c_skip x + c_out F(c_in x, c_noise), with x = x_t / alpha the EDM-units input.
 # ------------------------------------------------------------------------------------------------
-PRESETS = {  # channels, per-level multipliers, residual blocks per level, attention resolutions
-    "tiny": dict(channels=16, mults=(1, 2, 4), blocks=1, attn_at=(4,)),  # CPU: 0.69M parameters
-    "paper": dict(channels=64, mults=(1, 2, 2), blocks=2, attn_at=(16,)),  # GPU: 6.47M at 32x32
+PRESETS = {  # channels, per-level multipliers, residual blocks per level, attention resolutions, dropout
+    "tiny": dict(channels=16, mults=(1, 2, 4), blocks=1, attn_at=(4,), dropout=0.0),  # CPU: 0.69M at 16x16
+    "paper": dict(channels=64, mults=(1, 2, 2), blocks=2, attn_at=(16,), dropout=0.05),  # GPU: 6.47M at 32x32
+    # EDM's DDPM++ CIFAR-10 layout, the released code's network size: 53.6M here, 55.7M in EDM, whose
+    # down- and up-sampling are residual blocks rather than one convolution.
+    "edm": dict(channels=128, mults=(2, 2, 2), blocks=4, attn_at=(16,), dropout=0.05),
 }
 
 
@@ -241,10 +249,14 @@ class Denoiser(nn.Module):
 # minimiser of E|c_h h + c_x x_t - x_tn|^2 is h = E[x_0 | x_t] (the clean-data optimum), although
 # no clean image appears in the loss. At sigma_tn = 0 the map is h itself and Eq. 6 is Eq. 3.
 #
-# Weighting. Both losses are per-sample mean squared errors as written in the paper. Training
-# multiplies them by loss_weight: EDM's lambda(sigma) = (sigma^2 + s_d^2) / (sigma s_d)^2 divided by
-# c_h^2, as in the authors' released code. The expected ambient loss is c_h^2 E|h - E[x_0|x_t]|^2 +
-# const, so each noise level then pulls on the x_0 error exactly as much as in EDM.
+# Weighting. Both losses are per-sample mean squared errors as written in the paper; training
+# multiplies them by loss_weight. The authors' released code (training/loss.py) weights the residual
+# in EDM units by EDM's lambda(sigma) = (sigma^2 + s_d^2) / (sigma s_d)^2, and nothing else; in VP
+# units that is lambda / alpha_tn^2 (`released`, the default). The expected ambient loss is
+# c_h^2 E|h - E[x_0|x_t]|^2 + const, so that weight pulls on the x_0 error c_h^2 times less than EDM
+# does, fading to nothing just above t_n. `x0` divides by c_h^2 to undo that: each level then pulls on
+# the x_0 error as in EDM, at the price of a weight that grows without bound near t_n. NOTES.md
+# compares the two; at demo scale they give very different copy rates.
 # ------------------------------------------------------------------------------------------------
 def ddpm_loss(x0_pred, x0):
     """Eq. 3: |h_theta(x_t, t) - x_0|^2, per sample."""
@@ -264,13 +276,20 @@ def ambient_loss(x0_pred, x_t, x_tn, sigma_t, sigma_tn):
     return (bcast(c_h, x_t) * x0_pred + bcast(c_x, x_t) * x_t - x_tn).square().flatten(1).mean(1)
 
 
-def loss_weight(sigma_t, sigma_tn):
-    """EDM's lambda(sigma), divided by c_h^2 for the ambient branch (c_h = 1 when sigma_tn = 0).
-    c_h -> 0 as sigma_t -> sigma_tn, and float32 can round sigma_t onto sigma_tn (c_h = 0, an
-    infinite weight): c_h is floored at 1e-4, which changes the weight only in that sliver."""
+AMBIENT_WEIGHTS = ("released", "x0")
+
+
+def loss_weight(sigma_t, sigma_tn, kind="released"):
+    """Per-sample weight of Eq. 6's VP residual; at sigma_tn = 0 both kinds are EDM's lambda(sigma).
+    released: lambda(sigma) on the EDM-units residual, which is the VP one divided by alpha_tn.
+    x0: lambda(sigma) / c_h^2. c_h -> 0 as sigma_t -> sigma_tn, and float32 can round sigma_t onto
+    sigma_tn (c_h = 0, an infinite weight): c_h is floored at 1e-4, which acts only in that sliver."""
     sigma = edm_from_vp(sigma_t)
+    lam = (sigma ** 2 + SIGMA_DATA ** 2) / (sigma * SIGMA_DATA) ** 2
+    if kind == "released":
+        return lam / alpha(torch.as_tensor(sigma_tn)) ** 2
     c_h, _ = ambient_coefficients(sigma_t, sigma_tn)
-    return (sigma ** 2 + SIGMA_DATA ** 2) / (sigma * SIGMA_DATA) ** 2 / torch.as_tensor(c_h).clamp_min(1e-4) ** 2
+    return lam / torch.as_tensor(c_h).clamp_min(1e-4) ** 2
 
 
 def ambient_eps_v_targets(x_t, x_tn, sigma_t, sigma_tn):
@@ -429,7 +448,7 @@ def observed(S, masks):
     return torch.where(masks > 0, S, 0)
 
 
-def algorithm1_batch(S, S_tn, sigma_tn_edm, batch, gen, schedule="algorithm1", flip=False, noisy_only=False,
+def algorithm1_batch(S, S_tn, sigma_tn_edm, batch, gen, schedule="edm", flip=False, noisy_only=False,
                      labels=None, null_label=None, label_dropout=0.0, masks=None, mask_delta=0.0):
     """Lines 3-10. Returns idx, x0, x_tn, x_t, sigma_t (VP), sigma (EDM) and `noisy` (the high-noise branch).
     noisy_only: the Ambient Tweedie baseline (Table 2), every sample noisy and above t_n.
@@ -474,8 +493,8 @@ def algorithm1_batch(S, S_tn, sigma_tn_edm, batch, gen, schedule="algorithm1", f
                 labels=y, mask=mask, mask_further=mask_further)
 
 
-def algorithm1_loss(h_theta, b):
-    """Line 11: Eq. 6 on the noisy branch, Eq. 3 on the clean one, weighted and averaged. Eq. 3 is
+def algorithm1_loss(h_theta, b, weight="released"):
+    """Line 11: Eq. 6 on the noisy branch, Eq. 3 on the clean one, weighted, per sample. Eq. 3 is
     Eq. 6 at sigma_tn = 0 with x_0 in place of x_tn (bit for bit, tested), so one call serves both,
     and a clean image never reaches a noisy sample's loss or gradient. Masked batches take the
     masking loss instead, weighted per pixel as the Denoiser scales it: EDM's lambda(sigma) where the
@@ -483,20 +502,21 @@ def algorithm1_loss(h_theta, b):
     depend only on sigma and A_further, so the minimiser is unchanged."""
     if b.get("mask") is not None:
         x0_pred = h_theta(b["x_t"], b["sigma_t"], b["labels"], mask=b["mask_further"])
-        weight = torch.where(b["mask_further"] > 0, bcast(loss_weight(b["sigma_t"], 0.0), x0_pred), SIGMA_DATA ** -2)
-        return masking_loss(x0_pred, b["x0"], b["mask"], weight).mean()
+        pixel_weight = torch.where(b["mask_further"] > 0, bcast(loss_weight(b["sigma_t"], 0.0), x0_pred), SIGMA_DATA ** -2)
+        return masking_loss(x0_pred, b["x0"], b["mask"], pixel_weight)
     noisy = b["noisy"]
     sigma_tn = torch.where(noisy, b["sigma_tn"], torch.zeros_like(b["sigma_t"]))
     target = torch.where(bcast(noisy, b["x0"]), b["x_tn"], b["x0"])
     loss = ambient_loss(h_theta(b["x_t"], b["sigma_t"], b["labels"]), b["x_t"], target, b["sigma_t"], sigma_tn)
-    return (loss_weight(b["sigma_t"], sigma_tn) * loss).mean()
+    return loss_weight(b["sigma_t"], sigma_tn, weight) * loss
 
 
 # ------------------------------------------------------------------------------------------------
-# 6. Training loop: AdamW with the paper's settings, EMA weights for sampling, atomic checkpoints.
+# 6. Training loop: the released recipe (Adam, EDM's EMA), atomic checkpoints.
 # ------------------------------------------------------------------------------------------------
 RUN_KEYS = ("data", "n", "n_per_class", "method", "mask_p", "mask_delta", "cond", "label_dropout", "sigma_tn",
-            "schedule", "preset", "resolution", "batch", "lr", "flip", "seed")
+            "schedule", "ambient_weight", "preset", "dropout", "resolution", "batch", "lr", "optimizer", "lr_rampup",
+            "flip", "seed")
 
 
 def save_atomic(obj, path):
@@ -545,6 +565,45 @@ def distributed(backend="gloo"):
     return dist.get_rank(), dist.get_world_size()
 
 
+def global_rng(device, state=None):
+    """Get, or with `state` set, the state of the global generator that dropout draws from on `device`."""
+    cuda = device.type == "cuda"
+    if state is not None:
+        return torch.cuda.set_rng_state(state, device) if cuda else torch.set_rng_state(state)
+    return torch.cuda.get_rng_state(device) if cuda else torch.get_rng_state()
+
+
+OPTIMIZERS = ("adam", "adamw")
+
+
+def make_optimizer(params, cfg, pixels=1):
+    """adam: the released code's torch.optim.Adam with weight decay 0.01 added to the gradient (an L2
+    penalty, EDM's default); adamw: the decay applied to the weights directly (Loshchilov & Hutter).
+    The released loss sums over the `pixels` values of an image where ours averages. Adam's steps do
+    not see that scale, but an L2 term added to the gradient does: dividing it by `pixels` keeps the
+    released balance between the loss and the decay. fused: one kernel for all tensors (4 ms of the
+    tiny CPU step instead of 16)."""
+    adamw = cfg.get("optimizer") == "adamw"
+    return (torch.optim.AdamW if adamw else torch.optim.Adam)(
+        params, lr=cfg["lr"], betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01 if adamw else 0.01 / pixels, fused=True)
+
+
+def learning_rate(cfg, images_seen):
+    """EDM's warm-up: the rate grows linearly over the first lr_rampup million images (0: none)."""
+    ramp = cfg.get("lr_rampup", 0) * 1e6
+    return cfg["lr"] * min(images_seen / ramp, 1) if ramp else cfg["lr"]
+
+
+@torch.no_grad()
+def ema_update(ema, net, images_seen, batch):
+    """EDM's EMA of the weights: half-life 500k images, shortened to 5% of the images seen before this
+    step while that is less, so that short runs average over their own recent past."""
+    halflife = min(500_000, 0.05 * images_seen)
+    beta = 0.5 ** (batch / max(halflife, 1e-8))
+    for p_ema, p in zip(ema.parameters(), net.parameters()):
+        p_ema.lerp_(p, 1 - beta)
+
+
 def train(h_theta, S, S_tn, cfg, out, log=print, state=None, labels=None, masks=None):
     """Lines 2-16 of Algorithm 1. Returns the EMA copy of h_theta. `state` resumes a checkpoint.
     masks: the masking baseline's fixed masks A (S is then A x_0).
@@ -552,8 +611,7 @@ def train(h_theta, S, S_tn, cfg, out, log=print, state=None, labels=None, masks=
     DDP averages the gradients, so a step equals the single-process step on the whole batch."""
     device, out, (rank, world) = S.device, Path(out), distributed()
     model = compiled(nn.parallel.DistributedDataParallel(h_theta) if world > 1 else h_theta, cfg.get("compile", "none"))
-    opt = torch.optim.AdamW(h_theta.parameters(), lr=cfg["lr"], betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01,
-                            fused=True)  # one kernel for all tensors: the tiny step spends 4 ms here, not 16
+    opt = make_optimizer(h_theta.parameters(), cfg, S[0].numel())
     ema = copy.deepcopy(h_theta).requires_grad_(False).eval()
     gen = torch.Generator(device).manual_seed(cfg["seed"] + 2)
     step = 0
@@ -563,11 +621,14 @@ def train(h_theta, S, S_tn, cfg, out, log=print, state=None, labels=None, masks=
         if state["rng"].numel() != gen.get_state().numel():
             raise UserError("--resume: the checkpoint's random state is from another device type; resume on it")
         gen.set_state(state["rng"].cpu())
+        if "dropout_rng" in state:  # dropout draws from torch's global generator
+            global_rng(device, state["dropout_rng"])
         step = state["step"]
 
     def checkpoint():
         save_atomic(dict(net=h_theta.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), step=step,
-                         rng=gen.get_state(), S_tn=S_tn, masks=masks, config=cfg), out / "checkpoint.pt")
+                         rng=gen.get_state(), dropout_rng=global_rng(device), S_tn=S_tn, masks=masks, config=cfg),
+                    out / "checkpoint.pt")
 
     t0, first = time.time(), step
     while step < cfg["iters"]:
@@ -578,17 +639,15 @@ def train(h_theta, S, S_tn, cfg, out, log=print, state=None, labels=None, masks=
             b = {k: v.chunk(world)[rank] if torch.is_tensor(v) and v.dim() else v for k, v in b.items()}
         with compile_errors(step == first and cfg.get("compile", "none") != "none"):
             with autocast(device, cfg.get("precision")):
-                loss = algorithm1_loss(model, b)
+                loss = algorithm1_loss(model, b, cfg.get("ambient_weight", "released")).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
+        if cfg.get("lr_rampup"):
+            for group in opt.param_groups:
+                group["lr"] = learning_rate(cfg, step * cfg["batch"])
         opt.step()
+        ema_update(ema, h_theta, step * cfg["batch"], cfg["batch"])
         step += 1
-        # EMA with EDM's half-life of 500k images, ramped up to 5% of images seen for short runs.
-        halflife = min(500_000, 0.05 * step * cfg["batch"])
-        beta = 0.5 ** (cfg["batch"] / max(halflife, 1e-8))
-        with torch.no_grad():
-            for p_ema, p in zip(ema.parameters(), h_theta.parameters()):
-                p_ema.lerp_(p, 1 - beta)
         if rank == 0 and (step % cfg["log_every"] == 0 or step == cfg["iters"]):
             rate = (step - first) * cfg["batch"] / (time.time() - t0)
             eta = (cfg["iters"] - step) * cfg["batch"] / rate
@@ -804,11 +863,15 @@ def build_parser():
     a("--n-per-class", type=int, default=None, help="train on a seeded random k images of every class instead "
       "(Table 1's ImageNet rows: 5 or 15); needs labels")
     a("--sigma-tn", type=float, default=None, help="sigma_tn in EDM units: above it train only on the noisy "
-      "copies (Eq. 6), below it on clean images (Eq. 3). 0 = the DDPM baseline. Paper: 0.4-4 (default 0.4; "
-      "none with --method masking)")
-    a("--schedule", choices=("algorithm1", "edm"), default="algorithm1",
-      help="algorithm1: the paper's Algorithm 1, half clean with t~U(0,t_n), half noisy with t~U(t_n,T). "
-           "edm: the released code, ln sigma ~ N(-1.2, 1.2^2), noisy copy when sigma >= sigma_tn")
+      "copies (Eq. 6), below it on clean images (Eq. 3). 0 = the DDPM baseline. Paper's Figure 2: 0.4-4; the "
+      "released train.sh (FFHQ): 0.5 (default 0.4; none with --method masking)")
+    a("--schedule", choices=("edm", "algorithm1"), default="edm",
+      help="edm (default): the released code, ln sigma ~ N(-1.2, 1.2^2) per sample, the noisy copy when sigma >= "
+           "sigma_tn. algorithm1: the paper's text, half clean with t~U(0,t_n), half noisy with t~U(t_n,T), "
+           "through this project's assumed sigma(t), EDM's rho = 7 warp")
+    a("--ambient-weight", choices=AMBIENT_WEIGHTS, default="released", help="weight of Eq. 6: released (default), "
+      "the authors' code, EDM's lambda(sigma) on the residual in EDM units; x0: lambda(sigma) / c_h^2, which pulls "
+      "on the x_0 error as EDM does at every level (NOTES.md compares them)")
     a("--method", choices=("algorithm1", "noisy-only", "masking"), default="algorithm1", help="algorithm1: the "
       "paper's method. noisy-only: the Ambient Tweedie baseline of Table 2, trained on S_tn alone above t_n, "
       "sampled down to t_n and finished with one denoising step. masking: the Ambient Diffusion baseline of "
@@ -823,18 +886,26 @@ def build_parser():
       "'no class', so that classifier-free guidance has an unconditional model (default 0.1)")
     a("--guidance", type=float, default=1.0, help="classifier-free guidance weight w: h_u + w (h_c - h_u); "
       "1 = plain conditional (default), 0 = unconditional")
-    a("--preset", choices=tuple(PRESETS), default="paper", help="network size: paper (GPU) or tiny (CPU)")
+    a("--preset", choices=tuple(PRESETS), default="paper", help="network: paper (6.5M parameters, GPU), edm "
+      "(EDM's DDPM++ CIFAR-10 layout as in the released code, 54M, GPU) or tiny (0.7M, CPU)")
+    a("--dropout", type=float, default=None, help="dropout in the residual blocks (default: the preset's, 0.05 as "
+      "the released train.sh for paper and edm, 0 for tiny)")
     a("--resolution", type=int, default=None, help="downsample images to this side (default: native)")
     a("--iters", type=int, default=30000, help="training iterations (paper: 30000)")
     a("--batch", type=int, default=256, help="batch size (paper: 256)")
-    a("--lr", type=float, default=1e-4, help="AdamW learning rate (paper: 1e-4)")
+    a("--lr", type=float, default=1e-4, help="learning rate (paper: 1e-4)")
+    a("--optimizer", choices=OPTIMIZERS, default="adam", help="adam (default): the released code's Adam with "
+      "L2 weight decay 0.01 in the gradient; adamw: decoupled weight decay 0.01")
+    a("--lr-rampup", type=float, default=0.0, help="raise the learning rate linearly over this many million "
+      "images (the released code: 10, longer than the paper's 7.68M-image runs; default 0, none)")
     a("--flip", action="store_true", help="random horizontal flips, the same for an image and its noisy copy")
     a("--seed", type=int, default=0, help="seeds the subset, S_tn, initialisation, batches and sampling")
     a("--samples", type=int, default=256, help="images to generate after training (default 256)")
-    a("--steps", type=int, default=40, help="ODE steps for sampling (default 40)")
+    a("--steps", type=int, default=40, help="ODE steps for sampling, as the released generate_script.sh (default 40)")
     a("--sample-batch", type=int, default=256, help="images per sampling batch; larger is faster on a GPU. Batch k "
       "draws its noise from seed + k, so the samples depend on it (default 256)")
-    a("--sampler", choices=("euler", "heun"), default="euler", help="Euler (default) or Heun steps")
+    a("--sampler", choices=("heun", "euler"), default="heun", help="heun (default): EDM's second-order steps, "
+      "as the released code samples; euler: first order, one network call a step")
     a("--out", default=None, help="run folder (default: runs/<data>-n<n>-<method>, e.g. demo-n800-ambient-0.4, "
       "demo-n16-ddpm, demo-n16-masking-0.4)")
     a("--resume", action="store_true", help="continue the checkpoint in the run folder; the config must match")
@@ -881,6 +952,10 @@ def check_args(args):
             raise UserError(f"--{flag.replace('_', '-')} {value} must be at least {least}")
     if args.cond == "none" and (args.guidance != 1 or args.label_dropout != 0.1):
         raise UserError("--guidance and --label-dropout act on class-conditional models: add --cond class")
+    if args.dropout is not None and not 0 <= args.dropout < 1:
+        raise UserError(f"--dropout {args.dropout} must be in [0, 1)")
+    if args.lr_rampup < 0:
+        raise UserError(f"--lr-rampup {args.lr_rampup} is negative; use 0 for no warm-up or e.g. 10 (million images)")
     if not 0 <= args.label_dropout < 1:
         raise UserError(f"--label-dropout {args.label_dropout} must be in [0, 1)")
     if args.method == "noisy-only" and args.sigma_tn == 0:
@@ -907,8 +982,9 @@ def pick_device(name):
 
 def model_for(cfg):
     """The network a run's config describes."""
+    overrides = {} if cfg.get("dropout") is None else dict(dropout=cfg["dropout"])
     return Denoiser(cfg["resolution"], cfg["preset"], cfg.get("num_classes", 0), cfg.get("method") == "masking",
-                    cfg.get("channels_last", False))
+                    cfg.get("channels_last", False), **overrides)
 
 
 def sampling_options(cfg, count):

@@ -64,7 +64,7 @@ def bench(preset, resolution, batch, dtype, device, steps, repeat, channels_last
 
     def train_step():
         with autocast:
-            loss = A.algorithm1_loss(model, A.algorithm1_batch(S, S_tn, 0.4, batch, gen))
+            loss = A.algorithm1_loss(model, A.algorithm1_batch(S, S_tn, 0.4, batch, gen)).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -74,7 +74,7 @@ def bench(preset, resolution, batch, dtype, device, steps, repeat, channels_last
     sync(device)
     first_s = time.perf_counter() - t0
     with FlopCounterMode(display=False) as train_flops:
-        A.algorithm1_loss(h, A.algorithm1_batch(S, S_tn, 0.4, batch, gen)).backward()
+        A.algorithm1_loss(h, A.algorithm1_batch(S, S_tn, 0.4, batch, gen)).mean().backward()
     with FlopCounterMode(display=False) as call_flops, torch.no_grad(), autocast:
         h(S[:batch], torch.full((batch,), 0.5, device=device))
     t_train = timed(train_step, device, 3, repeat)
