@@ -27,12 +27,12 @@ demo: $(VENV)/.installed
 	$(PY) ambient.py $(DEMO) --sigma-tn 0 --out runs/demo-ddpm
 	$(PY) ambient.py $(DEMO) --sigma-tn 1 --ambient-weight released --out runs/demo-ambient-1-released
 	$(PY) ambient.py $(DEMO) --sigma-tn 1 --ambient-weight x0 --out runs/demo-ambient-1-x0
-	$(PY) ambient.py --compare runs/demo-ddpm runs/demo-ambient-1-released runs/demo-ambient-1-x0
+	$(PY) eval_memorization.py runs/demo-ddpm runs/demo-ambient-1-released runs/demo-ambient-1-x0 --pixels-only --out runs/demo-eval
 	@echo "grids: runs/demo-*/neighbours.png (sample, then its nearest training image)"
 	@echo "The released weight fades out just above t_n, the x0 weight does not: NOTES.md, 'Which loss weight'"
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q test_ambient.py
+	$(PY) -m pytest -q test_*.py
 
 # The paper's CIFAR-10 setting (Table 1, n = 300): a GPU job.
 train: $(VENV)/.installed

@@ -2,14 +2,15 @@
 
     python bench.py                                   # tiny preset on CPU, paper preset on the GPU if any
     python bench.py --preset paper --batch 256 --dtype bf16 --device cuda
-    python bench.py --preset paper --dtype bf16 --channels-last --compile cudagraphs   # all GPU options
+    python bench.py --preset paper --channels-last --compile cudagraphs     # GPU options of repro_gpu.py
 
-For each case it prints the first training step's seconds (with --compile: the compilation),
-training images/s (Algorithm 1 batch, forward, backward, AdamW), sampling
-images/s (Euler ODE, --steps network calls per image), model FLOPs per image from torch's FLOP
-counter, and the share of the device's peak (MFU). The peak is measured here, as the rate of a
-large dense matmul in the same dtype, not taken from a data sheet. On CPU the tiny case is also run
-in a child process without the Makefile's glibc malloc settings, to show what they change.
+Each case times the training step ambient.py's loop runs (ambient.eager_step through repro_gpu.py's
+wrapper for the options: Algorithm 1 batch, forward, backward, Adam, EMA) and Heun sampling (--steps
+steps, 2 * steps - 1 network calls per image). It prints the first step's seconds (with --compile: the
+compilation), training images/s, sampling images/s, model FLOPs per image from torch's FLOP counter
+and the share of the device's peak (MFU). The peak is measured here, as the rate of a large dense
+matmul in the same dtype, not taken from a data sheet. On CPU each case also runs in a child process
+without the Makefile's glibc malloc settings, to show what they change.
 """
 import argparse
 import json
@@ -22,6 +23,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import ambient as A
+import repro_gpu as G
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MALLOC_VARS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
@@ -52,67 +54,73 @@ def matmul_peak(device, dtype):
     return 2 * n ** 3 / timed(lambda: a @ b, device, 3, 10)
 
 
-def bench(preset, resolution, batch, dtype, device, steps, repeat, channels_last=False, compile="none"):
+def training_step(cfg, device, make_step):
+    """ambient.py's training step for a tiny stand-in dataset, as `make_step` builds it; and the method."""
     torch.manual_seed(0)
-    h = A.Denoiser(resolution, preset, channels_last=channels_last).to(device)
-    model, sampler_model = A.compiled(h, compile), A.compiled(h, compile, replay=False)
-    S = torch.randn(max(batch, 64), 3, resolution, resolution, device=device)
-    S_tn = A.make_noisy_copies(S.cpu(), A.vp_from_edm(0.4), 0).to(device)
-    opt = torch.optim.AdamW(h.parameters(), lr=1e-4, fused=True)
-    gen = torch.Generator(device).manual_seed(0)
-    autocast = torch.autocast(device.type, dtype=DTYPES[dtype], enabled=dtype != "fp32")
+    method = G.Fast(A.Algorithm1(cfg), cfg)
+    method.use_data(torch.randn(max(cfg.batch, 64), 3, cfg.resolution, cfg.resolution, device=device))
+    state = A.training_state(method.network().to(device), cfg, 3 * cfg.resolution ** 2)
+    step = make_step(state, method, cfg)
 
-    def train_step():
-        with autocast:
-            loss = A.algorithm1_loss(model, A.algorithm1_batch(S, S_tn, 0.4, batch, gen)).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    def one():
+        step()
+        state.step += 1
+    return one, state, method
 
+
+def bench(args, preset, device, batch, make_step=None):
+    cfg = G.Config(preset=preset, resolution=args.resolution or (16 if preset == "tiny" else 32), batch=batch,
+                   precision=args.dtype, channels_last=args.channels_last, compile=args.compile, steps=args.steps)
+    step, state, method = training_step(cfg, device, make_step or (lambda s, m, c: m.make_step(s, m, c)))
     t0 = time.perf_counter()
-    train_step()  # with --compile: compiles here, outside the timing
+    step()  # with --compile: compiles here, outside the timing
     sync(device)
     first_s = time.perf_counter() - t0
     with FlopCounterMode(display=False) as train_flops:
-        A.algorithm1_loss(h, A.algorithm1_batch(S, S_tn, 0.4, batch, gen)).mean().backward()
-    with FlopCounterMode(display=False) as call_flops, torch.no_grad(), autocast:
-        h(S[:batch], torch.full((batch,), 0.5, device=device))
-    t_train = timed(train_step, device, 3, repeat)
-    with autocast:
-        t_sample = timed(lambda: A.sample(sampler_model, (batch, 3, resolution, resolution), steps=steps, device=device),
-                         device, 1, max(2, repeat // 5))
-    peak = matmul_peak(device, DTYPES[dtype])
-    achieved = train_flops.get_total_flops() / t_train
-    options = (" channels_last" if channels_last else "") + (f" compile={compile}" if compile != "none" else "")
+        A.algorithm1_loss(state.net, A.algorithm1_batch(method.S, method.S_tn, 0.4, batch, state.gen)).mean().backward()
+    with FlopCounterMode(display=False) as call_flops, torch.no_grad():
+        state.net(method.S[:batch], torch.full((batch,), 0.5, device=device))
+    t_train = timed(step, device, 3, args.repeat)
+    shape = (batch, 3, cfg.resolution, cfg.resolution)
+    with G.autocast(device, args.dtype):
+        sampler = G.compiled(state.ema, args.compile, replay=False)
+        t_sample = timed(lambda: A.sample(sampler, shape, steps=args.steps, device=device), device, 1, max(2, args.repeat // 5))
+    peak = matmul_peak(device, DTYPES[args.dtype])
+    options = (" channels_last" if args.channels_last else "") + (f" compile={args.compile}" if args.compile != "none" else "")
     options += f" {torch.get_num_threads()} threads" if device.type == "cpu" else ""
-    return dict(case=f"{preset} {resolution}x{resolution} b{batch} {dtype} {device.type}{options}", first_step_s=first_s,
-                params=sum(p.numel() for p in h.parameters()), train_ips=batch / t_train, step_ms=1e3 * t_train,
-                sample_ips=batch / t_sample, gflop_per_image=train_flops.get_total_flops() / batch / 1e9,
-                call_gflop=call_flops.get_total_flops() / batch / 1e9, mfu=achieved / peak, peak_tflops=peak / 1e12)
+    return dict(case=f"{preset} {cfg.resolution}x{cfg.resolution} b{batch} {args.dtype} {device.type}{options}",
+                device=device.type, first_step_s=first_s, params=sum(p.numel() for p in state.net.parameters()),
+                train_ips=batch / t_train, step_ms=1e3 * t_train, sample_ips=batch / t_sample,
+                gflop_per_image=train_flops.get_total_flops() / batch / 1e9, call_gflop=call_flops.get_total_flops() / batch / 1e9,
+                mfu=train_flops.get_total_flops() / t_train / peak, peak_tflops=peak / 1e12)
 
 
 def row(r, note=""):
     return (f"| {r['case']}{note} | {r['params'] / 1e6:.2f}M | {r['first_step_s']:.1f} | {r['step_ms']:.0f} | {r['train_ips']:.0f} | "
             f"{r['sample_ips']:.1f} | {r['gflop_per_image']:.3f} | {r['call_gflop']:.3f} | {100 * r['mfu']:.1f}% "
-            f"of {r['peak_tflops']:.2f} |")
+            f"of {r['peak_tflops']:.2f} TFLOP/s |")
 
 
-def main():
+def parse():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", choices=tuple(A.PRESETS), help="one case with this preset (default: tiny on CPU, "
                    "and paper on the GPU when there is one)")
-    p.add_argument("--resolution", type=int, help="image side (default: 16 for tiny, 32 for paper)")
-    p.add_argument("--batch", type=int, help="batch size (default: 32 for tiny, 256 for paper)")
+    p.add_argument("--resolution", type=int, help="image side (default: 16 for tiny, 32 for the others)")
+    p.add_argument("--batch", type=int, help="batch size (default: 32 and 256 for tiny, 256 for the others)")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="autocast dtype (default fp32)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cpu for tiny, cuda for paper)")
-    p.add_argument("--steps", type=int, default=40, help="sampler steps per image (default 40)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cpu for tiny, cuda for the others)")
+    p.add_argument("--steps", type=int, default=40, help="Heun steps per sample (default 40, as ambient.py)")
     p.add_argument("--repeat", type=int, default=20, help="timed training steps (default 20)")
     p.add_argument("--channels-last", action="store_true", help="NHWC layout for the network")
     p.add_argument("--compile", choices=("none", "default", "cudagraphs"), default="none",
-                   help="torch.compile the training step as ambient.py --compile does (default none)")
+                   help="torch.compile the network as repro_gpu.py --compile does (default none)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice, one per core)")
     p.add_argument("--json", action="store_true", help="print one JSON result instead of the table")
-    args = p.parse_args()
+    return p.parse_args()
+
+
+def main():
+    args = parse()
     if args.threads:
         torch.set_num_threads(args.threads)
     # Default: the tiny preset on CPU at the batch of the tests (32) and a large one (256), where
@@ -127,17 +135,14 @@ def main():
             sys.exit("error: --device cuda: no CUDA device here; use --device cpu")
         if device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        res = args.resolution or (16 if preset == "tiny" else 32)
-        batch = batch or (32 if preset == "tiny" else 256)
-        results.append(bench(preset, res, batch, args.dtype, device, args.steps, args.repeat, args.channels_last,
-                             args.compile))
+        results.append(bench(args, preset, device, batch or (32 if preset == "tiny" else 256)))
     if args.json:
         return print(json.dumps(results[0]))
     malloc_set = all(v in os.environ for v in MALLOC_VARS)
     lines = ["| case | params | first step s | step ms | train img/s | sample img/s | train GFLOP/img | h_theta GFLOP/img | MFU |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for r, (preset, device, batch) in zip(results, cases):
-        cpu = r["case"].endswith("cpu")
+    for r in results:
+        cpu = r["device"] == "cpu"
         lines.append(row(r, " (malloc vars set)" if cpu and malloc_set else ""))
         if cpu and malloc_set and not args.preset:  # the same case in a child process without them
             env = {k: v for k, v in os.environ.items() if k not in MALLOC_VARS}
@@ -148,6 +153,9 @@ def main():
                                     f"--batch={r['case'].split()[2][1:]}", *same], env=env, capture_output=True, text=True)
             if child.returncode == 0:
                 lines.append(row(json.loads(child.stdout.strip().splitlines()[-1]), " (malloc defaults)"))
+            else:
+                lines.append(f"| {r['case']} (malloc defaults): the child process failed: "
+                             f"{(child.stderr.strip().splitlines() or ['no output'])[-1][:150]} |")
     print("\n".join(lines))
 
 

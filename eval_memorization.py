@@ -378,7 +378,7 @@ def load_run(path, args, log):
     """A run folder -> samples, training images, reference spec, config (images as [-1, 1] tensors)."""
     cfg = json.loads((path / "config.json").read_text())
     data_dir = args.data_dir or cfg.get("data_dir", "data")
-    dataset = A.load_images(cfg["data"], data_dir)
+    dataset = A.load_images(cfg["data"], data_dir)[0]
     try:
         indices = json.loads((path / "indices.json").read_text())
     except (OSError, ValueError) as e:
@@ -399,21 +399,37 @@ def load_run(path, args, log):
                 data=cfg["data"])
 
 
+def method_of_run(path):
+    """The method object a run folder was trained with: Algorithm 1 (ambient.py), a baseline
+    (baselines.py) or the class-conditional model (conditional.py), from its config.json."""
+    import baselines
+    import conditional
+    saved = A.read_config(path)
+    if saved.get("method", "algorithm1") != "algorithm1":
+        cfg = baselines.Config.from_saved(saved)
+        return baselines.METHODS[cfg.method](cfg)
+    if saved.get("num_classes"):
+        return conditional.ClassConditional(conditional.Config.from_saved(saved))
+    return A.Algorithm1(A.Config.from_saved(saved))
+
+
 def generate_for(path, cfg, count, args, log):
-    """More samples than samples.npz holds: draw them from the checkpoint's EMA weights, once."""
+    """More samples than samples.npz holds: draw them from the checkpoint's EMA weights, once, with the
+    run's own sampler (runs that name none get the default, Heun with 40 steps)."""
     out = path / f"eval-samples-{count}.npz"
     if out.is_file():
         return np.load(out)["images"]
     if not (path / "checkpoint.pt").is_file():
         raise UserError(f"{path} has no checkpoint.pt to generate {count} samples from; lower --samples")
     state = torch.load(path / "checkpoint.pt", map_location="cpu", weights_only=False)
-    ema = A.model_for(cfg)
+    method = method_of_run(path)
+    ema = method.network()
     ema.load_state_dict(state["ema"])
     ema = ema.to(args.device).eval()
     log(f"{path.name}: generating {count} samples from its checkpoint")
-    with A.autocast(args.device, cfg.get("precision")):  # as the run sampled its own samples.npz
-        x = A.generate(ema, count, steps=cfg.get("steps", 40), sampler=cfg.get("sampler", "euler"),
-                       seed=cfg.get("seed", 0), device=args.device, log=log, **A.sampling_options(cfg, count))
+    bf16 = cfg.get("precision") == "bf16"  # as the run sampled its own samples.npz (repro_gpu.py --precision)
+    with torch.autocast(args.device.type, torch.bfloat16, enabled=bf16):
+        x = method.generate(ema, count, log)
     images = ((x + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
     np.savez_compressed(out, images=images)
     return images
@@ -423,13 +439,13 @@ def load_images_input(path, args):
     if not args.train:
         raise UserError(f"{path} holds images, not an ambient.py run: pass --train with the training set "
                         "(cifar, demo, a .npz or a folder of images)")
-    samples = A.load_images(str(path))
+    samples = A.load_images(str(path))[0]
     res = samples.shape[1]
     if args.samples:
         if args.samples > len(samples):
             raise UserError(f"--samples {args.samples}: {path} holds only {len(samples)} images")
         samples = samples[:args.samples]
-    train = A.load_images(args.train, args.data_dir or "data")
+    train = A.load_images(args.train, args.data_dir or "data")[0]
     return dict(samples=A.prepare(samples), train=A.prepare(train, res), ref_spec=args.ref or args.train,
                 ref_dir=args.data_dir or "data", resolution=res, sigma_tn=None, data=args.train,
                 train_key=[args.train, str(Path(args.data_dir or "data").resolve()), res, "all"])
@@ -484,7 +500,7 @@ def evaluate_run(run, nets, args, log, name):
     def reference():  # the whole dataset at the run's resolution, loaded only on a cache miss
         nonlocal ref
         if ref is None:
-            ref = A.prepare(A.load_images(run["ref_spec"], run["ref_dir"]), run["resolution"])
+            ref = A.prepare(A.load_images(run["ref_spec"], run["ref_dir"])[0], run["resolution"])
         return ref
 
     ref_key = [run["ref_spec"], str(Path(run["ref_dir"]).resolve()), run["resolution"]]

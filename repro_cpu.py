@@ -6,7 +6,8 @@
     python repro_cpu.py table2  # Table 2: Algorithm 1 against the noisy-only and masking baselines, 2 seeds
     python repro_cpu.py weights # per-sample gradient size just above sigma_tn under the two loss weights
 
-Each command trains the runs it lacks with ambient.py (the exact command lines are printed and logged),
+Each command trains the runs it lacks with ambient.py, or baselines.py for Table 2's baselines (the exact
+command lines are printed and logged),
 reuses finished ones, and writes a Markdown table to runs/cpu/<command>.md and PNGs to figures/.
 The protocol below was fixed on a pilot of the DDPM baseline only, before any Algorithm 1 run (the pilot,
 the results and their reading: NOTES.md, Results). `sweep` needs matplotlib (pip install matplotlib).
@@ -47,6 +48,8 @@ import torch
 import torch.nn.functional as F
 
 import ambient
+import baselines
+from eval_memorization import method_of_run
 
 ROOT = Path(__file__).resolve().parent
 RUNS, FIGS = ROOT / "runs" / "cpu", ROOT / "figures"
@@ -75,10 +78,11 @@ def run_name(level, n=N, method="algorithm1", seed=0, weight="released"):
 def command(level, n=N, method="algorithm1", seed=0, weight="released"):
     args = list(COMMON)
     args[args.index("--n") + 1], args[args.index("--seed") + 1] = str(n), str(seed)
-    args += ["--method", method] + (["--mask-p", f"{level:g}"] if method == "masking" else
-                                    ["--sigma-tn", f"{level:g}", "--ambient-weight", weight])
+    args += (["--mask-p", f"{level:g}"] if method == "masking" else ["--sigma-tn", f"{level:g}", "--ambient-weight", weight])
+    script = "ambient.py" if method == "algorithm1" else "baselines.py"
+    args += [] if method == "algorithm1" else ["--method", method]
     out = (RUNS / run_name(level, n, method, seed, weight)).relative_to(ROOT)
-    return [sys.executable, "ambient.py", *args, "--out", str(out)]
+    return [sys.executable, script, *args, "--out", str(out)]
 
 
 def train_missing(jobs, parallel=2):
@@ -116,7 +120,7 @@ def train_missing(jobs, parallel=2):
 def load_run(name):
     d = RUNS / name
     cfg = json.loads((d / "config.json").read_text())
-    model = ambient.model_for(cfg)
+    model = method_of_run(d).network()
     model.load_state_dict(torch.load(d / "checkpoint.pt", map_location="cpu", weights_only=False)["ema"])
     return model.eval(), cfg, json.loads((d / "metrics.json").read_text())
 
@@ -187,7 +191,7 @@ def denoiser_of(model, cfg):
 
     def h(x_t, sigma_t):
         u = torch.rand(x_t.shape[0], 1, *x_t.shape[2:], generator=torch.Generator().manual_seed(7))
-        return ambient.conditioned(model, mask=(u < keep).float())(x_t, sigma_t)
+        return baselines.with_mask(model, (u < keep).float())(x_t, sigma_t)
 
     return h
 
