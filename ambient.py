@@ -3,10 +3,9 @@
 Reference implementation of Shah, Kalavasis, Klivans & Daras, "Does Generation Require Memorization?
 Creative Diffusion Models using Ambient Diffusion" (ICML 2025).
 
-Diffusion models trained on few images copy them. The paper's Algorithm 1 trains the low-noise part
-of the diffusion (t < t_n) on the clean images with the usual loss (Eq. 3), and the high-noise part
-(t > t_n) only on ONE fixed noisy copy x_tn of each image with Ambient Score Matching (Eq. 6). The
-model never sees a clean image at high noise, so it cannot snap onto one there, and copying drops.
+Diffusion models trained on few images copy them. Algorithm 1 trains the low-noise part of the
+diffusion (t < t_n) on the clean images (Eq. 3) and the high-noise part only on ONE fixed noisy copy
+x_tn of each image (Eq. 6): never seeing a clean image at high noise, it cannot snap onto one there.
 
     python ambient.py --data cifar --n 300 --sigma-tn 0.4      # Algorithm 1 as the authors' code runs it
     python ambient.py --data cifar --n 300 --sigma-tn 0        # the DDPM baseline
@@ -20,6 +19,7 @@ import copy
 import json
 import math
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass, field, fields
@@ -33,10 +33,9 @@ import torch.nn.functional as F
 # ------------------------------------------------------------------------------------------------
 # 1. Noise schedule (Eq. 1): x_t = sqrt(1 - sigma_t^2) x_0 + sigma_t z, data in [-1, 1].
 #
-# The paper writes the variance-preserving (VP) process. Its experiments (EDM code) quote noise in
-# variance-exploding units, x = x_0 + sigma n. The two describe the same corruption up to a scale:
-# dividing the VP x_t by sqrt(1 - sigma_t^2) gives x_0 + sigma n with sigma = sigma_t/sqrt(1-sigma_t^2).
-# Command-line sigmas (--sigma-tn 0.4) are EDM units; the losses and Algorithm 1 use VP units.
+# The paper writes the variance-preserving (VP) process; its experiments (EDM code) quote noise as
+# x = x_0 + sigma n. Dividing the VP x_t by sqrt(1 - sigma_t^2) gives that, with sigma = sigma_t /
+# sqrt(1 - sigma_t^2). Command-line sigmas (--sigma-tn 0.4) are EDM units; the losses use VP units.
 # ------------------------------------------------------------------------------------------------
 SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 80.0, 7.0  # EDM's noise range and time warp (EDM units)
 SIGMA_DATA = 0.5  # EDM's prior on the data's standard deviation, for the network's scalings
@@ -72,9 +71,8 @@ def add_noise(x0, sigma_t, z):
     return bcast(alpha(sigma_t), x0) * x0 + bcast(sigma_t, x0) * z
 
 def noise_further(x_tn, sigma_tn, sigma_t, z):
-    """Algorithm 1, line 10: take the stored noisy x_tn (level sigma_tn) up to sigma_t > sigma_tn.
-    x_t = sqrt((1-s_t^2)/(1-s_tn^2)) x_tn + sqrt((s_t^2-s_tn^2)/(1-s_tn^2)) z has, given x_0,
-    exactly the law of Eq. 1: signal alpha_t x_0 and noise variance sigma_t^2."""
+    """Algorithm 1, line 10: the stored x_tn up to sigma_t > sigma_tn. Given x_0, x_t = sqrt((1-s_t^2)/(1-s_tn^2))
+    x_tn + sqrt((s_t^2-s_tn^2)/(1-s_tn^2)) z has exactly Eq. 1's law: signal alpha_t x_0, noise variance sigma_t^2."""
     scale = alpha(sigma_t) / alpha(sigma_tn)
     std = ((sigma_t ** 2 - sigma_tn ** 2) / (1 - sigma_tn ** 2)) ** 0.5
     return bcast(scale, x_tn) * x_tn + bcast(std, x_tn) * z
@@ -89,8 +87,7 @@ def noise_further(x_tn, sigma_tn, sigma_t, z):
 PRESETS = {  # channels, per-level multipliers, residual blocks per level, attention resolutions, dropout
     "tiny": dict(channels=16, mults=(1, 2, 4), blocks=1, attn_at=(4,), dropout=0.0),  # CPU: 0.69M at 16x16
     "paper": dict(channels=64, mults=(1, 2, 2), blocks=2, attn_at=(16,), dropout=0.05),  # GPU: 6.47M at 32x32
-    # EDM's DDPM++ CIFAR-10 layout, the released code's network: 53.6M parameters here, 55.7M in EDM,
-    # whose down- and up-sampling steps are residual blocks rather than one convolution.
+    # EDM's DDPM++ CIFAR-10 layout, the released network: 53.6M here, 55.7M in EDM (residual resampling)
     "edm": dict(channels=128, mults=(2, 2, 2), blocks=4, attn_at=(16,), dropout=0.05),
 }
 
@@ -153,8 +150,7 @@ class UNet(nn.Module):  # F_theta, the raw network inside the preconditioning
         self.norm_out, self.conv_out = nn.GroupNorm(groups(c), c), nn.Conv2d(c, 3, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight), nn.init.zeros_(self.conv_out.bias)
 
-    def forward(self, x, c_noise, extra=None):
-        """extra: an embedding added to the noise's, such as a class's (conditional.py)."""
+    def forward(self, x, c_noise, extra=None):  # extra: an embedding added to the noise's, such as a class's
         # Sinusoidal embedding of c_noise = ln(sigma)/4, as EDM feeds its DDPM++ network.
         half = self.channels // 2
         freqs = torch.exp(-math.log(10000) * torch.arange(half, device=x.device) / (half - 1))
@@ -199,8 +195,7 @@ class Denoiser(nn.Module):  # h_theta(x_t, sigma_t) -> estimate of x_0, VP input
 # from x_0 to x_t splits into the part up to t_n and the rest, so given x_t
 #     E[x_tn | x_t] = sigma_tn^2 alpha_t / (sigma_t^2 alpha_tn) * x_t
 #                   + (sigma_t^2 - sigma_tn^2) / (sigma_t^2 alpha_tn) * E[x_0 | x_t].
-# x_tn is observed, x_0 is not: regress x_tn on x_t through this affine map of h_theta. The
-# minimiser of E|c_h h + c_x x_t - x_tn|^2 is h = E[x_0 | x_t] (the clean-data optimum), although
+# So the minimiser of E|c_h h + c_x x_t - x_tn|^2 is h = E[x_0 | x_t], the clean-data optimum, though
 # no clean image appears in the loss. At sigma_tn = 0 the map is h itself and Eq. 6 is Eq. 3.
 #
 # Weighting. The authors' code weights the residual in EDM units by EDM's lambda(sigma) = (sigma^2 +
@@ -227,8 +222,7 @@ def ambient_loss(x0_pred, x_t, x_tn, sigma_t, sigma_tn):
     return (bcast(c_h, x_t) * x0_pred + bcast(c_x, x_t) * x_t - x_tn).square().flatten(1).mean(1)
 
 def loss_weight(sigma_t, sigma_tn, kind="released"):
-    """Per-sample weight of Eq. 6's VP residual; at sigma_tn = 0 both are EDM's lambda(sigma). For x0,
-    c_h is floored at 1e-4: float32 can round sigma_t onto sigma_tn, where c_h = 0."""
+    """Per-sample weight of Eq. 6's VP residual, EDM's lambda at sigma_tn = 0. x0's c_h >= 1e-4: float32 rounds."""
     sigma = edm_from_vp(sigma_t)
     lam = (sigma ** 2 + SIGMA_DATA ** 2) / (sigma * SIGMA_DATA) ** 2
     if kind == "released":
@@ -242,8 +236,8 @@ def loss_weight(sigma_t, sigma_tn, kind="released"):
 DEMO_FILE = Path(__file__).with_name("cifar10_demo.npz")
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 
-class UserError(Exception):
-    """Bad input: printed as one line, exit code 2, no traceback."""
+class UserError(Exception):  # bad input: printed as one line, exit code 2, no traceback
+    pass
 
 def load_images(spec, data_dir="data"):
     """--data cifar | demo | file.npz | folder of images -> uint8 (N, H, W, 3) and int labels, or None."""
@@ -256,9 +250,9 @@ def load_images(spec, data_dir="data"):
         try:
             with np.load(path) as f:
                 images, labels = f["images"], f["labels"].astype(np.int64) if "labels" in f.files else None
-        except Exception as e:  # corrupt archive or no 'images' key
-            raise UserError(f"cannot read images from {path} ({type(e).__name__}: {e}); it needs a uint8 array "
-                            "'images' of shape N x H x W x 3")
+        except Exception as e:  # not a zip archive, damaged, or no 'images' key
+            raise UserError(f"cannot read images from {path} ({type(e).__name__}): it must be a NumPy .npz archive "
+                            "with a uint8 array 'images' of shape N x H x W x 3")
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
             raise UserError(f"{path}: 'images' is {images.dtype} {images.shape}; expected uint8 N x H x W x 3")
         return images, labels
@@ -273,8 +267,12 @@ def load_cifar10(data_dir):
     try:  # download=True only downloads when the archive is missing; a placed archive is extracted
         ds = torchvision.datasets.CIFAR10(data_dir, train=True, download=True)
     except Exception as e:
+        archive = Path(data_dir) / CIFAR_URL.rsplit("/", 1)[1]
+        if archive.exists():  # torchvision checks its checksum and, if wrong, downloads a fresh copy
+            raise UserError(f"{archive} is damaged or incomplete and no fresh copy could be downloaded "
+                            f"({type(e).__name__}); replace it with a good copy from {CIFAR_URL}")
         raise UserError(f"CIFAR-10 is not in {data_dir}/cifar-10-batches-py and could not be downloaded "
-                        f"({type(e).__name__}). Place {CIFAR_URL.rsplit('/', 1)[1]} from {CIFAR_URL} in "
+                        f"({type(e).__name__}). Place {archive.name} from {CIFAR_URL} in "
                         f"{data_dir}/ (or pass --data-dir), or use --data demo")
     return np.asarray(ds.data), np.asarray(ds.targets, dtype=np.int64)
 
@@ -312,7 +310,7 @@ def choose_subset(num_images, n, seed):
 # it at t_n, noise it. The paper's text and its code pick noise levels differently (NOTES.md):
 #   edm         the released code (default): ln sigma ~ N(-1.2, 1.2^2); the noisy copy if sigma >= sigma_tn.
 #   algorithm1  as written: clean image or noisy copy with equal odds; t ~ U(0, t_n) or U(t_n, T).
-# With sigma_tn = 0 every sample is clean, over the whole range, with the DDPM loss: the baseline, exactly.
+# sigma_tn = 0 makes every sample clean, over the whole range, with the DDPM loss: the baseline, exactly.
 # ------------------------------------------------------------------------------------------------
 def make_noisy_copies(S, sigma_tn, seed):
     """Line 1: S_tn = {sqrt(1 - sigma_tn^2) x_0 + sigma_tn eps}, one draw per image (VP units)."""
@@ -337,8 +335,7 @@ def noise_levels(batch, sigma_tn, schedule, gen, device):
         noisy = (torch.rand(batch, generator=gen, device=device) < 0.5) & (sigma_tn > 0)
         sigma = sigma_at(torch.where(noisy, t_n + u * (1 - t_n), u * (t_n if sigma_tn > 0 else 1.0)))
         return torch.where(noisy, sigma.clamp_min(sigma_tn), sigma), noisy  # float32 may round below sigma_tn
-    # Clamped to EDM's range (it moves 1.6e-5 of the draws) so that alpha stays representable in float32.
-    sigma = (-1.2 + 1.2 * torch.randn(batch, generator=gen, device=device)).exp().clamp(SIGMA_MIN, SIGMA_MAX)
+    sigma = (-1.2 + 1.2 * torch.randn(batch, generator=gen, device=device)).exp().clamp(SIGMA_MIN, SIGMA_MAX)  # 1.6e-5 move
     return sigma, sigma >= sigma_tn if sigma_tn > 0 else torch.zeros_like(sigma, dtype=torch.bool)
 
 def noise_batch(x0, x_tn, sigma, noisy, sigma_tn_edm, gen):
@@ -366,9 +363,8 @@ def algorithm1_loss(h_theta, b, weight="released"):
     return loss_weight(b["sigma_t"], sigma_tn, weight) * loss
 
 class Algorithm1:
-    """The method as the loop and the sampler see it: its training set and network, line 1 (use_data),
-    lines 3-10 (batch), line 11 (loss), Eq. 5 (sample_batch). baselines.py and conditional.py replace
-    some of these pieces, as EDM's loss classes do, and reuse the loop, checkpoints and command line."""
+    """The method as the loop sees it: data and network, line 1 (use_data), lines 3-10 (batch), line 11 (loss),
+    Eq. 5 (sample_batch). Other methods replace some pieces, as EDM's loss classes do, and reuse the rest."""
     name, denoiser = "algorithm1", Denoiser
 
     def __init__(self, cfg):
@@ -378,8 +374,7 @@ class Algorithm1:
         return "ddpm" if not self.cfg.sigma_tn else f"ambient-{self.cfg.sigma_tn:g}"
 
     def describe(self):
-        s = self.cfg.sigma_tn
-        return f"{self.name}, sigma_tn {s:g} (EDM) = {vp_from_edm(s):.4f} (VP), t_n {time_at(s) if s else 0:.3f}"
+        return f"{self.name}, sigma_tn {self.cfg.sigma_tn:g} (EDM) = {vp_from_edm(self.cfg.sigma_tn):.4f} (VP)"
 
     def training_set(self):
         """The dataset's images and the indices of the subset to train on."""
@@ -415,8 +410,7 @@ class Algorithm1:
         return generate(lambda k, rows: self.sample_batch(h_theta, k, rows), count, self.cfg.sample_batch, log)
 
 # ------------------------------------------------------------------------------------------------
-# 6. Training (Algorithm 1, lines 2-16) with the released recipe: Adam, EDM's EMA of the weights for
-# sampling, checkpoints written atomically so that a killed run loses nothing and resumes exactly.
+# 6. Training (Algorithm 1, lines 2-16), the released recipe: Adam, EDM's EMA; atomic checkpoints.
 # ------------------------------------------------------------------------------------------------
 OPTIMIZERS = ("adam", "adamw")
 
@@ -441,8 +435,7 @@ def ema_update(ema, net, images_seen, batch):
         p_ema.lerp_(p, 1 - beta)
 
 @dataclass
-class TrainState:
-    """Everything that changes as the loop runs; a checkpoint holds all of it."""
+class TrainState:  # everything that changes as the loop runs; a checkpoint holds all of it
     net: nn.Module
     ema: nn.Module
     opt: torch.optim.Optimizer
@@ -450,15 +443,13 @@ class TrainState:
     step: int = 0
 
 def eager_step(state, method, cfg):
-    """One iteration of lines 3-15 as a function of nothing, the form repro_gpu.py's compiled, multi-GPU
-    and CUDA-graph steps share: batch, weighted loss, gradient, update, average. The loss stays on the device."""
+    """Lines 3-15 as a function of nothing, the form repro_gpu.py's steps share. The loss stays on the device."""
     def step():
         loss = method.loss(state.net, method.batch(state.gen)).mean()
         state.opt.zero_grad(set_to_none=True)
         loss.backward()
-        if cfg.lr_rampup:
-            for group in state.opt.param_groups:
-                group["lr"] = learning_rate(cfg, state.step * cfg.batch)
+        for group in state.opt.param_groups:
+            group["lr"] = learning_rate(cfg, state.step * cfg.batch)
         state.opt.step()
         ema_update(state.ema, state.net, state.step * cfg.batch, cfg.batch)
         return loss.detach()
@@ -496,15 +487,20 @@ def training_state(net, cfg, pixels, saved=None):
 def train(method, state, cfg, out=None, log=print, make_step=eager_step):
     """Lines 2-16: steps until cfg.iters, a progress line every cfg.log_every steps and a checkpoint every
     cfg.ckpt_every in the folder `out` (None: write nothing, as a second GPU's process). Returns the EMA."""
-    step, t0, first = make_step(state, method, cfg), time.time(), state.step
+    step, t0, first, bad = make_step(state, method, cfg), time.time(), state.step, torch.tensor(0)
     while state.step < cfg.iters:
         loss = step()
         state.step += 1
-        if state.step % cfg.log_every == 0 or state.step == cfg.iters:
+        bad = torch.where(torch.isfinite(loss) | (bad > 0), bad, state.step)  # the first non-finite step, no sync
+        logs, saves = (state.step % every == 0 or state.step == cfg.iters for every in (cfg.log_every, cfg.ckpt_every))
+        if (logs or saves) and bad.item():  # stop before a checkpoint could keep broken weights
+            raise UserError(f"the loss is not finite from step {bad.item()} on; the last checkpoint before it is kept. "
+                            "Lower --lr or check the data, then --resume")
+        if logs:
             rate = (state.step - first) * cfg.batch / (time.time() - t0)
             log(f"step {state.step}/{cfg.iters}  loss {loss.item():.4f}  {rate:.0f} img/s  "
                 f"eta {(cfg.iters - state.step) * cfg.batch / rate / 60:.1f} min")
-        if out and (state.step % cfg.ckpt_every == 0 or state.step == cfg.iters):
+        if out and saves:
             save_checkpoint(state, method, cfg, Path(out) / "checkpoint.pt")
     if out and first == cfg.iters == 0:
         save_checkpoint(state, method, cfg, Path(out) / "checkpoint.pt")
@@ -513,14 +509,13 @@ def train(method, state, cfg, out=None, log=print, make_step=eager_step):
 # ------------------------------------------------------------------------------------------------
 # 7. Sampler (Eq. 5): the probability-flow ODE, integrated in EDM units where it reads
 # dx/dsigma = (x - D(x; sigma)) / sigma, with D(x; sigma) = h_theta(alpha x, sigma_t). Dividing the
-# VP x_t by alpha turns the VP ODE into this one, so both give the same samples. Steps follow
-# EDM's rho = 7 spacing. Heun's method (40 steps, as released) is the default: Euler with as many network
-# calls lands several times farther from the exact flow (test_heun_error_shrinks_faster_than_euler).
+# VP x_t by alpha turns the VP ODE into this one. Steps follow EDM's rho = 7 spacing; Heun's method (40
+# steps, as released) is the default: Euler with as many network calls lands several times farther from
+# the exact flow (test_heun_error_shrinks_faster_than_euler).
 #
-# To stop at sigma_stop > 0 (Lemma 4.1 stops at t_n), integrate in s = sqrt(sigma^2 - sigma_stop^2),
-# the noise left above sigma_stop. The same ODE then reads dx/ds = (x - E[x_stop | x]) / s with
-# E[x_stop | x] = r x + (1 - r) D, r = sigma_stop^2 / sigma^2 (Lemma C.1 in EDM units): EDM's form
-# for the data at level sigma_stop, so the last (Euler) step to s = 0 lands on E[x_stop | x].
+# To stop at sigma_stop > 0 (Lemma 4.1 stops at t_n), integrate in s = sqrt(sigma^2 - sigma_stop^2):
+# the ODE reads dx/ds = (x - E[x_stop | x]) / s with E[x_stop | x] = r x + (1 - r) D, r = sigma_stop^2
+# / sigma^2 (Lemma C.1 in EDM units), so the last (Euler) step to s = 0 lands on E[x_stop | x].
 # ------------------------------------------------------------------------------------------------
 def sigma_steps(steps, sigma_max=SIGMA_MAX):
     """EDM's rho = 7 grid from sigma_max down to SIGMA_MIN, then 0."""
@@ -533,13 +528,11 @@ def sample(h_theta, shape, steps=40, sampler="heun", seed=0, sigma_stop=0.0, dev
     """Integrate Eq. 5 from sigma = 80 down to sigma_stop. Returns EDM units: x_0 + sigma_stop n."""
     x = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     x = (x * SIGMA_MAX).to(device, dtype)  # the same noise for a seed on every device
-
     def x_stop_pred(x, s):  # E[x_stop | x] at the noise level sigma = sqrt(s^2 + sigma_stop^2)
         sigma = torch.full((x.shape[0],), (s ** 2 + sigma_stop ** 2) ** 0.5, dtype=x.dtype, device=x.device)
         D = h_theta(x * bcast(alpha(vp_from_edm(sigma)), x), vp_from_edm(sigma))
         r = sigma_stop ** 2 / (s ** 2 + sigma_stop ** 2)
         return r * x + (1 - r) * D
-
     s_grid = sigma_steps(steps, (SIGMA_MAX ** 2 - sigma_stop ** 2) ** 0.5).tolist()
     for s, s_next in zip(s_grid[:-1], s_grid[1:]):
         d = (x - x_stop_pred(x, s)) / s
@@ -560,10 +553,9 @@ def generate(sample_batch, count, batch=256, log=print):
 
 # ------------------------------------------------------------------------------------------------
 # 8. Memorization, without DINOv2. The paper scores a sample by the DINOv2 cosine to its nearest
-# training image (eval_memorization.py). Pixels give two weight-free stand-ins:
-#   (a) the cosine of mean-centred pixels (a correlation; it ignores brightness shifts);
-#   (b) d1/d2, the L2 distance to the nearest training image over the second-nearest. A copy sits
-#       far closer to one image than to any other; Gu et al. (2023) count a copy when d1/d2 < 1/3.
+# training image (eval_memorization.py). Pixels give two weight-free stand-ins: the cosine of mean-
+# centred pixels (it ignores brightness shifts), and d1/d2, the L2 distance to the nearest training
+# image over the second-nearest: a copy sits far closer to one image than to any other (Gu et al. 2023).
 # ------------------------------------------------------------------------------------------------
 COSINE_THRESHOLDS = (0.9, 0.925, 0.95)  # Table 1's CIFAR-10 thresholds
 COPY_RATIO = 1 / 3
@@ -601,13 +593,11 @@ def save_neighbour_grid(samples, train, idx, path, pairs=32, per_row=8, upscale=
 # 9. Closed forms: the optimal denoisers the theory is about; test_ambient.py checks the sampler with them.
 # ------------------------------------------------------------------------------------------------
 def ambient_optimal_denoiser(S_tn, sigma_tn):
-    """Lemma 4.1: the minimiser of Eq. 6 when the data are the finite set S_tn (VP units), t > t_n.
-    Given x_t, x_tn is one of S_tn with posterior weights from N(x_t; (alpha_t/alpha_tn) x_tn, s^2),
-    s^2 = (sigma_t^2 - sigma_tn^2)/(1 - sigma_tn^2); E[x_0 | x_t] follows from Lemma C.1's map.
-    With sigma_tn = 0 and S_tn = S it is the empirical optimum of Eq. 3 (Section 2.2)."""
+    """Lemma 4.1: the minimiser of Eq. 6 when the data are the finite set S_tn (VP units), t > t_n: x_tn
+    is one of S_tn, weighted by N(x_t; (alpha_t/alpha_tn) x_tn, (sigma_t^2 - sigma_tn^2)/(1 - sigma_tn^2)),
+    and Lemma C.1's map gives E[x_0 | x_t]. With sigma_tn = 0 it is Eq. 3's empirical optimum."""
     points = S_tn.flatten(1)
     sq_norms = points.square().sum(1)
-
     def h(x_t, sigma_t):
         sigma_t = torch.as_tensor(sigma_t, dtype=x_t.dtype).expand(x_t.shape[0])
         scale, s2 = alpha(sigma_t) / alpha(sigma_tn), (sigma_t ** 2 - sigma_tn ** 2) / (1 - sigma_tn ** 2)
@@ -616,7 +606,6 @@ def ambient_optimal_denoiser(S_tn, sigma_tn):
         mean_x_tn = (torch.softmax(-d2 / (2 * s2[:, None]), dim=1) @ points).reshape(x_t.shape)
         c_h, c_x = ambient_coefficients(sigma_t, sigma_tn)
         return (mean_x_tn - bcast(c_x, x_t) * x_t) / bcast(c_h, x_t)
-
     return h
 
 def empirical_denoiser(S):
@@ -624,33 +613,26 @@ def empirical_denoiser(S):
     return ambient_optimal_denoiser(S, 0.0)
 
 # ------------------------------------------------------------------------------------------------
-# 10. Command line: one typed Config holds every setting of a run, its --flag, default and help.
-# baselines.py and repro_gpu.py extend it and reuse main().
+# 10. Command line: one typed Config holds each setting, its --flag, default and help; extensions subclass it.
 # ------------------------------------------------------------------------------------------------
 def option(default, help, **meta):  # same_run: a resume must match it; saved=False: not in config.json
     return field(default=default, metadata=dict(help=help, **meta))
 
 @dataclass
 class Config:
-    data: str = option("demo", "cifar, demo (800 bundled CIFAR-10 images), an .npz of uint8 'images' NxHxWx3, "
-                       "or a folder of images", same_run=True)
+    data: str = option("demo", "cifar, demo (800 CIFAR-10 images), an .npz of uint8 'images' NxHxWx3, or a folder", same_run=True)
     data_dir: str = option("data", "where --data cifar is downloaded or placed")
     n: int = option(None, "train on a seeded random n images (paper: 300/1000/3000)", type=int, same_run=True)
-    sigma_tn: float = option(0.4, "EDM noise level of the fixed noisy copies, 0 = DDPM (paper: 0.4-4; released "
-                             "train.sh: 0.5)", same_run=True)
-    schedule: str = option("edm", "edm: the released log-normal split; algorithm1: the paper's text (NOTES.md)",
-                           choices=("edm", "algorithm1"), same_run=True)
-    ambient_weight: str = option("released", "Eq. 6 weight: released (EDM's lambda in EDM units) or x0 (lambda / "
-                                 "c_h^2)", choices=AMBIENT_WEIGHTS, same_run=True)
-    preset: str = option("paper", "network: paper (6.5M), edm (DDPM++, 54M, as released) or tiny (0.7M, CPU)",
-                         choices=tuple(PRESETS), same_run=True)
+    sigma_tn: float = option(0.4, "the noisy copies' EDM noise level; 0 = DDPM (paper: 0.4-4; train.sh: 0.5)", same_run=True)
+    schedule: str = option("edm", "edm (released, log-normal) or algorithm1 (the text)", choices=("edm", "algorithm1"), same_run=True)
+    ambient_weight: str = option("released", "Eq. 6's weight: released, or x0 (NOTES.md)", choices=AMBIENT_WEIGHTS, same_run=True)
+    preset: str = option("paper", "paper (6.5M), edm (DDPM++, 54M) or tiny (0.7M, CPU)", choices=tuple(PRESETS), same_run=True)
     dropout: float = option(None, "dropout (default: the preset's; released train.sh: 0.05)", type=float, same_run=True)
     resolution: int = option(None, "downsample the images to this side", type=int, same_run=True)
-    iters: int = option(30000, "training iterations (paper: 30000; a resume may change it)")
+    iters: int = option(30000, "iterations (paper: 30000); a --resume with another value extends or shortens the run")
     batch: int = option(256, "batch size (paper: 256)", same_run=True)
     lr: float = option(1e-4, "learning rate (paper: 1e-4)", same_run=True)
-    optimizer: str = option("adam", "adam: released, L2 decay in the gradient; adamw: decoupled decay",
-                            choices=OPTIMIZERS, same_run=True)
+    optimizer: str = option("adam", "adam (released, L2 decay) or adamw (decoupled)", choices=OPTIMIZERS, same_run=True)
     lr_rampup: float = option(0.0, "warm-up over this many million images (released: 10)", same_run=True)
     flip: bool = option(False, "random horizontal flips, an image and its noisy copy together", same_run=True)
     seed: int = option(0, "seeds the subset, S_tn, initialisation, batches and sampling", same_run=True)
@@ -679,10 +661,9 @@ class Config:
 
     def check(self):  # every check that needs no data, before anything slow happens
         if not (self.sigma_tn == 0 or SIGMA_MIN < self.sigma_tn < SIGMA_MAX):
-            where = "negative" if self.sigma_tn < 0 else "below the lowest trained noise level" if self.sigma_tn < 1 else \
-                "at or above the top noise level, where nothing would be trained on noisy data"
-            raise UserError(f"--sigma-tn {self.sigma_tn} is {where} (the range is {SIGMA_MIN} to {SIGMA_MAX}); use 0 for "
-                            "DDPM or a level such as 0.4 (paper: 0.4 to 4)")
+            where = "negative" if self.sigma_tn < 0 else "below the lowest" if self.sigma_tn < 1 else "at or above the top"
+            raise UserError(f"--sigma-tn {self.sigma_tn} is {where} noise level trained ({SIGMA_MIN} to {SIGMA_MAX}); use 0 "
+                            "for DDPM or a level such as 0.4 (paper: 0.4 to 4)")
         for key, low in dict(iters=0, batch=1, samples=1, steps=1, sample_batch=1, log_every=1, ckpt_every=1,
                              resolution=1, n=2, lr_rampup=0).items():
             if getattr(self, key) is not None and getattr(self, key) < low:
@@ -692,9 +673,8 @@ class Config:
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, not argparse's usage block
-        print(f"error: {message}; `python {self.prog} --help` lists the flags (class conditioning is conditional.py's, "
-              "the baselines baselines.py's, GPU options repro_gpu.py's, comparing runs eval_memorization.py's)",
-              file=sys.stderr)
+        print(f"error: {message}; see `python {self.prog} --help` (class conditioning: conditional.py, the baselines: "
+              "baselines.py, GPU options: repro_gpu.py, comparing runs: eval_memorization.py)", file=sys.stderr)
         sys.exit(2)
 
 def build_parser(config=Config):
@@ -714,24 +694,24 @@ def pick_device(name):
     except RuntimeError:
         raise UserError(f"--device {name} is not a device name; use auto, cpu or cuda")
     if device.type == "cuda" and (device.index or 0) >= cuda:
-        raise UserError(f"--device {name}: this machine has {cuda} CUDA device(s); use --device cpu" if not cuda else
-                        f"--device {name}: this machine has {cuda} CUDA device(s)")
+        raise UserError(f"--device {name}: this machine has {cuda} CUDA device(s){'' if cuda else '; use --device cpu'}")
     return device
 
 def check_resolution(cfg, images):
     """Fills in the config's resolution (default: the images') once it fits the images and the network."""
     h, w = images.shape[1:3]
     step, cfg.resolution = 2 ** (len(PRESETS[cfg.preset]["mults"]) - 1), cfg.resolution or h
-    if h != w or cfg.resolution > h or cfg.resolution % step:
-        raise UserError(f"images are {h}x{w} and --resolution is {cfg.resolution}: preset {cfg.preset} needs square "
-                        f"images with a side that is a multiple of {step} and at most the images' side; pass "
-                        f"--resolution {max(step, min(h, w) // step * step)}")
+    if h != w:
+        raise UserError(f"the images are {h}x{w}: the network takes square images; crop them to a square first")
+    if cfg.resolution > h or cfg.resolution % step:
+        raise UserError(f"--resolution {cfg.resolution}: preset {cfg.preset} needs a multiple of {step} no larger than "
+                        f"the images' {h}; pass --resolution {min(h // step, max(1, round(cfg.resolution / step))) * step}")
 
 def read_config(folder):
     try:
         return json.loads((Path(folder) / "config.json").read_text())
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot read {Path(folder) / 'config.json'} ({type(e).__name__}); is {folder} a run folder?")
+        raise UserError(f"cannot read {Path(folder) / 'config.json'} ({type(e).__name__}); restore it, or start anew")
 
 def open_run(cfg, out, device):
     """The checkpoint that --resume continues, or None for a fresh run."""
@@ -746,11 +726,14 @@ def open_run(cfg, out, device):
         raise UserError(f"--resume: {out} was trained with a different config (" + ", ".join(
             f"{k}: {getattr(saved, k)!r} there, {getattr(cfg, k)!r} here" for k in saved.differences(cfg))
             + "); repeat the original flags or use another --out")
-    return torch.load(out / "checkpoint.pt", map_location=device, weights_only=False)
+    try:
+        return torch.load(out / "checkpoint.pt", map_location=device, weights_only=False)
+    except Exception as e:  # truncated or empty: a copy or a disk that failed, not a run killed mid-write
+        raise UserError(f"--resume: {out / 'checkpoint.pt'} is damaged ({type(e).__name__}); restore it from a "
+                        "backup, or start again without --resume in another --out")
 
 def run(cfg, method, make_step=eager_step, main_process=True):
-    """Train `method` (Algorithm 1 or a baseline) as cfg says, then sample and score it into the run folder.
-    Only the main process writes, logs and samples; the others of a multi-GPU run only train."""
+    """Train `method` as cfg says, sample and score it; only the main process writes (multi-GPU runs)."""
     device = pick_device(cfg.device)
     images, indices = method.training_set()
     check_resolution(cfg, images)
@@ -759,11 +742,9 @@ def run(cfg, method, make_step=eager_step, main_process=True):
     saved = open_run(cfg, out, device)
     out.mkdir(parents=True, exist_ok=True)
     logfile = open(out / "log.txt", "a") if main_process else None
-
     def log(msg):
         if logfile:
             print(msg, flush=True), logfile.write(msg + "\n"), logfile.flush()
-
     torch.manual_seed(cfg.seed)
     S = prepare(images[indices], cfg.resolution).to(device)
     method.use_data(S, saved)
@@ -780,29 +761,37 @@ def run(cfg, method, make_step=eager_step, main_process=True):
         report(method.generate(ema, cfg.samples, log), S.cpu(), out, log)
     return out
 
+def roughness(x):  # mean |difference| of neighbouring pixels: noise has far more of it than images
+    return ((x[..., 1:, :] - x[..., :-1, :]).abs().mean() + (x[..., :, 1:] - x[..., :, :-1]).abs().mean()).item()
+
 def report(samples, S, out, log):
-    """The samples, and how close each is to its nearest training image."""
+    """Samples, their nearest training images, and whether they look like images at all (roughness)."""
     from torchvision.utils import save_image
-    save_image((samples[:64] + 1) / 2, out / "samples.png", nrow=8)
+    save_image((F.interpolate(samples[:64], scale_factor=max(1, 64 // samples.shape[-1])) + 1) / 2, out / "samples.png")
     np.savez_compressed(out / "samples.npz", images=((samples + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy())
     metrics, nn_ = memorization_report(samples, S)
+    metrics["roughness_vs_train"] = roughness(samples) / roughness(S)
     save_neighbour_grid(samples, S, nn_["l2_idx"], out / "neighbours.png")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     log("memorization (pixels): " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
+    if metrics["roughness_vs_train"] > 1.5:  # trained demo models 0.97-1.14, noise 2.3-2.8 (NOTES.md)
+        log(f"warning: the samples are {metrics['roughness_vs_train']:.1f}x as rough as the training images, as noise is: "
+            "the model has not learned the data, so its copy rate says nothing")
     log(f"wrote {out}/: config.json, checkpoint.pt, samples.png, samples.npz, neighbours.png, metrics.json, log.txt")
 
-def main(argv=None, config=Config, method=Algorithm1, make_step=eager_step):
-    """ambient.py's command line; baselines.py and repro_gpu.py call it with their config, method and step."""
+def main(argv=None, config=Config, start=lambda cfg: run(cfg, Algorithm1(cfg))):
+    """ambient.py's command line; baselines.py, conditional.py and repro_gpu.py call it with their own."""
     args = build_parser(config).parse_args(argv)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # schedulers and `timeout` stop a run as Ctrl-C does
     try:
         cfg = config(**vars(args))
         cfg.check()
-        return run(cfg, method(cfg), make_step)
+        return start(cfg)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("interrupted; the last checkpoint is kept, continue with --resume", file=sys.stderr)
+        print("interrupted (Ctrl-C or SIGTERM); the last checkpoint is kept, continue with --resume", file=sys.stderr)
         sys.exit(130)
 
 

@@ -200,7 +200,7 @@ METHODS = {"algorithm1": A.Algorithm1, "noisy-only": NoisyOnly, "masking": Maski
 
 
 def main(argv=None):
-    return A.main(argv, Config, lambda cfg: METHODS[cfg.method](cfg))
+    return A.main(argv, Config, lambda cfg: A.run(cfg, METHODS[cfg.method](cfg)))
 
 
 if __name__ == "__main__":

@@ -123,7 +123,7 @@ class ClassConditional(A.Algorithm1):
 
 
 def main(argv=None):
-    return A.main(argv, Config, ClassConditional)
+    return A.main(argv, Config, lambda cfg: A.run(cfg, ClassConditional(cfg)))
 
 
 if __name__ == "__main__":

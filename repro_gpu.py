@@ -118,28 +118,24 @@ def check_device(cfg, device):
                         "--compile")
 
 
-def train(argv, method_of=A.Algorithm1):
-    args = A.build_parser(Config).parse_args(argv)
-    try:
-        cfg = Config(**vars(args))
-        cfg.check()
-        device = A.pick_device(cfg.device)
-        check_device(cfg, device)
-        rank, world = distributed("nccl" if device.type == "cuda" else "gloo")
-        if cfg.batch % world:
-            raise UserError(f"--batch {cfg.batch} does not split over {world} processes; use a multiple of {world}")
-        if world > 1 and device.type == "cuda":
-            cfg.device = f"cuda:{os.environ.get('LOCAL_RANK', rank)}"
-        fast = Fast(method_of(cfg), cfg, rank, world)
-        A.run(cfg, fast, fast.make_step, main_process=rank == 0)
-        if world > 1:
-            torch.distributed.destroy_process_group()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted; the last checkpoint is kept, continue with --resume", file=sys.stderr)
-        sys.exit(130)
+def start(cfg, method_of=A.Algorithm1):
+    """ambient.run with the options of this file; under torchrun, one process per GPU."""
+    device = A.pick_device(cfg.device)
+    check_device(cfg, device)
+    rank, world = distributed("nccl" if device.type == "cuda" else "gloo")
+    if cfg.batch % world:
+        raise UserError(f"--batch {cfg.batch} does not split over {world} processes; use a multiple of {world}")
+    if world > 1 and device.type == "cuda":
+        cfg.device = f"cuda:{os.environ.get('LOCAL_RANK', rank)}"
+    fast = Fast(method_of(cfg), cfg, rank, world)
+    out = A.run(cfg, fast, fast.make_step, main_process=rank == 0)
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    return out
+
+
+def train(argv=None):
+    return A.main(argv, Config, start)
 
 
 if __name__ == "__main__":

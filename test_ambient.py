@@ -565,6 +565,71 @@ def test_cli_bad_input_gives_one_clear_line(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
     assert "cifar-10-python.tar.gz" in error_of(["--data", "cifar", "--data-dir", str(tmp_path)], capsys)
+    (tmp_path / "cifar-10-python.tar.gz").write_bytes(b"half a download")  # there, but broken
+    assert "is damaged" in error_of(["--data", "cifar", "--data-dir", str(tmp_path)], capsys)
+
+
+def test_cli_names_the_fix_for_images_and_run_folders_it_cannot_use(tmp_path, capsys):
+    """Each input gets one line that says what is wrong and a fix that works."""
+    np.savez(tmp_path / "wide.npz", images=np.zeros((4, 20, 30, 3), np.uint8))
+    assert "crop them to a square" in error_of(["--data", str(tmp_path / "wide.npz"), "--preset", "tiny"], capsys)
+    assert "pass --resolution 8" in error_of(TINY[:4] + ["--preset", "tiny", "--resolution", "7"], capsys)
+    (tmp_path / "text.npz").write_text("images, but as text")
+    err = error_of(["--data", str(tmp_path / "text.npz")], capsys)
+    assert "NumPy .npz archive" in err and "allow_pickle" not in err  # numpy's advice would not help here
+    run = tmp_path / "r"
+    A.main(TINY + ["--iters", "1", "--out", str(run)])
+    resume = TINY + ["--iters", "2", "--resume", "--out", str(run)]
+    good = (run / "checkpoint.pt").read_bytes()
+    for damaged in (good[:len(good) // 2], b""):  # truncated, and empty
+        (run / "checkpoint.pt").write_bytes(damaged)
+        assert "checkpoint.pt is damaged" in error_of(resume, capsys)
+    (run / "checkpoint.pt").write_bytes(good)
+    (run / "config.json").unlink()
+    assert "config.json" in error_of(resume, capsys) and "restore it" in error_of(resume, capsys)
+    assert "extends or shortens" in A.build_parser().format_help().replace("\n", " ").replace("  ", " ")
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch):
+    calls, real_loss = [], A.Algorithm1.loss
+
+    def loss(self, h_theta, b):  # NaN from the 4th step on
+        calls.append(1)
+        out = real_loss(self, h_theta, b)
+        return out * float("nan") if len(calls) >= 4 else out
+
+    monkeypatch.setattr(A.Algorithm1, "loss", loss)
+    err = error_of(TINY + ["--iters", "6", "--ckpt-every", "2", "--log-every", "3", "--out", str(tmp_path / "r")], capsys)
+    assert "not finite from step 4" in err
+    state = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=False)
+    assert state["step"] == 2 and all(torch.isfinite(v).all() for v in state["net"].values())
+
+
+def test_an_untrained_model_is_flagged_beside_its_copy_rate(tmp_path, capsys):
+    """A run too short to learn anything copies nothing; its samples are as rough as noise, and the
+    report says so beside the copy rate. samples.png shows small images enlarged."""
+    A.main(TINY + ["--iters", "2", "--resolution", "8", "--out", str(tmp_path / "r")])
+    metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert metrics["copy_rate"] == 0 and metrics["roughness_vs_train"] > 1.5
+    assert "has not learned the data" in capsys.readouterr().out
+    from PIL import Image
+    assert Image.open(tmp_path / "r" / "samples.png").size[0] >= 8 * 64  # 8 images a row, 8x8 pixels each enlarged
+    noise, smooth = torch.rand(8, 3, 16, 16) * 2 - 1, torch.linspace(-1, 1, 16).expand(8, 3, 16, 16)
+    assert A.roughness(noise) > 10 * A.roughness(smooth)
+
+
+def test_sigterm_keeps_the_checkpoint_and_says_how_to_resume(tmp_path):
+    """What schedulers and `timeout` send: the run stops as on Ctrl-C, with a line, non-zero."""
+    import signal
+    import time
+    p = subprocess.Popen([sys.executable, "ambient.py", *TINY, "--iters", "100000", "--ckpt-every", "1",
+                          "--out", str(tmp_path / "r")], cwd=Path(A.__file__).parent, stderr=subprocess.PIPE, text=True)
+    while not (tmp_path / "r" / "checkpoint.pt").exists() and p.poll() is None:
+        time.sleep(0.1)
+    p.send_signal(signal.SIGTERM)
+    err = p.communicate(timeout=60)[1]
+    assert p.returncode != 0 and "continue with --resume" in err and "Traceback" not in err
+    assert torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=False)["step"] >= 1
 
 
 def test_cli_error_has_no_traceback_in_a_real_process():
