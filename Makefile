@@ -29,7 +29,7 @@ demo: $(VENV)/.installed
 	@echo "grids: runs/demo-ddpm/neighbours.png runs/demo-ambient-1/neighbours.png (sample, then its nearest training image)"
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q test_ambient.py
+	$(PY) -m pytest -q test_ambient.py test_eval_memorization.py
 
 # The paper's CIFAR-10 setting (Table 1, n = 300): a GPU job.
 train: $(VENV)/.installed
