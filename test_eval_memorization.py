@@ -3,6 +3,7 @@
 Run with `make test`. Random-init networks of the real architectures and small generated data: nothing is downloaded.
 """
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -181,3 +182,26 @@ def test_weights_in_the_env_folder_give_fid_fd_dinov2_and_dinov2_copies(tmp_path
     assert {p.name.split("-")[0] for p in (tmp_path / "cache").glob("*.npz")} == {"inception", "dinov2"}
     assert len(list((tmp_path / "cache").glob("*.npz"))) == 3  # two reference statistics, one set of training features
     assert "| FD_DINOv2 |" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------
+# DINOv2 against the official code (fixtures/make_dinov2_fixture.py ran facebookresearch/dinov2)
+# ---------------------------------------------------------------------------------------------
+FIXTURE = Path(__file__).with_name("fixtures") / "dinov2_tiny.npz"
+
+
+@pytest.mark.parametrize("tag, mlp", [("mlp", "mlp"), ("swiglu", "swiglu")])
+def test_dinov2_matches_the_official_code_at_42_and_224_pixels(tag, mlp, monkeypatch):
+    """Same parameter names (strict load) and the same CLS token as the official forward pass, with the
+    position embeddings interpolated from 37x37 to 3x3 and to 16x16."""
+    f = np.load(FIXTURE)
+    width, depth, heads = f[f"{tag}:config"].tolist()
+    monkeypatch.setitem(E.DINOV2_SIZES, f"tiny-{tag}", (width, depth, heads, mlp))
+    net = E.DINOv2(f"tiny-{tag}").eval()
+    prefix = f"{tag}:state:"
+    net.load_state_dict({k[len(prefix):]: torch.from_numpy(f[k].astype(np.float32))
+                         for k in f.files if k.startswith(prefix)}, strict=True)
+    for side in ("42", "224"):
+        x = torch.from_numpy(f[f"input_{side}"]).float() / 255
+        with torch.no_grad():
+            assert np.allclose(net(x).numpy(), f[f"{tag}:cls_{side}"], atol=1e-5, rtol=0), side
