@@ -4,7 +4,8 @@
     python eval_memorization.py samples.npz --train cifar --samples 50000  # any images, training set by flag
 
 Quality is FID with pytorch-fid's Inception-v3 (the TF 2015-12-05 weights that pytorch-fid and EDM use),
-against reference statistics over the whole dataset, cached to a file. Memorization is the top-1 cosine
+its input resized to 299 as EDM's fid.py does (TF1's legacy bilinear; --fid-resize pytorch-fid for
+pytorch-fid's), against reference statistics over the whole dataset, cached to a file. Memorization is the top-1 cosine
 of each sample's DINOv2 CLS embedding to the training set, following the authors' released recipe:
 images in [0, 1], reflect-padded to a multiple of 14, no ImageNet normalisation, ViT-g/14 by default.
 FD_DINOv2 is the Frechet distance of the same embeddings to the whole dataset's.
@@ -86,12 +87,24 @@ def load_state_dict(net, path, what):
 
 
 # ------------------------------------------------------------------------------------------------
-# 2. Inception-v3 for FID: pytorch-fid's network (pool3, 2048 features), resized to 299 bilinearly
-# and scaled to [-1, 1] inside it. pytorch-fid downloads within its constructor; we hand it the file
-# that find_weights resolved instead, so the offline rules above hold for it too.
+# 2. Inception-v3 for FID: pytorch-fid's network (pool3, 2048 features) with the TensorFlow weights
+# that EDM's detector (NVIDIA's inception-2015-12-05.pkl) also holds. What differs between the
+# published FIDs is the way to 299 x 299: EDM's fid.py resizes uint8 images as TensorFlow 1 did
+# (no half-pixel centres) and scales by (v - 128) / 128, as torch-fidelity's port does; pytorch-fid
+# resizes [0, 1] images with PyTorch's half-pixel bilinear and scales by 2 x - 1. Both are done here,
+# outside the network, so --fid-resize picks one. pytorch-fid downloads within its constructor; we
+# hand it the file that find_weights resolved instead, so the offline rules above hold for it too.
 # ------------------------------------------------------------------------------------------------
+INCEPTION_SIDE = 299
+FID_RESIZES = ("tf1", "pytorch-fid")
+FID_RECIPES = {
+    "tf1": "Inception-v3 pool3; uint8 resized to 299 by TF1's legacy bilinear, (v - 128) / 128 (EDM's fid.py)",
+    "pytorch-fid": "Inception-v3 pool3; [0, 1] resized to 299 by half-pixel bilinear, 2 x - 1 (pytorch-fid)"}
+
+
 def inception_network(weights_path=None):
-    """pytorch-fid's InceptionV3 with the FID weights at weights_path; None = random init (tests)."""
+    """pytorch-fid's InceptionV3 with the FID weights at weights_path (None = random init, for tests),
+    fed 299 x 299 images already scaled to [-1, 1] by inception_input."""
     try:
         from pytorch_fid import inception as pf
     except ImportError:
@@ -107,20 +120,44 @@ def inception_network(weights_path=None):
                 raise UserError(f"cannot read {weights_path} ({type(e).__name__}); re-download {INCEPTION_FILE} from {INCEPTION_URL}")
             patches.enter_context(mock.patch.object(pf, "load_state_dict_from_url", lambda *a, **k: state))
         try:
-            net = pf.InceptionV3([pf.InceptionV3.BLOCK_INDEX_BY_DIM[2048]])
+            net = pf.InceptionV3([pf.InceptionV3.BLOCK_INDEX_BY_DIM[2048]], resize_input=False, normalize_input=False)
         except RuntimeError as e:
             raise UserError(f"{weights_path} is not the FID Inception-v3 state dict ({str(e).splitlines()[0][:200]}); "
                             f"re-download {INCEPTION_FILE} from {INCEPTION_URL}")
     return net.eval().requires_grad_(False)
 
 
-def inception_input(x):
-    """[-1, 1] -> [0, 1]: what pytorch-fid's network expects (it resizes and rescales itself)."""
-    return (x + 1) / 2
+def resize_bilinear_tf1(x, size):
+    """tf.image.resize_bilinear(align_corners=False) of TensorFlow 1, the resize in EDM's detector:
+    output pixel i reads input position i * n_in / n_out (float32, as TF computes it), blends its floor
+    and the next pixel (clamped to the last one) linearly, along the width and then the height."""
+    def taps(n_in, n_out):
+        pos = torch.arange(n_out, dtype=torch.float32, device=x.device) * torch.tensor(n_in / n_out, dtype=torch.float32)
+        lo = pos.floor().long()
+        return lo, (lo + 1).clamp_max(n_in - 1), (pos - lo).to(x.dtype)
+
+    (y0, y1, dy), (x0, x1, dx) = taps(x.shape[-2], size[0]), taps(x.shape[-1], size[1])
+    upper, lower = x[..., y0, :], x[..., y1, :]
+    top = upper[..., x0] + (upper[..., x1] - upper[..., x0]) * dx
+    bottom = lower[..., x0] + (lower[..., x1] - lower[..., x0]) * dx
+    return top + (bottom - top) * dy[:, None]
 
 
-def inception_forward(net):
-    return lambda x: net(inception_input(x))[0].flatten(1)
+def to_uint8_values(x):
+    """[-1, 1] -> the 0..255 integers that a sample file holds (exact for images that came from uint8)."""
+    return ((x + 1) * 127.5).round().clamp(0, 255)
+
+
+def inception_input(x, resize="tf1"):
+    """[-1, 1] images -> the network's 299 x 299 input, as EDM (tf1) or pytorch-fid prepare it."""
+    side = (INCEPTION_SIDE, INCEPTION_SIDE)
+    if resize == "tf1":
+        return (resize_bilinear_tf1(to_uint8_values(x), side) - 128) / 128
+    return 2 * F.interpolate((x + 1) / 2, size=side, mode="bilinear", align_corners=False) - 1
+
+
+def inception_forward(net, resize="tf1"):
+    return lambda x: net(inception_input(x, resize))[0].flatten(1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -461,7 +498,7 @@ def networks(args, log):
         try:
             path = find_weights(filename, url, explicit, download)
             net = build(path).to(args.device)
-            nets[name] = inception_forward(net) if name == "inception" else dinov2_forward(net)
+            nets[name] = inception_forward(net, args.fid_resize) if name == "inception" else dinov2_forward(net)
             nets[name + "_file"] = str(path)
             log(f"{name}: weights {path}")
         except WeightsMissing as e:
@@ -492,7 +529,7 @@ def evaluate_run(run, nets, args, log, name):
         if nets[net_name] is None:
             row[metric], row[metric + "_unavailable"] = None, nets[net_name + "_reason"]
             continue
-        net_id = [net_name, args.dinov2 if net_name == "dinov2" else "", Path(nets[net_name + "_file"]).name]
+        net_id = [net_name, args.dinov2 if net_name == "dinov2" else args.fid_resize, Path(nets[net_name + "_file"]).name]
         stats = cached(args.cache_dir, f"{net_name}-reference", ref_key + net_id, lambda: dict(zip(
             ("mu", "cov"), statistics(features(nets[net_name], reference(), args.batch, args.device,
                                                f"{net_name} reference", log)))), log)
@@ -603,6 +640,8 @@ def build_parser():
     a("--batch", type=int, default=64, help="images per network batch (default 64)")
     a("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     a("--dinov2", choices=tuple(DINOV2_SIZES), default="vitg14", help="DINOv2 size (paper: vitg14, the default)")
+    a("--fid-resize", choices=FID_RESIZES, default="tf1", help="how FID images reach 299 x 299: tf1 = EDM's fid.py and "
+      "the paper (TF1 legacy bilinear on uint8, the default), pytorch-fid = pytorch-fid's half-pixel bilinear")
     a("--thresholds", type=float, nargs=3, metavar="T", help="similarity thresholds (default: 0.9 0.925 0.95, "
       "or 0.85 0.875 0.9 when the dataset name contains ffhq)")
     a("--inception-weights", metavar="FILE", help=f"local {INCEPTION_FILE}")

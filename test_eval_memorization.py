@@ -205,3 +205,40 @@ def test_dinov2_matches_the_official_code_at_42_and_224_pixels(tag, mlp, monkeyp
         x = torch.from_numpy(f[f"input_{side}"]).float() / 255
         with torch.no_grad():
             assert np.allclose(net(x).numpy(), f[f"{tag}:cls_{side}"], atol=1e-5, rtol=0), side
+
+
+# ---------------------------------------------------------------------------------------------
+# FID input as EDM's detector prepares it: TF1's legacy bilinear resize, then (v - 128) / 128
+# ---------------------------------------------------------------------------------------------
+def test_tf1_resize_follows_the_legacy_formula_and_differs_from_half_pixel_bilinear():
+    """Output i reads position i * n_in / n_out: its floor and the next pixel, clamped at the edge, blended."""
+    up = E.resize_bilinear_tf1(torch.tensor([[[[0.0, 3.0], [6.0, 9.0]]]]), (3, 3))
+    # positions 0, 2/3, 4/3 on both axes: 4/3 has floor 1 and its neighbour clamps to 1
+    assert torch.equal(up, torch.tensor([[[[0.0, 2.0, 3.0], [4.0, 6.0, 7.0], [6.0, 8.0, 9.0]]]]))
+    row = E.resize_bilinear_tf1(torch.tensor([[[[0.0, 3.0, 6.0, 12.0]]]]), (1, 6))  # positions 0, 2/3, ..., 10/3
+    assert torch.allclose(row, torch.tensor([[[[0.0, 2.0, 4.0, 6.0, 10.0, 12.0]]]]), atol=1e-6)
+    down = E.resize_bilinear_tf1(torch.arange(6.0).view(1, 1, 1, 6), (1, 4))  # positions 0, 1.5, 3, 4.5
+    assert torch.allclose(down, torch.tensor([[[[0.0, 1.5, 3.0, 4.5]]]]))
+    half_pixel = torch.nn.functional.interpolate(torch.arange(6.0).view(1, 1, 1, 6), size=(1, 4), mode="bilinear",
+                                                 align_corners=False)
+    assert torch.allclose(half_pixel, torch.tensor([[[[0.25, 1.75, 3.25, 4.75]]]]))  # (i + 1/2) 6/4 - 1/2
+    half_pixel_up = torch.nn.functional.interpolate(torch.tensor([[[[0.0, 3.0]]]]), size=(1, 3), mode="bilinear")
+    assert torch.allclose(half_pixel_up, torch.tensor([[[[0.0, 1.5, 3.0]]]]))  # where TF1 gives 0, 2, 3
+
+
+def test_fid_input_scales_uint8_values_by_v_minus_128_over_128_or_as_pytorch_fid():
+    """A horizontal ramp v = 8 c (c = 0..31) in channel 0, 0 and 255 in the others. Bilinear
+    resizing reproduces a linear ramp exactly, so each output column j holds 8 p(j) for the input
+    position it reads, clamped to the last column: p = 32 j / 299 (tf1) or 32 (j + 1/2) / 299 - 1/2."""
+    values = torch.zeros(2, 3, 32, 32)
+    values[:, 0], values[:, 2] = 8 * torch.arange(32.0), 255
+    x = values / 127.5 - 1  # as ambient.prepare stores uint8 images
+    j = torch.arange(299, dtype=torch.float64)
+    for resize, position, scale in (("tf1", j * 32 / 299, lambda v: (v - 128) / 128),
+                                    ("pytorch-fid", (j + 0.5) * 32 / 299 - 0.5, lambda v: 2 * v / 255 - 1)):
+        got = E.inception_input(x, resize)
+        assert got.shape == (2, 3, 299, 299)
+        ramp = scale(8 * position.clamp(0, 31)).float()
+        assert torch.allclose(got[:, 0], ramp.expand(2, 299, 299), atol=1e-5), resize
+        assert torch.allclose(got[:, 1:], scale(values[:, 1:, :1, :1]).expand(2, 2, 299, 299), atol=1e-6), resize
+    assert E.inception_input(x, "tf1")[0, 2, 0, 0] == 127 / 128  # 255 -> 0.9921875, not pytorch-fid's 1
