@@ -49,7 +49,12 @@ def dinov2_file(size):
 
 
 class WeightsMissing(Exception):
-    """A weight file that is nowhere to be found: one line that says which, where and from where."""
+    """A weight file that is nowhere to be found: one line that says which, where and from where, and
+    .short, the few words a note needs while the report goes on without it (report.json keeps the rest)."""
+
+    def __init__(self, message, short=None):
+        super().__init__(message)
+        self.short = short or message
 
 
 def find_weights(filename, url, explicit=None, download=True):
@@ -74,7 +79,8 @@ def find_weights(filename, url, explicit=None, download=True):
         except Exception as e:  # no network, proxy, HTTP error: all mean "not here"
             why = f"the download failed ({type(e).__name__})"
     raise WeightsMissing(f"{filename} is not at {' nor '.join(str(p / filename) for p in places)} and {why}; "
-                         f"get it from {url} and put it in ${WEIGHTS_ENV} (or the torch hub folder, or pass the flag)")
+                         f"get it from {url} and put it in ${WEIGHTS_ENV} (or the torch hub folder, or pass the flag)",
+                         short=f"{filename} is not in ${WEIGHTS_ENV} or the torch hub folder and {why}")
 
 
 def load_state_dict(net, path, what):
@@ -238,7 +244,8 @@ class PatchEmbed(nn.Module):
 
 
 class DINOv2(nn.Module):
-    """forward(x in [0, 1], sides multiples of 14) -> the normalised CLS token (B, width)."""
+    """forward(images with sides that are multiples of 14) -> the CLS token after the final LayerNorm
+    (B, width), as the hub model returns it; how the images are prepared is the recipe's business."""
 
     def __init__(self, size="vitg14"):
         super().__init__()
@@ -271,9 +278,24 @@ class DINOv2(nn.Module):
         return self.norm(tokens)[:, 0]
 
 
+DINOV2_NAMES = {"vits14": "ViT-S/14", "vitb14": "ViT-B/14", "vitl14": "ViT-L/14", "vitg14": "ViT-g/14"}
+FD_SIDE, IMAGENET_MEAN, IMAGENET_STD = 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def similarity_recipe(size):
+    return (f"DINOv2 {DINOV2_NAMES.get(size, size)} CLS of [0, 1] images reflect-padded (centred) to a multiple "
+            "of 14, no resize, no normalisation; top-1 cosine of L2-normalised embeddings (the authors' recipe)")
+
+
+def fd_dinov2_recipe(size):
+    return (f"DINOv2 {DINOV2_NAMES.get(size, size)} CLS as the hub model returns it (not L2-normalised) of uint8 "
+            f"images resized to {FD_SIDE} by PIL bicubic, ImageNet mean/std (dgm-eval, Stein et al. 2023)")
+
+
 def dinov2_input(x):
-    """The released recipe: [-1, 1] -> [0, 1], reflect-padded (centred) to a multiple of 14, no
-    ImageNet normalisation. Reflection keeps the border statistics that zero padding would change."""
+    """The memorization similarity's recipe, as the authors' find_dataset_neighbors.py: [-1, 1] -> [0, 1],
+    reflect-padded (centred) to a multiple of 14, no resize, no ImageNet normalisation. Reflection keeps
+    the border statistics that zero padding would change."""
     x = (x + 1) / 2
     h, w = x.shape[-2:]
     ph, pw = -h % PATCH, -w % PATCH
@@ -284,6 +306,23 @@ def dinov2_input(x):
 
 def dinov2_forward(net):
     return lambda x: net(dinov2_input(x))
+
+
+def dinov2_fd_input(x):
+    """FD_DINOv2's recipe, dgm-eval's (Stein et al. 2023): it reads uint8 images with PIL, resizes them to
+    224 x 224 with torchvision's Resize, which on a PIL image is PIL's bicubic, then ToTensor and
+    Normalize with ImageNet's mean and std. PIL's bicubic (a = -0.5, rounded to uint8) is not torch's."""
+    from PIL import Image
+    images = to_uint8_values(x).byte().permute(0, 2, 3, 1).cpu().numpy()
+    resized = np.stack([np.asarray(Image.fromarray(im).resize((FD_SIDE, FD_SIDE), Image.Resampling.BICUBIC))
+                        for im in images])
+    x = torch.from_numpy(resized).to(x.device).permute(0, 3, 1, 2).float() / 255
+    mean, std = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
+    return (x - mean) / std
+
+
+def dinov2_fd_forward(net):
+    return lambda x: net(dinov2_fd_input(x))
 
 
 def dinov2_network(size, weights_path=None):
@@ -475,38 +514,110 @@ def load_images_input(path, args):
 def load_input(spec, args, log):
     path = Path(spec)
     if (path / "config.json").is_file():
-        return load_run(path, args, log)
+        return with_reference(load_run(path, args, log))
     if path.is_dir() or (path.suffix == ".npz" and path.is_file()):
-        return load_images_input(path, args)
+        return with_reference(load_images_input(path, args))
     raise UserError(f"{spec} is neither a run folder (with config.json) nor a folder or .npz of images")
+
+
+def with_reference(run):
+    """Adds the reference set of FID and FD_DINOv2: the whole dataset at the run's resolution, read on
+    the first cache miss only and then kept for the other metric."""
+    loaded = []
+
+    def reference():
+        if not loaded:
+            loaded.append(A.prepare(A.load_images(run["ref_spec"], run["ref_dir"]), run["resolution"]))
+        return loaded[0]
+
+    run.update(reference=reference, ref_key=[run["ref_spec"], str(Path(run["ref_dir"]).resolve()), run["resolution"]])
+    return run
 
 
 # ------------------------------------------------------------------------------------------------
 # 7. The evaluation: networks once, then per run FID, FD_DINOv2, similarity and pixel metrics.
+# Three networks, each with its own recipe: Inception-v3 for FID; DINOv2 (ViT-L/14 by default) as
+# dgm-eval prepares its input for FD_DINOv2; DINOv2 (ViT-g/14) as the authors prepare it for the
+# memorization similarity. One size for both DINOv2 uses loads that network once.
 # ------------------------------------------------------------------------------------------------
+SERVES = {"inception": "FID", "fd_dinov2": "FD_DINOv2", "dinov2": "the DINOv2 similarity (pixel fallback instead)"}
+
+
+def wanted_networks(args):
+    """name -> (weight file, its URL, the flag's path, build(path) -> network, network -> forward)."""
+    def dinov2(size, explicit, forward):
+        return (dinov2_file(size), DINOV2_URL.format(size), explicit, lambda p: dinov2_network(size, p), forward)
+    return {"inception": (INCEPTION_FILE, INCEPTION_URL, args.inception_weights, inception_network,
+                          lambda net: inception_forward(net, args.fid_resize)),
+            "fd_dinov2": dinov2(args.fd_dinov2, args.fd_dinov2_weights, dinov2_fd_forward),
+            "dinov2": dinov2(args.dinov2, args.dinov2_weights, dinov2_forward)}
+
+
 def networks(args, log):
-    """{'inception': forward or None, 'dinov2': forward or None, and the reasons for any None}."""
-    nets, download = {}, not args.no_download
-    wanted = {"inception": (INCEPTION_FILE, INCEPTION_URL, args.inception_weights, inception_network),
-              "dinov2": (dinov2_file(args.dinov2), DINOV2_URL.format(args.dinov2), args.dinov2_weights,
-                         lambda p: dinov2_network(args.dinov2, p))}
-    for name, (filename, url, explicit, build) in wanted.items():
-        nets[name], nets[name + "_reason"], nets[name + "_file"] = None, None, None
+    """{name: {'forward': callable or None, 'file': weights path or None, 'reason': why None}}."""
+    nets, built = {}, {}  # built: weights path -> network, so one file is loaded once
+    for name, (filename, url, explicit, build, forward) in wanted_networks(args).items():
+        nets[name] = {"forward": None, "file": None, "reason": None}
         if args.pixels_only:
-            nets[name + "_reason"] = "--pixels-only"
+            nets[name]["reason"] = "--pixels-only"
             continue
         try:
-            path = find_weights(filename, url, explicit, download)
-            net = build(path).to(args.device)
-            nets[name] = inception_forward(net, args.fid_resize) if name == "inception" else dinov2_forward(net)
-            nets[name + "_file"] = str(path)
-            log(f"{name}: weights {path}")
+            path = find_weights(filename, url, explicit, not args.no_download)
         except WeightsMissing as e:
             if args.require_weights:
                 raise UserError(f"{name} weights missing: {e}")
-            nets[name + "_reason"] = str(e)
-            log(f"note: {name} unavailable, falling back to pixel metrics: {e}")
+            nets[name]["reason"] = str(e)
+            log(f"note: {e.short}; skipping {SERVES[name]}")
+            continue
+        if str(path) not in built:
+            built[str(path)] = build(path).to(args.device)
+            log(f"{name}: weights {path}")
+        nets[name].update(forward=forward(built[str(path)]), file=str(path))
     return nets
+
+
+def net_features(nets, name, images, args, log, label):
+    return features(nets[name]["forward"], images, args.batch, args.device, f"{label} {name}", log)
+
+
+def net_key(nets, name, *recipe):
+    """The part of a cache key that names the network, its weights file and how its input is prepared."""
+    return [name, *recipe, Path(nets[name]["file"]).name]
+
+
+def fid_metrics(run, nets, args, log, name):
+    if nets["inception"]["forward"] is None:
+        return {"fid": None, "fid_unavailable": nets["inception"]["reason"]}
+    key = run["ref_key"] + net_key(nets, "inception", args.fid_resize)
+    stats = cached(args.cache_dir, "inception-reference", key, lambda: dict(zip(("mu", "cov"), statistics(
+        net_features(nets, "inception", run["reference"](), args, log, "reference")))), log)
+    gen = net_features(nets, "inception", run["samples"], args, log, name)
+    return {"fid": frechet_distance_to(gen, stats["mu"], stats["cov"]), "fid_recipe": FID_RECIPES[args.fid_resize]}
+
+
+def fd_dinov2_metrics(run, nets, args, log, name):
+    if nets["fd_dinov2"]["forward"] is None:
+        return {"fd_dinov2": None, "fd_dinov2_unavailable": nets["fd_dinov2"]["reason"]}
+    key = run["ref_key"] + net_key(nets, "fd_dinov2", args.fd_dinov2, "dgm-eval")
+    stats = cached(args.cache_dir, "dinov2-reference", key, lambda: dict(zip(("mu", "cov"), statistics(
+        net_features(nets, "fd_dinov2", run["reference"](), args, log, "reference")))), log)
+    gen = net_features(nets, "fd_dinov2", run["samples"], args, log, name)
+    return {"fd_dinov2": frechet_distance_to(gen, stats["mu"], stats["cov"]),
+            "fd_dinov2_recipe": fd_dinov2_recipe(args.fd_dinov2)}
+
+
+def similarity(run, nets, args, log, name, pixel_nn):
+    """Each sample's top-1 similarity to the training set and its index, with the row entries naming it:
+    DINOv2 with the authors' recipe, or ambient.py's centred pixel cosine without its weights."""
+    if nets["dinov2"]["forward"] is None:
+        return pixel_nn["cosine"].numpy(), pixel_nn["cosine_idx"].numpy(), {
+            "similarity_space": "pixels, centred cosine", "similarity_unavailable": nets["dinov2"]["reason"],
+            "similarity_recipe": "ambient.py's pixel fallback: cosine of mean-centred pixels (not the paper's)"}
+    key = run["train_key"] + net_key(nets, "dinov2", args.dinov2, "paper")
+    train_feats = cached(args.cache_dir, "dinov2-train", key, lambda: {
+        "features": net_features(nets, "dinov2", run["train"], args, log, "train")}, log)
+    sims, idx = top1_cosine(net_features(nets, "dinov2", run["samples"], args, log, name), train_feats["features"])
+    return sims, idx, {"similarity_space": f"DINOv2 {args.dinov2} CLS", "similarity_recipe": similarity_recipe(args.dinov2)}
 
 
 def evaluate_run(run, nets, args, log, name):
@@ -516,37 +627,13 @@ def evaluate_run(run, nets, args, log, name):
     row = {"samples": len(samples), "train_images": len(train), "resolution": run["resolution"],
            "sigma_tn": run["sigma_tn"], "method": run.get("method"), "mask_p": run.get("mask_p"),
            "thresholds": list(thresholds)}
-    ref = None
-
-    def reference():  # the whole dataset at the run's resolution, loaded only on a cache miss
-        nonlocal ref
-        if ref is None:
-            ref = A.prepare(A.load_images(run["ref_spec"], run["ref_dir"]), run["resolution"])
-        return ref
-
-    ref_key = [run["ref_spec"], str(Path(run["ref_dir"]).resolve()), run["resolution"]]
-    for net_name, metric in (("inception", "fid"), ("dinov2", "fd_dinov2")):
-        if nets[net_name] is None:
-            row[metric], row[metric + "_unavailable"] = None, nets[net_name + "_reason"]
-            continue
-        net_id = [net_name, args.dinov2 if net_name == "dinov2" else args.fid_resize, Path(nets[net_name + "_file"]).name]
-        stats = cached(args.cache_dir, f"{net_name}-reference", ref_key + net_id, lambda: dict(zip(
-            ("mu", "cov"), statistics(features(nets[net_name], reference(), args.batch, args.device,
-                                               f"{net_name} reference", log)))), log)
-        gen = features(nets[net_name], samples, args.batch, args.device, f"{name} {net_name}", log)
-        row[metric] = frechet_distance_to(gen, stats["mu"], stats["cov"])
-        if net_name == "dinov2":
-            train_feats = cached(args.cache_dir, "dinov2-train", run["train_key"] + net_id, lambda: {
-                "features": features(nets["dinov2"], train, args.batch, args.device, "dinov2 train", log)}, log)
-            sims, idx = top1_cosine(gen, train_feats["features"])
-            row.update(similarity_space=f"DINOv2 {args.dinov2} CLS", **similarity_summary(sims, thresholds))
-    pixel, nn_ = A.memorization_report(samples, train)
-    row["pixel_copy_rate"] = pixel["copy_rate"]
-    row["pixel_ratio_median"] = pixel["ratio_median"]
-    if nets["dinov2"] is None:  # ambient.py's weight-free stand-in for the DINOv2 similarity
-        sims, idx = nn_["cosine"].numpy(), nn_["cosine_idx"].numpy()
-        row.update(similarity_space="pixels, centred cosine", **similarity_summary(sims, thresholds))
-    if len(samples) < 10_000 and nets["inception"] is not None:
+    row.update(fid_metrics(run, nets, args, log, name))
+    row.update(fd_dinov2_metrics(run, nets, args, log, name))
+    pixel, pixel_nn = A.memorization_report(samples, train)
+    sims, idx, space = similarity(run, nets, args, log, name, pixel_nn)
+    row.update(space, **similarity_summary(sims, thresholds))
+    row.update(pixel_copy_rate=pixel["copy_rate"], pixel_ratio_median=pixel["ratio_median"])
+    if len(samples) < 10_000 and row["fid"] is not None:
         row["note"] = f"FID from {len(samples)} samples is biased upwards; the paper uses 50,000"
     return row, sims, idx
 
@@ -554,37 +641,42 @@ def evaluate_run(run, nets, args, log, name):
 # ------------------------------------------------------------------------------------------------
 # 8. Report: Markdown on stdout, JSON, PNGs.
 # ------------------------------------------------------------------------------------------------
-def markdown(rows):
-    first = next(iter(rows.values()))
-    space = first["similarity_space"]
-    lines = ["| metric | " + " | ".join(rows) + " |", "|---" * (len(rows) + 1) + "|"]
+PIXEL_COPY_RECIPE = "ambient.py: L2 distance to the nearest training image over the second nearest's (Gu et al. 2023)"
+UNAVAILABLE = {"fid_unavailable": "FID", "fd_dinov2_unavailable": "FD_DINOv2",
+               "similarity_unavailable": "DINOv2 similarity"}
 
-    def line(label, key, fmt="{:.3f}", percent=False):
+
+def markdown(rows):
+    """One column per run and a last one naming each metric's recipe (the same for every run)."""
+    first = next(iter(rows.values()))
+    lines = ["| metric | " + " | ".join(rows) + " | recipe |", "|---" * (len(rows) + 2) + "|"]
+
+    def line(label, key, fmt="{:.3f}", percent=False, recipe=""):
         cells = []
         for r in rows.values():
             v = r.get(key)
             cells.append("n/a" if v is None else f"{100 * v:.1f}%" if percent else fmt.format(v))
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {recipe} |")
 
-    line("FID (Inception-v3)", "fid", "{:.2f}")
-    line("FD_DINOv2", "fd_dinov2", "{:.2f}")
-    line(f"similarity mean ({space})", "similarity_mean")
+    line("FID (Inception-v3)", "fid", "{:.2f}", recipe=first.get("fid_recipe", "unavailable"))
+    line("FD_DINOv2", "fd_dinov2", "{:.2f}", recipe=first.get("fd_dinov2_recipe", "unavailable"))
+    line(f"similarity mean ({first['similarity_space']})", "similarity_mean", recipe=first["similarity_recipe"])
     line("similarity median", "similarity_median")
     for th in first["thresholds"]:
         line(f"share with similarity > {th:g}", f"similarity_above_{th:g}", percent=True)
-    line("pixel copy rate (d1/d2 < 1/3)", "pixel_copy_rate", percent=True)
-    line("samples", "samples", "{}")
-    line("training images", "train_images", "{}")
-    line("method", "method", "{}")
-    line("sigma_tn (EDM)", "sigma_tn", "{:g}")
-    line("mask p", "mask_p", "{:g}")
-    labels = {"fid_unavailable": "FID", "fd_dinov2_unavailable": "FD_DINOv2 and DINOv2 similarity"}
-    notes = sorted({f"{labels[k]} unavailable: {v}" for r in rows.values() for k, v in r.items() if k in labels})
+    line("pixel copy rate (d1/d2 < 1/3)", "pixel_copy_rate", percent=True, recipe=PIXEL_COPY_RECIPE)
+    for label, key, fmt in (("samples", "samples", "{}"), ("training images", "train_images", "{}"),
+                            ("method", "method", "{}"), ("sigma_tn (EDM)", "sigma_tn", "{:g}"), ("mask p", "mask_p", "{:g}")):
+        line(label, key, fmt)
+    return "\n".join(lines + [""] + [f"- {n}" for n in report_notes(rows)])
+
+
+def report_notes(rows):
+    notes = sorted({f"{UNAVAILABLE[k]} unavailable: {v}" for r in rows.values() for k, v in r.items() if k in UNAVAILABLE})
     if any(r["similarity_space"].startswith("pixels") for r in rows.values()):
         notes.append("the similarity rows use ambient.py's pixel fallback, not DINOv2: "
                      "they are not comparable to the paper's numbers")
-    notes += sorted({r["note"] for r in rows.values() if "note" in r})
-    return "\n".join(lines + [""] + [f"- {n}" for n in notes])
+    return notes + sorted({r["note"] for r in rows.values() if "note" in r})
 
 
 def save_plots(rows, sims, out, log):
@@ -639,13 +731,17 @@ def build_parser():
       "checkpoint when samples.npz holds fewer (default: all in samples.npz; paper: 50000)")
     a("--batch", type=int, default=64, help="images per network batch (default 64)")
     a("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    a("--dinov2", choices=tuple(DINOV2_SIZES), default="vitg14", help="DINOv2 size (paper: vitg14, the default)")
+    a("--dinov2", choices=tuple(DINOV2_SIZES), default="vitg14", help="DINOv2 size of the memorization similarity "
+      "(paper: vitg14, the default)")
+    a("--fd-dinov2", choices=tuple(DINOV2_SIZES), default="vitl14", help="DINOv2 size of FD_DINOv2 (dgm-eval and its "
+      "leaderboard: vitl14, the default)")
     a("--fid-resize", choices=FID_RESIZES, default="tf1", help="how FID images reach 299 x 299: tf1 = EDM's fid.py and "
       "the paper (TF1 legacy bilinear on uint8, the default), pytorch-fid = pytorch-fid's half-pixel bilinear")
     a("--thresholds", type=float, nargs=3, metavar="T", help="similarity thresholds (default: 0.9 0.925 0.95, "
       "or 0.85 0.875 0.9 when the dataset name contains ffhq)")
     a("--inception-weights", metavar="FILE", help=f"local {INCEPTION_FILE}")
-    a("--dinov2-weights", metavar="FILE", help="local dinov2_<size>_pretrain.pth")
+    a("--dinov2-weights", metavar="FILE", help="local dinov2_<size>_pretrain.pth for the similarity (--dinov2 size)")
+    a("--fd-dinov2-weights", metavar="FILE", help="local dinov2_<size>_pretrain.pth for FD_DINOv2 (--fd-dinov2 size)")
     a("--no-download", action="store_true", help="never try to download weights")
     a("--require-weights", action="store_true", help="missing weights are an error instead of the pixel fallback")
     a("--pixels-only", action="store_true", help="skip the networks: ambient.py's pixel metrics only")
@@ -685,8 +781,8 @@ def run(args):
     table = markdown(rows)
     print(table)
     (out / "report.md").write_text(table + "\n")
-    (out / "report.json").write_text(json.dumps({"runs": rows, "inception_weights": nets["inception_file"],
-                                                 "dinov2_weights": nets["dinov2_file"]}, indent=1))
+    (out / "report.json").write_text(json.dumps({"runs": rows, **{f"{k}_weights": v["file"] for k, v in nets.items()}},
+                                                indent=1))
     log(f"wrote {out}/: report.md, report.json, " + ", ".join(files))
     return rows
 

@@ -133,7 +133,8 @@ def test_missing_weights_fall_back_to_pixel_metrics_or_give_one_clear_line(tmp_p
     report = json.loads((out / "report.json").read_text())["runs"]["ddpm"]
     assert report["fid"] is None and report["fd_dinov2"] is None and report["samples"] == 6
     assert E.INCEPTION_FILE in report["fid_unavailable"] and E.INCEPTION_URL in report["fid_unavailable"]
-    assert str(tmp_path / "weights" / "dinov2_vitg14_pretrain.pth") in report["fd_dinov2_unavailable"]
+    assert str(tmp_path / "weights" / "dinov2_vitl14_pretrain.pth") in report["fd_dinov2_unavailable"]  # dgm-eval's
+    assert str(tmp_path / "weights" / "dinov2_vitg14_pretrain.pth") in report["similarity_unavailable"]  # the paper's
     assert report["similarity_space"].startswith("pixels")
     printed = capsys.readouterr().out
     assert "pixel fallback, not DINOv2" in printed and "| FID (Inception-v3) | n/a |" in printed
@@ -170,7 +171,7 @@ def test_weights_in_the_env_folder_give_fid_fd_dinov2_and_dinov2_copies(tmp_path
     np.savez(tmp_path / "data.npz", images=data)
     run = fake_run(tmp_path / "ambient-0.4", tmp_path / "data.npz", [1, 3, 5], np.concatenate([data[[5, 1]], data[[0, 2]]]), 0.4)
     out = tmp_path / "out"
-    E.main([str(run), "--dinov2", "vits14", "--no-download", "--out", str(out), "--cache-dir", str(tmp_path / "cache"),
+    E.main([str(run), "--dinov2", "vits14", "--fd-dinov2", "vits14", "--no-download", "--out", str(out), "--cache-dir", str(tmp_path / "cache"),
             "--device", "cpu", "--batch", "4"])
     saved = json.loads((out / "report.json").read_text())
     report = saved["runs"]["ambient-0.4"]
@@ -242,3 +243,67 @@ def test_fid_input_scales_uint8_values_by_v_minus_128_over_128_or_as_pytorch_fid
         assert torch.allclose(got[:, 0], ramp.expand(2, 299, 299), atol=1e-5), resize
         assert torch.allclose(got[:, 1:], scale(values[:, 1:, :1, :1]).expand(2, 2, 299, 299), atol=1e-6), resize
     assert E.inception_input(x, "tf1")[0, 2, 0, 0] == 127 / 128  # 255 -> 0.9921875, not pytorch-fid's 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Which recipe reaches which network, through the command line
+# ---------------------------------------------------------------------------------------------
+class Recorder(torch.nn.Module):
+    """Stands in for a network: keeps every input and returns 12 features that depend on it."""
+
+    def __init__(self, inception=False):
+        super().__init__()
+        self.inputs, self.inception = [], inception
+
+    def forward(self, x):
+        self.inputs.append(x.clone())
+        feats = self.features(x)
+        return [feats[..., None, None]] if self.inception else feats  # pytorch-fid returns a list of maps
+
+    @staticmethod
+    def features(x):
+        return torch.nn.functional.adaptive_avg_pool2d(x, 2).flatten(1)
+
+
+def test_fid_gets_the_tf1_input_fd_dinov2_the_dgm_eval_input_and_similarity_the_papers(tmp_path, monkeypatch):
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    for name in (E.INCEPTION_FILE, E.dinov2_file("vitl14"), E.dinov2_file("vitg14")):
+        (weights / name).touch()  # found by name; the recorders below stand in for their networks
+    nets = {"inception": Recorder(inception=True), "vitl14": Recorder(), "vitg14": Recorder()}
+    monkeypatch.setattr(E, "inception_network", lambda path: nets["inception"])
+    monkeypatch.setattr(E, "dinov2_network", lambda size, path: nets[size])
+    monkeypatch.setenv(E.WEIGHTS_ENV, str(weights))
+    data = (np.random.default_rng(27).random((6, 16, 16, 3)) * 255).astype(np.uint8)
+    data[0] = [10, 128, 250]  # one flat colour: every resize keeps it
+    data[1] = 64 + data[1] // 2  # noise in 64..191: bicubic's negative lobes overshoot that range, bilinear cannot
+    np.savez(tmp_path / "data.npz", images=data)
+    run = fake_run(tmp_path / "run", tmp_path / "data.npz", [0, 2, 4], data[[0, 1, 2, 3]])
+    E.main([str(run), "--no-download", "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"),
+            "--device", "cpu"])
+    report = json.loads((tmp_path / "out" / "report.json").read_text())["runs"]["run"]
+    reference, samples = (torch.from_numpy(d).permute(0, 3, 1, 2).float() for d in (data, data[:4]))
+
+    fid_ref, fid_gen = nets["inception"].inputs  # EDM: uint8 values, TF1 resize to 299, (v - 128) / 128
+    assert torch.allclose(fid_gen, (E.resize_bilinear_tf1(samples, (299, 299)) - 128) / 128, atol=1e-6)
+    assert torch.allclose(fid_ref, (E.resize_bilinear_tf1(reference, (299, 299)) - 128) / 128, atol=1e-6)
+
+    fd_ref, fd_gen = nets["vitl14"].inputs  # dgm-eval: 224 x 224, ImageNet mean and std
+    mean, std = torch.tensor(E.IMAGENET_MEAN).view(3, 1, 1), torch.tensor(E.IMAGENET_STD).view(3, 1, 1)
+    assert fd_gen.shape == (4, 3, 224, 224) and fd_ref.shape == (6, 3, 224, 224)
+    assert torch.allclose(fd_gen[0], ((torch.tensor([10.0, 128, 250]) / 255).view(3, 1, 1) - mean) / std, atol=1e-6)
+    pixels = (fd_gen * std + mean) * 255
+    assert torch.allclose(pixels, pixels.round(), atol=1e-3)  # PIL's bicubic hands back uint8 images
+    assert pixels[1].min() < 63.5 or pixels[1].max() > 191.5
+    expected = E.frechet_distance_to(Recorder.features(fd_gen).double().numpy(),
+                                     *E.statistics(Recorder.features(fd_ref).double().numpy()))
+    assert report["fd_dinov2"] == pytest.approx(expected, rel=1e-9)  # the CLS as returned, not L2-normalised
+
+    sim_train, sim_gen = nets["vitg14"].inputs  # the paper: [0, 1], reflect-padded 16 -> 28, nothing else
+    assert sim_gen.shape == (4, 3, 28, 28) and sim_train.shape == (3, 3, 28, 28)
+    assert torch.allclose(sim_gen[..., 6:22, 6:22], samples / 255, atol=1e-6)
+    assert torch.allclose(sim_train[..., 6:22, 6:22], reference[[0, 2, 4]] / 255, atol=1e-6)
+    sims, _ = E.top1_cosine(Recorder.features(sim_gen).double().numpy(), Recorder.features(sim_train).double().numpy())
+    assert report["similarity_mean"] == pytest.approx(sims.mean(), rel=1e-9)
+    assert "ViT-L/14" in report["fd_dinov2_recipe"] and "ViT-g/14" in report["similarity_recipe"]
+    assert "TF1" in report["fid_recipe"]
