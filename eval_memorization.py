@@ -387,6 +387,44 @@ def frechet_distance_to(feats, mu2, cov2):
     return float(((mu1 - mu2) ** 2).sum() + np.trace(cov1) + np.trace(cov2) - 2 * tr_covmean)
 
 
+KID_SUBSETS, KID_SUBSET_SIZE, KID_SEED = 100, 1000, 2020  # torch-fidelity's defaults, after Binkowski et al. 2018
+
+
+def kid_recipe(subsets, size):
+    return (f"Inception-v3 pool3 as for FID; k(x, y) = (x.y / d + 1)^3, unbiased MMD^2, mean +- std over {subsets} "
+            f"subsets of {size} (torch-fidelity)")
+
+
+def polynomial_kernel(X, Y):
+    """KID's kernel k(x, y) = (x.y / d + 1)^3, d the feature dimension."""
+    return (X @ Y.T / X.shape[1] + 1) ** 3
+
+
+def mmd2_unbiased(X, Y):
+    """The unbiased MMD^2 estimate of two sets of m features: the within-set kernel means leave out
+    the diagonal k(x_i, x_i); the cross mean keeps every pair, X and Y being independent draws."""
+    m = len(X)
+    kxx, kyy = polynomial_kernel(X, X), polynomial_kernel(Y, Y)
+    within = (kxx.sum() - kxx.diagonal().sum() + kyy.sum() - kyy.diagonal().sum()) / (m * (m - 1))
+    return within - 2 * polynomial_kernel(X, Y).mean()
+
+
+def kid(gen, ref, subsets=KID_SUBSETS, subset_size=KID_SUBSET_SIZE, seed=KID_SEED, device="cpu"):
+    """KID: mean and (population) std of mmd2_unbiased over random subsets drawn without replacement,
+    generated first, as torch-fidelity draws them. Sets smaller than subset_size: the smaller set's size."""
+    m = min(subset_size, len(gen), len(ref))
+    if m < 2:
+        return {"kid": None, "kid_unavailable": f"KID needs 2 samples or more, not {m}"}
+    rng = np.random.RandomState(seed)
+    X, Y = (torch.as_tensor(np.asarray(f), dtype=torch.float64, device=device) for f in (gen, ref))
+    values = []
+    for _ in range(subsets):
+        i, j = rng.choice(len(X), m, replace=False), rng.choice(len(Y), m, replace=False)
+        values.append(mmd2_unbiased(X[i], Y[j]).item())
+    return {"kid": float(np.mean(values)), "kid_std": float(np.std(values)), "kid_subsets": subsets,
+            "kid_subset_size": m, "kid_recipe": kid_recipe(subsets, m)}
+
+
 def top1_cosine(samples, train, chunk=4096):
     """Each sample's best cosine to the training features and its index (the embeddings L2-normalised)."""
     t = F.normalize(torch.as_tensor(train, dtype=torch.float64), dim=1)
@@ -540,7 +578,7 @@ def with_reference(run):
 # dgm-eval prepares its input for FD_DINOv2; DINOv2 (ViT-g/14) as the authors prepare it for the
 # memorization similarity. One size for both DINOv2 uses loads that network once.
 # ------------------------------------------------------------------------------------------------
-SERVES = {"inception": "FID", "fd_dinov2": "FD_DINOv2", "dinov2": "the DINOv2 similarity (pixel fallback instead)"}
+SERVES = {"inception": "FID and KID", "fd_dinov2": "FD_DINOv2", "dinov2": "the DINOv2 similarity (pixel fallback instead)"}
 
 
 def wanted_networks(args):
@@ -585,14 +623,22 @@ def net_key(nets, name, *recipe):
     return [name, *recipe, Path(nets[name]["file"]).name]
 
 
+def reference_statistics(feats):
+    """What FID and KID need of the reference set: mean, covariance and (for KID's subsets) the features."""
+    mu, cov = statistics(feats)
+    return {"mu": mu, "cov": cov, "features": np.asarray(feats, np.float32)}
+
+
 def fid_metrics(run, nets, args, log, name):
+    """FID and KID, from the same Inception features."""
     if nets["inception"]["forward"] is None:
-        return {"fid": None, "fid_unavailable": nets["inception"]["reason"]}
-    key = run["ref_key"] + net_key(nets, "inception", args.fid_resize)
-    stats = cached(args.cache_dir, "inception-reference", key, lambda: dict(zip(("mu", "cov"), statistics(
-        net_features(nets, "inception", run["reference"](), args, log, "reference")))), log)
+        return {"fid": None, "fid_unavailable": nets["inception"]["reason"], "kid": None}
+    key = run["ref_key"] + net_key(nets, "inception", args.fid_resize, "kid")
+    stats = cached(args.cache_dir, "inception-reference", key, lambda: reference_statistics(
+        net_features(nets, "inception", run["reference"](), args, log, "reference")), log)
     gen = net_features(nets, "inception", run["samples"], args, log, name)
-    return {"fid": frechet_distance_to(gen, stats["mu"], stats["cov"]), "fid_recipe": FID_RECIPES[args.fid_resize]}
+    return {"fid": frechet_distance_to(gen, stats["mu"], stats["cov"]), "fid_recipe": FID_RECIPES[args.fid_resize],
+            **kid(gen, stats["features"], device=args.device)}
 
 
 def fd_dinov2_metrics(run, nets, args, log, name):
@@ -642,7 +688,7 @@ def evaluate_run(run, nets, args, log, name):
 # 8. Report: Markdown on stdout, JSON, PNGs.
 # ------------------------------------------------------------------------------------------------
 PIXEL_COPY_RECIPE = "ambient.py: L2 distance to the nearest training image over the second nearest's (Gu et al. 2023)"
-UNAVAILABLE = {"fid_unavailable": "FID", "fd_dinov2_unavailable": "FD_DINOv2",
+UNAVAILABLE = {"fid_unavailable": "FID and KID", "kid_unavailable": "KID", "fd_dinov2_unavailable": "FD_DINOv2",
                "similarity_unavailable": "DINOv2 similarity"}
 
 
@@ -651,14 +697,17 @@ def markdown(rows):
     first = next(iter(rows.values()))
     lines = ["| metric | " + " | ".join(rows) + " | recipe |", "|---" * (len(rows) + 2) + "|"]
 
-    def line(label, key, fmt="{:.3f}", percent=False, recipe=""):
+    def line(label, key, fmt="{:.3f}", percent=False, recipe="", values=None):
         cells = []
-        for r in rows.values():
-            v = r.get(key)
+        for name, r in rows.items():
+            v = values[name] if values else r.get(key)
             cells.append("n/a" if v is None else f"{100 * v:.1f}%" if percent else fmt.format(v))
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {recipe} |")
 
     line("FID (Inception-v3)", "fid", "{:.2f}", recipe=first.get("fid_recipe", "unavailable"))
+    kid_cells = {k: None if r.get("kid") is None else f"{1e3 * r['kid']:.2f} +- {1e3 * r['kid_std']:.2f}"
+                 for k, r in rows.items()}
+    line("KID x 1000", None, "{}", recipe=first.get("kid_recipe", "unavailable"), values=kid_cells)
     line("FD_DINOv2", "fd_dinov2", "{:.2f}", recipe=first.get("fd_dinov2_recipe", "unavailable"))
     line(f"similarity mean ({first['similarity_space']})", "similarity_mean", recipe=first["similarity_recipe"])
     line("similarity median", "similarity_median")

@@ -307,3 +307,29 @@ def test_fid_gets_the_tf1_input_fd_dinov2_the_dgm_eval_input_and_similarity_the_
     assert report["similarity_mean"] == pytest.approx(sims.mean(), rel=1e-9)
     assert "ViT-L/14" in report["fd_dinov2_recipe"] and "ViT-g/14" in report["similarity_recipe"]
     assert "TF1" in report["fid_recipe"]
+    kid = E.kid(Recorder.features(fid_gen).double().numpy(), Recorder.features(fid_ref).double().numpy())
+    assert report["kid"] == pytest.approx(kid["kid"], rel=1e-9) and report["kid_subset_size"] == 4
+
+
+# ---------------------------------------------------------------------------------------------
+# KID: polynomial kernel (x.y / d + 1)^3, unbiased MMD^2, mean and std over subsets
+# ---------------------------------------------------------------------------------------------
+def test_kid_of_two_points_each_is_the_hand_computed_unbiased_mmd():
+    """d = 2, X = {(0,0), (2,0)}, Y = {(0,2), (2,2)}: k = (x.y / 2 + 1)^3 is 1 for x.y = 0 and 27 for
+    x.y = 4. Within X (off the diagonal) 1, within Y 27, across 1, 1, 1, 27: MMD_u^2 = (2 + 54) / 2 - 2 * 30 / 4 = 13.
+    (The biased estimate, diagonals k = 1, 27 and 27, 125 included, would be 30/4 + 206/4 - 15 = 44.)"""
+    X, Y = np.array([[0.0, 0.0], [2.0, 0.0]]), np.array([[0.0, 2.0], [2.0, 2.0]])
+    result = E.kid(X, Y)  # 2 samples < 1000: subsets of 2, every one the whole set
+    assert result["kid"] == pytest.approx(13, rel=1e-12) and result["kid_std"] == pytest.approx(0, abs=1e-12)
+    assert result["kid_subset_size"] == 2 and result["kid_subsets"] == 100
+    # one set against itself: 2 (S - m tr K) / (m^2 (m - 1)) with S = 30, tr K = 28, m = 2, so -13, not 0
+    assert E.kid(X, X)["kid"] == pytest.approx(-13, rel=1e-12)
+
+
+def test_kid_of_two_point_masses_is_their_kernel_distance_at_any_subset_size():
+    """All x = a and all y = b: every subset gives k(a, a) + k(b, b) - 2 k(a, b) = 8 + 8 - 0 for a = -b = (1, 1, 1, 1)."""
+    a = np.ones((7, 4))
+    result = E.kid(a, -a[:5], subsets=10, subset_size=3)
+    assert result["kid"] == pytest.approx(16, rel=1e-12) and result["kid_subset_size"] == 3
+    assert E.kid(a, -a[:5])["kid_subset_size"] == 5  # fewer samples than 1000: the smaller set's size
+    assert E.kid(a[:1], a)["kid"] is None  # one sample has no pair to leave out
