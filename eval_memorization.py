@@ -488,15 +488,45 @@ def thresholds_for(data_spec):
     return FFHQ_THRESHOLDS if "ffhq" in str(data_spec).lower() else DEFAULT_THRESHOLDS
 
 
+def find_dataset(path, cfg, args):
+    """(spec, data_dir) of a run's training set, so that a run folder can be scored from any folder:
+    --train; else config.json's data_path (absolute, written by newer ambient.py) if it exists; else
+    "data" as written, from the current folder; else from each folder above the run (older runs wrote
+    the path as typed, relative to where ambient.py ran)."""
+    data_dir = args.data_dir or find_data_dir(path, cfg)
+    if args.train or cfg["data"] in ("cifar", "demo"):
+        return args.train or cfg["data"], data_dir
+    data = Path(cfg["data"])
+    places = ([Path(cfg["data_path"])] if cfg.get("data_path") else []) + [data] + [p / data for p in path.resolve().parents]
+    for place in places:
+        if place.exists():
+            return str(place.resolve()), data_dir
+    raise UserError(f"{path} was trained on {cfg['data']}, which is not at {cfg.get('data_path') or cfg['data']} from "
+                    f"{Path.cwd()} nor under a folder above {path.resolve()}; pass --train PATH (that .npz or image folder)")
+
+
+def find_data_dir(path, cfg):
+    """Where cifar lives for a run: its data_dir if that holds CIFAR-10 from here or from a folder above the
+    run, else data_dir as written (ambient.py's loader then downloads there or says what to place)."""
+    data_dir = Path(cfg.get("data_dir", "data"))
+    for place in [data_dir] + [p / data_dir for p in path.resolve().parents]:
+        if (place / "cifar-10-batches-py").is_dir() or (place / A.CIFAR_URL.rsplit("/", 1)[1]).is_file():
+            return str(place)
+    return str(data_dir)
+
+
 def load_run(path, args, log):
     """A run folder -> samples, training images, reference spec, config (images as [-1, 1] tensors)."""
     cfg = json.loads((path / "config.json").read_text())
-    data_dir = args.data_dir or cfg.get("data_dir", "data")
-    dataset = A.load_images(cfg["data"], data_dir)
+    spec, data_dir = find_dataset(path, cfg, args)
+    dataset = A.load_images(spec, data_dir)
     try:
         indices = json.loads((path / "indices.json").read_text())
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read {path / 'indices.json'} ({e}); is {path} a run folder from ambient.py?")
+    if max(indices, default=-1) >= len(dataset):
+        raise UserError(f"{path / 'indices.json'} points past the {len(dataset)} images of {spec}; "
+                        "pass --train with the dataset the run was trained on")
     res = cfg["resolution"]
     samples = None
     if (path / "samples.npz").is_file():
@@ -507,8 +537,8 @@ def load_run(path, args, log):
     if samples is None or len(samples) < want:
         samples = generate_for(path, cfg, want, args, log)
     train = A.prepare(dataset[indices], res)
-    return dict(samples=A.prepare(samples[:want]), train=train, ref_spec=args.ref or cfg["data"], ref_dir=data_dir,
-                resolution=res, train_key=[cfg["data"], str(Path(data_dir).resolve()), res, indices],
+    return dict(samples=A.prepare(samples[:want]), train=train, ref_spec=args.ref or spec, ref_dir=data_dir,
+                resolution=res, train_key=[spec, str(Path(data_dir).resolve()), res, indices], indices=indices,
                 sigma_tn=cfg.get("sigma_tn"), method=cfg.get("method", "algorithm1"), mask_p=cfg.get("mask_p"),
                 data=cfg["data"])
 

@@ -333,3 +333,33 @@ def test_kid_of_two_point_masses_is_their_kernel_distance_at_any_subset_size():
     assert result["kid"] == pytest.approx(16, rel=1e-12) and result["kid_subset_size"] == 3
     assert E.kid(a, -a[:5])["kid_subset_size"] == 5  # fewer samples than 1000: the smaller set's size
     assert E.kid(a[:1], a)["kid"] is None  # one sample has no pair to leave out
+
+
+# ---------------------------------------------------------------------------------------------
+# Run folders are self-contained: their training set is found from any working folder
+# ---------------------------------------------------------------------------------------------
+def test_a_run_is_scored_from_another_folder_and_a_lost_training_set_gives_one_line(tmp_path, capsys, monkeypatch):
+    """ambient.py ran in project/main with --data ../shared/d.npz (older runs keep that as typed)."""
+    data = (np.random.default_rng(28).random((8, 16, 16, 3)) * 255).astype(np.uint8)
+    (tmp_path / "project" / "shared").mkdir(parents=True)
+    np.savez(tmp_path / "project" / "shared" / "d.npz", images=data)
+    run = fake_run(tmp_path / "project" / "main" / "runs" / "r", "../shared/d.npz", [0, 2, 4], data[[0, 2, 5, 7]])
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    common = [str(run), "--pixels-only", "--out", "out", "--cache-dir", "cache", "--device", "cpu"]
+
+    def copy_rate(*extra):
+        E.main(common + list(extra))
+        return json.loads(Path("out/report.json").read_text())["runs"]["r"]["pixel_copy_rate"]
+
+    assert copy_rate() == 0.5  # samples 0 and 2 are its training images 0 and 2 of d.npz, 5 and 7 are not
+    other = tmp_path / "other.npz"  # its images 0, 2, 4 are d.npz's 5, 7, 0: three of the four samples
+    np.savez(other, images=data[[5, 1, 7, 3, 0, 6, 2, 4]])
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "data_path": str(other)}))
+    assert copy_rate() == 0.75  # data_path, the absolute path newer runs record, comes first
+    (run / "config.json").write_text(json.dumps({**config, "data": "../shared/lost.npz",
+                                                 "data_path": str(tmp_path / "lost.npz")}))
+    err = eval_error(common, capsys)
+    assert "../shared/lost.npz" in err and "--train PATH" in err
+    assert copy_rate("--train", str(other)) == 0.75  # --train stands in for the training set the run names
