@@ -711,7 +711,18 @@ def evaluate_run(run, nets, args, log, name):
     row.update(pixel_copy_rate=pixel["copy_rate"], pixel_ratio_median=pixel["ratio_median"])
     if len(samples) < 10_000 and row["fid"] is not None:
         row["note"] = f"FID from {len(samples)} samples is biased upwards; the paper uses 50,000"
-    return row, sims, idx
+    return row, per_sample(run, sims, idx, pixel_nn, row["similarity_space"])
+
+
+def per_sample(run, sims, idx, pixel_nn, space):
+    """Each sample's numbers for plots of one's own: the top-1 similarity and its training image (an index
+    into the run's training subset, and into the whole dataset through indices.json), and the pixel
+    d1/d2 with the L2-nearest training image."""
+    to_dataset = np.asarray(run["indices"] if run.get("indices") is not None else np.arange(len(run["train"])))
+    pixel_idx = pixel_nn["l2_idx"].numpy()
+    return {"similarity": sims, "similarity_space": np.array(space), "nearest_train": idx,
+            "nearest_dataset": to_dataset[idx], "pixel_d1_d2": pixel_nn["ratio"].numpy(),
+            "pixel_nearest_train": pixel_idx, "pixel_nearest_dataset": to_dataset[pixel_idx]}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -842,17 +853,21 @@ def run(args):
     args.device = A.pick_device(args.device)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)
     nets = networks(args, log)
-    rows, sims, grids, names = {}, {}, {}, []
+    rows, sims, numbers, grids, names = {}, {}, {}, {}, []
     for spec in args.inputs:
         name = Path(spec).stem if Path(spec).suffix == ".npz" else Path(spec).resolve().name
         name = name if name not in names else f"{name}-{len(names)}"
         names.append(name)
         run_ = load_input(spec, args, log)
-        rows[name], sims[name], idx = evaluate_run(run_, nets, args, log, name)
-        grids[name] = (run_["samples"], run_["train"], idx)
+        rows[name], numbers[name] = evaluate_run(run_, nets, args, log, name)
+        sims[name] = numbers[name]["similarity"]
+        grids[name] = (run_["samples"], run_["train"], numbers[name]["nearest_train"])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     files = save_plots(rows, sims, out, log)
+    for name, arrays in numbers.items():
+        np.savez(out / f"per_sample_{name}.npz", **arrays)
+        files.append(f"per_sample_{name}.npz")
     for name, (samples, train, idx) in grids.items():  # most memorized first, beside their neighbours
         order = torch.as_tensor(np.argsort(-sims[name], kind="stable"))
         A.save_neighbour_grid(samples[order], train, torch.as_tensor(idx)[order], out / f"memorized_{name}.png")

@@ -305,6 +305,7 @@ def test_fid_gets_the_tf1_input_fd_dinov2_the_dgm_eval_input_and_similarity_the_
     assert torch.allclose(sim_train[..., 6:22, 6:22], reference[[0, 2, 4]] / 255, atol=1e-6)
     sims, _ = E.top1_cosine(Recorder.features(sim_gen).double().numpy(), Recorder.features(sim_train).double().numpy())
     assert report["similarity_mean"] == pytest.approx(sims.mean(), rel=1e-9)
+    assert np.allclose(np.load(tmp_path / "out" / "per_sample_run.npz")["similarity"], sims, rtol=1e-12)
     assert "ViT-L/14" in report["fd_dinov2_recipe"] and "ViT-g/14" in report["similarity_recipe"]
     assert "TF1" in report["fid_recipe"]
     kid = E.kid(Recorder.features(fid_gen).double().numpy(), Recorder.features(fid_ref).double().numpy())
@@ -363,3 +364,17 @@ def test_a_run_is_scored_from_another_folder_and_a_lost_training_set_gives_one_l
     err = eval_error(common, capsys)
     assert "../shared/lost.npz" in err and "--train PATH" in err
     assert copy_rate("--train", str(other)) == 0.75  # --train stands in for the training set the run names
+
+
+def test_per_sample_file_gives_each_samples_neighbour_in_the_subset_and_in_the_dataset(tmp_path):
+    data = (np.random.default_rng(29).random((8, 16, 16, 3)) * 255).astype(np.uint8)
+    np.savez(tmp_path / "d.npz", images=data)
+    run = fake_run(tmp_path / "r", tmp_path / "d.npz", [1, 4, 6], data[[6, 1, 3]])  # copies of dataset images 6 and 1
+    E.main([str(run), "--pixels-only", "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "c"), "--device", "cpu"])
+    f = np.load(tmp_path / "out" / "per_sample_r.npz")
+    assert f["nearest_train"][:2].tolist() == [2, 0] and f["nearest_dataset"][:2].tolist() == [6, 1]
+    assert f["pixel_nearest_train"][:2].tolist() == [2, 0] and f["pixel_nearest_dataset"][:2].tolist() == [6, 1]
+    assert np.allclose(f["similarity"][:2], 1, atol=1e-6) and f["pixel_d1_d2"][:2].tolist() == [0, 0]
+    assert f["pixel_d1_d2"][2] > 1 / 3 and f["similarity"].shape == (3,)  # the third sample is no training image
+    assert str(f["similarity_space"]).startswith("pixels")
+    assert f["nearest_dataset"][2] == [1, 4, 6][f["nearest_train"][2]]
