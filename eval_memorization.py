@@ -83,12 +83,17 @@ def find_weights(filename, url, explicit=None, download=True):
                          short=f"{filename} is not in ${WEIGHTS_ENV} or the torch hub folder and {why}")
 
 
+def first_line(error):
+    """An exception's first line, for one-line messages (torch's can run to many)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def load_state_dict(net, path, what):
     try:
         net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     except Exception as e:  # truncated download, wrong model size, not a state dict
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path} is not a {what} state dict ({first[:200]}); re-download it or check the size flag")
+        raise UserError(f"{path} is not a {what} state dict ({first_line(e)[:200]}); re-download it or check the size flag")
     return net
 
 
@@ -515,32 +520,63 @@ def find_data_dir(path, cfg):
     return str(data_dir)
 
 
+def read_json(file, what):
+    try:
+        return json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {file} ({first_line(e)}); {what}")
+
+
 def load_run(path, args, log):
-    """A run folder -> samples, training images, reference spec, config (images as [-1, 1] tensors)."""
-    cfg = json.loads((path / "config.json").read_text())
+    """A run folder -> training images, reference spec, config, and its samples ([-1, 1] tensors), or
+    'generate', which draws them from the checkpoint once the networks are known to be there."""
+    cfg = read_json(path / "config.json", "ambient.py writes it when a run starts; restore it")
     spec, data_dir = find_dataset(path, cfg, args)
     dataset = A.load_images(spec, data_dir)
-    try:
-        indices = json.loads((path / "indices.json").read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read {path / 'indices.json'} ({e}); is {path} a run folder from ambient.py?")
+    indices = read_json(path / "indices.json", f"is {path} a run folder from ambient.py?")
     if max(indices, default=-1) >= len(dataset):
         raise UserError(f"{path / 'indices.json'} points past the {len(dataset)} images of {spec}; "
                         "pass --train with the dataset the run was trained on")
-    res = cfg["resolution"]
+    samples, want = run_samples(path, args)
+    run = dict(samples=samples, train=A.prepare(dataset[indices], cfg["resolution"]), ref_spec=args.ref or spec,
+               ref_dir=data_dir, resolution=cfg["resolution"], indices=indices, data=cfg["data"],
+               train_key=[spec, str(Path(data_dir).resolve()), cfg["resolution"], indices], sigma_tn=cfg.get("sigma_tn"),
+               method=cfg.get("method", "algorithm1"), mask_p=cfg.get("mask_p"))
+    if samples is None:
+        run["generate"] = lambda: A.prepare(generate_for(path, cfg, want, args, log)[:want])
+    return run
+
+
+def run_samples(path, args):
+    """(samples.npz's first --samples images, how many are wanted); None when the checkpoint must make
+    them, after checking now that it can, so that a damaged file is reported before any network loads."""
     samples = None
     if (path / "samples.npz").is_file():
-        samples = np.load(path / "samples.npz")["images"]
+        try:
+            samples = np.load(path / "samples.npz")["images"]
+        except Exception as e:
+            raise UserError(f"cannot read {path / 'samples.npz'} ({first_line(e)}); pass --samples N to draw N afresh")
     if samples is None and not args.samples:
         raise UserError(f"{path} has no samples.npz; pass --samples N to generate N from its checkpoint")
     want = args.samples or len(samples)
-    if samples is None or len(samples) < want:
-        samples = generate_for(path, cfg, want, args, log)
-    train = A.prepare(dataset[indices], res)
-    return dict(samples=A.prepare(samples[:want]), train=train, ref_spec=args.ref or spec, ref_dir=data_dir,
-                resolution=res, train_key=[spec, str(Path(data_dir).resolve()), res, indices], indices=indices,
-                sigma_tn=cfg.get("sigma_tn"), method=cfg.get("method", "algorithm1"), mask_p=cfg.get("mask_p"),
-                data=cfg["data"])
+    if samples is not None and len(samples) >= want:
+        return A.prepare(samples[:want]), want
+    if not (path / f"eval-samples-{want}.npz").is_file():
+        checkpoint_weights(path, want, 0 if samples is None else len(samples))
+    return None, want
+
+
+def checkpoint_weights(path, count, have=0):
+    """The EMA weights in path/checkpoint.pt, or one line saying what to do without them."""
+    checkpoint = path / "checkpoint.pt"
+    instead = f", or pass --samples {have} (what samples.npz holds)" if have else ""
+    if not checkpoint.is_file():
+        raise UserError(f"{path} has no checkpoint.pt to generate {count} samples from{instead or '; lower --samples'}")
+    try:
+        return torch.load(checkpoint, map_location="cpu", weights_only=False)["ema"]
+    except Exception as e:  # truncated, empty, not a checkpoint: the same advice
+        raise UserError(f"{checkpoint} is damaged ({type(e).__name__}: {first_line(e)[:120]}) and {count} samples "
+                        f"need it; restore it from a copy or re-train the run{instead}")
 
 
 def generate_for(path, cfg, count, args, log):
@@ -548,11 +584,12 @@ def generate_for(path, cfg, count, args, log):
     out = path / f"eval-samples-{count}.npz"
     if out.is_file():
         return np.load(out)["images"]
-    if not (path / "checkpoint.pt").is_file():
-        raise UserError(f"{path} has no checkpoint.pt to generate {count} samples from; lower --samples")
-    state = torch.load(path / "checkpoint.pt", map_location="cpu", weights_only=False)
-    ema = A.model_for(cfg)
-    ema.load_state_dict(state["ema"])
+    ema = A.model_for(cfg)  # a mask-aware network for masking runs, as config.json describes it
+    try:
+        ema.load_state_dict(checkpoint_weights(path, count))
+    except RuntimeError as e:
+        raise UserError(f"{path / 'checkpoint.pt'} does not fit {path / 'config.json'} ({first_line(e)[:120]}); "
+                        "restore the run's own config.json")
     ema = ema.to(args.device).eval()
     log(f"{path.name}: generating {count} samples from its checkpoint")
     with A.autocast(args.device, cfg.get("precision")):  # as the run sampled its own samples.npz
@@ -579,10 +616,19 @@ def load_images_input(path, args):
                 train_key=[args.train, str(Path(args.data_dir or "data").resolve()), res, "all"])
 
 
+RUN_FILES = ("checkpoint.pt", "samples.npz", "indices.json", "metrics.json", "log.txt")
+
+
 def load_input(spec, args, log):
     path = Path(spec)
     if (path / "config.json").is_file():
         return with_reference(load_run(path, args, log))
+    if path.is_dir() and not any(path.iterdir()):
+        raise UserError(f"{spec} is empty; pass a run folder from ambient.py (with config.json) or images")
+    found = [f for f in RUN_FILES if (path / f).is_file()]
+    if path.is_dir() and found:
+        raise UserError(f"{spec} holds {', '.join(found)} but no config.json, which ambient.py writes when a run "
+                        f"starts: restore it, or score its samples as images: {path / 'samples.npz'} --train DATA")
     if path.is_dir() or (path.suffix == ".npz" and path.is_file()):
         return with_reference(load_images_input(path, args))
     raise UserError(f"{spec} is neither a run folder (with config.json) nor a folder or .npz of images")
@@ -852,13 +898,15 @@ def run(args):
     check_args(args)
     args.device = A.pick_device(args.device)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)
-    nets = networks(args, log)
-    rows, sims, numbers, grids, names = {}, {}, {}, {}, []
+    runs = {}  # every input is read and checked first: a bad one is reported alone, before the networks load
     for spec in args.inputs:
         name = Path(spec).stem if Path(spec).suffix == ".npz" else Path(spec).resolve().name
-        name = name if name not in names else f"{name}-{len(names)}"
-        names.append(name)
-        run_ = load_input(spec, args, log)
+        runs[name if name not in runs else f"{name}-{len(runs)}"] = load_input(spec, args, log)
+    nets = networks(args, log)
+    rows, sims, numbers, grids = {}, {}, {}, {}
+    for name, run_ in runs.items():
+        if "generate" in run_:
+            run_["samples"] = run_.pop("generate")()
         rows[name], numbers[name] = evaluate_run(run_, nets, args, log, name)
         sims[name] = numbers[name]["similarity"]
         grids[name] = (run_["samples"], run_["train"], numbers[name]["nearest_train"])

@@ -378,3 +378,42 @@ def test_per_sample_file_gives_each_samples_neighbour_in_the_subset_and_in_the_d
     assert f["pixel_d1_d2"][2] > 1 / 3 and f["similarity"].shape == (3,)  # the third sample is no training image
     assert str(f["similarity_space"]).startswith("pixels")
     assert f["nearest_dataset"][2] == [1, 4, 6][f["nearest_train"][2]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad inputs: one line, exit code 2, before (and without) any note about weights
+# ---------------------------------------------------------------------------------------------
+def test_bad_inputs_give_one_line_and_no_weight_notes_while_good_ones_get_one_line_notes(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv(E.WEIGHTS_ENV, str(tmp_path / "weights"))  # no weights anywhere
+    data = (np.random.default_rng(30).random((6, 16, 16, 3)) * 255).astype(np.uint8)
+    np.savez(tmp_path / "data.npz", images=data)
+    run = fake_run(tmp_path / "run", tmp_path / "data.npz", [0, 1, 2], data[[3, 4]])
+    common = ["--no-download", "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "c"), "--device", "cpu"]
+
+    def only_error(*argv):
+        with pytest.raises(SystemExit) as e:
+            E.main(list(argv) + common)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+        return err
+
+    checkpoint, intact = run / "checkpoint.pt", (run / "checkpoint.pt").read_bytes()
+    for damaged in (intact[:len(intact) // 2], b""):  # truncated, then empty: 5 samples need it, samples.npz has 2
+        checkpoint.write_bytes(damaged)
+        err = only_error(str(run), "--samples", "5")
+        assert str(checkpoint) in err and "damaged" in err and "--samples 2" in err
+    checkpoint.write_bytes(intact)
+    (tmp_path / "empty").mkdir()
+    assert "is empty" in only_error(str(tmp_path / "empty"))
+    (run / "config.json").rename(tmp_path / "config.json")
+    err = only_error(str(run))
+    assert "checkpoint.pt" in err and "no config.json" in err
+    (tmp_path / "config.json").rename(run / "config.json")
+    (run / "samples.npz").rename(tmp_path / "samples.npz")
+    (run / "samples.npz").write_bytes(b"not an archive")
+    assert "cannot read" in only_error(str(run)) and "samples.npz" in only_error(str(run))
+    (tmp_path / "samples.npz").replace(run / "samples.npz")
+    E.main([str(run)] + common)
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    assert len(notes) == 3 and all(len(n) < 200 for n in notes)  # Inception, two DINOv2 files: one short line each
