@@ -580,7 +580,8 @@ def checkpoint_weights(path, count, have=0):
 
 
 def generate_for(path, cfg, count, args, log):
-    """More samples than samples.npz holds: draw them from the checkpoint's EMA weights, once."""
+    """More samples than samples.npz holds: draw them from the checkpoint's EMA weights, once, with the
+    run's sampler and steps (Heun with 40 steps, the authors' released setting, where config lacks them)."""
     out = path / f"eval-samples-{count}.npz"
     if out.is_file():
         return np.load(out)["images"]
@@ -593,7 +594,7 @@ def generate_for(path, cfg, count, args, log):
     ema = ema.to(args.device).eval()
     log(f"{path.name}: generating {count} samples from its checkpoint")
     with A.autocast(args.device, cfg.get("precision")):  # as the run sampled its own samples.npz
-        x = A.generate(ema, count, steps=cfg.get("steps", 40), sampler=cfg.get("sampler", "euler"),
+        x = A.generate(ema, count, steps=cfg.get("steps", 40), sampler=cfg.get("sampler", "heun"),
                        seed=cfg.get("seed", 0), device=args.device, log=log, **A.sampling_options(cfg, count))
     images = ((x + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
     np.savez_compressed(out, images=images)

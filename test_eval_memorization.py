@@ -417,3 +417,26 @@ def test_bad_inputs_give_one_line_and_no_weight_notes_while_good_ones_get_one_li
     E.main([str(run)] + common)
     notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
     assert len(notes) == 3 and all(len(n) < 200 for n in notes)  # Inception, two DINOv2 files: one short line each
+
+
+def test_samples_drawn_afresh_use_the_runs_sampler_and_steps_or_heun_with_40(tmp_path, monkeypatch):
+    calls = []
+
+    def generate(net, count, **kw):  # records the call; the sampling itself is ambient.py's business
+        calls.append(kw)
+        return torch.zeros(count, 3, 16, 16)
+
+    monkeypatch.setattr(A, "generate", generate)
+    data = (np.random.default_rng(31).random((4, 16, 16, 3)) * 255).astype(np.uint8)
+    np.savez(tmp_path / "d.npz", images=data)
+    run = fake_run(tmp_path / "r", tmp_path / "d.npz", [0, 1], data[:1])  # config: steps 2, no sampler
+    common = ["--pixels-only", "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "c"), "--device", "cpu"]
+    E.main([str(run), "--samples", "3"] + common)
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "sampler": "euler", "steps": 18}))
+    E.main([str(run), "--samples", "4"] + common)
+    del config["steps"]
+    (run / "config.json").write_text(json.dumps(config))
+    E.main([str(run), "--samples", "5"] + common)
+    assert [(c["sampler"], c["steps"]) for c in calls] == [("heun", 2), ("euler", 18), ("heun", 40)]
+    assert np.load(run / "eval-samples-5.npz")["images"].shape == (5, 16, 16, 3)
