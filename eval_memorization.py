@@ -430,6 +430,30 @@ def kid(gen, ref, subsets=KID_SUBSETS, subset_size=KID_SUBSET_SIZE, seed=KID_SEE
             "kid_subset_size": m, "kid_recipe": kid_recipe(subsets, m)}
 
 
+PR_NEIGHBOURS = 3  # Kynkaanniemi et al. 2019 and torch-fidelity
+
+
+def knn_radii(feats, k, chunk=4096):
+    """Each point's distance to its k-th nearest other point of the same set (the k+1-th with itself)."""
+    return torch.cat([torch.cdist(part, feats).kthvalue(k + 1, dim=1).values for part in feats.split(chunk)])
+
+
+def share_inside(points, centres, radii, chunk=4096):
+    """The share of points within some centre's radius: inside the k-NN manifold of the centres."""
+    inside = [(torch.cdist(part, centres) <= radii).any(dim=1) for part in points.split(chunk)]
+    return torch.cat(inside).double().mean().item()
+
+
+def precision_recall(gen, ref, k=PR_NEIGHBOURS, device="cpu"):
+    """Improved precision (generated samples inside the reference manifold) and recall (reference images
+    inside the generated one), each manifold the union of balls to every point's k-th neighbour."""
+    if min(len(gen), len(ref)) <= k:
+        return {"precision": None, "recall": None}
+    X, Y = (torch.as_tensor(np.asarray(f), dtype=torch.float32, device=device) for f in (gen, ref))
+    return {"precision": share_inside(X, Y, knn_radii(Y, k)), "recall": share_inside(Y, X, knn_radii(X, k)),
+            "pr_recipe": f"Inception-v3 pool3 as for FID; k-NN manifolds, k = {k} (Kynkaanniemi et al. 2019, torch-fidelity)"}
+
+
 def top1_cosine(samples, train, chunk=4096):
     """Each sample's best cosine to the training features and its index (the embeddings L2-normalised)."""
     t = F.normalize(torch.as_tensor(train, dtype=torch.float64), dim=1)
@@ -655,7 +679,7 @@ def with_reference(run):
 # dgm-eval prepares its input for FD_DINOv2; DINOv2 (ViT-g/14) as the authors prepare it for the
 # memorization similarity. One size for both DINOv2 uses loads that network once.
 # ------------------------------------------------------------------------------------------------
-SERVES = {"inception": "FID and KID", "fd_dinov2": "FD_DINOv2", "dinov2": "the DINOv2 similarity (pixel fallback instead)"}
+SERVES = {"inception": "FID, KID, precision and recall", "fd_dinov2": "FD_DINOv2", "dinov2": "the DINOv2 similarity (pixel fallback instead)"}
 
 
 def wanted_networks(args):
@@ -707,15 +731,17 @@ def reference_statistics(feats):
 
 
 def fid_metrics(run, nets, args, log, name):
-    """FID and KID, from the same Inception features."""
+    """FID, KID, precision and recall, all from the same Inception features."""
     if nets["inception"]["forward"] is None:
-        return {"fid": None, "fid_unavailable": nets["inception"]["reason"], "kid": None}
+        return {"fid": None, "fid_unavailable": nets["inception"]["reason"], "kid": None, "precision": None,
+                "recall": None}
     key = run["ref_key"] + net_key(nets, "inception", args.fid_resize, "kid")
     stats = cached(args.cache_dir, "inception-reference", key, lambda: reference_statistics(
         net_features(nets, "inception", run["reference"](), args, log, "reference")), log)
     gen = net_features(nets, "inception", run["samples"], args, log, name)
     return {"fid": frechet_distance_to(gen, stats["mu"], stats["cov"]), "fid_recipe": FID_RECIPES[args.fid_resize],
-            **kid(gen, stats["features"], device=args.device)}
+            **kid(gen, stats["features"], device=args.device),
+            **precision_recall(gen, stats["features"], device=args.device)}
 
 
 def fd_dinov2_metrics(run, nets, args, log, name):
@@ -776,7 +802,7 @@ def per_sample(run, sims, idx, pixel_nn, space):
 # 8. Report: Markdown on stdout, JSON, PNGs.
 # ------------------------------------------------------------------------------------------------
 PIXEL_COPY_RECIPE = "ambient.py: L2 distance to the nearest training image over the second nearest's (Gu et al. 2023)"
-UNAVAILABLE = {"fid_unavailable": "FID and KID", "kid_unavailable": "KID", "fd_dinov2_unavailable": "FD_DINOv2",
+UNAVAILABLE = {"fid_unavailable": "FID, KID, precision and recall", "kid_unavailable": "KID", "fd_dinov2_unavailable": "FD_DINOv2",
                "similarity_unavailable": "DINOv2 similarity"}
 
 
@@ -796,6 +822,8 @@ def markdown(rows):
     kid_cells = {k: None if r.get("kid") is None else f"{1e3 * r['kid']:.2f} +- {1e3 * r['kid_std']:.2f}"
                  for k, r in rows.items()}
     line("KID x 1000", None, "{}", recipe=first.get("kid_recipe", "unavailable"), values=kid_cells)
+    line("precision", "precision", recipe=first.get("pr_recipe", "unavailable"))
+    line("recall", "recall")
     line("FD_DINOv2", "fd_dinov2", "{:.2f}", recipe=first.get("fd_dinov2_recipe", "unavailable"))
     line(f"similarity mean ({first['similarity_space']})", "similarity_mean", recipe=first["similarity_recipe"])
     line("similarity median", "similarity_median")

@@ -308,8 +308,11 @@ def test_fid_gets_the_tf1_input_fd_dinov2_the_dgm_eval_input_and_similarity_the_
     assert np.allclose(np.load(tmp_path / "out" / "per_sample_run.npz")["similarity"], sims, rtol=1e-12)
     assert "ViT-L/14" in report["fd_dinov2_recipe"] and "ViT-g/14" in report["similarity_recipe"]
     assert "TF1" in report["fid_recipe"]
-    kid = E.kid(Recorder.features(fid_gen).double().numpy(), Recorder.features(fid_ref).double().numpy())
+    gen_feats, ref_feats = (Recorder.features(x).double().numpy() for x in (fid_gen, fid_ref))
+    kid = E.kid(gen_feats, ref_feats)
     assert report["kid"] == pytest.approx(kid["kid"], rel=1e-9) and report["kid_subset_size"] == 4
+    pr = E.precision_recall(gen_feats, ref_feats)
+    assert (report["precision"], report["recall"]) == (pr["precision"], pr["recall"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -440,3 +443,21 @@ def test_samples_drawn_afresh_use_the_runs_sampler_and_steps_or_heun_with_40(tmp
     E.main([str(run), "--samples", "5"] + common)
     assert [(c["sampler"], c["steps"]) for c in calls] == [("heun", 2), ("euler", 18), ("heun", 40)]
     assert np.load(run / "eval-samples-5.npz")["images"].shape == (5, 16, 16, 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Precision and recall (Kynkaanniemi et al. 2019): k-NN manifolds of the two feature sets
+# ---------------------------------------------------------------------------------------------
+def test_precision_and_recall_count_points_inside_the_other_sets_knn_balls():
+    """1-D, k = 3. Reference {0, 1, 2, 3, 10}: distances to the 3rd nearest other point 3, 2, 2, 3, 9.
+    Generated {0.5, -2.5, 20, 30}: 0.5 (0.5 from 0) and -2.5 (2.5 from 0) are inside, 20 and 30 (10 and
+    20 from 10) are not: precision 1/2 (with k = 2, radius 2 at 0, -2.5 would fall out). Generated radii:
+    29.5, 32.5, 22.5, 32.5; every reference point lies within 29.5 of 0.5: recall 1."""
+    ref, gen = np.array([[0.0], [1], [2], [3], [10]]), np.array([[0.5], [-2.5], [20], [30]])
+    result = E.precision_recall(gen, ref)
+    assert result["precision"] == 0.5 and result["recall"] == 1.0
+    swapped = E.precision_recall(ref, gen)  # the roles swap: precision and recall swap
+    assert swapped["precision"] == 1.0 and swapped["recall"] == 0.5
+    far = E.precision_recall(np.array([[100.0], [100.1], [100.2], [100.3]]), ref)  # radii 0.3, 0.2, 0.2, 0.3
+    assert far["precision"] == 0 and far["recall"] == 0
+    assert E.precision_recall(gen[:3], ref)["precision"] is None  # 3 points have no 3rd neighbour besides themselves
