@@ -5,15 +5,18 @@
 
 Quality is FID with pytorch-fid's Inception-v3 (the TF 2015-12-05 weights that pytorch-fid and EDM use),
 its input resized to 299 as EDM's fid.py does (TF1's legacy bilinear; --fid-resize pytorch-fid for
-pytorch-fid's), against reference statistics over the whole dataset, cached to a file. Memorization is the top-1 cosine
-of each sample's DINOv2 CLS embedding to the training set, following the authors' released recipe:
-images in [0, 1], reflect-padded to a multiple of 14, no ImageNet normalisation, ViT-g/14 by default.
-FD_DINOv2 is the Frechet distance of the same embeddings to the whole dataset's.
+pytorch-fid's), against reference statistics over the whole dataset, cached to a file; KID and
+precision/recall from the same features, as torch-fidelity computes them. FD_DINOv2 follows dgm-eval
+(Stein et al. 2023): ViT-L/14, bicubic resize to 224, ImageNet normalisation, the CLS token.
+Memorization is the top-1 cosine of each sample's DINOv2 CLS embedding to the training set, following
+the authors' released recipe: ViT-g/14, images in [0, 1], reflect-padded to a multiple of 14, no resize,
+no ImageNet normalisation. The report names each metric's recipe.
 
 Weights are never downloaded behind your back into an unexpected place and never replaced by another
 network: each file is looked up by its original name in --*-weights, $AMBIENT_WEIGHTS, then the torch
 hub cache, and only then downloaded there. Without them the report falls back to ambient.py's pixel
-metrics and says so. Output: a Markdown table on stdout, report.json, report.md and PNGs in --out.
+metrics and says so. Output: a Markdown table on stdout, report.json, report.md, PNGs and
+per_sample_<run>.npz (each sample's similarity, nearest training image and pixel d1/d2) in --out.
 """
 import argparse
 import hashlib
@@ -886,10 +889,12 @@ def save_plots(rows, sims, out, log):
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=f"Weights: {INCEPTION_FILE} ({INCEPTION_URL}) and dinov2_<size>_pretrain.pth "
-                                       f"({DINOV2_URL.format('<size>')}), in ${WEIGHTS_ENV} or the torch hub folder.")
+                                       f"({DINOV2_URL.format('<size>')}) for vitl14 (FD_DINOv2) and vitg14 "
+                                       f"(similarity), in ${WEIGHTS_ENV} or the torch hub folder.")
     a = p.add_argument
     a("inputs", nargs="+", metavar="RUN_OR_IMAGES", help="run folders from ambient.py, or folders / .npz files of images")
-    a("--train", help="the training set of image inputs: cifar, demo, a .npz or a folder (run folders name their own)")
+    a("--train", help="the training set: cifar, demo, a .npz or a folder; needed for image inputs, and for run "
+      "folders it replaces the dataset their config.json names (indices.json still picks the subset)")
     a("--ref", help="FID / FD_DINOv2 reference dataset (default: the run's whole dataset, or --train)")
     a("--data-dir", default=None, help="where cifar lives (default: the run's data_dir, else ./data)")
     a("--samples", type=int, default=None, help="score this many samples; runs generate more from their "
