@@ -454,7 +454,8 @@ def precision_recall(gen, ref, k=PR_NEIGHBOURS, device="cpu"):
         return {"precision": None, "recall": None}
     X, Y = (torch.as_tensor(np.asarray(f), dtype=torch.float32, device=device) for f in (gen, ref))
     return {"precision": share_inside(X, Y, knn_radii(Y, k)), "recall": share_inside(Y, X, knn_radii(X, k)),
-            "pr_recipe": f"Inception-v3 pool3 as for FID; k-NN manifolds, k = {k} (Kynkaanniemi et al. 2019, torch-fidelity)"}
+            "pr_recipe": f"Inception-v3 pool3 as for FID; k-NN manifolds, k = {k} "
+                         "(Kynkaanniemi et al. 2019, torch-fidelity)"}
 
 
 def top1_cosine(samples, train, chunk=4096):
@@ -682,7 +683,8 @@ def with_reference(run):
 # dgm-eval prepares its input for FD_DINOv2; DINOv2 (ViT-g/14) as the authors prepare it for the
 # memorization similarity. One size for both DINOv2 uses loads that network once.
 # ------------------------------------------------------------------------------------------------
-SERVES = {"inception": "FID, KID, precision and recall", "fd_dinov2": "FD_DINOv2", "dinov2": "the DINOv2 similarity (pixel fallback instead)"}
+SERVES = {"inception": "FID, KID, precision and recall", "fd_dinov2": "FD_DINOv2",
+          "dinov2": "the DINOv2 similarity (pixel fallback instead)"}
 
 
 def wanted_networks(args):
@@ -805,7 +807,8 @@ def per_sample(run, sims, idx, pixel_nn, space):
 # 8. Report: Markdown on stdout, JSON, PNGs.
 # ------------------------------------------------------------------------------------------------
 PIXEL_COPY_RECIPE = "ambient.py: L2 distance to the nearest training image over the second nearest's (Gu et al. 2023)"
-UNAVAILABLE = {"fid_unavailable": "FID, KID, precision and recall", "kid_unavailable": "KID", "fd_dinov2_unavailable": "FD_DINOv2",
+UNAVAILABLE = {"fid_unavailable": "FID, KID, precision and recall", "kid_unavailable": "KID",
+               "fd_dinov2_unavailable": "FD_DINOv2",
                "similarity_unavailable": "DINOv2 similarity"}
 
 
