@@ -9,7 +9,6 @@ x_tn of each image (Eq. 6): never seeing a clean image at high noise, it cannot 
 
     python ambient.py --data cifar --n 300 --sigma-tn 0.4      # Algorithm 1 as the authors' code runs it
     python ambient.py --data cifar --n 300 --sigma-tn 0        # the DDPM baseline
-    python ambient.py --data demo --preset tiny --resolution 16 --iters 2000 --device cpu
 
 Defaults the paper leaves open are the authors' released code's (an EDM fork); NOTES.md lists every
 difference. baselines.py, conditional.py and repro_gpu.py build on this file's pieces.
@@ -115,8 +114,7 @@ class ResBlock(nn.Module):
         self.norm2, self.conv2 = nn.GroupNorm(groups(c_out), c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
         nn.init.zeros_(self.conv2.weight), nn.init.zeros_(self.conv2.bias)  # block starts as identity
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
-        self.attention = SelfAttention(c_out) if attention else nn.Identity()
-        self.dropout = dropout
+        self.attention, self.dropout = SelfAttention(c_out) if attention else nn.Identity(), dropout
 
     def forward(self, x, emb):
         h = self.conv1(F.silu(self.norm1(x))) + self.emb(emb)[:, :, None, None]
@@ -400,11 +398,12 @@ class Algorithm1:
     def loss(self, h_theta, b):
         return algorithm1_loss(h_theta, b, self.cfg.ambient_weight)
 
-    def sample_batch(self, h_theta, k, rows):
-        """Samples number `rows` (a range), batch k: Eq. 5 from the noise of seed + k."""
-        cfg, device = self.cfg, next(h_theta.parameters()).device
-        return sample(h_theta, (len(rows), 3, h_theta.resolution, h_theta.resolution), cfg.steps, cfg.sampler,
-                      cfg.seed + k, device=device)
+    def noise(self, h_theta, k, rows):  # batch k of the samples, number `rows` (a range), starts from seed + k
+        side, device = h_theta.resolution, next(h_theta.parameters()).device
+        return initial_noise((len(rows), 3, side, side), self.cfg.seed + k, device)
+
+    def sample_batch(self, h_theta, k, rows):  # Eq. 5
+        return sample(h_theta, self.noise(h_theta, k, rows), self.cfg.steps, self.cfg.sampler)
 
     def generate(self, h_theta, count, log=print):
         return generate(lambda k, rows: self.sample_batch(h_theta, k, rows), count, self.cfg.sample_batch, log)
@@ -523,11 +522,13 @@ def sigma_steps(steps, sigma_max=SIGMA_MAX):
     grid = (sigma_max ** (1 / RHO) + i * (SIGMA_MIN ** (1 / RHO) - sigma_max ** (1 / RHO))) ** RHO
     return torch.cat([grid, torch.zeros(1, dtype=torch.float64)])
 
+def initial_noise(shape, seed, device="cpu", dtype=torch.float32):
+    """Eq. 5's starting point at sigma = 80, drawn on the CPU: the same noise for a seed on every device."""
+    return (torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * SIGMA_MAX).to(device, dtype)
+
 @torch.no_grad()
-def sample(h_theta, shape, steps=40, sampler="heun", seed=0, sigma_stop=0.0, device="cpu", dtype=torch.float32):
-    """Integrate Eq. 5 from sigma = 80 down to sigma_stop. Returns EDM units: x_0 + sigma_stop n."""
-    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    x = (x * SIGMA_MAX).to(device, dtype)  # the same noise for a seed on every device
+def sample(h_theta, x, steps=40, sampler="heun", sigma_stop=0.0):
+    """Integrate Eq. 5 from x at sigma = 80 down to sigma_stop. Returns EDM units: x_0 + sigma_stop n."""
     def x_stop_pred(x, s):  # E[x_stop | x] at the noise level sigma = sqrt(s^2 + sigma_stop^2)
         sigma = torch.full((x.shape[0],), (s ** 2 + sigma_stop ** 2) ** 0.5, dtype=x.dtype, device=x.device)
         D = h_theta(x * bcast(alpha(vp_from_edm(sigma)), x), vp_from_edm(sigma))
@@ -664,8 +665,8 @@ class Config:
             where = "negative" if self.sigma_tn < 0 else "below the lowest" if self.sigma_tn < 1 else "at or above the top"
             raise UserError(f"--sigma-tn {self.sigma_tn} is {where} noise level trained ({SIGMA_MIN} to {SIGMA_MAX}); use 0 "
                             "for DDPM or a level such as 0.4 (paper: 0.4 to 4)")
-        for key, low in dict(iters=0, batch=1, samples=1, steps=1, sample_batch=1, log_every=1, ckpt_every=1,
-                             resolution=1, n=2, lr_rampup=0).items():
+        for key, low in dict(iters=0, batch=1, samples=1, steps=1, sample_batch=1, log_every=1, ckpt_every=1, resolution=1,
+                             n=2, lr_rampup=0).items():
             if getattr(self, key) is not None and getattr(self, key) < low:
                 raise UserError(f"--{key.replace('_', '-')} {getattr(self, key)} must be at least {low}")
         if not 0 <= (self.dropout or 0) < 1:

@@ -91,9 +91,8 @@ class NoisyOnly(A.Algorithm1):
 
     def sample_batch(self, h_theta, k, rows):
         """The ODE down to sigma_tn (the s-form of ambient.sample), then one Tweedie step to E[x_0 | x_tn]."""
-        cfg, device = self.cfg, next(h_theta.parameters()).device
-        x = A.sample(h_theta, (len(rows), 3, h_theta.resolution, h_theta.resolution), cfg.steps, cfg.sampler,
-                     cfg.seed + k, sigma_stop=cfg.sigma_tn, device=device)
+        cfg = self.cfg
+        x = A.sample(h_theta, self.noise(h_theta, k, rows), cfg.steps, cfg.sampler, sigma_stop=cfg.sigma_tn)
         s_vp = torch.full((len(x),), A.vp_from_edm(cfg.sigma_tn), dtype=x.dtype, device=x.device)
         return h_theta(x * bcast(A.alpha(s_vp), x), s_vp)
 
@@ -192,8 +191,7 @@ class Masking(A.Algorithm1):
         cfg, device, side = self.cfg, next(h_theta.parameters()).device, h_theta.resolution
         keep = torch.rand(len(rows), 1, side, side, generator=torch.Generator().manual_seed(2 ** 32 + cfg.seed + k))
         mask = (keep < (1 - cfg.mask_p) * (1 - cfg.mask_delta)).float().to(device)
-        return A.sample(with_mask(h_theta, mask), (len(rows), 3, side, side), cfg.steps, cfg.sampler, cfg.seed + k,
-                        device=device)
+        return A.sample(with_mask(h_theta, mask), self.noise(h_theta, k, rows), cfg.steps, cfg.sampler)
 
 
 METHODS = {"algorithm1": A.Algorithm1, "noisy-only": NoisyOnly, "masking": Masking}

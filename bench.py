@@ -84,7 +84,8 @@ def bench(args, preset, device, batch, make_step=None):
     shape = (batch, 3, cfg.resolution, cfg.resolution)
     with G.autocast(device, args.dtype):
         sampler = G.compiled(state.ema, args.compile, replay=False)
-        t_sample = timed(lambda: A.sample(sampler, shape, steps=args.steps, device=device), device, 1, max(2, args.repeat // 5))
+        t_sample = timed(lambda: A.sample(sampler, A.initial_noise(shape, 0, device), args.steps), device, 1,
+                         max(2, args.repeat // 5))
     peak = matmul_peak(device, DTYPES[args.dtype])
     options = (" channels_last" if args.channels_last else "") + (f" compile={args.compile}" if args.compile != "none" else "")
     options += f" {torch.get_num_threads()} threads" if device.type == "cpu" else ""

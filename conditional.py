@@ -118,8 +118,7 @@ class ClassConditional(A.Algorithm1):
         """Batch k of Eq. 5's samples; sample number i has class i mod num_classes."""
         cfg, device = self.cfg, next(h_theta.parameters()).device
         labels = (torch.arange(rows.start, rows.stop) % cfg.num_classes).to(device)
-        return A.sample(conditioned(h_theta, labels, cfg.guidance), (len(rows), 3, h_theta.resolution,
-                        h_theta.resolution), cfg.steps, cfg.sampler, cfg.seed + k, device=device)
+        return A.sample(conditioned(h_theta, labels, cfg.guidance), self.noise(h_theta, k, rows), cfg.steps, cfg.sampler)
 
 
 def main(argv=None):

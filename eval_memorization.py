@@ -4,15 +4,19 @@
     python eval_memorization.py samples.npz --train cifar --samples 50000  # any images, training set by flag
 
 Quality is FID with pytorch-fid's Inception-v3 (the TF 2015-12-05 weights that pytorch-fid and EDM use),
-against reference statistics over the whole dataset, cached to a file. Memorization is the top-1 cosine
-of each sample's DINOv2 CLS embedding to the training set, following the authors' released recipe:
-images in [0, 1], reflect-padded to a multiple of 14, no ImageNet normalisation, ViT-g/14 by default.
-FD_DINOv2 is the Frechet distance of the same embeddings to the whole dataset's.
+its input resized to 299 as EDM's fid.py does (TF1's legacy bilinear; --fid-resize pytorch-fid for
+pytorch-fid's), against reference statistics over the whole dataset, cached to a file; KID and
+precision/recall from the same features, as torch-fidelity computes them. FD_DINOv2 follows dgm-eval
+(Stein et al. 2023): ViT-L/14, bicubic resize to 224, ImageNet normalisation, the CLS token.
+Memorization is the top-1 cosine of each sample's DINOv2 CLS embedding to the training set, following
+the authors' released recipe: ViT-g/14, images in [0, 1], reflect-padded to a multiple of 14, no resize,
+no ImageNet normalisation. The report names each metric's recipe.
 
 Weights are never downloaded behind your back into an unexpected place and never replaced by another
 network: each file is looked up by its original name in --*-weights, $AMBIENT_WEIGHTS, then the torch
 hub cache, and only then downloaded there. Without them the report falls back to ambient.py's pixel
-metrics and says so. Output: a Markdown table on stdout, report.json, report.md and PNGs in --out.
+metrics and says so. Output: a Markdown table on stdout, report.json, report.md, PNGs and
+per_sample_<run>.npz (each sample's similarity, nearest training image and pixel d1/d2) in --out.
 """
 import argparse
 import hashlib
@@ -48,7 +52,12 @@ def dinov2_file(size):
 
 
 class WeightsMissing(Exception):
-    """A weight file that is nowhere to be found: one line that says which, where and from where."""
+    """A weight file that is nowhere to be found: one line that says which, where and from where, and
+    .short, the few words a note needs while the report goes on without it (report.json keeps the rest)."""
+
+    def __init__(self, message, short=None):
+        super().__init__(message)
+        self.short = short or message
 
 
 def find_weights(filename, url, explicit=None, download=True):
@@ -73,25 +82,43 @@ def find_weights(filename, url, explicit=None, download=True):
         except Exception as e:  # no network, proxy, HTTP error: all mean "not here"
             why = f"the download failed ({type(e).__name__})"
     raise WeightsMissing(f"{filename} is not at {' nor '.join(str(p / filename) for p in places)} and {why}; "
-                         f"get it from {url} and put it in ${WEIGHTS_ENV} (or the torch hub folder, or pass the flag)")
+                         f"get it from {url} and put it in ${WEIGHTS_ENV} (or the torch hub folder, or pass the flag)",
+                         short=f"{filename} is not in ${WEIGHTS_ENV} or the torch hub folder and {why}")
+
+
+def first_line(error):
+    """An exception's first line, for one-line messages (torch's can run to many)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def load_state_dict(net, path, what):
     try:
         net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     except Exception as e:  # truncated download, wrong model size, not a state dict
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path} is not a {what} state dict ({first[:200]}); re-download it or check the size flag")
+        raise UserError(f"{path} is not a {what} state dict ({first_line(e)[:200]}); re-download it or check the size flag")
     return net
 
 
 # ------------------------------------------------------------------------------------------------
-# 2. Inception-v3 for FID: pytorch-fid's network (pool3, 2048 features), resized to 299 bilinearly
-# and scaled to [-1, 1] inside it. pytorch-fid downloads within its constructor; we hand it the file
-# that find_weights resolved instead, so the offline rules above hold for it too.
+# 2. Inception-v3 for FID: pytorch-fid's network (pool3, 2048 features) with the TensorFlow weights
+# that EDM's detector (NVIDIA's inception-2015-12-05.pkl) also holds. What differs between the
+# published FIDs is the way to 299 x 299: EDM's fid.py resizes uint8 images as TensorFlow 1 did
+# (no half-pixel centres) and scales by (v - 128) / 128, as torch-fidelity's port does; pytorch-fid
+# resizes [0, 1] images with PyTorch's half-pixel bilinear and scales by 2 x - 1. Both are done here,
+# outside the network, so --fid-resize picks one. pytorch-fid downloads within its constructor; we
+# hand it the file that find_weights resolved instead, so the offline rules above hold for it too.
 # ------------------------------------------------------------------------------------------------
+INCEPTION_SIDE = 299
+FID_RESIZES = ("tf1", "pytorch-fid")
+FID_RECIPES = {
+    "tf1": "Inception-v3 pool3; uint8 resized to 299 by TF1's legacy bilinear, (v - 128) / 128 (EDM's fid.py)",
+    "pytorch-fid": "Inception-v3 pool3; [0, 1] resized to 299 by half-pixel bilinear, 2 x - 1 (pytorch-fid)"}
+
+
 def inception_network(weights_path=None):
-    """pytorch-fid's InceptionV3 with the FID weights at weights_path; None = random init (tests)."""
+    """pytorch-fid's InceptionV3 with the FID weights at weights_path (None = random init, for tests),
+    fed 299 x 299 images already scaled to [-1, 1] by inception_input."""
     try:
         from pytorch_fid import inception as pf
     except ImportError:
@@ -107,20 +134,44 @@ def inception_network(weights_path=None):
                 raise UserError(f"cannot read {weights_path} ({type(e).__name__}); re-download {INCEPTION_FILE} from {INCEPTION_URL}")
             patches.enter_context(mock.patch.object(pf, "load_state_dict_from_url", lambda *a, **k: state))
         try:
-            net = pf.InceptionV3([pf.InceptionV3.BLOCK_INDEX_BY_DIM[2048]])
+            net = pf.InceptionV3([pf.InceptionV3.BLOCK_INDEX_BY_DIM[2048]], resize_input=False, normalize_input=False)
         except RuntimeError as e:
             raise UserError(f"{weights_path} is not the FID Inception-v3 state dict ({str(e).splitlines()[0][:200]}); "
                             f"re-download {INCEPTION_FILE} from {INCEPTION_URL}")
     return net.eval().requires_grad_(False)
 
 
-def inception_input(x):
-    """[-1, 1] -> [0, 1]: what pytorch-fid's network expects (it resizes and rescales itself)."""
-    return (x + 1) / 2
+def resize_bilinear_tf1(x, size):
+    """tf.image.resize_bilinear(align_corners=False) of TensorFlow 1, the resize in EDM's detector:
+    output pixel i reads input position i * n_in / n_out (float32, as TF computes it), blends its floor
+    and the next pixel (clamped to the last one) linearly, along the width and then the height."""
+    def taps(n_in, n_out):
+        pos = torch.arange(n_out, dtype=torch.float32, device=x.device) * torch.tensor(n_in / n_out, dtype=torch.float32)
+        lo = pos.floor().long()
+        return lo, (lo + 1).clamp_max(n_in - 1), (pos - lo).to(x.dtype)
+
+    (y0, y1, dy), (x0, x1, dx) = taps(x.shape[-2], size[0]), taps(x.shape[-1], size[1])
+    upper, lower = x[..., y0, :], x[..., y1, :]
+    top = upper[..., x0] + (upper[..., x1] - upper[..., x0]) * dx
+    bottom = lower[..., x0] + (lower[..., x1] - lower[..., x0]) * dx
+    return top + (bottom - top) * dy[:, None]
 
 
-def inception_forward(net):
-    return lambda x: net(inception_input(x))[0].flatten(1)
+def to_uint8_values(x):
+    """[-1, 1] -> the 0..255 integers that a sample file holds (exact for images that came from uint8)."""
+    return ((x + 1) * 127.5).round().clamp(0, 255)
+
+
+def inception_input(x, resize="tf1"):
+    """[-1, 1] images -> the network's 299 x 299 input, as EDM (tf1) or pytorch-fid prepare it."""
+    side = (INCEPTION_SIDE, INCEPTION_SIDE)
+    if resize == "tf1":
+        return (resize_bilinear_tf1(to_uint8_values(x), side) - 128) / 128
+    return 2 * F.interpolate((x + 1) / 2, size=side, mode="bilinear", align_corners=False) - 1
+
+
+def inception_forward(net, resize="tf1"):
+    return lambda x: net(inception_input(x, resize))[0].flatten(1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -201,7 +252,8 @@ class PatchEmbed(nn.Module):
 
 
 class DINOv2(nn.Module):
-    """forward(x in [0, 1], sides multiples of 14) -> the normalised CLS token (B, width)."""
+    """forward(images with sides that are multiples of 14) -> the CLS token after the final LayerNorm
+    (B, width), as the hub model returns it; how the images are prepared is the recipe's business."""
 
     def __init__(self, size="vitg14"):
         super().__init__()
@@ -234,9 +286,24 @@ class DINOv2(nn.Module):
         return self.norm(tokens)[:, 0]
 
 
+DINOV2_NAMES = {"vits14": "ViT-S/14", "vitb14": "ViT-B/14", "vitl14": "ViT-L/14", "vitg14": "ViT-g/14"}
+FD_SIDE, IMAGENET_MEAN, IMAGENET_STD = 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def similarity_recipe(size):
+    return (f"DINOv2 {DINOV2_NAMES.get(size, size)} CLS of [0, 1] images reflect-padded (centred) to a multiple "
+            "of 14, no resize, no normalisation; top-1 cosine of L2-normalised embeddings (the authors' recipe)")
+
+
+def fd_dinov2_recipe(size):
+    return (f"DINOv2 {DINOV2_NAMES.get(size, size)} CLS as the hub model returns it (not L2-normalised) of uint8 "
+            f"images resized to {FD_SIDE} by PIL bicubic, ImageNet mean/std (dgm-eval, Stein et al. 2023)")
+
+
 def dinov2_input(x):
-    """The released recipe: [-1, 1] -> [0, 1], reflect-padded (centred) to a multiple of 14, no
-    ImageNet normalisation. Reflection keeps the border statistics that zero padding would change."""
+    """The memorization similarity's recipe, as the authors' find_dataset_neighbors.py: [-1, 1] -> [0, 1],
+    reflect-padded (centred) to a multiple of 14, no resize, no ImageNet normalisation. Reflection keeps
+    the border statistics that zero padding would change."""
     x = (x + 1) / 2
     h, w = x.shape[-2:]
     ph, pw = -h % PATCH, -w % PATCH
@@ -247,6 +314,23 @@ def dinov2_input(x):
 
 def dinov2_forward(net):
     return lambda x: net(dinov2_input(x))
+
+
+def dinov2_fd_input(x):
+    """FD_DINOv2's recipe, dgm-eval's (Stein et al. 2023): it reads uint8 images with PIL, resizes them to
+    224 x 224 with torchvision's Resize, which on a PIL image is PIL's bicubic, then ToTensor and
+    Normalize with ImageNet's mean and std. PIL's bicubic (a = -0.5, rounded to uint8) is not torch's."""
+    from PIL import Image
+    images = to_uint8_values(x).byte().permute(0, 2, 3, 1).cpu().numpy()
+    resized = np.stack([np.asarray(Image.fromarray(im).resize((FD_SIDE, FD_SIDE), Image.Resampling.BICUBIC))
+                        for im in images])
+    x = torch.from_numpy(resized).to(x.device).permute(0, 3, 1, 2).float() / 255
+    mean, std = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
+    return (x - mean) / std
+
+
+def dinov2_fd_forward(net):
+    return lambda x: net(dinov2_fd_input(x))
 
 
 def dinov2_network(size, weights_path=None):
@@ -309,6 +393,69 @@ def frechet_distance_to(feats, mu2, cov2):
     inner = X @ np.asarray(cov2, np.float64) @ X.T / (len(X) - 1)
     tr_covmean = np.sqrt(above_round_off(scipy.linalg.eigvalsh((inner + inner.T) / 2))).sum()
     return float(((mu1 - mu2) ** 2).sum() + np.trace(cov1) + np.trace(cov2) - 2 * tr_covmean)
+
+
+KID_SUBSETS, KID_SUBSET_SIZE, KID_SEED = 100, 1000, 2020  # torch-fidelity's defaults, after Binkowski et al. 2018
+
+
+def kid_recipe(subsets, size):
+    return (f"Inception-v3 pool3 as for FID; k(x, y) = (x.y / d + 1)^3, unbiased MMD^2, mean +- std over {subsets} "
+            f"subsets of {size} (torch-fidelity)")
+
+
+def polynomial_kernel(X, Y):
+    """KID's kernel k(x, y) = (x.y / d + 1)^3, d the feature dimension."""
+    return (X @ Y.T / X.shape[1] + 1) ** 3
+
+
+def mmd2_unbiased(X, Y):
+    """The unbiased MMD^2 estimate of two sets of m features: the within-set kernel means leave out
+    the diagonal k(x_i, x_i); the cross mean keeps every pair, X and Y being independent draws."""
+    m = len(X)
+    kxx, kyy = polynomial_kernel(X, X), polynomial_kernel(Y, Y)
+    within = (kxx.sum() - kxx.diagonal().sum() + kyy.sum() - kyy.diagonal().sum()) / (m * (m - 1))
+    return within - 2 * polynomial_kernel(X, Y).mean()
+
+
+def kid(gen, ref, subsets=KID_SUBSETS, subset_size=KID_SUBSET_SIZE, seed=KID_SEED, device="cpu"):
+    """KID: mean and (population) std of mmd2_unbiased over random subsets drawn without replacement,
+    generated first, as torch-fidelity draws them. Sets smaller than subset_size: the smaller set's size."""
+    m = min(subset_size, len(gen), len(ref))
+    if m < 2:
+        return {"kid": None, "kid_unavailable": f"KID needs 2 samples or more, not {m}"}
+    rng = np.random.RandomState(seed)
+    X, Y = (torch.as_tensor(np.asarray(f), dtype=torch.float64, device=device) for f in (gen, ref))
+    values = []
+    for _ in range(subsets):
+        i, j = rng.choice(len(X), m, replace=False), rng.choice(len(Y), m, replace=False)
+        values.append(mmd2_unbiased(X[i], Y[j]).item())
+    return {"kid": float(np.mean(values)), "kid_std": float(np.std(values)), "kid_subsets": subsets,
+            "kid_subset_size": m, "kid_recipe": kid_recipe(subsets, m)}
+
+
+PR_NEIGHBOURS = 3  # Kynkaanniemi et al. 2019 and torch-fidelity
+
+
+def knn_radii(feats, k, chunk=4096):
+    """Each point's distance to its k-th nearest other point of the same set (the k+1-th with itself)."""
+    return torch.cat([torch.cdist(part, feats).kthvalue(k + 1, dim=1).values for part in feats.split(chunk)])
+
+
+def share_inside(points, centres, radii, chunk=4096):
+    """The share of points within some centre's radius: inside the k-NN manifold of the centres."""
+    inside = [(torch.cdist(part, centres) <= radii).any(dim=1) for part in points.split(chunk)]
+    return torch.cat(inside).double().mean().item()
+
+
+def precision_recall(gen, ref, k=PR_NEIGHBOURS, device="cpu"):
+    """Improved precision (generated samples inside the reference manifold) and recall (reference images
+    inside the generated one), each manifold the union of balls to every point's k-th neighbour."""
+    if min(len(gen), len(ref)) <= k:
+        return {"precision": None, "recall": None}
+    X, Y = (torch.as_tensor(np.asarray(f), dtype=torch.float32, device=device) for f in (gen, ref))
+    return {"precision": share_inside(X, Y, knn_radii(Y, k)), "recall": share_inside(Y, X, knn_radii(X, k)),
+            "pr_recipe": f"Inception-v3 pool3 as for FID; k-NN manifolds, k = {k} "
+                         "(Kynkaanniemi et al. 2019, torch-fidelity)"}
 
 
 def top1_cosine(samples, train, chunk=4096):
@@ -374,29 +521,90 @@ def thresholds_for(data_spec):
     return FFHQ_THRESHOLDS if "ffhq" in str(data_spec).lower() else DEFAULT_THRESHOLDS
 
 
-def load_run(path, args, log):
-    """A run folder -> samples, training images, reference spec, config (images as [-1, 1] tensors)."""
-    cfg = json.loads((path / "config.json").read_text())
-    data_dir = args.data_dir or cfg.get("data_dir", "data")
-    dataset = A.load_images(cfg["data"], data_dir)[0]
+def find_dataset(path, cfg, args):
+    """(spec, data_dir) of a run's training set, so that a run folder can be scored from any folder:
+    --train; else config.json's data_path (absolute, written by newer ambient.py) if it exists; else
+    "data" as written, from the current folder; else from each folder above the run (older runs wrote
+    the path as typed, relative to where ambient.py ran)."""
+    data_dir = args.data_dir or find_data_dir(path, cfg)
+    if args.train or cfg["data"] in ("cifar", "demo"):
+        return args.train or cfg["data"], data_dir
+    data = Path(cfg["data"])
+    places = ([Path(cfg["data_path"])] if cfg.get("data_path") else []) + [data] + [p / data for p in path.resolve().parents]
+    for place in places:
+        if place.exists():
+            return str(place.resolve()), data_dir
+    raise UserError(f"{path} was trained on {cfg['data']}, which is not at {cfg.get('data_path') or cfg['data']} from "
+                    f"{Path.cwd()} nor under a folder above {path.resolve()}; pass --train PATH (that .npz or image folder)")
+
+
+def find_data_dir(path, cfg):
+    """Where cifar lives for a run: its data_dir if that holds CIFAR-10 from here or from a folder above the
+    run, else data_dir as written (ambient.py's loader then downloads there or says what to place)."""
+    data_dir = Path(cfg.get("data_dir", "data"))
+    for place in [data_dir] + [p / data_dir for p in path.resolve().parents]:
+        if (place / "cifar-10-batches-py").is_dir() or (place / A.CIFAR_URL.rsplit("/", 1)[1]).is_file():
+            return str(place)
+    return str(data_dir)
+
+
+def read_json(file, what):
     try:
-        indices = json.loads((path / "indices.json").read_text())
+        return json.loads(file.read_text())
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot read {path / 'indices.json'} ({e}); is {path} a run folder from ambient.py?")
-    res = cfg["resolution"]
+        raise UserError(f"cannot read {file} ({first_line(e)}); {what}")
+
+
+def load_run(path, args, log):
+    """A run folder -> training images, reference spec, config, and its samples ([-1, 1] tensors), or
+    'generate', which draws them from the checkpoint once the networks are known to be there."""
+    cfg = read_json(path / "config.json", "ambient.py writes it when a run starts; restore it")
+    spec, data_dir = find_dataset(path, cfg, args)
+    dataset = A.load_images(spec, data_dir)[0]
+    indices = read_json(path / "indices.json", f"is {path} a run folder from ambient.py?")
+    if max(indices, default=-1) >= len(dataset):
+        raise UserError(f"{path / 'indices.json'} points past the {len(dataset)} images of {spec}; "
+                        "pass --train with the dataset the run was trained on")
+    samples, want = run_samples(path, args)
+    run = dict(samples=samples, train=A.prepare(dataset[indices], cfg["resolution"]), ref_spec=args.ref or spec,
+               ref_dir=data_dir, resolution=cfg["resolution"], indices=indices, data=cfg["data"],
+               train_key=[spec, str(Path(data_dir).resolve()), cfg["resolution"], indices], sigma_tn=cfg.get("sigma_tn"),
+               method=cfg.get("method", "algorithm1"), mask_p=cfg.get("mask_p"))
+    if samples is None:
+        run["generate"] = lambda: A.prepare(generate_for(path, cfg, want, args, log)[:want])
+    return run
+
+
+def run_samples(path, args):
+    """(samples.npz's first --samples images, how many are wanted); None when the checkpoint must make
+    them, after checking now that it can, so that a damaged file is reported before any network loads."""
     samples = None
     if (path / "samples.npz").is_file():
-        samples = np.load(path / "samples.npz")["images"]
+        try:
+            samples = np.load(path / "samples.npz")["images"]
+        except Exception as e:
+            raise UserError(f"cannot read {path / 'samples.npz'} ({first_line(e)}); pass --samples N to draw N afresh")
     if samples is None and not args.samples:
         raise UserError(f"{path} has no samples.npz; pass --samples N to generate N from its checkpoint")
     want = args.samples or len(samples)
-    if samples is None or len(samples) < want:
-        samples = generate_for(path, cfg, want, args, log)
-    train = A.prepare(dataset[indices], res)
-    return dict(samples=A.prepare(samples[:want]), train=train, ref_spec=args.ref or cfg["data"], ref_dir=data_dir,
-                resolution=res, train_key=[cfg["data"], str(Path(data_dir).resolve()), res, indices],
-                sigma_tn=cfg.get("sigma_tn"), method=cfg.get("method", "algorithm1"), mask_p=cfg.get("mask_p"),
-                data=cfg["data"])
+    if samples is not None and len(samples) >= want:
+        return A.prepare(samples[:want]), want
+    if not (path / f"eval-samples-{want}.npz").is_file():
+        checkpoint_weights(path, want, 0 if samples is None else len(samples))
+    return None, want
+
+
+def checkpoint_weights(path, count, have=0):
+    """The EMA weights in path/checkpoint.pt, or one line saying what to do without them."""
+    checkpoint = path / "checkpoint.pt"
+    instead = f", or pass --samples {have} (what samples.npz holds)" if have else ""
+    if not checkpoint.is_file():
+        raise UserError(f"{path} has no checkpoint.pt to generate {count} samples from{instead or '; lower --samples'}")
+    try:
+        return torch.load(checkpoint, map_location="cpu", weights_only=False)["ema"]
+    except Exception as e:  # truncated, empty, not a checkpoint: the same advice
+        raise UserError(f"{checkpoint} is damaged ({type(e).__name__}: {first_line(e)[:120]}) and {count} samples "
+                        f"need it; restore it from a copy or re-train the run{instead}")
 
 
 def method_of_run(path):
@@ -415,16 +623,17 @@ def method_of_run(path):
 
 def generate_for(path, cfg, count, args, log):
     """More samples than samples.npz holds: draw them from the checkpoint's EMA weights, once, with the
-    run's own sampler (runs that name none get the default, Heun with 40 steps)."""
+    run's sampler and steps (Heun with 40 steps, the authors' released setting, where config lacks them)."""
     out = path / f"eval-samples-{count}.npz"
     if out.is_file():
         return np.load(out)["images"]
-    if not (path / "checkpoint.pt").is_file():
-        raise UserError(f"{path} has no checkpoint.pt to generate {count} samples from; lower --samples")
-    state = torch.load(path / "checkpoint.pt", map_location="cpu", weights_only=False)
     method = method_of_run(path)
-    ema = method.network()
-    ema.load_state_dict(state["ema"])
+    ema = method.network()  # a mask-aware network for masking runs, as config.json describes it
+    try:
+        ema.load_state_dict(checkpoint_weights(path, count))
+    except RuntimeError as e:
+        raise UserError(f"{path / 'checkpoint.pt'} does not fit {path / 'config.json'} ({first_line(e)[:120]}); "
+                        "restore the run's own config.json")
     ema = ema.to(args.device).eval()
     log(f"{path.name}: generating {count} samples from its checkpoint")
     bf16 = cfg.get("precision") == "bf16"  # as the run sampled its own samples.npz (repro_gpu.py --precision)
@@ -451,41 +660,133 @@ def load_images_input(path, args):
                 train_key=[args.train, str(Path(args.data_dir or "data").resolve()), res, "all"])
 
 
+RUN_FILES = ("checkpoint.pt", "samples.npz", "indices.json", "metrics.json", "log.txt")
+
+
 def load_input(spec, args, log):
     path = Path(spec)
     if (path / "config.json").is_file():
-        return load_run(path, args, log)
+        return with_reference(load_run(path, args, log))
+    if path.is_dir() and not any(path.iterdir()):
+        raise UserError(f"{spec} is empty; pass a run folder from ambient.py (with config.json) or images")
+    found = [f for f in RUN_FILES if (path / f).is_file()]
+    if path.is_dir() and found:
+        raise UserError(f"{spec} holds {', '.join(found)} but no config.json, which ambient.py writes when a run "
+                        f"starts: restore it, or score its samples as images: {path / 'samples.npz'} --train DATA")
     if path.is_dir() or (path.suffix == ".npz" and path.is_file()):
-        return load_images_input(path, args)
+        return with_reference(load_images_input(path, args))
     raise UserError(f"{spec} is neither a run folder (with config.json) nor a folder or .npz of images")
+
+
+def with_reference(run):
+    """Adds the reference set of FID and FD_DINOv2: the whole dataset at the run's resolution, read on
+    the first cache miss only and then kept for the other metric."""
+    loaded = []
+
+    def reference():
+        if not loaded:
+            loaded.append(A.prepare(A.load_images(run["ref_spec"], run["ref_dir"])[0], run["resolution"]))
+        return loaded[0]
+
+    run.update(reference=reference, ref_key=[run["ref_spec"], str(Path(run["ref_dir"]).resolve()), run["resolution"]])
+    return run
 
 
 # ------------------------------------------------------------------------------------------------
 # 7. The evaluation: networks once, then per run FID, FD_DINOv2, similarity and pixel metrics.
+# Three networks, each with its own recipe: Inception-v3 for FID; DINOv2 (ViT-L/14 by default) as
+# dgm-eval prepares its input for FD_DINOv2; DINOv2 (ViT-g/14) as the authors prepare it for the
+# memorization similarity. One size for both DINOv2 uses loads that network once.
 # ------------------------------------------------------------------------------------------------
+SERVES = {"inception": "FID, KID, precision and recall", "fd_dinov2": "FD_DINOv2",
+          "dinov2": "the DINOv2 similarity (pixel fallback instead)"}
+
+
+def wanted_networks(args):
+    """name -> (weight file, its URL, the flag's path, build(path) -> network, network -> forward)."""
+    def dinov2(size, explicit, forward):
+        return (dinov2_file(size), DINOV2_URL.format(size), explicit, lambda p: dinov2_network(size, p), forward)
+    return {"inception": (INCEPTION_FILE, INCEPTION_URL, args.inception_weights, inception_network,
+                          lambda net: inception_forward(net, args.fid_resize)),
+            "fd_dinov2": dinov2(args.fd_dinov2, args.fd_dinov2_weights, dinov2_fd_forward),
+            "dinov2": dinov2(args.dinov2, args.dinov2_weights, dinov2_forward)}
+
+
 def networks(args, log):
-    """{'inception': forward or None, 'dinov2': forward or None, and the reasons for any None}."""
-    nets, download = {}, not args.no_download
-    wanted = {"inception": (INCEPTION_FILE, INCEPTION_URL, args.inception_weights, inception_network),
-              "dinov2": (dinov2_file(args.dinov2), DINOV2_URL.format(args.dinov2), args.dinov2_weights,
-                         lambda p: dinov2_network(args.dinov2, p))}
-    for name, (filename, url, explicit, build) in wanted.items():
-        nets[name], nets[name + "_reason"], nets[name + "_file"] = None, None, None
+    """{name: {'forward': callable or None, 'file': weights path or None, 'reason': why None}}."""
+    nets, built = {}, {}  # built: weights path -> network, so one file is loaded once
+    for name, (filename, url, explicit, build, forward) in wanted_networks(args).items():
+        nets[name] = {"forward": None, "file": None, "reason": None}
         if args.pixels_only:
-            nets[name + "_reason"] = "--pixels-only"
+            nets[name]["reason"] = "--pixels-only"
             continue
         try:
-            path = find_weights(filename, url, explicit, download)
-            net = build(path).to(args.device)
-            nets[name] = inception_forward(net) if name == "inception" else dinov2_forward(net)
-            nets[name + "_file"] = str(path)
-            log(f"{name}: weights {path}")
+            path = find_weights(filename, url, explicit, not args.no_download)
         except WeightsMissing as e:
             if args.require_weights:
                 raise UserError(f"{name} weights missing: {e}")
-            nets[name + "_reason"] = str(e)
-            log(f"note: {name} unavailable, falling back to pixel metrics: {e}")
+            nets[name]["reason"] = str(e)
+            log(f"note: {e.short}; skipping {SERVES[name]}")
+            continue
+        if str(path) not in built:
+            built[str(path)] = build(path).to(args.device)
+            log(f"{name}: weights {path}")
+        nets[name].update(forward=forward(built[str(path)]), file=str(path))
     return nets
+
+
+def net_features(nets, name, images, args, log, label):
+    return features(nets[name]["forward"], images, args.batch, args.device, f"{label} {name}", log)
+
+
+def net_key(nets, name, *recipe):
+    """The part of a cache key that names the network, its weights file and how its input is prepared."""
+    return [name, *recipe, Path(nets[name]["file"]).name]
+
+
+def reference_statistics(feats):
+    """What FID and KID need of the reference set: mean, covariance and (for KID's subsets) the features."""
+    mu, cov = statistics(feats)
+    return {"mu": mu, "cov": cov, "features": np.asarray(feats, np.float32)}
+
+
+def fid_metrics(run, nets, args, log, name):
+    """FID, KID, precision and recall, all from the same Inception features."""
+    if nets["inception"]["forward"] is None:
+        return {"fid": None, "fid_unavailable": nets["inception"]["reason"], "kid": None, "precision": None,
+                "recall": None}
+    key = run["ref_key"] + net_key(nets, "inception", args.fid_resize, "kid")
+    stats = cached(args.cache_dir, "inception-reference", key, lambda: reference_statistics(
+        net_features(nets, "inception", run["reference"](), args, log, "reference")), log)
+    gen = net_features(nets, "inception", run["samples"], args, log, name)
+    return {"fid": frechet_distance_to(gen, stats["mu"], stats["cov"]), "fid_recipe": FID_RECIPES[args.fid_resize],
+            **kid(gen, stats["features"], device=args.device),
+            **precision_recall(gen, stats["features"], device=args.device)}
+
+
+def fd_dinov2_metrics(run, nets, args, log, name):
+    if nets["fd_dinov2"]["forward"] is None:
+        return {"fd_dinov2": None, "fd_dinov2_unavailable": nets["fd_dinov2"]["reason"]}
+    key = run["ref_key"] + net_key(nets, "fd_dinov2", args.fd_dinov2, "dgm-eval")
+    stats = cached(args.cache_dir, "dinov2-reference", key, lambda: dict(zip(("mu", "cov"), statistics(
+        net_features(nets, "fd_dinov2", run["reference"](), args, log, "reference")))), log)
+    gen = net_features(nets, "fd_dinov2", run["samples"], args, log, name)
+    return {"fd_dinov2": frechet_distance_to(gen, stats["mu"], stats["cov"]),
+            "fd_dinov2_recipe": fd_dinov2_recipe(args.fd_dinov2)}
+
+
+def similarity(run, nets, args, log, name, pixel_nn):
+    """Each sample's top-1 similarity to the training set and its index, with the row entries naming it:
+    DINOv2 with the authors' recipe, or ambient.py's centred pixel cosine without its weights."""
+    if nets["dinov2"]["forward"] is None:
+        return pixel_nn["cosine"].numpy(), pixel_nn["cosine_idx"].numpy(), {
+            "similarity_space": "pixels, centred cosine", "similarity_unavailable": nets["dinov2"]["reason"],
+            "similarity_recipe": "ambient.py's pixel fallback: cosine of mean-centred pixels (not the paper's)"}
+    key = run["train_key"] + net_key(nets, "dinov2", args.dinov2, "paper")
+    train_feats = cached(args.cache_dir, "dinov2-train", key, lambda: {
+        "features": net_features(nets, "dinov2", run["train"], args, log, "train")}, log)
+    sims, idx = top1_cosine(net_features(nets, "dinov2", run["samples"], args, log, name), train_feats["features"])
+    return sims, idx, {"similarity_space": f"DINOv2 {args.dinov2} CLS", "similarity_recipe": similarity_recipe(args.dinov2)}
 
 
 def evaluate_run(run, nets, args, log, name):
@@ -495,75 +796,73 @@ def evaluate_run(run, nets, args, log, name):
     row = {"samples": len(samples), "train_images": len(train), "resolution": run["resolution"],
            "sigma_tn": run["sigma_tn"], "method": run.get("method"), "mask_p": run.get("mask_p"),
            "thresholds": list(thresholds)}
-    ref = None
-
-    def reference():  # the whole dataset at the run's resolution, loaded only on a cache miss
-        nonlocal ref
-        if ref is None:
-            ref = A.prepare(A.load_images(run["ref_spec"], run["ref_dir"])[0], run["resolution"])
-        return ref
-
-    ref_key = [run["ref_spec"], str(Path(run["ref_dir"]).resolve()), run["resolution"]]
-    for net_name, metric in (("inception", "fid"), ("dinov2", "fd_dinov2")):
-        if nets[net_name] is None:
-            row[metric], row[metric + "_unavailable"] = None, nets[net_name + "_reason"]
-            continue
-        net_id = [net_name, args.dinov2 if net_name == "dinov2" else "", Path(nets[net_name + "_file"]).name]
-        stats = cached(args.cache_dir, f"{net_name}-reference", ref_key + net_id, lambda: dict(zip(
-            ("mu", "cov"), statistics(features(nets[net_name], reference(), args.batch, args.device,
-                                               f"{net_name} reference", log)))), log)
-        gen = features(nets[net_name], samples, args.batch, args.device, f"{name} {net_name}", log)
-        row[metric] = frechet_distance_to(gen, stats["mu"], stats["cov"])
-        if net_name == "dinov2":
-            train_feats = cached(args.cache_dir, "dinov2-train", run["train_key"] + net_id, lambda: {
-                "features": features(nets["dinov2"], train, args.batch, args.device, "dinov2 train", log)}, log)
-            sims, idx = top1_cosine(gen, train_feats["features"])
-            row.update(similarity_space=f"DINOv2 {args.dinov2} CLS", **similarity_summary(sims, thresholds))
-    pixel, nn_ = A.memorization_report(samples, train)
-    row["pixel_copy_rate"] = pixel["copy_rate"]
-    row["pixel_ratio_median"] = pixel["ratio_median"]
-    if nets["dinov2"] is None:  # ambient.py's weight-free stand-in for the DINOv2 similarity
-        sims, idx = nn_["cosine"].numpy(), nn_["cosine_idx"].numpy()
-        row.update(similarity_space="pixels, centred cosine", **similarity_summary(sims, thresholds))
-    if len(samples) < 10_000 and nets["inception"] is not None:
+    row.update(fid_metrics(run, nets, args, log, name))
+    row.update(fd_dinov2_metrics(run, nets, args, log, name))
+    pixel, pixel_nn = A.memorization_report(samples, train)
+    sims, idx, space = similarity(run, nets, args, log, name, pixel_nn)
+    row.update(space, **similarity_summary(sims, thresholds))
+    row.update(pixel_copy_rate=pixel["copy_rate"], pixel_ratio_median=pixel["ratio_median"])
+    if len(samples) < 10_000 and row["fid"] is not None:
         row["note"] = f"FID from {len(samples)} samples is biased upwards; the paper uses 50,000"
-    return row, sims, idx
+    return row, per_sample(run, sims, idx, pixel_nn, row["similarity_space"])
+
+
+def per_sample(run, sims, idx, pixel_nn, space):
+    """Each sample's numbers for plots of one's own: the top-1 similarity and its training image (an index
+    into the run's training subset, and into the whole dataset through indices.json), and the pixel
+    d1/d2 with the L2-nearest training image."""
+    to_dataset = np.asarray(run["indices"] if run.get("indices") is not None else np.arange(len(run["train"])))
+    pixel_idx = pixel_nn["l2_idx"].numpy()
+    return {"similarity": sims, "similarity_space": np.array(space), "nearest_train": idx,
+            "nearest_dataset": to_dataset[idx], "pixel_d1_d2": pixel_nn["ratio"].numpy(),
+            "pixel_nearest_train": pixel_idx, "pixel_nearest_dataset": to_dataset[pixel_idx]}
 
 
 # ------------------------------------------------------------------------------------------------
 # 8. Report: Markdown on stdout, JSON, PNGs.
 # ------------------------------------------------------------------------------------------------
+PIXEL_COPY_RECIPE = "ambient.py: L2 distance to the nearest training image over the second nearest's (Gu et al. 2023)"
+UNAVAILABLE = {"fid_unavailable": "FID, KID, precision and recall", "kid_unavailable": "KID",
+               "fd_dinov2_unavailable": "FD_DINOv2",
+               "similarity_unavailable": "DINOv2 similarity"}
+
+
 def markdown(rows):
+    """One column per run and a last one naming each metric's recipe (the same for every run)."""
     first = next(iter(rows.values()))
-    space = first["similarity_space"]
-    lines = ["| metric | " + " | ".join(rows) + " |", "|---" * (len(rows) + 1) + "|"]
+    lines = ["| metric | " + " | ".join(rows) + " | recipe |", "|---" * (len(rows) + 2) + "|"]
 
-    def line(label, key, fmt="{:.3f}", percent=False):
+    def line(label, key, fmt="{:.3f}", percent=False, recipe="", values=None):
         cells = []
-        for r in rows.values():
-            v = r.get(key)
+        for name, r in rows.items():
+            v = values[name] if values else r.get(key)
             cells.append("n/a" if v is None else f"{100 * v:.1f}%" if percent else fmt.format(v))
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {recipe} |")
 
-    line("FID (Inception-v3)", "fid", "{:.2f}")
-    line("FD_DINOv2", "fd_dinov2", "{:.2f}")
-    line(f"similarity mean ({space})", "similarity_mean")
+    line("FID (Inception-v3)", "fid", "{:.2f}", recipe=first.get("fid_recipe", "unavailable"))
+    kid_cells = {k: None if r.get("kid") is None else f"{1e3 * r['kid']:.2f} +- {1e3 * r['kid_std']:.2f}"
+                 for k, r in rows.items()}
+    line("KID x 1000", None, "{}", recipe=first.get("kid_recipe", "unavailable"), values=kid_cells)
+    line("precision", "precision", recipe=first.get("pr_recipe", "unavailable"))
+    line("recall", "recall")
+    line("FD_DINOv2", "fd_dinov2", "{:.2f}", recipe=first.get("fd_dinov2_recipe", "unavailable"))
+    line(f"similarity mean ({first['similarity_space']})", "similarity_mean", recipe=first["similarity_recipe"])
     line("similarity median", "similarity_median")
     for th in first["thresholds"]:
         line(f"share with similarity > {th:g}", f"similarity_above_{th:g}", percent=True)
-    line("pixel copy rate (d1/d2 < 1/3)", "pixel_copy_rate", percent=True)
-    line("samples", "samples", "{}")
-    line("training images", "train_images", "{}")
-    line("method", "method", "{}")
-    line("sigma_tn (EDM)", "sigma_tn", "{:g}")
-    line("mask p", "mask_p", "{:g}")
-    labels = {"fid_unavailable": "FID", "fd_dinov2_unavailable": "FD_DINOv2 and DINOv2 similarity"}
-    notes = sorted({f"{labels[k]} unavailable: {v}" for r in rows.values() for k, v in r.items() if k in labels})
+    line("pixel copy rate (d1/d2 < 1/3)", "pixel_copy_rate", percent=True, recipe=PIXEL_COPY_RECIPE)
+    for label, key, fmt in (("samples", "samples", "{}"), ("training images", "train_images", "{}"),
+                            ("method", "method", "{}"), ("sigma_tn (EDM)", "sigma_tn", "{:g}"), ("mask p", "mask_p", "{:g}")):
+        line(label, key, fmt)
+    return "\n".join(lines + [""] + [f"- {n}" for n in report_notes(rows)])
+
+
+def report_notes(rows):
+    notes = sorted({f"{UNAVAILABLE[k]} unavailable: {v}" for r in rows.values() for k, v in r.items() if k in UNAVAILABLE})
     if any(r["similarity_space"].startswith("pixels") for r in rows.values()):
         notes.append("the similarity rows use ambient.py's pixel fallback, not DINOv2: "
                      "they are not comparable to the paper's numbers")
-    notes += sorted({r["note"] for r in rows.values() if "note" in r})
-    return "\n".join(lines + [""] + [f"- {n}" for n in notes])
+    return notes + sorted({r["note"] for r in rows.values() if "note" in r})
 
 
 def save_plots(rows, sims, out, log):
@@ -608,21 +907,29 @@ def save_plots(rows, sims, out, log):
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=f"Weights: {INCEPTION_FILE} ({INCEPTION_URL}) and dinov2_<size>_pretrain.pth "
-                                       f"({DINOV2_URL.format('<size>')}), in ${WEIGHTS_ENV} or the torch hub folder.")
+                                       f"({DINOV2_URL.format('<size>')}) for vitl14 (FD_DINOv2) and vitg14 "
+                                       f"(similarity), in ${WEIGHTS_ENV} or the torch hub folder.")
     a = p.add_argument
     a("inputs", nargs="+", metavar="RUN_OR_IMAGES", help="run folders from ambient.py, or folders / .npz files of images")
-    a("--train", help="the training set of image inputs: cifar, demo, a .npz or a folder (run folders name their own)")
+    a("--train", help="the training set: cifar, demo, a .npz or a folder; needed for image inputs, and for run "
+      "folders it replaces the dataset their config.json names (indices.json still picks the subset)")
     a("--ref", help="FID / FD_DINOv2 reference dataset (default: the run's whole dataset, or --train)")
     a("--data-dir", default=None, help="where cifar lives (default: the run's data_dir, else ./data)")
     a("--samples", type=int, default=None, help="score this many samples; runs generate more from their "
       "checkpoint when samples.npz holds fewer (default: all in samples.npz; paper: 50000)")
     a("--batch", type=int, default=64, help="images per network batch (default 64)")
     a("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    a("--dinov2", choices=tuple(DINOV2_SIZES), default="vitg14", help="DINOv2 size (paper: vitg14, the default)")
+    a("--dinov2", choices=tuple(DINOV2_SIZES), default="vitg14", help="DINOv2 size of the memorization similarity "
+      "(paper: vitg14, the default)")
+    a("--fd-dinov2", choices=tuple(DINOV2_SIZES), default="vitl14", help="DINOv2 size of FD_DINOv2 (dgm-eval and its "
+      "leaderboard: vitl14, the default)")
+    a("--fid-resize", choices=FID_RESIZES, default="tf1", help="how FID images reach 299 x 299: tf1 = EDM's fid.py and "
+      "the paper (TF1 legacy bilinear on uint8, the default), pytorch-fid = pytorch-fid's half-pixel bilinear")
     a("--thresholds", type=float, nargs=3, metavar="T", help="similarity thresholds (default: 0.9 0.925 0.95, "
       "or 0.85 0.875 0.9 when the dataset name contains ffhq)")
     a("--inception-weights", metavar="FILE", help=f"local {INCEPTION_FILE}")
-    a("--dinov2-weights", metavar="FILE", help="local dinov2_<size>_pretrain.pth")
+    a("--dinov2-weights", metavar="FILE", help="local dinov2_<size>_pretrain.pth for the similarity (--dinov2 size)")
+    a("--fd-dinov2-weights", metavar="FILE", help="local dinov2_<size>_pretrain.pth for FD_DINOv2 (--fd-dinov2 size)")
     a("--no-download", action="store_true", help="never try to download weights")
     a("--require-weights", action="store_true", help="missing weights are an error instead of the pixel fallback")
     a("--pixels-only", action="store_true", help="skip the networks: ambient.py's pixel metrics only")
@@ -643,18 +950,24 @@ def run(args):
     check_args(args)
     args.device = A.pick_device(args.device)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)
-    nets = networks(args, log)
-    rows, sims, grids, names = {}, {}, {}, []
+    runs = {}  # every input is read and checked first: a bad one is reported alone, before the networks load
     for spec in args.inputs:
         name = Path(spec).stem if Path(spec).suffix == ".npz" else Path(spec).resolve().name
-        name = name if name not in names else f"{name}-{len(names)}"
-        names.append(name)
-        run_ = load_input(spec, args, log)
-        rows[name], sims[name], idx = evaluate_run(run_, nets, args, log, name)
-        grids[name] = (run_["samples"], run_["train"], idx)
+        runs[name if name not in runs else f"{name}-{len(runs)}"] = load_input(spec, args, log)
+    nets = networks(args, log)
+    rows, sims, numbers, grids = {}, {}, {}, {}
+    for name, run_ in runs.items():
+        if "generate" in run_:
+            run_["samples"] = run_.pop("generate")()
+        rows[name], numbers[name] = evaluate_run(run_, nets, args, log, name)
+        sims[name] = numbers[name]["similarity"]
+        grids[name] = (run_["samples"], run_["train"], numbers[name]["nearest_train"])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     files = save_plots(rows, sims, out, log)
+    for name, arrays in numbers.items():
+        np.savez(out / f"per_sample_{name}.npz", **arrays)
+        files.append(f"per_sample_{name}.npz")
     for name, (samples, train, idx) in grids.items():  # most memorized first, beside their neighbours
         order = torch.as_tensor(np.argsort(-sims[name], kind="stable"))
         A.save_neighbour_grid(samples[order], train, torch.as_tensor(idx)[order], out / f"memorized_{name}.png")
@@ -662,8 +975,8 @@ def run(args):
     table = markdown(rows)
     print(table)
     (out / "report.md").write_text(table + "\n")
-    (out / "report.json").write_text(json.dumps({"runs": rows, "inception_weights": nets["inception_file"],
-                                                 "dinov2_weights": nets["dinov2_file"]}, indent=1))
+    (out / "report.json").write_text(json.dumps({"runs": rows, **{f"{k}_weights": v["file"] for k, v in nets.items()}},
+                                                indent=1))
     log(f"wrote {out}/: report.md, report.json, " + ", ".join(files))
     return rows
 

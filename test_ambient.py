@@ -292,7 +292,7 @@ def test_lemma_4_1_ambient_optimum_ode_lands_on_noisy_copies():
     sigma_tn = 1.0  # EDM units
     S_tn = A.make_noisy_copies(S, A.vp_from_edm(torch.tensor(sigma_tn, dtype=f64)), seed=0)
     h = A.ambient_optimal_denoiser(S_tn, A.vp_from_edm(torch.tensor(sigma_tn, dtype=f64)))
-    x = A.sample(h, (32, 12), steps=60, sampler="euler", seed=1, sigma_stop=sigma_tn, dtype=f64)
+    x = A.sample(h, A.initial_noise((32, 12), 1, dtype=f64), steps=60, sampler="euler", sigma_stop=sigma_tn)
     noisy_points = S_tn / A.alpha(A.vp_from_edm(torch.tensor(sigma_tn, dtype=f64)))  # EDM units
     assert torch.cdist(x, noisy_points).min(1).values.max() < 1e-5  # on a point of S_tn
     assert torch.cdist(x, S).min(1).values.min() > 1.0  # and on none of the clean images
@@ -300,7 +300,7 @@ def test_lemma_4_1_ambient_optimum_ode_lands_on_noisy_copies():
 
 def test_ddpm_empirical_optimum_ode_copies_training_points():
     S = torch.randn(6, 12, generator=gen(8), dtype=f64)
-    x = A.sample(A.empirical_denoiser(S), (32, 12), steps=40, sampler="euler", seed=2, dtype=f64)
+    x = A.sample(A.empirical_denoiser(S), A.initial_noise((32, 12), 2, dtype=f64), steps=40, sampler="euler")
     assert torch.cdist(x, S).min(1).values.max() < 1e-5
 
 
@@ -316,7 +316,7 @@ def test_sampler_grid():
 @pytest.mark.parametrize("sampler,steps", [("euler", 512), ("heun", 64)])
 def test_sampler_reproduces_gaussian_mean_and_covariance(sampler, steps):
     dist, mu, cov = gaussian()
-    x = A.sample(dist.denoiser, (20_000, 2), steps=steps, sampler=sampler, seed=4, dtype=f64)
+    x = A.sample(dist.denoiser, A.initial_noise((20_000, 2), 4, dtype=f64), steps=steps, sampler=sampler)
     assert (x.mean(0) - mu).abs().max() < 0.02  # 5 standard errors
     assert (torch.cov(x.T) - cov).abs().max() < 0.02
 
@@ -327,14 +327,14 @@ def test_heun_error_shrinks_faster_than_euler():
     x_T = torch.randn(500, 2, generator=gen(3), dtype=f64) * A.SIGMA_MAX
     flow = sqrtm(cov) @ torch.linalg.inv(sqrtm(cov + A.SIGMA_MAX ** 2 * torch.eye(2, dtype=f64)))
     exact = mu + (x_T - mu) @ flow.T
-    err = {s: [(A.sample(dist.denoiser, (500, 2), steps=n, sampler=s, seed=3, dtype=f64) - exact).abs().max().item()
+    err = {s: [(A.sample(dist.denoiser, A.initial_noise((500, 2), 3, dtype=f64), steps=n, sampler=s) - exact).abs().max().item()
                for n in (16, 32, 64)] for s in ("euler", "heun")}
     order = {s: math.log2(e[1] / e[2]) for s, e in err.items()}
     assert 0.8 < order["euler"] < 1.2  # first order
     assert order["heun"] > 1.8  # second order
     assert all(h < e for h, e in zip(err["heun"], err["euler"]))
     # Why Heun-40 is the default: more accurate than Euler with the same 79 network calls.
-    rms = {(s, n): (A.sample(dist.denoiser, (500, 2), steps=n, sampler=s, seed=3, dtype=f64) - exact).square().mean().sqrt()
+    rms = {(s, n): (A.sample(dist.denoiser, A.initial_noise((500, 2), 3, dtype=f64), steps=n, sampler=s) - exact).square().mean().sqrt()
            for s, n in (("heun", 40), ("euler", 79))}
     assert rms["heun", 40] < rms["euler", 79] / 2
 
@@ -419,13 +419,13 @@ def test_tiny_preset_trains_with_falling_loss_and_checkpoint_reproduces_samples(
     before = fixed_batch_losses()
     ema = A.train(method, A.training_state(h, cfg, S[0].numel()), cfg, tmp_path, log=lambda m: None)
     assert (fixed_batch_losses() < before).all()  # lower on every one of them
-    x = A.sample(ema, (4, 3, 16, 16), steps=6, seed=5)
+    x = A.sample(ema, A.initial_noise((4, 3, 16, 16), 5), steps=6)
     assert torch.isfinite(x).all() and x.abs().max() < 5  # data in [-1, 1]: no blow-up
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
     assert state["step"] == 40 and torch.equal(state["S_tn"], S_tn)
     loaded = A.Denoiser(16, "tiny")
     loaded.load_state_dict(state["ema"])
-    assert torch.equal(A.sample(loaded, (4, 3, 16, 16), steps=6, seed=5), x)
+    assert torch.equal(A.sample(loaded, A.initial_noise((4, 3, 16, 16), 5), steps=6), x)
 
 
 def test_ema_moves_toward_the_network_with_edms_half_life():
@@ -643,178 +643,6 @@ def test_every_flag_is_explained_in_help():
     for config in (A.Config, baselines.Config, conditional.Config, repro_gpu.Config):
         for action in A.build_parser(config)._actions:
             assert action.help and len(action.help) > 10, action.option_strings
-
-
-# =============================================================================================
-# eval_memorization.py: Frechet distance, nearest neighbours, feature pipelines, caches, weights
-# =============================================================================================
-import eval_memorization as E  # noqa: E402
-
-
-def test_frechet_distance_matches_gaussian_closed_forms():
-    g = np.random.default_rng(20)
-    mu1, mu2 = g.normal(size=5), g.normal(size=5)
-    a, b = g.uniform(0.1, 2, 5), g.uniform(0.1, 2, 5)  # commuting (diagonal) covariances
-    expected = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
-    assert E.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-12)
-    # non-commuting 2x2: tr sqrt(M) = sqrt(tr M + 2 sqrt(det M)) for M = C1 C2 with positive eigenvalues
-    C1, C2 = np.array([[2.0, 0.7], [0.7, 0.5]]), np.array([[0.3, -0.2], [-0.2, 1.4]])
-    tr_root = np.sqrt(np.trace(C1 @ C2) + 2 * np.sqrt(np.linalg.det(C1) * np.linalg.det(C2)))
-    expected = ((mu1[:2] - mu2[:2]) ** 2).sum() + np.trace(C1) + np.trace(C2) - 2 * tr_root
-    assert E.frechet_distance(mu1[:2], C1, mu2[:2], C2) == pytest.approx(expected, rel=1e-12)
-    assert E.frechet_distance(mu2[:2], C2, mu1[:2], C1) == pytest.approx(expected, rel=1e-12)  # symmetric
-
-
-def test_frechet_distance_of_a_set_with_itself_is_zero_even_when_rank_deficient():
-    feats = np.random.default_rng(21).normal(size=(10, 64)) * 3 + 1  # 10 samples in 64 dims: singular covariance
-    mu, cov = E.statistics(feats)
-    assert np.linalg.matrix_rank(cov) == 9
-    assert abs(E.frechet_distance(mu, cov, mu, cov)) < 1e-9 * np.trace(cov)
-    other = E.statistics(feats + 0.5)  # a pure shift: the distance is exactly |shift|^2
-    assert E.frechet_distance(mu, cov, *other) == pytest.approx(64 * 0.25, rel=1e-9)
-    assert abs(E.frechet_distance_to(feats, mu, cov)) < 1e-9 * np.trace(cov)  # the n x n route for n < d
-    ref = E.statistics(np.random.default_rng(26).normal(size=(100, 64)))
-    assert E.frechet_distance_to(feats, *ref) == pytest.approx(E.frechet_distance(mu, cov, *ref), rel=1e-9)
-
-
-def test_top1_similarity_finds_planted_copies_and_thresholds_count_them():
-    g = np.random.default_rng(22)
-    train = g.normal(size=(200, 64))
-    planted = [3, 99, 150]
-    copies = train[planted] * np.array([[0.5], [2.0], [7.0]])  # cosine ignores the scale of an embedding
-    samples = np.concatenate([copies, g.normal(size=(20, 64))])
-    sims, idx = E.top1_cosine(samples, train, chunk=7)
-    assert idx[:3].tolist() == planted and np.allclose(sims[:3], 1, atol=1e-12)
-    assert (sims[3:] < 0.85).all()  # independent directions in 64 dims have cosine ~ N(0, 1/64)
-    summary = E.similarity_summary(sims, E.DEFAULT_THRESHOLDS)
-    assert all(summary[f"similarity_above_{th:g}"] == 3 / 23 for th in (0.9, 0.925, 0.95))
-    assert summary["similarity_median"] == np.median(sims) and summary["similarity_mean"] == pytest.approx(sims.mean())
-    assert E.thresholds_for("data/ffhq-64x64.npz") == (0.85, 0.875, 0.9) and E.thresholds_for("cifar") == (0.9, 0.925, 0.95)
-
-
-def test_dinov2_recipe_pads_by_reflection_and_pipeline_batches_consistently():
-    x = torch.rand(7, 3, 32, 32) * 2 - 1
-    padded = E.dinov2_input(x)
-    assert padded.shape == (7, 3, 42, 42)  # 32 -> the next multiple of 14, centred: 5 + 32 + 5
-    assert torch.equal(padded[..., 5:37, 5:37], (x + 1) / 2)  # [0, 1], no ImageNet normalisation
-    assert torch.equal(padded[..., 5:37, 4], padded[..., 5:37, 6]) and torch.equal(padded[..., 35, :], padded[..., 37, :])
-    net = E.dinov2_network("vits14")
-    forward = E.dinov2_forward(net)
-    feats = E.features(forward, x, batch=3, device="cpu")
-    assert feats.shape == (7, 384) and feats.dtype == np.float64
-    assert np.allclose(feats, E.features(forward, x, batch=7, device="cpu"), atol=1e-5)  # batching changes nothing
-    sims, idx = E.top1_cosine(feats[[4, 1]], feats)  # an image is its own nearest neighbour
-    assert idx.tolist() == [4, 1] and np.allclose(sims, 1, atol=1e-6)
-    inception = E.features(E.inception_forward(E.inception_network(None)), x[:2], batch=2, device="cpu")
-    assert inception.shape == (2, 2048)  # pool3 features of pytorch-fid's FID Inception-v3 at any input size
-
-
-def test_dinov2_size_flag_builds_the_published_architectures():
-    """DINOv2 paper: ViT-S/14 21M, ViT-B/14 86M, ViT-L/14 300M, ViT-g/14 1.1B parameters (no memory used)."""
-    published = {"vits14": 21e6, "vitb14": 86e6, "vitl14": 300e6, "vitg14": 1.1e9}
-    for size, count in published.items():
-        with torch.device("meta"):
-            net = E.DINOv2(size)
-        assert abs(sum(p.numel() for p in net.parameters()) / count - 1) < 0.06, size
-    assert len(net.blocks) == 40 and net.norm.normalized_shape == (1536,)  # ViT-g: 40 blocks of width 1536
-    assert net.blocks[0].mlp.w3.in_features == 4096  # SwiGLU, hidden 2/3 of 4 x 1536, as the hub checkpoint has
-
-
-def test_cache_files_round_trip_and_a_changed_key_misses(tmp_path):
-    key = ["cifar", 32, "dinov2", "vits14", [1, 5, 9]]
-    arrays = {"mu": np.random.default_rng(23).normal(size=4), "cov": np.eye(4) * 0.3}
-    path = E.cache_path(tmp_path, "ref", key)
-    E.save_cache(path, key, **arrays)
-    loaded = E.load_cache(path, key)
-    assert set(loaded) == {"mu", "cov"} and all(np.array_equal(loaded[k], arrays[k]) for k in arrays)
-    assert E.load_cache(path, key[:-1] + [[1, 5]]) is None  # another training subset is another file's business
-    assert E.cache_path(tmp_path, "ref", key[:-1] + [[1, 5]]) != path
-    calls = []
-    compute = lambda: calls.append(1) or arrays
-    E.cached(tmp_path, "ref", key, compute, log=lambda m: None)
-    assert calls == [] and not list(tmp_path.glob("*.tmp.npz"))  # served from the file, no temp left
-
-
-def eval_error(argv, capsys):
-    with pytest.raises(SystemExit) as e:
-        E.main(argv)
-    err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert e.value.code == 2 and err.startswith("error: ")
-    return err
-
-
-def fake_run(folder, data_file, indices, samples, sigma_tn=0.0):
-    """A run folder as ambient.py writes it, with a tiny untrained checkpoint to generate from."""
-    folder.mkdir(parents=True)
-    (folder / "config.json").write_text(json.dumps(dict(data=str(data_file), data_dir="data", n=len(indices), seed=0,
-                                                        sigma_tn=sigma_tn, preset="tiny", resolution=16, steps=2)))
-    (folder / "indices.json").write_text(json.dumps(indices))
-    np.savez(folder / "samples.npz", images=samples)
-    torch.save({"ema": A.Denoiser(16, "tiny").state_dict()}, folder / "checkpoint.pt")
-    return folder
-
-
-def test_missing_weights_fall_back_to_pixel_metrics_or_give_one_clear_line(tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.setenv(E.WEIGHTS_ENV, str(tmp_path / "weights"))
-    data = (np.random.default_rng(24).random((10, 16, 16, 3)) * 255).astype(np.uint8)
-    np.savez(tmp_path / "data.npz", images=data)
-    run = fake_run(tmp_path / "ddpm", tmp_path / "data.npz", [0, 2, 4, 6], np.concatenate([data[[2, 6]], data[[1, 3]]]))
-    out = tmp_path / "out"
-    common = [str(run), "--no-download", "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--device", "cpu"]
-    E.main(common + ["--samples", "6"])  # 6 > the 4 in samples.npz: 6 are generated from the checkpoint
-    report = json.loads((out / "report.json").read_text())["runs"]["ddpm"]
-    assert report["fid"] is None and report["fd_dinov2"] is None and report["samples"] == 6
-    assert E.INCEPTION_FILE in report["fid_unavailable"] and E.INCEPTION_URL in report["fid_unavailable"]
-    assert str(tmp_path / "weights" / "dinov2_vitg14_pretrain.pth") in report["fd_dinov2_unavailable"]
-    assert report["similarity_space"].startswith("pixels")
-    printed = capsys.readouterr().out
-    assert "pixel fallback, not DINOv2" in printed and "| FID (Inception-v3) | n/a |" in printed
-    generated = A.prepare(np.load(run / "eval-samples-6.npz")["images"])
-    pixel, _ = A.memorization_report(generated, A.prepare(data[[0, 2, 4, 6]]))
-    assert report["pixel_copy_rate"] == pixel["copy_rate"] and report["similarity_mean"] == pytest.approx(pixel["cosine_mean"])
-    for png in ("similarity_histogram.png", "pareto.png", "memorized_ddpm.png"):
-        assert (out / png).stat().st_size > 0
-    err = eval_error(common + ["--require-weights"], capsys)
-    assert E.INCEPTION_FILE in err and str(tmp_path / "torch" / "hub" / "checkpoints") in err and E.INCEPTION_URL in err
-    assert "does not exist" in eval_error(common + ["--dinov2-weights", str(tmp_path / "nope.pth")], capsys)
-    torch.save({"not": torch.zeros(1)}, tmp_path / "bad.pth")
-    assert "not a DINOv2 vitb14 state dict" in eval_error(common + ["--dinov2", "vitb14", "--dinov2-weights",
-                                                                    str(tmp_path / "bad.pth")], capsys)
-    assert "--train" in eval_error([str(tmp_path / "data.npz"), "--no-download"], capsys)
-
-
-def test_weights_in_the_env_folder_give_fid_fd_dinov2_and_dinov2_copies(tmp_path, capsys, monkeypatch):
-    """The whole offline path with random weights of the real architectures under their real file names."""
-    from unittest import mock
-    import torchvision
-    from pytorch_fid import inception as pf
-    weights = tmp_path / "weights"
-    weights.mkdir()
-    built = []  # pytorch-fid's raw Inception3 (the layout of the released file), random weights kept
-    with mock.patch.object(pf, "load_state_dict_from_url", lambda *a, **k: None), \
-            mock.patch.object(torchvision.models.Inception3, "load_state_dict", lambda self, *a, **k: built.append(self)):
-        pf.fid_inception_v3()
-    torch.save(built[0].state_dict(), weights / E.INCEPTION_FILE)
-    torch.save(E.DINOv2("vits14").state_dict(), weights / E.dinov2_file("vits14"))
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.setenv(E.WEIGHTS_ENV, str(weights))
-    data = (np.random.default_rng(25).random((6, 16, 16, 3)) * 255).astype(np.uint8)
-    np.savez(tmp_path / "data.npz", images=data)
-    run = fake_run(tmp_path / "ambient-0.4", tmp_path / "data.npz", [1, 3, 5], np.concatenate([data[[5, 1]], data[[0, 2]]]), 0.4)
-    out = tmp_path / "out"
-    E.main([str(run), "--dinov2", "vits14", "--no-download", "--out", str(out), "--cache-dir", str(tmp_path / "cache"),
-            "--device", "cpu", "--batch", "4"])
-    saved = json.loads((out / "report.json").read_text())
-    report = saved["runs"]["ambient-0.4"]
-    assert saved["inception_weights"] == str(weights / E.INCEPTION_FILE)
-    assert saved["dinov2_weights"] == str(weights / "dinov2_vits14_pretrain.pth")
-    assert np.isfinite(report["fid"]) and report["fid"] >= -1e-6 and np.isfinite(report["fd_dinov2"])
-    assert report["similarity_space"] == "DINOv2 vits14 CLS" and report["similarity_above_0.95"] >= 0.5  # 2 copies of 4
-    assert report["pixel_copy_rate"] == 0.5
-    assert {p.name.split("-")[0] for p in (tmp_path / "cache").glob("*.npz")} == {"inception", "dinov2"}
-    assert len(list((tmp_path / "cache").glob("*.npz"))) == 3  # two reference statistics, one set of training features
-    assert "| FD_DINOv2 |" in capsys.readouterr().out
 
 
 def test_first_training_step_leaves_the_ema_equal_to_the_network(tmp_path):

@@ -24,7 +24,7 @@ def test_class_labels_reach_the_network_and_guidance_mixes_predictions():
     assert torch.equal(C.conditioned(h, labels, 0.0)(x_t, s), uncond)
     assert torch.allclose(C.conditioned(h, labels, 2.0)(x_t, s), 2 * cond - uncond, atol=1e-6)
     assert torch.equal(h(x_t, s), uncond)  # no labels = the "no class" label
-    one, two = (A.sample(C.conditioned(h, torch.full((4,), c)), (4, 3, 8, 8), steps=4) for c in (0, 2))
+    one, two = (A.sample(C.conditioned(h, torch.full((4,), c)), A.initial_noise((4, 3, 8, 8), 0), steps=4) for c in (0, 2))
     assert not torch.allclose(one, two)  # the label changes the samples drawn from the same noise
 
 
