@@ -9,7 +9,7 @@ PY     := $(VENV)/bin/python
 export MALLOC_MMAP_THRESHOLD_ ?= 1000000000000
 export MALLOC_TRIM_THRESHOLD_ ?= 1000000000000
 
-.PHONY: demo test train repro-cpu bench clean
+.PHONY: demo test train repro-cpu bench repro-gpu gpu-check clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -51,3 +51,18 @@ repro-cpu: $(VENV)/.installed
 # Throughput table (training and sampling images/s, FLOPs, MFU): tiny on CPU, paper on the GPU.
 bench: $(VENV)/.installed
 	$(PY) bench.py
+
+# Table 1's CIFAR-10 pair (n = 300, DDPM and Algorithm 1) at the paper's budget, sampled and scored: a GPU job.
+# BUDGET=480 scales the images seen to fit about that many seconds. Weights for FID/DINOv2: README.md.
+repro-gpu: $(VENV)/.installed
+	$(PY) repro_gpu.py table1 $(if $(BUDGET),--budget-s $(BUDGET))
+
+# The one-call GPU check of NOTES.md's GPU section: each fast path's throughput, then the pair within a budget.
+# It uses the machine's own Python (no .venv: a GPU machine may have no package index) and the bundled images
+# (800 CIFAR-10 training images, of which n = 300; ../shared does not travel to a lent GPU).
+gpu-check:
+	$(PYTHON) bench.py --preset paper --repeat 50
+	$(PYTHON) bench.py --preset paper --graph --repeat 50
+	$(PYTHON) bench.py --preset paper --graph --dtype bf16 --channels-last --repeat 50
+	$(PYTHON) bench.py --preset edm --graph --channels-last --repeat 20
+	$(PYTHON) repro_gpu.py table1 --budget-s $(or $(BUDGET),420) --data demo

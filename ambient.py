@@ -338,7 +338,7 @@ def noise_levels(batch, sigma_tn, schedule, gen, device):
 
 def noise_batch(x0, x_tn, sigma, noisy, sigma_tn_edm, gen):
     """Line 10: x_t at level sigma, from the clean image below t_n and from its noisy copy above."""
-    sigma_t, sigma_tn = vp_from_edm(sigma), vp_from_edm(torch.tensor(float(sigma_tn_edm), device=x0.device))
+    sigma_t, sigma_tn = vp_from_edm(sigma), vp_from_edm(torch.full((), float(sigma_tn_edm), device=x0.device))
     z = torch.randn(x0.shape, generator=gen, device=x0.device)
     x_t_noisy = noise_further(x_tn, sigma_tn, sigma_t.maximum(sigma_tn), z)  # maximum: no NaN in the unused half
     x_t = torch.where(bcast(noisy, x0), x_t_noisy, add_noise(x0, sigma_t, z))

@@ -67,7 +67,7 @@ def noisy_only_levels(batch, sigma_tn, schedule, gen, device):
         t_n = A.time_at(sigma_tn)
         torch.rand(batch, generator=gen, device=device)  # Algorithm 1's clean-or-noisy coin: here always noisy
         return A.sigma_at(t_n + u * (1 - t_n)).clamp_min(sigma_tn), torch.ones(batch, dtype=torch.bool, device=device)
-    lo = torch.special.ndtr(torch.tensor((math.log(sigma_tn) + 1.2) / 1.2, device=device))
+    lo = torch.special.ndtr(torch.full((), (math.log(sigma_tn) + 1.2) / 1.2, device=device))  # no copy: CUDA graphs
     z = torch.special.ndtri(lo + (1 - lo) * torch.special.ndtr(torch.randn(batch, generator=gen, device=device)))
     sigma = (-1.2 + 1.2 * z).exp().clamp(A.SIGMA_MIN, A.SIGMA_MAX)
     return sigma, sigma >= sigma_tn

@@ -2,7 +2,8 @@
 
     python bench.py                                   # tiny preset on CPU, paper preset on the GPU if any
     python bench.py --preset paper --batch 256 --dtype bf16 --device cuda
-    python bench.py --preset paper --channels-last --compile cudagraphs     # GPU options of repro_gpu.py
+    python bench.py --preset paper --graph                                  # the whole step as one CUDA graph
+    python bench.py --preset edm --graph --channels-last                    # EDM's DDPM++ size (54M)
 
 Each case times the training step ambient.py's loop runs (ambient.eager_step through repro_gpu.py's
 wrapper for the options: Algorithm 1 batch, forward, backward, Adam, EMA) and Heun sampling (--steps
@@ -70,7 +71,8 @@ def training_step(cfg, device, make_step):
 
 def bench(args, preset, device, batch, make_step=None):
     cfg = G.Config(preset=preset, resolution=args.resolution or (16 if preset == "tiny" else 32), batch=batch,
-                   precision=args.dtype, channels_last=args.channels_last, compile=args.compile, steps=args.steps)
+                   precision=args.dtype, channels_last=args.channels_last, compile=args.compile, steps=args.steps,
+                   graph=args.graph, sample_batch=batch)
     step, state, method = training_step(cfg, device, make_step or (lambda s, m, c: m.make_step(s, m, c)))
     t0 = time.perf_counter()
     step()  # with --compile: compiles here, outside the timing
@@ -81,13 +83,10 @@ def bench(args, preset, device, batch, make_step=None):
     with FlopCounterMode(display=False) as call_flops, torch.no_grad():
         state.net(method.S[:batch], torch.full((batch,), 0.5, device=device))
     t_train = timed(step, device, 3, args.repeat)
-    shape = (batch, 3, cfg.resolution, cfg.resolution)
-    with G.autocast(device, args.dtype):
-        sampler = G.compiled(state.ema, args.compile, replay=False)
-        t_sample = timed(lambda: A.sample(sampler, A.initial_noise(shape, 0, device), args.steps), device, 1,
-                         max(2, args.repeat // 5))
+    t_sample = timed(lambda: method.generate(state.ema, batch, log=lambda m: None), device, 1, max(2, args.repeat // 5))
     peak = matmul_peak(device, DTYPES[args.dtype])
     options = (" channels_last" if args.channels_last else "") + (f" compile={args.compile}" if args.compile != "none" else "")
+    options += " graph" if args.graph else ""
     options += f" {torch.get_num_threads()} threads" if device.type == "cpu" else ""
     return dict(case=f"{preset} {cfg.resolution}x{cfg.resolution} b{batch} {args.dtype} {device.type}{options}",
                 device=device.type, first_step_s=first_s, params=sum(p.numel() for p in state.net.parameters()),
@@ -115,6 +114,8 @@ def parse():
     p.add_argument("--channels-last", action="store_true", help="NHWC layout for the network")
     p.add_argument("--compile", choices=("none", "default", "cudagraphs"), default="none",
                    help="torch.compile the network as repro_gpu.py --compile does (default none)")
+    p.add_argument("--graph", action="store_true", help="capture the training step and sampling as CUDA graphs, "
+                   "as repro_gpu.py --graph does (GPU only)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice, one per core)")
     p.add_argument("--json", action="store_true", help="print one JSON result instead of the table")
     return p.parse_args()
@@ -134,6 +135,8 @@ def main():
         device = torch.device(device or ("cpu" if preset == "tiny" else "cuda"))
         if device.type == "cuda" and not torch.cuda.is_available():
             sys.exit("error: --device cuda: no CUDA device here; use --device cpu")
+        if args.graph and device.type != "cuda":
+            sys.exit("error: --graph captures CUDA graphs and needs a CUDA device; drop it on a CPU")
         if device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         results.append(bench(args, preset, device, batch or (32 if preset == "tiny" else 256)))

@@ -47,3 +47,57 @@ def test_two_process_ddp_step_equals_single_process_step(tmp_path):
     one, two = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=False) for d in ("one", "two"))
     assert torch.equal(one["S_tn"], two["S_tn"]) and two["step"] == 3
     assert all(torch.allclose(one["net"][k], two["net"][k], rtol=1e-4, atol=1e-6) for k in one["net"])
+
+
+def graph_ready_pair(lr_rampup):
+    """Two identical tiny Algorithm 1 trainings (method, state, config) on the bundled images."""
+    import numpy as np
+    pair = []
+    for _ in range(2):
+        cfg = A.Config(preset="tiny", resolution=8, batch=16, lr=1e-3, lr_rampup=lr_rampup, sigma_tn=1.0, seed=4)
+        method = A.Algorithm1(cfg)
+        method.use_data(A.prepare(np.load(A.DEMO_FILE)["images"][:16], 8))
+        torch.manual_seed(4)
+        pair.append((method, A.training_state(method.network(), cfg, 3 * 8 * 8), cfg))
+    return pair
+
+
+def test_the_graph_ready_step_trains_as_the_eager_step():
+    """The body repro_gpu.py captures as one CUDA graph (a learning rate and an EMA weight that live on the
+    device, Adam reading them there, the EMA as foreach arithmetic), run eagerly on the CPU, gives the
+    weights, the average and the optimizer state of ambient.eager_step, step for step, with the warm-up
+    and the EMA's ramp both at work."""
+    (m1, s1, cfg), (m2, s2, _) = graph_ready_pair(lr_rampup=0.0001)  # 100 images: the rate rises over 7 steps
+    eager, graphed = A.eager_step(s1, m1, cfg), G.graphed_step(s2, m2, cfg, capture=False)
+    for _ in range(20):
+        loss1, loss2 = eager(), graphed()
+        s1.step += 1
+        s2.step += 1
+        assert torch.allclose(loss1, loss2, rtol=1e-5)
+    for a, b in ((s1.net, s2.net), (s1.ema, s2.ema)):
+        assert all(torch.allclose(p, q, rtol=1e-5, atol=1e-7) for p, q in zip(a.parameters(), b.parameters()))
+    moved = max((p - q).abs().max() for p, q in zip(s1.net.parameters(), s1.ema.parameters()))
+    assert moved > 1e-4  # the average lags the weights by 100 times the tolerance above: the check has power
+    state1, state2 = s1.opt.state_dict()["state"], s2.opt.state_dict()["state"]
+    assert all(torch.allclose(state1[k]["exp_avg_sq"], state2[k]["exp_avg_sq"], rtol=1e-5, atol=1e-12) for k in state1)
+
+
+def test_the_budget_scales_iterations_to_fit_training_sampling_and_scoring():
+    """Two models share the device: each trains and samples at half the measured rate; scoring gets a tenth."""
+    # 1,000 s: 900 left for the pair; 2 x 50,000 samples at 500/s take 200 s; 700 s at 2,000 img/s shared by two
+    assert G.iterations_for(1000, 2000, 500, 50_000, 256, 30_000) == int(700 * 2000 / 2 / 256)
+    assert G.iterations_for(1e9, 2000, 500, 50_000, 256, 30_000) == 30_000  # never beyond the paper's budget
+    assert G.iterations_for(10, 2000, 500, 50_000, 256, 30_000) == 1
+
+
+def test_table1_runs_the_pair_and_scores_it_on_a_cpu(tmp_path, capsys):
+    """The whole command at toy size: both runs, their samples, eval_memorization.py's report, wall times."""
+    import json
+    G.table1(["--data", "demo", "--preset", "tiny", "--resolution", "8", "--batch", "16", "--sample-batch", "8",
+              "--samples", "8", "--iters", "2", "--budget-s", "600", "--device", "cpu", "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "table1.json").read_text())
+    assert report["plan"]["iters"] == 2 and report["plan"]["share"] == 32 / G.PAPER_IMAGES
+    assert set(report["scores"]["runs"]) == {"ddpm", "ambient-0.4"} and report["wall_s"]["total"] > 0
+    assert "% of the paper's" in capsys.readouterr().out and (tmp_path / "table1.md").is_file()
+    for run in ("ddpm", "ambient-0.4"):
+        assert json.loads((tmp_path / run / "config.json").read_text())["n"] == 300
