@@ -801,7 +801,8 @@ def evaluate_run(run, nets, args, log, name):
     pixel, pixel_nn = A.memorization_report(samples, train)
     sims, idx, space = similarity(run, nets, args, log, name, pixel_nn)
     row.update(space, **similarity_summary(sims, thresholds))
-    row.update(pixel_copy_rate=pixel["copy_rate"], pixel_ratio_median=pixel["ratio_median"])
+    row.update(pixel_copy_rate=pixel["copy_rate"], pixel_ratio_median=pixel["ratio_median"],
+               roughness_vs_train=A.roughness(samples) / A.roughness(train))
     if len(samples) < 10_000 and row["fid"] is not None:
         row["note"] = f"FID from {len(samples)} samples is biased upwards; the paper uses 50,000"
     return row, per_sample(run, sims, idx, pixel_nn, row["similarity_space"])
@@ -822,6 +823,11 @@ def per_sample(run, sims, idx, pixel_nn, space):
 # 8. Report: Markdown on stdout, JSON, PNGs.
 # ------------------------------------------------------------------------------------------------
 PIXEL_COPY_RECIPE = "ambient.py: L2 distance to the nearest training image over the second nearest's (Gu et al. 2023)"
+ROUGHNESS_RECIPE = ("ambient.py: mean |difference| of neighbouring pixels, samples over training images; 1 = as the data, "
+                    "white noise 2-3")
+LEGEND = ("lower is better for FID, KID and FD_DINOv2, higher for precision and recall; the similarity rows and the copy "
+          "rate measure copying (lower = fewer copies; the paper seeks them low at an equal or better FID); a copy "
+          "rate near 0 means nothing unless the quality rows (or roughness near 1) say the model learned the data")
 UNAVAILABLE = {"fid_unavailable": "FID, KID, precision and recall", "kid_unavailable": "KID",
                "fd_dinov2_unavailable": "FD_DINOv2",
                "similarity_unavailable": "DINOv2 similarity"}
@@ -851,6 +857,7 @@ def markdown(rows):
     for th in first["thresholds"]:
         line(f"share with similarity > {th:g}", f"similarity_above_{th:g}", percent=True)
     line("pixel copy rate (d1/d2 < 1/3)", "pixel_copy_rate", percent=True, recipe=PIXEL_COPY_RECIPE)
+    line("roughness vs training images", "roughness_vs_train", "{:.2f}", recipe=ROUGHNESS_RECIPE)
     for label, key, fmt in (("samples", "samples", "{}"), ("training images", "train_images", "{}"),
                             ("method", "method", "{}"), ("sigma_tn (EDM)", "sigma_tn", "{:g}"), ("mask p", "mask_p", "{:g}")):
         line(label, key, fmt)
@@ -858,7 +865,10 @@ def markdown(rows):
 
 
 def report_notes(rows):
-    notes = sorted({f"{UNAVAILABLE[k]} unavailable: {v}" for r in rows.values() for k, v in r.items() if k in UNAVAILABLE})
+    notes = [LEGEND] + [f"{name}: the samples are {r['roughness_vs_train']:.1f}x as rough as the training images, as "
+                        "noise is: the model has not learned the data, so its copy rate says nothing"
+                        for name, r in rows.items() if r.get("roughness_vs_train", 0) > 1.5]
+    notes += sorted({f"{UNAVAILABLE[k]} unavailable: {v}" for r in rows.values() for k, v in r.items() if k in UNAVAILABLE})
     if any(r["similarity_space"].startswith("pixels") for r in rows.values()):
         notes.append("the similarity rows use ambient.py's pixel fallback, not DINOv2: "
                      "they are not comparable to the paper's numbers")

@@ -461,3 +461,19 @@ def test_precision_and_recall_count_points_inside_the_other_sets_knn_balls():
     far = E.precision_recall(np.array([[100.0], [100.1], [100.2], [100.3]]), ref)  # radii 0.3, 0.2, 0.2, 0.3
     assert far["precision"] == 0 and far["recall"] == 0
     assert E.precision_recall(gen[:3], ref)["precision"] is None  # 3 points have no 3rd neighbour besides themselves
+
+
+def test_the_report_has_a_legend_and_flags_samples_as_rough_as_noise(tmp_path, capsys):
+    """A copy rate of 0 from a model that learned nothing must not read as success: the table says which
+    direction is better, carries the roughness of the samples, and names the run whose samples are noise."""
+    smooth = np.repeat(np.repeat((np.random.default_rng(40).random((6, 4, 4, 3)) * 255).astype(np.uint8), 4, 1), 4, 2)
+    np.savez(tmp_path / "d.npz", images=smooth)  # 16x16 images made of 4x4 blocks: little pixel-to-pixel change
+    noise = (np.random.default_rng(41).random((4, 16, 16, 3)) * 255).astype(np.uint8)
+    runs = [fake_run(tmp_path / "copies", tmp_path / "d.npz", [0, 1, 2], smooth[[0, 1, 2, 0]]),
+            fake_run(tmp_path / "noise", tmp_path / "d.npz", [0, 1, 2], noise)]
+    E.main([str(r) for r in runs] + ["--pixels-only", "--out", str(tmp_path / "out"), "--device", "cpu"])
+    table = capsys.readouterr().out
+    rows = json.loads((tmp_path / "out" / "report.json").read_text())["runs"]
+    assert rows["copies"]["roughness_vs_train"] == pytest.approx(1.0, abs=0.3) and rows["noise"]["roughness_vs_train"] > 1.5
+    assert "| roughness vs training images |" in table and "lower = fewer copies" in table
+    assert "noise: the samples are" in table and "copies: the samples are" not in table
