@@ -86,7 +86,7 @@ def noise_further(x_tn, sigma_tn, sigma_t, z):
 PRESETS = {  # channels, per-level multipliers, residual blocks per level, attention resolutions, dropout
     "tiny": dict(channels=16, mults=(1, 2, 4), blocks=1, attn_at=(4,), dropout=0.0),  # CPU: 0.69M at 16x16
     "paper": dict(channels=64, mults=(1, 2, 2), blocks=2, attn_at=(16,), dropout=0.05),  # GPU: 6.47M at 32x32
-    # EDM's DDPM++ CIFAR-10 layout, the released network: 53.6M here, 55.7M in EDM (residual resampling)
+    # EDM's DDPM++ CIFAR-10 layout (released train.py's default; train.sh names NCSN++): 53.6M here, 55.7M in EDM
     "edm": dict(channels=128, mults=(2, 2, 2), blocks=4, attn_at=(16,), dropout=0.05),
 }
 
@@ -153,8 +153,7 @@ class UNet(nn.Module):  # F_theta, the raw network inside the preconditioning
         half = self.channels // 2
         freqs = torch.exp(-math.log(10000) * torch.arange(half, device=x.device) / (half - 1))
         angles = c_noise[:, None].float() * freqs[None]
-        emb = self.embed(torch.cat([angles.cos(), angles.sin()], dim=1))
-        emb = emb if extra is None else emb + extra
+        emb = self.embed(torch.cat([angles.cos(), angles.sin()], dim=1)) + (0 if extra is None else extra)
         h = self.conv_in(x)
         skips = [h]
         for layer in self.down:
@@ -169,14 +168,12 @@ class UNet(nn.Module):  # F_theta, the raw network inside the preconditioning
 class Denoiser(nn.Module):  # h_theta(x_t, sigma_t) -> estimate of x_0, VP inputs as in the paper
     def __init__(self, resolution=32, preset="tiny", **overrides):
         super().__init__()
-        self.resolution = resolution
-        self.net = UNet(resolution, **{**PRESETS[preset], **overrides})
+        self.resolution, self.net = resolution, UNet(resolution, **{**PRESETS[preset], **overrides})
 
     def scalings(self, x_t, sigma_t):
         """EDM sigma, the EDM-units input x = x_t / alpha = x_0 + sigma n, and c_skip, c_out, c_in."""
         sigma_t = torch.as_tensor(sigma_t, dtype=x_t.dtype, device=x_t.device).expand(x_t.shape[0])
-        sigma = edm_from_vp(sigma_t)
-        x = x_t / bcast(alpha(sigma_t), x_t)
+        sigma, x = edm_from_vp(sigma_t), x_t / bcast(alpha(sigma_t), x_t)
         c_skip = SIGMA_DATA ** 2 / (sigma ** 2 + SIGMA_DATA ** 2)
         c_out = sigma * SIGMA_DATA / (sigma ** 2 + SIGMA_DATA ** 2) ** 0.5
         return sigma, x, c_skip, c_out, 1 / (sigma ** 2 + SIGMA_DATA ** 2) ** 0.5
@@ -392,8 +389,7 @@ class Algorithm1:
         return dict(S_tn=self.S_tn)
 
     def batch(self, gen):
-        cfg = self.cfg
-        return algorithm1_batch(self.S, self.S_tn, cfg.sigma_tn, cfg.batch, gen, cfg.schedule, cfg.flip)
+        return algorithm1_batch(self.S, self.S_tn, self.cfg.sigma_tn, self.cfg.batch, gen, self.cfg.schedule, self.cfg.flip)
 
     def loss(self, h_theta, b):
         return algorithm1_loss(h_theta, b, self.cfg.ambient_weight)
@@ -423,8 +419,7 @@ def make_optimizer(params, cfg, pixels=1):
 
 def learning_rate(cfg, images_seen):
     """EDM's warm-up: the rate grows linearly over the first lr_rampup million images (0: none)."""
-    ramp = cfg.lr_rampup * 1e6
-    return cfg.lr * min(images_seen / ramp, 1) if ramp else cfg.lr
+    return cfg.lr * min(images_seen / (cfg.lr_rampup * 1e6), 1) if cfg.lr_rampup else cfg.lr
 
 @torch.no_grad()
 def ema_update(ema, net, images_seen, batch):
@@ -476,7 +471,10 @@ def training_state(net, cfg, pixels, saved=None):
     if saved is not None:
         if saved["rng"].numel() != state.gen.get_state().numel():
             raise UserError("--resume: the checkpoint's random state is from another device type; resume on it")
-        net.load_state_dict(saved["net"]), state.ema.load_state_dict(saved["ema"]), state.opt.load_state_dict(saved["opt"])
+        try:
+            net.load_state_dict(saved["net"]), state.ema.load_state_dict(saved["ema"]), state.opt.load_state_dict(saved["opt"])
+        except (RuntimeError, ValueError):
+            raise UserError("--resume: the checkpoint holds another network; resume it with the script that trained it")
         state.gen.set_state(saved["rng"].cpu())
         if "dropout_rng" in saved:  # runs before 763cef1 have none
             global_rng(device, saved["dropout_rng"])
@@ -492,9 +490,9 @@ def train(method, state, cfg, out=None, log=print, make_step=eager_step):
         state.step += 1
         bad = torch.where(torch.isfinite(loss) | (bad > 0), bad, state.step)  # the first non-finite step, no sync
         logs, saves = (state.step % every == 0 or state.step == cfg.iters for every in (cfg.log_every, cfg.ckpt_every))
-        if (logs or saves) and bad.item():  # stop before a checkpoint could keep broken weights
-            raise UserError(f"the loss is not finite from step {bad.item()} on; the last checkpoint before it is kept. "
-                            "Lower --lr or check the data, then --resume")
+        if (logs or saves) and (bad.item() or not torch.stack([p.isfinite().all() for p in state.net.parameters()]).all()):
+            raise UserError(f"training is not finite from step {bad.item() or state.step} on (a finite loss can still give "
+                            "infinite gradients); the last checkpoint before it is kept. Lower --lr or check the data, then --resume")
         if logs:
             rate = (state.step - first) * cfg.batch / (time.time() - t0)
             log(f"step {state.step}/{cfg.iters}  loss {loss.item():.4f}  {rate:.0f} img/s  "
@@ -597,8 +595,7 @@ def ambient_optimal_denoiser(S_tn, sigma_tn):
     """Lemma 4.1: the minimiser of Eq. 6 when the data are the finite set S_tn (VP units), t > t_n: x_tn
     is one of S_tn, weighted by N(x_t; (alpha_t/alpha_tn) x_tn, (sigma_t^2 - sigma_tn^2)/(1 - sigma_tn^2)),
     and Lemma C.1's map gives E[x_0 | x_t]. With sigma_tn = 0 it is Eq. 3's empirical optimum."""
-    points = S_tn.flatten(1)
-    sq_norms = points.square().sum(1)
+    points, sq_norms = S_tn.flatten(1), S_tn.flatten(1).square().sum(1)
     def h(x_t, sigma_t):
         sigma_t = torch.as_tensor(sigma_t, dtype=x_t.dtype).expand(x_t.shape[0])
         scale, s2 = alpha(sigma_t) / alpha(sigma_tn), (sigma_t ** 2 - sigma_tn ** 2) / (1 - sigma_tn ** 2)
@@ -647,6 +644,7 @@ class Config:
     resume: bool = option(False, "continue the checkpoint in --out; the config must match", saved=False)
     device: str = option("auto", "auto (cuda if there is one), cpu, cuda, cuda:1, ...", saved=False)
     data_path: str = None  # not a flag: the run fills in the absolute path of a file or folder dataset
+    method: str = field(default="algorithm1", metadata=dict(same_run=True))  # not a flag here; baselines.py's runs name theirs
     LEGACY = dict(ambient_weight="x0", optimizer="adamw", dropout=0.0, lr_rampup=0.0)  # what runs before 763cef1 used
 
     def saved(self):
@@ -736,6 +734,8 @@ def open_run(cfg, out, device):
 def run(cfg, method, make_step=eager_step, main_process=True):
     """Train `method` as cfg says, sample and score it; only the main process writes (multi-GPU runs)."""
     device = pick_device(cfg.device)
+    if device.type == "cuda":  # TF32 matmuls and convolutions: float32 range, 10-bit mantissa, much faster
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     images, indices = method.training_set()
     check_resolution(cfg, images)
     cfg.data_path = str(Path(cfg.data).resolve()) if cfg.data not in ("demo", "cifar") else None
@@ -771,11 +771,11 @@ def report(samples, S, out, log):
     save_image((F.interpolate(samples[:64], scale_factor=max(1, 64 // samples.shape[-1])) + 1) / 2, out / "samples.png")
     np.savez_compressed(out / "samples.npz", images=((samples + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy())
     metrics, nn_ = memorization_report(samples, S)
-    metrics["roughness_vs_train"] = roughness(samples) / roughness(S)
+    metrics["roughness_vs_train"] = roughness(samples) / max(roughness(S), 1e-12)  # 1e-12: flat training images
     save_neighbour_grid(samples, S, nn_["l2_idx"], out / "neighbours.png")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     log("memorization (pixels): " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
-    if metrics["roughness_vs_train"] > 1.5:  # trained demo models 0.97-1.14, noise 2.3-2.8 (NOTES.md)
+    if metrics["roughness_vs_train"] > 1.5:  # 763cef1's trained CPU runs 0.94-1.14; untrained 2.4-3.0; noisy-only 3.6-4.0
         log(f"warning: the samples are {metrics['roughness_vs_train']:.1f}x as rough as the training images, as noise is: "
             "the model has not learned the data, so its copy rate says nothing")
     log(f"wrote {out}/: config.json, checkpoint.pt, samples.png, samples.npz, neighbours.png, metrics.json, log.txt")

@@ -242,8 +242,6 @@ def start(cfg, method_of=A.Algorithm1):
     check_device(cfg, device, world)
     if cfg.batch % world:
         raise UserError(f"--batch {cfg.batch} does not split over {world} processes; use a multiple of {world}")
-    if device.type == "cuda":  # TF32 matmuls and convolutions: float32 range, 10-bit mantissa, much faster
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if world > 1 and device.type == "cuda":
         cfg.device = f"cuda:{os.environ.get('LOCAL_RANK', rank)}"
     fast = Fast(method_of(cfg), cfg, rank, world)
@@ -269,6 +267,8 @@ def measure(cfg, steps=20):
     """(training images/s of one model with cfg's options, sampling images/s), measured in this process
     on a stand-in dataset. Both models train at once, so the pair gets about twice the first's time."""
     device = A.pick_device(cfg.device)
+    if device.type == "cuda":  # as ambient.run sets it for the runs measured
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     method = Fast(A.Algorithm1(cfg), cfg)
     method.use_data(torch.randn(max(cfg.batch, 64), 3, cfg.resolution, cfg.resolution, device=device))
     state = A.training_state(method.network().to(device), cfg, 3 * cfg.resolution ** 2)

@@ -2,6 +2,7 @@
 
 Run with `make test`. Float64 for the maths, the tiny preset on CPU for the plumbing.
 """
+import copy
 import json
 import math
 import subprocess
@@ -473,6 +474,13 @@ def test_learning_rate_ramps_linearly_over_lr_rampup_million_images():
     cfg = A.Config(lr=1e-4, lr_rampup=10)
     assert [A.learning_rate(cfg, n) for n in (0, 2.5e6, 10e6, 30e6)] == pytest.approx([0, 2.5e-5, 1e-4, 1e-4])
     assert A.learning_rate(A.Config(lr=1e-4, lr_rampup=0), 0) == 1e-4
+    cfg = A.Config(preset="tiny", resolution=8, batch=4, lr=1e-2, lr_rampup=10)  # the released first step has lr 0
+    method = A.Algorithm1(cfg)
+    method.use_data(torch.rand(4, 3, 8, 8) * 2 - 1)
+    state = A.training_state(method.network(), cfg, 3 * 8 * 8)
+    before = copy.deepcopy(state.net.state_dict())
+    A.eager_step(state, method, cfg)()
+    assert all(torch.equal(before[k], v) for k, v in state.net.state_dict().items())
 
 
 def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path):
@@ -485,6 +493,7 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path):
         assert all(torch.equal(full[key][k], part[key][k]) for k in full[key])
     assert torch.equal(full["rng"], part["rng"])
     assert all(torch.equal(a, b) for a, b in zip(full["opt"]["state"][0].values(), part["opt"]["state"][0].values()))
+    assert full["opt"]["param_groups"][0]["weight_decay"] == 0.01 / (3 * 16 * 16)  # the released decay, per pixel
     for f in ("config.json", "indices.json", "samples.png", "neighbours.png", "metrics.json", "log.txt", "samples.npz"):
         assert (tmp_path / "full" / f).is_file()
     assert len(json.loads((tmp_path / "full" / "indices.json").read_text())) == 16
@@ -590,19 +599,30 @@ def test_cli_names_the_fix_for_images_and_run_folders_it_cannot_use(tmp_path, ca
     assert "extends or shortens" in A.build_parser().format_help().replace("\n", " ").replace("  ", " ")
 
 
-def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("broken, first, named, kept", [
+    ("nan loss", 5, 5, 4),  # step 5 neither logs nor saves; the check at step 6 names it
+    ("inf loss", 5, 5, 4),
+    ("inf gradient", 4, 4, 2)])  # the loss stays finite and the weights break on a checkpoint step
+def test_a_non_finite_step_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch,
+                                                                              broken, first, named, kept):
     calls, real_loss = [], A.Algorithm1.loss
 
-    def loss(self, h_theta, b):  # NaN from the 4th step on
+    def loss(self, h_theta, b):
         calls.append(1)
         out = real_loss(self, h_theta, b)
-        return out * float("nan") if len(calls) >= 4 else out
+        if len(calls) < first:
+            return out
+        if broken == "inf gradient":
+            out.register_hook(lambda g: g * float("inf"))
+            return out
+        return out * float("nan" if broken == "nan loss" else "inf")
 
     monkeypatch.setattr(A.Algorithm1, "loss", loss)
     err = error_of(TINY + ["--iters", "6", "--ckpt-every", "2", "--log-every", "3", "--out", str(tmp_path / "r")], capsys)
-    assert "not finite from step 4" in err
+    assert f"not finite from step {named} on" in err
     state = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=False)
-    assert state["step"] == 2 and all(torch.isfinite(v).all() for v in state["net"].values())
+    assert state["step"] == kept
+    assert all(torch.isfinite(v).all() for part in ("net", "ema") for v in state[part].values())
 
 
 def test_an_untrained_model_is_flagged_beside_its_copy_rate(tmp_path, capsys):
@@ -616,6 +636,10 @@ def test_an_untrained_model_is_flagged_beside_its_copy_rate(tmp_path, capsys):
     assert Image.open(tmp_path / "r" / "samples.png").size[0] >= 8 * 64  # 8 images a row, 8x8 pixels each enlarged
     noise, smooth = torch.rand(8, 3, 16, 16) * 2 - 1, torch.linspace(-1, 1, 16).expand(8, 3, 16, 16)
     assert A.roughness(noise) > 10 * A.roughness(smooth)
+    lines, S = [], A.prepare(A.load_images("demo")[0][:8], 8)
+    A.report(S, S, tmp_path, lines.append)  # samples that are the training images: real images, no warning
+    assert json.loads((tmp_path / "metrics.json").read_text())["roughness_vs_train"] == 1
+    assert not any("warning" in line for line in lines)
 
 
 def test_sigterm_keeps_the_checkpoint_and_says_how_to_resume(tmp_path):

@@ -10,6 +10,7 @@ from scipy.stats import norm
 
 import ambient as A
 import baselines as B
+import eval_memorization as E
 from test_ambient import TINY, error_of, f64, gaussian, gen, plumbing_data
 
 
@@ -61,6 +62,9 @@ def test_noisy_only_runs_from_the_command_line(tmp_path, capsys):
     samples = np.load(tmp_path / "r" / "samples.npz")["images"]
     assert samples.shape == (8, 16, 16, 3)
     assert "noisy-only needs" in error_of(TINY + ["--method", "noisy-only", "--sigma-tn", "0"], capsys, B.main)
+    assert type(E.method_of_run(tmp_path / "r")) is B.NoisyOnly  # what eval_memorization.py regenerates with
+    resume = TINY + ["--iters", "3", "--sigma-tn", "1", "--resume", "--out", str(tmp_path / "r")]
+    assert "method: 'noisy-only' there, 'algorithm1' here" in error_of(resume, capsys)  # not Algorithm 1 on S
 
 
 def test_masks_are_fixed_per_image_hide_p_of_pixels_and_the_batch_hides_delta_more():
@@ -204,6 +208,9 @@ def test_masking_runs_from_the_command_line(tmp_path, capsys):
     assert torch.equal(state["masks"], B.make_masks((16, 3, 16, 16), 0.4, seed=3))
     assert torch.equal(state["S_tn"], state["S_tn"] * state["masks"])  # the run stored no hidden pixel
     assert np.load(tmp_path / "r" / "samples.npz")["images"].shape == (8, 16, 16, 3)
+    assert type(E.method_of_run(tmp_path / "r")) is B.Masking
+    resume = TINY + ["--iters", "3", "--sigma-tn", "0", "--resume", "--out", str(tmp_path / "r")]
+    assert "method: 'masking' there, 'algorithm1' here" in error_of(resume, capsys)
     for flags, words in ((["--method", "noisy-only", "--mask-p", "0.4"], "need --method masking"),
                          (["--method", "masking"], "needs --mask-p"), ([], "pass --method noisy-only"),
                          (["--method", "masking", "--mask-p", "0.4", "--sigma-tn", "1"], "drop --sigma-tn"),

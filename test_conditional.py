@@ -7,6 +7,7 @@ import torch
 
 import ambient as A
 import conditional as C
+import eval_memorization as E
 from test_ambient import TINY, error_of, gen, plumbing_data
 
 
@@ -40,6 +41,9 @@ def test_label_dropout_replaces_labels_at_its_rate():
 def test_class_conditional_run_from_the_command_line(tmp_path, capsys):
     C.main(TINY + ["--iters", "2", "--guidance", "2", "--out", str(tmp_path / "r")])
     assert json.loads((tmp_path / "r" / "config.json").read_text())["num_classes"] == 10
+    assert type(E.method_of_run(tmp_path / "r")) is C.ClassConditional
+    resume = TINY + ["--iters", "3", "--resume", "--out", str(tmp_path / "r")]  # ambient.py's network has no class input
+    assert "holds another network" in error_of(resume, capsys)
     from PIL import Image
     for i in range(2):
         Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / f"{i}.png")
