@@ -411,11 +411,11 @@ OPTIMIZERS = ("adam", "adamw")
 
 def make_optimizer(params, cfg, pixels=1):
     """adam: the released torch.optim.Adam, weight decay 0.01 added to the gradient; adamw: decoupled.
-    The released loss sums over an image's `pixels` where ours averages: Adam's steps ignore that scale,
-    but an L2 term in the gradient does not, so it is divided by `pixels` to keep the released balance."""
+    The released loss sums over an image's `pixels` where ours averages. Adam's steps ignore that scale once
+    eps and an L2 term in the gradient are divided by `pixels` too: then the steps are the released ones."""
     adamw = cfg.optimizer == "adamw"
     return (torch.optim.AdamW if adamw else torch.optim.Adam)(
-        params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01 if adamw else 0.01 / pixels, fused=True)
+        params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8 / pixels, weight_decay=0.01 if adamw else 0.01 / pixels, fused=True)
 
 def learning_rate(cfg, images_seen):
     """EDM's warm-up: the rate grows linearly over the first lr_rampup million images (0: none)."""

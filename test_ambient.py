@@ -442,21 +442,24 @@ def test_ema_moves_toward_the_network_with_edms_half_life():
 
 
 def test_optimizers_apply_weight_decay_as_named():
-    """A zero gradient on w = 2 for one step at lr 0.1: Adam's L2 decay enters the gradient (0.01 w), which
-    Adam normalises to a step of lr; AdamW shrinks w by lr * 0.01 * w and sees no gradient."""
+    """A zero gradient on w = 2 for one step at lr 0.1: Adam's L2 decay enters the gradient (0.01 w / pixels),
+    which Adam normalises to a step of lr (eps / pixels beside it); AdamW shrinks w by lr * 0.01 * w whatever
+    the pixel count, and sees no gradient."""
     for name, expected in (("adam", 2 - 0.1 * 0.02 / (0.02 + 1e-8)), ("adamw", 2 * (1 - 0.1 * 0.01))):
-        w = torch.nn.Parameter(torch.full((1,), 2.0))
-        opt = A.make_optimizer([w], A.Config(lr=0.1, optimizer=name))
-        w.grad = torch.zeros(1)
-        opt.step()
-        assert w.item() == pytest.approx(expected, rel=1e-6)
+        for pixels in (1, 192):
+            w = torch.nn.Parameter(torch.full((1,), 2.0))
+            opt = A.make_optimizer([w], A.Config(lr=0.1, optimizer=name), pixels)
+            w.grad = torch.zeros(1)
+            opt.step()
+            assert w.item() == pytest.approx(expected, rel=1e-7)
 
 
 def test_adam_on_the_pixel_mean_loss_steps_as_the_released_adam_on_the_pixel_sum():
     """The released code sums the loss over an image's pixels and uses Adam with L2 decay 0.01; ours
-    averages and divides the decay by the pixel count. Same steps (up to Adam's eps)."""
+    averages and divides the decay and Adam's eps by the pixel count: the same steps, up to float rounding.
+    The data are scaled down so that the gradients are near eps, where an undivided eps would show."""
     g = gen(60)
-    x, y, w0 = torch.randn(8, 192, generator=g), torch.randn(8, 192, generator=g), torch.randn(192, generator=g)
+    x, y, w0 = 1e-4 * torch.randn(8, 192, generator=g), 1e-4 * torch.randn(8, 192, generator=g), torch.randn(192, generator=g)
     ws = []
     for reduce, opt_of in (("sum", lambda p: torch.optim.Adam(p, lr=1e-2, weight_decay=0.01)),
                            ("mean", lambda p: A.make_optimizer(p, A.Config(lr=1e-2, optimizer="adam"), pixels=192))):
@@ -467,7 +470,7 @@ def test_adam_on_the_pixel_mean_loss_steps_as_the_released_adam_on_the_pixel_sum
             getattr((w * x - y).square(), reduce)(1).mean().backward()
             opt.step()
         ws.append(w.detach())
-    assert (ws[0] - ws[1]).abs().max() < 1e-4 * (ws[0] - w0).abs().max()  # 5 steps of lr 1e-2 moved w by 0.05
+    assert (ws[0] - ws[1]).abs().max() < 1e-5 * (ws[0] - w0).abs().max()  # 5 steps of lr 1e-2 moved w by 0.05
 
 
 def test_learning_rate_ramps_linearly_over_lr_rampup_million_images():
@@ -493,7 +496,8 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path):
         assert all(torch.equal(full[key][k], part[key][k]) for k in full[key])
     assert torch.equal(full["rng"], part["rng"])
     assert all(torch.equal(a, b) for a, b in zip(full["opt"]["state"][0].values(), part["opt"]["state"][0].values()))
-    assert full["opt"]["param_groups"][0]["weight_decay"] == 0.01 / (3 * 16 * 16)  # the released decay, per pixel
+    group = full["opt"]["param_groups"][0]  # the released Adam's decay and eps, scaled to our pixel-mean loss
+    assert (group["weight_decay"], group["eps"]) == (0.01 / (3 * 16 * 16), 1e-8 / (3 * 16 * 16))
     for f in ("config.json", "indices.json", "samples.png", "neighbours.png", "metrics.json", "log.txt", "samples.npz"):
         assert (tmp_path / "full" / f).is_file()
     assert len(json.loads((tmp_path / "full" / "indices.json").read_text())) == 16
