@@ -4,11 +4,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import ambient as A
 import repro_gpu as G
 from test_ambient import TINY, gen, plumbing_data
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # CI has a CPU; `make gpu-check` runs both
 
 
 def test_channels_last_network_computes_the_same_function():
@@ -49,26 +52,28 @@ def test_two_process_ddp_step_equals_single_process_step(tmp_path):
     assert all(torch.allclose(one["net"][k], two["net"][k], rtol=1e-4, atol=1e-6) for k in one["net"])
 
 
-def graph_ready_pair(lr_rampup):
+def graph_ready_pair(lr_rampup, device="cpu"):
     """Two identical tiny Algorithm 1 trainings (method, state, config) on the bundled images."""
     import numpy as np
     pair = []
     for _ in range(2):
         cfg = A.Config(preset="tiny", resolution=8, batch=16, lr=1e-3, lr_rampup=lr_rampup, sigma_tn=1.0, seed=4)
         method = A.Algorithm1(cfg)
-        method.use_data(A.prepare(np.load(A.DEMO_FILE)["images"][:16], 8))
+        method.use_data(A.prepare(np.load(A.DEMO_FILE)["images"][:16], 8).to(device))
         torch.manual_seed(4)
-        pair.append((method, A.training_state(method.network(), cfg, 3 * 8 * 8), cfg))
+        pair.append((method, A.training_state(method.network().to(device), cfg, 3 * 8 * 8), cfg))
     return pair
 
 
-def test_the_graph_ready_step_trains_as_the_eager_step():
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_graph_ready_step_trains_as_the_eager_step(device, monkeypatch):
     """The body repro_gpu.py captures as one CUDA graph (a learning rate and an EMA weight that live on the
-    device, Adam reading them there, the EMA as foreach arithmetic), run eagerly on the CPU, gives the
-    weights, the average and the optimizer state of ambient.eager_step, step for step, with the warm-up
-    and the EMA's ramp both at work."""
-    (m1, s1, cfg), (m2, s2, _) = graph_ready_pair(lr_rampup=0.0001)  # 100 images: the rate rises over 7 steps
-    eager, graphed = A.eager_step(s1, m1, cfg), G.graphed_step(s2, m2, cfg, capture=False)
+    device, Adam reading them there, the EMA as foreach arithmetic) gives the weights, the average and the
+    optimizer state of ambient.eager_step, step for step, with the warm-up and the EMA's ramp both at work:
+    run eagerly on a CPU, captured and replayed (after three warm-up steps) on a GPU."""
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)  # the same kernels in both runs
+    (m1, s1, cfg), (m2, s2, _) = graph_ready_pair(0.0001, device)  # 100 images: the rate rises over 7 steps
+    eager, graphed = A.eager_step(s1, m1, cfg), G.graphed_step(s2, m2, cfg)
     for _ in range(20):
         loss1, loss2 = eager(), graphed()
         s1.step += 1
@@ -80,6 +85,21 @@ def test_the_graph_ready_step_trains_as_the_eager_step():
     assert moved > 1e-4  # the average lags the weights by 100 times the tolerance above: the check has power
     state1, state2 = s1.opt.state_dict()["state"], s2.opt.state_dict()["state"]
     assert all(torch.allclose(state1[k]["exp_avg_sq"], state2[k]["exp_avg_sq"], rtol=1e-5, atol=1e-12) for k in state1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_captured_sampler_gives_the_eager_samples(device):
+    """On a GPU, graphed_sampler replays one captured Heun integration per full batch with fresh noise
+    copied in; it must give what the eager sampler gives from the same seeds, batch after batch."""
+    cfg = A.Config(preset="tiny", resolution=8, steps=6, sample_batch=4, seed=9)
+    method, h = A.Algorithm1(cfg), A.Denoiser(8, "tiny")
+    torch.nn.init.normal_(h.net.conv_out.weight, std=0.1, generator=gen(40))  # a non-trivial network output
+    h = h.to(device)
+    eager = [method.sample_batch(h, k, range(4 * k, 4 * k + 4)) for k in range(3)]
+    replayed = G.graphed_sampler(method, h, 4)
+    for k in range(3):
+        assert torch.allclose(replayed(k, range(4 * k, 4 * k + 4)), eager[k], rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(eager[0], eager[1], atol=0.1)  # the batches differ: a stale input would show
 
 
 def test_the_budget_scales_iterations_to_fit_training_sampling_and_scoring():
