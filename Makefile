@@ -57,7 +57,7 @@ bench: $(VENV)/.installed
 repro-gpu: $(VENV)/.installed
 	$(PY) repro_gpu.py table1 $(if $(BUDGET),--budget-s $(BUDGET))
 
-# The one-call GPU check of NOTES.md's GPU section (about 6 min): the captured step and sampler against the
+# The one-call GPU check of NOTES.md's GPU section (about 7 min): the captured step and sampler against the
 # eager ones on the GPU, each fast path's throughput, then the pair within a budget. It uses the machine's own
 # Python (no .venv: a GPU machine may have no package index) and the bundled images (800 CIFAR-10 training
 # images, of which n = 300; ../shared does not travel to a lent GPU).
@@ -66,4 +66,4 @@ gpu-check:
 	$(PYTHON) bench.py --preset paper --repeat 50
 	$(PYTHON) bench.py --preset paper --graph --repeat 50
 	$(PYTHON) bench.py --preset edm --graph --channels-last --repeat 20
-	$(PYTHON) repro_gpu.py table1 --budget-s $(or $(BUDGET),240) --data demo
+	$(PYTHON) repro_gpu.py table1 --budget-s $(or $(BUDGET),300) --samples 5000 --data demo

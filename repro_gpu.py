@@ -99,8 +99,8 @@ def graphed_step(state, method, cfg, capture=True):
     test compares that with eager_step."""
     device = next(state.net.parameters()).device
     lr, ema_weight = torch.full((), cfg.lr, device=device), torch.zeros((), device=device)
-    for group in state.opt.param_groups:
-        group["lr"] = lr
+    for group in state.opt.param_groups:  # capturable: Adam's own check before it may be captured
+        group["lr"], group["capturable"] = lr, group["capturable"] or (capture and device.type == "cuda")
     net_params, ema_params = list(state.net.parameters()), list(state.ema.parameters())
 
     def body():
@@ -309,6 +309,10 @@ def iterations_for(budget_s, train_ips, sample_ips, samples, batch, max_iters):
     the two models share the device, so each trains and samples at half its measured rate, and scoring
     is given a tenth of the budget."""
     left = 0.9 * budget_s - 2 * samples / sample_ips
+    if left <= 0:
+        need = 2 * samples / sample_ips
+        raise UserError(f"--budget-s {budget_s:g}: sampling 2 x {samples:,} images alone takes about {need:.0f} s at the "
+                        f"measured {sample_ips:.0f} img/s; pass at least --budget-s {1.1 * need / 0.9:.0f} or fewer --samples")
     return int(max(1, min(max_iters, left * train_ips / 2 / batch)))
 
 

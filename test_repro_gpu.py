@@ -107,7 +107,9 @@ def test_the_budget_scales_iterations_to_fit_training_sampling_and_scoring():
     # 1,000 s: 900 left for the pair; 2 x 50,000 samples at 500/s take 200 s; 700 s at 2,000 img/s shared by two
     assert G.iterations_for(1000, 2000, 500, 50_000, 256, 30_000) == int(700 * 2000 / 2 / 256)
     assert G.iterations_for(1e9, 2000, 500, 50_000, 256, 30_000) == 30_000  # never beyond the paper's budget
-    assert G.iterations_for(10, 2000, 500, 50_000, 256, 30_000) == 1
+    assert G.iterations_for(222.5, 2000, 500, 50_000, 256, 30_000) == 1  # 0.25 s left: under one step of the pair
+    with pytest.raises(A.UserError, match="at least --budget-s 244"):  # sampling alone needs 200 s of the 90%
+        G.iterations_for(220, 2000, 500, 50_000, 256, 30_000)
 
 
 def test_table1_runs_the_pair_and_scores_it_on_a_cpu(tmp_path, capsys):
