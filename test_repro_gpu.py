@@ -1,5 +1,5 @@
-"""Facts about repro_gpu.py, the GPU speed machinery, checked on the CPU: each option computes what the
-plain eager step computes."""
+"""Facts about repro_gpu.py, the GPU speed machinery, checked on the CPU (and, for the captured step and
+sampler, on a GPU where one is present): each option computes what the plain eager step computes."""
 import subprocess
 import sys
 from pathlib import Path
