@@ -55,25 +55,11 @@ def matmul_peak(device, dtype):
     return 2 * n ** 3 / timed(lambda: a @ b, device, 3, 10)
 
 
-def training_step(cfg, device, make_step):
-    """ambient.py's training step for a tiny stand-in dataset, as `make_step` builds it; and the method."""
-    torch.manual_seed(0)
-    method = G.Fast(A.Algorithm1(cfg), cfg)
-    method.use_data(torch.randn(max(cfg.batch, 64), 3, cfg.resolution, cfg.resolution, device=device))
-    state = A.training_state(method.network().to(device), cfg, 3 * cfg.resolution ** 2)
-    step = make_step(state, method, cfg)
-
-    def one():
-        step()
-        state.step += 1
-    return one, state, method
-
-
-def bench(args, preset, device, batch, make_step=None):
+def bench(args, preset, device, batch):
     cfg = G.Config(preset=preset, resolution=args.resolution or (16 if preset == "tiny" else 32), batch=batch,
                    precision=args.dtype, channels_last=args.channels_last, compile=args.compile, steps=args.steps,
                    graph=args.graph, sample_batch=batch)
-    step, state, method = training_step(cfg, device, make_step or (lambda s, m, c: m.make_step(s, m, c)))
+    step, state, method = G.stand_in_training(cfg, device)
     t0 = time.perf_counter()
     step()  # with --compile: compiles here, outside the timing
     sync(device)
@@ -137,8 +123,6 @@ def main():
             sys.exit("error: --device cuda: no CUDA device here; use --device cpu")
         if args.graph and device.type != "cuda":
             sys.exit("error: --graph captures CUDA graphs and needs a CUDA device; drop it on a CPU")
-        if device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         results.append(bench(args, preset, device, batch or (32 if preset == "tiny" else 256)))
     if args.json:
         return print(json.dumps(results[0]))

@@ -263,16 +263,28 @@ def train(argv=None):
 PAPER_IMAGES = 30_000 * 256  # the paper: 30k iterations at batch 256
 
 
-def measure(cfg, steps=20):
-    """(training images/s of one model with cfg's options, sampling images/s), measured in this process
-    on a stand-in dataset. Both models train at once, so the pair gets about twice the first's time."""
-    device = A.pick_device(cfg.device)
-    if device.type == "cuda":  # as ambient.run sets it for the runs measured
+def stand_in_training(cfg, device):
+    """ambient.py's training step with cfg's options on random stand-in images, for timing (here and in
+    bench.py): (one step that also counts it, the TrainState, the method). TF32 on CUDA, as ambient.run."""
+    if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(0)
     method = Fast(A.Algorithm1(cfg), cfg)
     method.use_data(torch.randn(max(cfg.batch, 64), 3, cfg.resolution, cfg.resolution, device=device))
     state = A.training_state(method.network().to(device), cfg, 3 * cfg.resolution ** 2)
     step = method.make_step(state, method, cfg)
+
+    def one():
+        step()
+        state.step += 1
+    return one, state, method
+
+
+def measure(cfg, steps=20):
+    """(training images/s of one model with cfg's options, sampling images/s), measured in this process
+    on a stand-in dataset. Both models train at once, so the pair gets about twice the first's time."""
+    device = A.pick_device(cfg.device)
+    one, state, method = stand_in_training(cfg, device)
 
     def timed(fn, n, warm_up=5):  # the warm-up covers compilation and capture
         for _ in range(warm_up):
@@ -283,10 +295,6 @@ def measure(cfg, steps=20):
             fn()
         torch.cuda.synchronize() if device.type == "cuda" else None
         return (time.perf_counter() - t0) / n
-
-    def one():
-        step()
-        state.step += 1
     train_s = timed(one, steps)
     sample_s = timed(lambda: method.generate(state.ema, cfg.sample_batch, log=lambda m: None), 2, warm_up=1)
     return cfg.batch / train_s, cfg.sample_batch / sample_s
