@@ -13,6 +13,7 @@ x_tn of each image (Eq. 6): never seeing a clean image at high noise, it cannot 
 Defaults the paper leaves open are the authors' released code's (an EDM fork); NOTES.md lists every
 difference. baselines.py, conditional.py and repro_gpu.py build on this file's pieces.
 """
+
 import argparse
 import copy
 import json
@@ -39,42 +40,51 @@ import torch.nn.functional as F
 SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 80.0, 7.0  # EDM's noise range and time warp (EDM units)
 SIGMA_DATA = 0.5  # EDM's prior on the data's standard deviation, for the network's scalings
 
+
 def vp_from_edm(sigma):
     """EDM sigma -> VP sigma_t = sigma / sqrt(1 + sigma^2)."""
-    return sigma / (1 + sigma ** 2) ** 0.5
+    return sigma / (1 + sigma**2) ** 0.5
+
 
 def edm_from_vp(sigma_t):
     """VP sigma_t -> EDM sigma = sigma_t / sqrt(1 - sigma_t^2)."""
-    return sigma_t / (1 - sigma_t ** 2) ** 0.5
+    return sigma_t / (1 - sigma_t**2) ** 0.5
+
 
 def alpha(sigma_t):
     """The VP signal scale sqrt(1 - sigma_t^2); alpha^2 + sigma_t^2 = 1."""
-    return (1 - sigma_t ** 2) ** 0.5
+    return (1 - sigma_t**2) ** 0.5
+
 
 def sigma_at(t):
     """sigma(t), t in [0, 1], for --schedule algorithm1. The paper names none; we assume EDM's sampling warp."""
     lo, hi = SIGMA_MIN ** (1 / RHO), SIGMA_MAX ** (1 / RHO)
     return (lo + t * (hi - lo)) ** RHO
 
+
 def time_at(sigma):
     """Inverse of sigma_at: the time t_n of an EDM noise level."""
     lo, hi = SIGMA_MIN ** (1 / RHO), SIGMA_MAX ** (1 / RHO)
     return (sigma ** (1 / RHO) - lo) / (hi - lo)
 
+
 def bcast(s, x):
     """Per-sample scalars (B,) -> shape that broadcasts against x (B, ...)."""
     return s.reshape(-1, *[1] * (x.dim() - 1)) if torch.is_tensor(s) and s.dim() else s
+
 
 def add_noise(x0, sigma_t, z):
     """Eq. 1 in VP units."""
     return bcast(alpha(sigma_t), x0) * x0 + bcast(sigma_t, x0) * z
 
+
 def noise_further(x_tn, sigma_tn, sigma_t, z):
     """Algorithm 1, line 10: the stored x_tn up to sigma_t > sigma_tn. Given x_0, x_t = sqrt((1-s_t^2)/(1-s_tn^2))
     x_tn + sqrt((s_t^2-s_tn^2)/(1-s_tn^2)) z has exactly Eq. 1's law: signal alpha_t x_0, noise variance sigma_t^2."""
     scale = alpha(sigma_t) / alpha(sigma_tn)
-    std = ((sigma_t ** 2 - sigma_tn ** 2) / (1 - sigma_tn ** 2)) ** 0.5
+    std = ((sigma_t**2 - sigma_tn**2) / (1 - sigma_tn**2)) ** 0.5
     return bcast(scale, x_tn) * x_tn + bcast(std, x_tn) * z
+
 
 # ------------------------------------------------------------------------------------------------
 # 2. Compact U-Net h_theta(x_t, t) that predicts x_0 (the x_0-prediction of Eq. 3).
@@ -84,14 +94,20 @@ def noise_further(x_tn, sigma_tn, sigma_t, z):
 #   h = c_skip x + c_out F(c_in x, c_noise), with x = x_t / alpha the EDM-units input.
 # ------------------------------------------------------------------------------------------------
 PRESETS = {  # channels, per-level multipliers, residual blocks per level, attention resolutions, dropout
-    "tiny": dict(channels=16, mults=(1, 2, 4), blocks=1, attn_at=(4,), dropout=0.0),  # CPU: 0.69M at 16x16
-    "paper": dict(channels=64, mults=(1, 2, 2), blocks=2, attn_at=(16,), dropout=0.05),  # GPU: 6.47M at 32x32
+    "tiny": dict(
+        channels=16, mults=(1, 2, 4), blocks=1, attn_at=(4,), dropout=0.0
+    ),  # CPU: 0.69M at 16x16
+    "paper": dict(
+        channels=64, mults=(1, 2, 2), blocks=2, attn_at=(16,), dropout=0.05
+    ),  # GPU: 6.47M at 32x32
     # EDM's DDPM++ CIFAR-10 layout (released train.py's default; train.sh names NCSN++): 53.6M here, 55.7M in EDM
     "edm": dict(channels=128, mults=(2, 2, 2), blocks=4, attn_at=(16,), dropout=0.05),
 }
 
+
 def groups(c):
     return math.gcd(32, c // 4)  # GroupNorm groups of at least 4 channels, at most 32 groups
+
 
 class SelfAttention(nn.Module):
     def __init__(self, c, heads=1):
@@ -103,31 +119,61 @@ class SelfAttention(nn.Module):
     def forward(self, x):
         B, C, H, W = x.shape
         q, k, v = self.qkv(self.norm(x)).reshape(B, 3, self.heads, C // self.heads, H * W).unbind(1)
-        out = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
+        out = F.scaled_dot_product_attention(
+            q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2)
+        )
         return x + self.proj(out.transpose(-1, -2).reshape(B, C, H, W))
+
 
 class ResBlock(nn.Module):
     def __init__(self, c_in, c_out, emb_dim, attention=False, dropout=0.0):
         super().__init__()
-        self.norm1, self.conv1 = nn.GroupNorm(groups(c_in), c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.norm1, self.conv1 = (
+            nn.GroupNorm(groups(c_in), c_in),
+            nn.Conv2d(c_in, c_out, 3, padding=1),
+        )
         self.emb = nn.Linear(emb_dim, c_out)
-        self.norm2, self.conv2 = nn.GroupNorm(groups(c_out), c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
-        nn.init.zeros_(self.conv2.weight), nn.init.zeros_(self.conv2.bias)  # block starts as identity
+        self.norm2, self.conv2 = (
+            nn.GroupNorm(groups(c_out), c_out),
+            nn.Conv2d(c_out, c_out, 3, padding=1),
+        )
+        (
+            nn.init.zeros_(self.conv2.weight),
+            nn.init.zeros_(self.conv2.bias),
+        )  # block starts as identity
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
         self.attention, self.dropout = SelfAttention(c_out) if attention else nn.Identity(), dropout
 
     def forward(self, x, emb):
         h = self.conv1(F.silu(self.norm1(x))) + self.emb(emb)[:, :, None, None]
         h = self.conv2(F.dropout(F.silu(self.norm2(h)), self.dropout, self.training))
-        return self.attention((self.skip(x) + h) * 0.5 ** 0.5)
+        return self.attention((self.skip(x) + h) * 0.5**0.5)
+
 
 class UNet(nn.Module):  # F_theta, the raw network inside the preconditioning
-    def __init__(self, resolution=32, channels=64, mults=(1, 2, 2), blocks=2, attn_at=(16,), dropout=0.0, in_channels=3):
+    def __init__(
+        self,
+        resolution=32,
+        channels=64,
+        mults=(1, 2, 2),
+        blocks=2,
+        attn_at=(16,),
+        dropout=0.0,
+        in_channels=3,
+    ):
         super().__init__()
         self.channels, emb_dim = channels, 4 * channels
-        self.embed = nn.Sequential(nn.Linear(channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.embed = nn.Sequential(
+            nn.Linear(channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
+        )
         self.conv_in = nn.Conv2d(in_channels, channels, 3, padding=1)
-        self.down, self.up, skips, c, res = nn.ModuleList(), nn.ModuleList(), [channels], channels, resolution
+        self.down, self.up, skips, c, res = (
+            nn.ModuleList(),
+            nn.ModuleList(),
+            [channels],
+            channels,
+            resolution,
+        )
         for level, m in enumerate(mults):
             for _ in range(blocks):
                 self.down.append(ResBlock(c, channels * m, emb_dim, res in attn_at, dropout))
@@ -137,23 +183,33 @@ class UNet(nn.Module):  # F_theta, the raw network inside the preconditioning
                 self.down.append(nn.Conv2d(c, c, 3, stride=2, padding=1))
                 skips.append(c)
                 res //= 2
-        self.mid = nn.ModuleList([ResBlock(c, c, emb_dim, True, dropout), ResBlock(c, c, emb_dim, False, dropout)])
+        self.mid = nn.ModuleList(
+            [ResBlock(c, c, emb_dim, True, dropout), ResBlock(c, c, emb_dim, False, dropout)]
+        )
         for level, m in reversed(list(enumerate(mults))):
             for _ in range(blocks + 1):
-                self.up.append(ResBlock(c + skips.pop(), channels * m, emb_dim, res in attn_at, dropout))
+                self.up.append(
+                    ResBlock(c + skips.pop(), channels * m, emb_dim, res in attn_at, dropout)
+                )
                 c = channels * m
             if level > 0:
-                self.up.append(nn.Sequential(nn.Upsample(scale_factor=2), nn.Conv2d(c, c, 3, padding=1)))
+                self.up.append(
+                    nn.Sequential(nn.Upsample(scale_factor=2), nn.Conv2d(c, c, 3, padding=1))
+                )
                 res *= 2
         self.norm_out, self.conv_out = nn.GroupNorm(groups(c), c), nn.Conv2d(c, 3, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight), nn.init.zeros_(self.conv_out.bias)
 
-    def forward(self, x, c_noise, extra=None):  # extra: an embedding added to the noise's, such as a class's
+    def forward(
+        self, x, c_noise, extra=None
+    ):  # extra: an embedding added to the noise's, such as a class's
         # Sinusoidal embedding of c_noise = ln(sigma)/4, as EDM feeds its DDPM++ network.
         half = self.channels // 2
         freqs = torch.exp(-math.log(10000) * torch.arange(half, device=x.device) / (half - 1))
         angles = c_noise[:, None].float() * freqs[None]
-        emb = self.embed(torch.cat([angles.cos(), angles.sin()], dim=1)) + (0 if extra is None else extra)
+        emb = self.embed(torch.cat([angles.cos(), angles.sin()], dim=1)) + (
+            0 if extra is None else extra
+        )
         h = self.conv_in(x)
         skips = [h]
         for layer in self.down:
@@ -162,8 +218,13 @@ class UNet(nn.Module):  # F_theta, the raw network inside the preconditioning
         for layer in self.mid:
             h = layer(h, emb)
         for layer in self.up:
-            h = layer(torch.cat([h, skips.pop()], 1), emb) if isinstance(layer, ResBlock) else layer(h)
+            h = (
+                layer(torch.cat([h, skips.pop()], 1), emb)
+                if isinstance(layer, ResBlock)
+                else layer(h)
+            )
         return self.conv_out(F.silu(self.norm_out(h)))
+
 
 class Denoiser(nn.Module):  # h_theta(x_t, sigma_t) -> estimate of x_0, VP inputs as in the paper
     def __init__(self, resolution=32, preset="tiny", **overrides):
@@ -174,14 +235,15 @@ class Denoiser(nn.Module):  # h_theta(x_t, sigma_t) -> estimate of x_0, VP input
         """EDM sigma, the EDM-units input x = x_t / alpha = x_0 + sigma n, and c_skip, c_out, c_in."""
         sigma_t = torch.as_tensor(sigma_t, dtype=x_t.dtype, device=x_t.device).expand(x_t.shape[0])
         sigma, x = edm_from_vp(sigma_t), x_t / bcast(alpha(sigma_t), x_t)
-        c_skip = SIGMA_DATA ** 2 / (sigma ** 2 + SIGMA_DATA ** 2)
-        c_out = sigma * SIGMA_DATA / (sigma ** 2 + SIGMA_DATA ** 2) ** 0.5
-        return sigma, x, c_skip, c_out, 1 / (sigma ** 2 + SIGMA_DATA ** 2) ** 0.5
+        c_skip = SIGMA_DATA**2 / (sigma**2 + SIGMA_DATA**2)
+        c_out = sigma * SIGMA_DATA / (sigma**2 + SIGMA_DATA**2) ** 0.5
+        return sigma, x, c_skip, c_out, 1 / (sigma**2 + SIGMA_DATA**2) ** 0.5
 
     def forward(self, x_t, sigma_t, extra=None):
         sigma, x, c_skip, c_out, c_in = self.scalings(x_t, sigma_t)
         F_x = self.net(bcast(c_in, x) * x, sigma.log() / 4, extra).to(x.dtype)
         return bcast(c_skip, x) * x + bcast(c_out, x) * F_x
+
 
 # ------------------------------------------------------------------------------------------------
 # 3. Losses: DDPM (Eq. 3) below t_n, Ambient Score Matching (Eq. 6, Algorithm 1 line 11) above it.
@@ -201,29 +263,34 @@ class Denoiser(nn.Module):  # h_theta(x_t, sigma_t) -> estimate of x_0, VP input
 # ------------------------------------------------------------------------------------------------
 AMBIENT_WEIGHTS = ("released", "x0")
 
+
 def ddpm_loss(x0_pred, x0):
     """Eq. 3: |h_theta(x_t, t) - x_0|^2, per sample."""
     return (x0_pred - x0).square().flatten(1).mean(1)
 
+
 def ambient_coefficients(sigma_t, sigma_tn):
     """(c_h, c_x) with E[x_tn | x_t] = c_h E[x_0 | x_t] + c_x x_t (Lemma C.1), VP units."""
-    c_h = (sigma_t ** 2 - sigma_tn ** 2) / (sigma_t ** 2 * alpha(sigma_tn))
-    c_x = sigma_tn ** 2 * alpha(sigma_t) / (sigma_t ** 2 * alpha(sigma_tn))
+    c_h = (sigma_t**2 - sigma_tn**2) / (sigma_t**2 * alpha(sigma_tn))
+    c_x = sigma_tn**2 * alpha(sigma_t) / (sigma_t**2 * alpha(sigma_tn))
     return c_h, c_x
+
 
 def ambient_loss(x0_pred, x_t, x_tn, sigma_t, sigma_tn):
     """Eq. 6: |c_h h_theta(x_t, t) + c_x x_t - x_tn|^2, per sample; needs sigma_t > sigma_tn."""
     c_h, c_x = ambient_coefficients(sigma_t, sigma_tn)
     return (bcast(c_h, x_t) * x0_pred + bcast(c_x, x_t) * x_t - x_tn).square().flatten(1).mean(1)
 
+
 def loss_weight(sigma_t, sigma_tn, kind="released"):
     """Per-sample weight of Eq. 6's VP residual, EDM's lambda at sigma_tn = 0. x0's c_h >= 1e-4: float32 rounds."""
     sigma = edm_from_vp(sigma_t)
-    lam = (sigma ** 2 + SIGMA_DATA ** 2) / (sigma * SIGMA_DATA) ** 2
+    lam = (sigma**2 + SIGMA_DATA**2) / (sigma * SIGMA_DATA) ** 2
     if kind == "released":
         return lam / alpha(torch.as_tensor(sigma_tn)) ** 2
     c_h, _ = ambient_coefficients(sigma_t, sigma_tn)
     return lam / torch.as_tensor(c_h).clamp_min(1e-4) ** 2
+
 
 # ------------------------------------------------------------------------------------------------
 # 4. Data: images as uint8 (N, H, W, 3) -> float tensors in [-1, 1], shape (N, 3, H, W).
@@ -231,8 +298,10 @@ def loss_weight(sigma_t, sigma_tn, kind="released"):
 DEMO_FILE = Path(__file__).with_name("cifar10_demo.npz")
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 
+
 class UserError(Exception):  # bad input: printed as one line, exit code 2, no traceback
     pass
+
 
 def load_images(spec, data_dir="data"):
     """--data cifar | demo | file.npz | folder of images -> uint8 (N, H, W, 3) and int labels, or None."""
@@ -244,36 +313,57 @@ def load_images(spec, data_dir="data"):
     if path.suffix == ".npz" and path.is_file():
         try:
             with np.load(path) as f:
-                images, labels = f["images"], f["labels"].astype(np.int64) if "labels" in f.files else None
+                images, labels = (
+                    f["images"],
+                    f["labels"].astype(np.int64) if "labels" in f.files else None,
+                )
         except Exception as e:  # not a zip archive, damaged, or no 'images' key
-            raise UserError(f"cannot read images from {path} ({type(e).__name__}): it must be a NumPy .npz archive "
-                            "with a uint8 array 'images' of shape N x H x W x 3")
+            raise UserError(
+                f"cannot read images from {path} ({type(e).__name__}): it must be a NumPy .npz archive "
+                "with a uint8 array 'images' of shape N x H x W x 3"
+            )
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-            raise UserError(f"{path}: 'images' is {images.dtype} {images.shape}; expected uint8 N x H x W x 3")
+            raise UserError(
+                f"{path}: 'images' is {images.dtype} {images.shape}; expected uint8 N x H x W x 3"
+            )
         return images, labels
     if path.suffix or os.sep in spec:
         raise UserError(f"cannot read --data {spec}: no such .npz file or image folder")
-    raise UserError(f"unknown dataset '{spec}': use cifar, demo, a .npz file with 'images', or a folder of images")
+    raise UserError(
+        f"unknown dataset '{spec}': use cifar, demo, a .npz file with 'images', or a folder of images"
+    )
+
 
 def load_cifar10(data_dir):
     import socket
     import torchvision
+
     socket.setdefaulttimeout(20)  # offline machines should fail in seconds, not hang
     try:  # download=True only downloads when the archive is missing; a placed archive is extracted
         ds = torchvision.datasets.CIFAR10(data_dir, train=True, download=True)
     except Exception as e:
         archive = Path(data_dir) / CIFAR_URL.rsplit("/", 1)[1]
-        if archive.exists():  # torchvision checks its checksum and, if wrong, downloads a fresh copy
-            raise UserError(f"{archive} is damaged or incomplete and no fresh copy could be downloaded "
-                            f"({type(e).__name__}); replace it with a good copy from {CIFAR_URL}")
-        raise UserError(f"CIFAR-10 is not in {data_dir}/cifar-10-batches-py and could not be downloaded "
-                        f"({type(e).__name__}). Place {archive.name} from {CIFAR_URL} in "
-                        f"{data_dir}/ (or pass --data-dir), or use --data demo")
+        if (
+            archive.exists()
+        ):  # torchvision checks its checksum and, if wrong, downloads a fresh copy
+            raise UserError(
+                f"{archive} is damaged or incomplete and no fresh copy could be downloaded "
+                f"({type(e).__name__}); replace it with a good copy from {CIFAR_URL}"
+            )
+        raise UserError(
+            f"CIFAR-10 is not in {data_dir}/cifar-10-batches-py and could not be downloaded "
+            f"({type(e).__name__}). Place {archive.name} from {CIFAR_URL} in "
+            f"{data_dir}/ (or pass --data-dir), or use --data demo"
+        )
     return np.asarray(ds.data), np.asarray(ds.targets, dtype=np.int64)
+
 
 def load_image_folder(path):
     from PIL import Image
-    files = sorted(p for p in path.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".webp"))
+
+    files = sorted(
+        p for p in path.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+    )
     if not files:
         raise UserError(f"no .png/.jpg/.jpeg/.bmp/.webp images in folder {path}")
     try:
@@ -284,6 +374,7 @@ def load_image_folder(path):
         raise UserError(f"images in {path} differ in size; resize them to one size first")
     return np.stack(images)
 
+
 def prepare(images, resolution=None):
     """uint8 NHWC -> float NCHW in [-1, 1], area-downsampled to `resolution` if given."""
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
@@ -291,13 +382,17 @@ def prepare(images, resolution=None):
         x = F.interpolate(x, size=(resolution, resolution), mode="area")
     return x
 
+
 def choose_subset(num_images, n, seed):
     """The paper's seeded random subset of n training images (n = 300 / 1000 / 3000)."""
     if n is None:
         return np.arange(num_images)
     if n > num_images:
-        raise UserError(f"--n {n} is larger than the dataset ({num_images} images); pass --n {num_images} or less")
+        raise UserError(
+            f"--n {n} is larger than the dataset ({num_images} images); pass --n {num_images} or less"
+        )
     return np.sort(np.random.default_rng(seed).choice(num_images, n, replace=False))
+
 
 # ------------------------------------------------------------------------------------------------
 # 5. Algorithm 1. Line 1: draw ONE noisy copy x_tn of every training image, once, from a seeded
@@ -312,6 +407,7 @@ def make_noisy_copies(S, sigma_tn, seed):
     eps = torch.randn(S.shape, generator=torch.Generator().manual_seed(seed + 1))
     return add_noise(S, torch.as_tensor(sigma_tn, dtype=S.dtype), eps)
 
+
 def pick(per_image, batch, gen, flip=False):
     """Line 3: random indices, the rows of each per-image tensor; --flip mirrors an image and its copy alike."""
     dev = per_image[0].device
@@ -322,30 +418,51 @@ def pick(per_image, batch, gen, flip=False):
         rows = [torch.where(mirror, r.flip(-1), r) for r in rows]
     return idx, rows
 
+
 def noise_levels(batch, sigma_tn, schedule, gen, device):
     """Lines 4-9: each sample's noise level sigma (EDM units) and whether it takes the noisy branch."""
-    u = torch.rand(batch, generator=gen, device=device)  # drawn under both schedules: later draws keep their place
+    u = torch.rand(
+        batch, generator=gen, device=device
+    )  # drawn under both schedules: later draws keep their place
     if schedule == "algorithm1":
         t_n = time_at(sigma_tn) if sigma_tn > 0 else 0.0
         noisy = (torch.rand(batch, generator=gen, device=device) < 0.5) & (sigma_tn > 0)
-        sigma = sigma_at(torch.where(noisy, t_n + u * (1 - t_n), u * (t_n if sigma_tn > 0 else 1.0)))
-        return torch.where(noisy, sigma.clamp_min(sigma_tn), sigma), noisy  # float32 may round below sigma_tn
-    sigma = (-1.2 + 1.2 * torch.randn(batch, generator=gen, device=device)).exp().clamp(SIGMA_MIN, SIGMA_MAX)  # 1.6e-5 move
+        sigma = sigma_at(
+            torch.where(noisy, t_n + u * (1 - t_n), u * (t_n if sigma_tn > 0 else 1.0))
+        )
+        return torch.where(
+            noisy, sigma.clamp_min(sigma_tn), sigma
+        ), noisy  # float32 may round below sigma_tn
+    sigma = (
+        (-1.2 + 1.2 * torch.randn(batch, generator=gen, device=device))
+        .exp()
+        .clamp(SIGMA_MIN, SIGMA_MAX)
+    )  # 1.6e-5 move
     return sigma, sigma >= sigma_tn if sigma_tn > 0 else torch.zeros_like(sigma, dtype=torch.bool)
+
 
 def noise_batch(x0, x_tn, sigma, noisy, sigma_tn_edm, gen):
     """Line 10: x_t at level sigma, from the clean image below t_n and from its noisy copy above."""
-    sigma_t, sigma_tn = vp_from_edm(sigma), vp_from_edm(torch.full((), float(sigma_tn_edm), device=x0.device))
+    sigma_t, sigma_tn = (
+        vp_from_edm(sigma),
+        vp_from_edm(torch.full((), float(sigma_tn_edm), device=x0.device)),
+    )
     z = torch.randn(x0.shape, generator=gen, device=x0.device)
-    x_t_noisy = noise_further(x_tn, sigma_tn, sigma_t.maximum(sigma_tn), z)  # maximum: no NaN in the unused half
+    x_t_noisy = noise_further(
+        x_tn, sigma_tn, sigma_t.maximum(sigma_tn), z
+    )  # maximum: no NaN in the unused half
     x_t = torch.where(bcast(noisy, x0), x_t_noisy, add_noise(x0, sigma_t, z))
-    return dict(x0=x0, x_tn=x_tn, x_t=x_t, sigma_t=sigma_t, sigma=sigma, sigma_tn=sigma_tn, noisy=noisy)
+    return dict(
+        x0=x0, x_tn=x_tn, x_t=x_t, sigma_t=sigma_t, sigma=sigma, sigma_tn=sigma_tn, noisy=noisy
+    )
+
 
 def algorithm1_batch(S, S_tn, sigma_tn, batch, gen, schedule="edm", flip=False):
     """Lines 3-10: a dict of idx, x0, x_tn, x_t, sigma_t (VP), sigma (EDM), sigma_tn (VP) and `noisy`."""
     idx, (x0, x_tn) = pick([S, S_tn], batch, gen, flip)
     sigma, noisy = noise_levels(batch, sigma_tn, schedule, gen, S.device)
     return dict(noise_batch(x0, x_tn, sigma, noisy, sigma_tn, gen), idx=idx)
+
 
 def algorithm1_loss(h_theta, b, weight="released"):
     """Line 11: Eq. 6 on the noisy branch, Eq. 3 on the clean one, weighted, per sample. Eq. 3 is Eq. 6
@@ -357,9 +474,11 @@ def algorithm1_loss(h_theta, b, weight="released"):
     loss = ambient_loss(h_theta(b["x_t"], b["sigma_t"]), b["x_t"], target, b["sigma_t"], sigma_tn)
     return loss_weight(b["sigma_t"], sigma_tn, weight) * loss
 
+
 class Algorithm1:
     """The method as the loop sees it: data and network, line 1 (use_data), lines 3-10 (batch), line 11 (loss),
     Eq. 5 (sample_batch). Other methods replace some pieces, as EDM's loss classes do, and reuse the rest."""
+
     name, denoiser = "algorithm1", Denoiser
 
     def __init__(self, cfg):
@@ -382,19 +501,33 @@ class Algorithm1:
 
     def use_data(self, S, saved=None):
         """The training images and line 1's noisy copies (a resumed run's own, if saved)."""
-        S_tn = saved["S_tn"] if saved else make_noisy_copies(S.cpu(), vp_from_edm(self.cfg.sigma_tn), self.cfg.seed)
+        S_tn = (
+            saved["S_tn"]
+            if saved
+            else make_noisy_copies(S.cpu(), vp_from_edm(self.cfg.sigma_tn), self.cfg.seed)
+        )
         self.S, self.S_tn = S, S_tn.to(S.device)
 
     def saved_data(self):  # what a checkpoint keeps besides the weights
         return dict(S_tn=self.S_tn)
 
     def batch(self, gen):
-        return algorithm1_batch(self.S, self.S_tn, self.cfg.sigma_tn, self.cfg.batch, gen, self.cfg.schedule, self.cfg.flip)
+        return algorithm1_batch(
+            self.S,
+            self.S_tn,
+            self.cfg.sigma_tn,
+            self.cfg.batch,
+            gen,
+            self.cfg.schedule,
+            self.cfg.flip,
+        )
 
     def loss(self, h_theta, b):
         return algorithm1_loss(h_theta, b, self.cfg.ambient_weight)
 
-    def noise(self, h_theta, k, rows):  # batch k of the samples, number `rows` (a range), starts from seed + k
+    def noise(
+        self, h_theta, k, rows
+    ):  # batch k of the samples, number `rows` (a range), starts from seed + k
         side, device = h_theta.resolution, next(h_theta.parameters()).device
         return initial_noise((len(rows), 3, side, side), self.cfg.seed + k, device)
 
@@ -402,12 +535,16 @@ class Algorithm1:
         return sample(h_theta, self.noise(h_theta, k, rows), self.cfg.steps, self.cfg.sampler)
 
     def generate(self, h_theta, count, log=print):
-        return generate(lambda k, rows: self.sample_batch(h_theta, k, rows), count, self.cfg.sample_batch, log)
+        return generate(
+            lambda k, rows: self.sample_batch(h_theta, k, rows), count, self.cfg.sample_batch, log
+        )
+
 
 # ------------------------------------------------------------------------------------------------
 # 6. Training (Algorithm 1, lines 2-16), the released recipe: Adam, EDM's EMA; atomic checkpoints.
 # ------------------------------------------------------------------------------------------------
 OPTIMIZERS = ("adam", "adamw")
+
 
 def make_optimizer(params, cfg, pixels=1):
     """adam: the released torch.optim.Adam, weight decay 0.01 added to the gradient; adamw: decoupled.
@@ -415,11 +552,19 @@ def make_optimizer(params, cfg, pixels=1):
     eps and an L2 term in the gradient are divided by `pixels` too: then the steps are the released ones."""
     adamw = cfg.optimizer == "adamw"
     return (torch.optim.AdamW if adamw else torch.optim.Adam)(
-        params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8 / pixels, weight_decay=0.01 if adamw else 0.01 / pixels, fused=True)
+        params,
+        lr=cfg.lr,
+        betas=(0.9, 0.999),
+        eps=1e-8 / pixels,
+        weight_decay=0.01 if adamw else 0.01 / pixels,
+        fused=True,
+    )
+
 
 def learning_rate(cfg, images_seen):
     """EDM's warm-up: the rate grows linearly over the first lr_rampup million images (0: none)."""
     return cfg.lr * min(images_seen / (cfg.lr_rampup * 1e6), 1) if cfg.lr_rampup else cfg.lr
+
 
 @torch.no_grad()
 def ema_update(ema, net, images_seen, batch):
@@ -428,16 +573,21 @@ def ema_update(ema, net, images_seen, batch):
     for p_ema, p in zip(ema.parameters(), net.parameters()):
         p_ema.lerp_(p, 1 - beta)
 
+
 @dataclass
 class TrainState:  # everything that changes as the loop runs; a checkpoint holds all of it
     net: nn.Module
     ema: nn.Module
     opt: torch.optim.Optimizer
-    gen: torch.Generator  # the batches' random numbers; the initialisation and dropout use torch's global one
+    gen: (
+        torch.Generator
+    )  # the batches' random numbers; the initialisation and dropout use torch's global one
     step: int = 0
+
 
 def eager_step(state, method, cfg):
     """Lines 3-15 as a function of nothing, the form repro_gpu.py's steps share. The loss stays on the device."""
+
     def step():
         loss = method.loss(state.net, method.batch(state.gen)).mean()
         state.opt.zero_grad(set_to_none=True)
@@ -447,7 +597,9 @@ def eager_step(state, method, cfg):
         state.opt.step()
         ema_update(state.ema, state.net, state.step * cfg.batch, cfg.batch)
         return loss.detach()
+
     return step
+
 
 def global_rng(device, state=None):
     """Get, or with `state` set, the state of torch's global generator on `device`."""
@@ -456,30 +608,55 @@ def global_rng(device, state=None):
         return torch.cuda.set_rng_state(state, device) if cuda else torch.set_rng_state(state)
     return torch.cuda.get_rng_state(device) if cuda else torch.get_rng_state()
 
+
 def save_checkpoint(state, method, cfg, path):
     """torch.save to a temp file, then rename: a run killed mid-write keeps its last checkpoint."""
-    torch.save(dict(net=state.net.state_dict(), ema=state.ema.state_dict(), opt=state.opt.state_dict(), step=state.step,
-                    rng=state.gen.get_state(), dropout_rng=global_rng(next(state.net.parameters()).device),
-                    config=cfg.saved(), **method.saved_data()), str(path) + ".tmp")
+    torch.save(
+        dict(
+            net=state.net.state_dict(),
+            ema=state.ema.state_dict(),
+            opt=state.opt.state_dict(),
+            step=state.step,
+            rng=state.gen.get_state(),
+            dropout_rng=global_rng(next(state.net.parameters()).device),
+            config=cfg.saved(),
+            **method.saved_data(),
+        ),
+        str(path) + ".tmp",
+    )
     os.replace(str(path) + ".tmp", path)
+
 
 def training_state(net, cfg, pixels, saved=None):
     """A fresh TrainState for `net`, or the one a checkpoint (`saved`) holds."""
     device = next(net.parameters()).device
-    state = TrainState(net, copy.deepcopy(net).requires_grad_(False).eval(), make_optimizer(net.parameters(), cfg, pixels),
-                       torch.Generator(device).manual_seed(cfg.seed + 2))
+    state = TrainState(
+        net,
+        copy.deepcopy(net).requires_grad_(False).eval(),
+        make_optimizer(net.parameters(), cfg, pixels),
+        torch.Generator(device).manual_seed(cfg.seed + 2),
+    )
     if saved is not None:
         if saved["rng"].numel() != state.gen.get_state().numel():
-            raise UserError("--resume: the checkpoint's random state is from another device type; resume on it")
+            raise UserError(
+                "--resume: the checkpoint's random state is from another device type; resume on it"
+            )
         try:
-            net.load_state_dict(saved["net"]), state.ema.load_state_dict(saved["ema"]), state.opt.load_state_dict(saved["opt"])
+            (
+                net.load_state_dict(saved["net"]),
+                state.ema.load_state_dict(saved["ema"]),
+                state.opt.load_state_dict(saved["opt"]),
+            )
         except (RuntimeError, ValueError):
-            raise UserError("--resume: the checkpoint holds another network; resume it with the script that trained it")
+            raise UserError(
+                "--resume: the checkpoint holds another network; resume it with the script that trained it"
+            )
         state.gen.set_state(saved["rng"].cpu())
         if "dropout_rng" in saved:  # runs before 763cef1 have none
             global_rng(device, saved["dropout_rng"])
         state.step = saved["step"]
     return state
+
 
 def train(method, state, cfg, out=None, log=print, make_step=eager_step):
     """Lines 2-16: steps until cfg.iters, a progress line every cfg.log_every steps and a checkpoint every
@@ -488,20 +665,33 @@ def train(method, state, cfg, out=None, log=print, make_step=eager_step):
     while state.step < cfg.iters:
         loss = step()
         state.step += 1
-        bad = torch.where(torch.isfinite(loss) | (bad > 0), bad, state.step)  # the first non-finite step, no sync
-        logs, saves = (state.step % every == 0 or state.step == cfg.iters for every in (cfg.log_every, cfg.ckpt_every))
-        if (logs or saves) and (bad.item() or not torch.stack([p.isfinite().all() for p in state.net.parameters()]).all()):
-            raise UserError(f"training is not finite from step {bad.item() or state.step} on (a finite loss can still give "
-                            "infinite gradients); the last checkpoint before it is kept. Lower --lr or check the data, then --resume")
+        bad = torch.where(
+            torch.isfinite(loss) | (bad > 0), bad, state.step
+        )  # the first non-finite step, no sync
+        logs, saves = (
+            state.step % every == 0 or state.step == cfg.iters
+            for every in (cfg.log_every, cfg.ckpt_every)
+        )
+        if (logs or saves) and (
+            bad.item()
+            or not torch.stack([p.isfinite().all() for p in state.net.parameters()]).all()
+        ):
+            raise UserError(
+                f"training is not finite from step {bad.item() or state.step} on (a finite loss can still give "
+                "infinite gradients); the last checkpoint before it is kept. Lower --lr or check the data, then --resume"
+            )
         if logs:
             rate = (state.step - first) * cfg.batch / (time.time() - t0)
-            log(f"step {state.step}/{cfg.iters}  loss {loss.item():.4f}  {rate:.0f} img/s  "
-                f"eta {(cfg.iters - state.step) * cfg.batch / rate / 60:.1f} min")
+            log(
+                f"step {state.step}/{cfg.iters}  loss {loss.item():.4f}  {rate:.0f} img/s  "
+                f"eta {(cfg.iters - state.step) * cfg.batch / rate / 60:.1f} min"
+            )
         if out and saves:
             save_checkpoint(state, method, cfg, Path(out) / "checkpoint.pt")
     if out and first == cfg.iters == 0:
         save_checkpoint(state, method, cfg, Path(out) / "checkpoint.pt")
     return state.ema
+
 
 # ------------------------------------------------------------------------------------------------
 # 7. Sampler (Eq. 5): the probability-flow ODE, integrated in EDM units where it reads
@@ -520,26 +710,38 @@ def sigma_steps(steps, sigma_max=SIGMA_MAX):
     grid = (sigma_max ** (1 / RHO) + i * (SIGMA_MIN ** (1 / RHO) - sigma_max ** (1 / RHO))) ** RHO
     return torch.cat([grid, torch.zeros(1, dtype=torch.float64)])
 
+
 def initial_noise(shape, seed, device="cpu", dtype=torch.float32):
     """Eq. 5's starting point at sigma = 80, drawn on the CPU: the same noise for a seed on every device."""
-    return (torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * SIGMA_MAX).to(device, dtype)
+    return (
+        torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        * SIGMA_MAX
+    ).to(device, dtype)
+
 
 @torch.no_grad()
 def sample(h_theta, x, steps=40, sampler="heun", sigma_stop=0.0):
     """Integrate Eq. 5 from x at sigma = 80 down to sigma_stop. Returns EDM units: x_0 + sigma_stop n."""
+
     def x_stop_pred(x, s):  # E[x_stop | x] at the noise level sigma = sqrt(s^2 + sigma_stop^2)
-        sigma = torch.full((x.shape[0],), (s ** 2 + sigma_stop ** 2) ** 0.5, dtype=x.dtype, device=x.device)
+        sigma = torch.full(
+            (x.shape[0],), (s**2 + sigma_stop**2) ** 0.5, dtype=x.dtype, device=x.device
+        )
         D = h_theta(x * bcast(alpha(vp_from_edm(sigma)), x), vp_from_edm(sigma))
-        r = sigma_stop ** 2 / (s ** 2 + sigma_stop ** 2)
+        r = sigma_stop**2 / (s**2 + sigma_stop**2)
         return r * x + (1 - r) * D
-    s_grid = sigma_steps(steps, (SIGMA_MAX ** 2 - sigma_stop ** 2) ** 0.5).tolist()
+
+    s_grid = sigma_steps(steps, (SIGMA_MAX**2 - sigma_stop**2) ** 0.5).tolist()
     for s, s_next in zip(s_grid[:-1], s_grid[1:]):
         d = (x - x_stop_pred(x, s)) / s
         x_next = x + (s_next - s) * d
-        if sampler == "heun" and s_next > 0:  # trapezoid rule, except on the last step: no slope at s = 0
+        if (
+            sampler == "heun" and s_next > 0
+        ):  # trapezoid rule, except on the last step: no slope at s = 0
             x_next = x + (s_next - s) * (d + (x_next - x_stop_pred(x_next, s_next)) / s_next) / 2
         x = x_next
     return x
+
 
 @torch.no_grad()
 def generate(sample_batch, count, batch=256, log=print):
@@ -550,6 +752,7 @@ def generate(sample_batch, count, batch=256, log=print):
         log(f"sampled {start + len(out[-1])}/{count}")
     return torch.cat(out)
 
+
 # ------------------------------------------------------------------------------------------------
 # 8. Memorization, without DINOv2. The paper scores a sample by the DINOv2 cosine to its nearest
 # training image (eval_memorization.py). Pixels give two weight-free stand-ins: the cosine of mean-
@@ -558,6 +761,7 @@ def generate(sample_batch, count, batch=256, log=print):
 # ------------------------------------------------------------------------------------------------
 COSINE_THRESHOLDS = (0.9, 0.925, 0.95)  # Table 1's CIFAR-10 thresholds
 COPY_RATIO = 1 / 3
+
 
 def nearest_neighbours(samples, train, chunk=1024):
     """For each sample: best centred cosine and its index; d1/d2 and the L2 nearest index."""
@@ -569,24 +773,40 @@ def nearest_neighbours(samples, train, chunk=1024):
         d = torch.cdist(s, t).topk(min(2, len(t)), dim=1, largest=False)
         cos.append(best.values), cos_idx.append(best.indices), l2_idx.append(d.indices[:, 0])
         ratio.append(d.values[:, 0] / d.values[:, -1].clamp_min(1e-12))
-    return dict(cosine=torch.cat(cos), cosine_idx=torch.cat(cos_idx), ratio=torch.cat(ratio), l2_idx=torch.cat(l2_idx))
+    return dict(
+        cosine=torch.cat(cos),
+        cosine_idx=torch.cat(cos_idx),
+        ratio=torch.cat(ratio),
+        l2_idx=torch.cat(l2_idx),
+    )
+
 
 def memorization_report(samples, train):
     nn_ = nearest_neighbours(samples, train)
     cos, ratio = nn_["cosine"], nn_["ratio"]
-    report = {"samples": len(samples), "train_images": len(train),
-              "cosine_mean": cos.mean().item(), "cosine_median": cos.median().item(),
-              **{f"cosine_above_{th}": (cos > th).float().mean().item() for th in COSINE_THRESHOLDS},
-              "ratio_median": ratio.median().item(), "copy_rate": (ratio < COPY_RATIO).float().mean().item()}
+    report = {
+        "samples": len(samples),
+        "train_images": len(train),
+        "cosine_mean": cos.mean().item(),
+        "cosine_median": cos.median().item(),
+        **{f"cosine_above_{th}": (cos > th).float().mean().item() for th in COSINE_THRESHOLDS},
+        "ratio_median": ratio.median().item(),
+        "copy_rate": (ratio < COPY_RATIO).float().mean().item(),
+    }
     return report, nn_
+
 
 def save_neighbour_grid(samples, train, idx, path, pairs=32, per_row=8, upscale=4):
     """Each pair: a sample (left) beside its nearest training image (right)."""
     from torchvision.utils import save_image
+
     k = min(pairs, len(samples))
-    tiles = torch.stack([samples[:k], train[idx[:k]].to(samples)], 1).flatten(0, 1)  # s0, n0, s1, n1, ...
+    tiles = torch.stack([samples[:k], train[idx[:k]].to(samples)], 1).flatten(
+        0, 1
+    )  # s0, n0, s1, n1, ...
     tiles = F.pad(F.interpolate(tiles, scale_factor=upscale), (0, 0, 0, upscale * 2), value=1)
     save_image((tiles + 1) / 2, path, nrow=2 * per_row, padding=2, pad_value=1)
+
 
 # ------------------------------------------------------------------------------------------------
 # 9. Closed forms: the optimal denoisers the theory is about; test_ambient.py checks the sampler with them.
@@ -596,95 +816,206 @@ def ambient_optimal_denoiser(S_tn, sigma_tn):
     is one of S_tn, weighted by N(x_t; (alpha_t/alpha_tn) x_tn, (sigma_t^2 - sigma_tn^2)/(1 - sigma_tn^2)),
     and Lemma C.1's map gives E[x_0 | x_t]. With sigma_tn = 0 it is Eq. 3's empirical optimum."""
     points, sq_norms = S_tn.flatten(1), S_tn.flatten(1).square().sum(1)
+
     def h(x_t, sigma_t):
         sigma_t = torch.as_tensor(sigma_t, dtype=x_t.dtype).expand(x_t.shape[0])
-        scale, s2 = alpha(sigma_t) / alpha(sigma_tn), (sigma_t ** 2 - sigma_tn ** 2) / (1 - sigma_tn ** 2)
+        scale, s2 = alpha(sigma_t) / alpha(sigma_tn), (sigma_t**2 - sigma_tn**2) / (1 - sigma_tn**2)
         x = x_t.flatten(1)
-        d2 = x.square().sum(1, keepdim=True) - 2 * scale[:, None] * x @ points.T + scale[:, None] ** 2 * sq_norms
+        d2 = (
+            x.square().sum(1, keepdim=True)
+            - 2 * scale[:, None] * x @ points.T
+            + scale[:, None] ** 2 * sq_norms
+        )
         mean_x_tn = (torch.softmax(-d2 / (2 * s2[:, None]), dim=1) @ points).reshape(x_t.shape)
         c_h, c_x = ambient_coefficients(sigma_t, sigma_tn)
         return (mean_x_tn - bcast(c_x, x_t) * x_t) / bcast(c_h, x_t)
+
     return h
+
 
 def empirical_denoiser(S):
     """Section 2.2: E[x_0 | x_t] when x_0 is uniform on the training set S. Its ODE copies S."""
     return ambient_optimal_denoiser(S, 0.0)
 
+
 # ------------------------------------------------------------------------------------------------
 # 10. Command line: one typed Config holds each setting, its --flag, default and help; extensions subclass it.
 # ------------------------------------------------------------------------------------------------
-def option(default, help, **meta):  # same_run: a resume must match it; saved=False: not in config.json
+def option(
+    default, help, **meta
+):  # same_run: a resume must match it; saved=False: not in config.json
     return field(default=default, metadata=dict(help=help, **meta))
+
 
 @dataclass
 class Config:
-    data: str = option("demo", "cifar, demo (800 CIFAR-10 images), an .npz of uint8 'images' NxHxWx3, or a folder", same_run=True)
+    data: str = option(
+        "demo",
+        "cifar, demo (800 CIFAR-10 images), an .npz of uint8 'images' NxHxWx3, or a folder",
+        same_run=True,
+    )
     data_dir: str = option("data", "where --data cifar is downloaded or placed")
-    n: int = option(None, "train on a seeded random n images (paper: 300/1000/3000)", type=int, same_run=True)
-    sigma_tn: float = option(0.4, "the noisy copies' EDM noise level; 0 = DDPM (paper: 0.4-4; train.sh: 0.5)", same_run=True)
-    schedule: str = option("edm", "edm (released, log-normal) or algorithm1 (the text)", choices=("edm", "algorithm1"), same_run=True)
-    ambient_weight: str = option("released", "Eq. 6's weight: released, or x0 (NOTES.md)", choices=AMBIENT_WEIGHTS, same_run=True)
-    preset: str = option("paper", "paper (6.5M), edm (DDPM++, 54M) or tiny (0.7M, CPU)", choices=tuple(PRESETS), same_run=True)
-    dropout: float = option(None, "dropout (default: the preset's; released train.sh: 0.05)", type=float, same_run=True)
+    n: int = option(
+        None, "train on a seeded random n images (paper: 300/1000/3000)", type=int, same_run=True
+    )
+    sigma_tn: float = option(
+        0.4,
+        "the noisy copies' EDM noise level; 0 = DDPM (paper: 0.4-4; train.sh: 0.5)",
+        same_run=True,
+    )
+    schedule: str = option(
+        "edm",
+        "edm (released, log-normal) or algorithm1 (the text)",
+        choices=("edm", "algorithm1"),
+        same_run=True,
+    )
+    ambient_weight: str = option(
+        "released",
+        "Eq. 6's weight: released, or x0 (NOTES.md)",
+        choices=AMBIENT_WEIGHTS,
+        same_run=True,
+    )
+    preset: str = option(
+        "paper",
+        "paper (6.5M), edm (DDPM++, 54M) or tiny (0.7M, CPU)",
+        choices=tuple(PRESETS),
+        same_run=True,
+    )
+    dropout: float = option(
+        None, "dropout (default: the preset's; released train.sh: 0.05)", type=float, same_run=True
+    )
     resolution: int = option(None, "downsample the images to this side", type=int, same_run=True)
-    iters: int = option(30000, "iterations (paper: 30000); a --resume with another value extends or shortens the run")
+    iters: int = option(
+        30000,
+        "iterations (paper: 30000); a --resume with another value extends or shortens the run",
+    )
     batch: int = option(256, "batch size (paper: 256)", same_run=True)
     lr: float = option(1e-4, "learning rate (paper: 1e-4)", same_run=True)
-    optimizer: str = option("adam", "adam (released, L2 decay) or adamw (decoupled)", choices=OPTIMIZERS, same_run=True)
-    lr_rampup: float = option(0.0, "warm-up over this many million images (released: 10)", same_run=True)
-    flip: bool = option(False, "random horizontal flips, an image and its noisy copy together", same_run=True)
-    seed: int = option(0, "seeds the subset, S_tn, initialisation, batches and sampling", same_run=True)
+    optimizer: str = option(
+        "adam", "adam (released, L2 decay) or adamw (decoupled)", choices=OPTIMIZERS, same_run=True
+    )
+    lr_rampup: float = option(
+        0.0, "warm-up over this many million images (released: 10)", same_run=True
+    )
+    flip: bool = option(
+        False, "random horizontal flips, an image and its noisy copy together", same_run=True
+    )
+    seed: int = option(
+        0, "seeds the subset, S_tn, initialisation, batches and sampling", same_run=True
+    )
     samples: int = option(256, "images to generate after training")
     steps: int = option(40, "ODE steps for sampling (released: 40)")
     sampler: str = option("heun", "heun (EDM's, as released) or euler", choices=("heun", "euler"))
-    sample_batch: int = option(256, "images per sampling batch; batch k draws its noise from seed + k")
+    sample_batch: int = option(
+        256, "images per sampling batch; batch k draws its noise from seed + k"
+    )
     log_every: int = option(100, "progress line every this many steps")
     ckpt_every: int = option(1000, "checkpoint every this many steps")
-    out: str = option(None, "run folder (default: runs/<data>-n<n>-<method>)", type=str, saved=False)
-    resume: bool = option(False, "continue the checkpoint in --out; the config must match", saved=False)
+    out: str = option(
+        None, "run folder (default: runs/<data>-n<n>-<method>)", type=str, saved=False
+    )
+    resume: bool = option(
+        False, "continue the checkpoint in --out; the config must match", saved=False
+    )
     device: str = option("auto", "auto (cuda if there is one), cpu, cuda, cuda:1, ...", saved=False)
-    data_path: str = None  # not a flag: the run fills in the absolute path of a file or folder dataset
-    method: str = field(default="algorithm1", metadata=dict(same_run=True))  # not a flag here; baselines.py's runs name theirs
-    LEGACY = dict(ambient_weight="x0", optimizer="adamw", dropout=0.0, lr_rampup=0.0)  # what runs before 763cef1 used
+    data_path: str = (
+        None  # not a flag: the run fills in the absolute path of a file or folder dataset
+    )
+    method: str = field(
+        default="algorithm1", metadata=dict(same_run=True)
+    )  # not a flag here; baselines.py's runs name theirs
+    LEGACY = dict(
+        ambient_weight="x0", optimizer="adamw", dropout=0.0, lr_rampup=0.0
+    )  # what runs before 763cef1 used
 
     def saved(self):
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata.get("saved", True)}
+        return {
+            f.name: getattr(self, f.name) for f in fields(self) if f.metadata.get("saved", True)
+        }
 
     @classmethod
     def from_saved(cls, saved):  # unknown keys dropped, missing ones LEGACY's or the default
-        return cls(**{**cls.LEGACY, **{k: v for k, v in saved.items() if k in {f.name for f in fields(cls)}}})
+        return cls(
+            **{
+                **cls.LEGACY,
+                **{k: v for k, v in saved.items() if k in {f.name for f in fields(cls)}},
+            }
+        )
 
-    def differences(self, other):  # the same_run keys that differ; a dataset is compared by its resolved path
-        diff = [f.name for f in fields(self) if f.metadata.get("same_run") and getattr(self, f.name) != getattr(other, f.name)]
-        return [k for k in diff if not (k == "data" and self.data_path and self.data_path == other.data_path)]
+    def differences(
+        self, other
+    ):  # the same_run keys that differ; a dataset is compared by its resolved path
+        diff = [
+            f.name
+            for f in fields(self)
+            if f.metadata.get("same_run") and getattr(self, f.name) != getattr(other, f.name)
+        ]
+        return [
+            k
+            for k in diff
+            if not (k == "data" and self.data_path and self.data_path == other.data_path)
+        ]
 
     def check(self):  # every check that needs no data, before anything slow happens
         if not (self.sigma_tn == 0 or SIGMA_MIN < self.sigma_tn < SIGMA_MAX):
-            where = "negative" if self.sigma_tn < 0 else "below the lowest" if self.sigma_tn < 1 else "at or above the top"
-            raise UserError(f"--sigma-tn {self.sigma_tn} is {where} noise level trained ({SIGMA_MIN} to {SIGMA_MAX}); use 0 "
-                            "for DDPM or a level such as 0.4 (paper: 0.4 to 4)")
-        for key, low in dict(iters=0, batch=1, samples=1, steps=1, sample_batch=1, log_every=1, ckpt_every=1, resolution=1,
-                             n=2, lr_rampup=0).items():
+            where = (
+                "negative"
+                if self.sigma_tn < 0
+                else "below the lowest"
+                if self.sigma_tn < 1
+                else "at or above the top"
+            )
+            raise UserError(
+                f"--sigma-tn {self.sigma_tn} is {where} noise level trained ({SIGMA_MIN} to {SIGMA_MAX}); use 0 "
+                "for DDPM or a level such as 0.4 (paper: 0.4 to 4)"
+            )
+        for key, low in dict(
+            iters=0,
+            batch=1,
+            samples=1,
+            steps=1,
+            sample_batch=1,
+            log_every=1,
+            ckpt_every=1,
+            resolution=1,
+            n=2,
+            lr_rampup=0,
+        ).items():
             if getattr(self, key) is not None and getattr(self, key) < low:
-                raise UserError(f"--{key.replace('_', '-')} {getattr(self, key)} must be at least {low}")
+                raise UserError(
+                    f"--{key.replace('_', '-')} {getattr(self, key)} must be at least {low}"
+                )
         if not 0 <= (self.dropout or 0) < 1:
             raise UserError(f"--dropout {self.dropout} must be in [0, 1)")
 
+
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, not argparse's usage block
-        print(f"error: {message}; see `python {self.prog} --help` (class conditioning: conditional.py, the baselines: "
-              "baselines.py, GPU options: repro_gpu.py, comparing runs: eval_memorization.py)", file=sys.stderr)
+        print(
+            f"error: {message}; see `python {self.prog} --help` (class conditioning: conditional.py, the baselines: "
+            "baselines.py, GPU options: repro_gpu.py, comparing runs: eval_memorization.py)",
+            file=sys.stderr,
+        )
         sys.exit(2)
 
+
 def build_parser(config=Config):
-    p = Parser(description=__doc__.split("\n\n")[0], epilog="Noise levels are EDM units: x = x_0 + sigma n, data in "
-               "[-1, 1]; VP sigma_t = sigma / sqrt(1 + sigma^2). See README.md.")
+    p = Parser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Noise levels are EDM units: x = x_0 + sigma n, data in "
+        "[-1, 1]; VP sigma_t = sigma / sqrt(1 + sigma^2). See README.md.",
+    )
     for f in (f for f in fields(config) if "help" in f.metadata):
         meta = {k: v for k, v in f.metadata.items() if k not in ("same_run", "saved")}
         meta["help"] += "" if f.default in (None, False) else f" (default: {f.default})"
-        kind = dict(action="store_true") if f.default is False else dict(default=f.default, type=type(f.default))
+        kind = (
+            dict(action="store_true")
+            if f.default is False
+            else dict(default=f.default, type=type(f.default))
+        )
         p.add_argument("--" + f.name.replace("_", "-"), **{**kind, **meta})
     return p
+
 
 def pick_device(name):
     cuda = torch.cuda.device_count()
@@ -693,48 +1024,75 @@ def pick_device(name):
     except RuntimeError:
         raise UserError(f"--device {name} is not a device name; use auto, cpu or cuda")
     if device.type == "cuda" and (device.index or 0) >= cuda:
-        raise UserError(f"--device {name}: this machine has {cuda} CUDA device(s){'' if cuda else '; use --device cpu'}")
+        raise UserError(
+            f"--device {name}: this machine has {cuda} CUDA device(s){'' if cuda else '; use --device cpu'}"
+        )
     return device
+
 
 def check_resolution(cfg, images):
     """Fills in the config's resolution (default: the images') once it fits the images and the network."""
     h, w = images.shape[1:3]
     step, cfg.resolution = 2 ** (len(PRESETS[cfg.preset]["mults"]) - 1), cfg.resolution or h
     if h != w:
-        raise UserError(f"the images are {h}x{w}: the network takes square images; crop them to a square first")
+        raise UserError(
+            f"the images are {h}x{w}: the network takes square images; crop them to a square first"
+        )
     if cfg.resolution > h or cfg.resolution % step:
-        raise UserError(f"--resolution {cfg.resolution}: preset {cfg.preset} needs a multiple of {step} no larger than "
-                        f"the images' {h}; pass --resolution {min(h // step, max(1, round(cfg.resolution / step))) * step}")
+        raise UserError(
+            f"--resolution {cfg.resolution}: preset {cfg.preset} needs a multiple of {step} no larger than "
+            f"the images' {h}; pass --resolution {min(h // step, max(1, round(cfg.resolution / step))) * step}"
+        )
+
 
 def read_config(folder):
     try:
         return json.loads((Path(folder) / "config.json").read_text())
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot read {Path(folder) / 'config.json'} ({type(e).__name__}); restore it, or start anew")
+        raise UserError(
+            f"cannot read {Path(folder) / 'config.json'} ({type(e).__name__}); restore it, or start anew"
+        )
+
 
 def open_run(cfg, out, device):
     """The checkpoint that --resume continues, or None for a fresh run."""
     if not cfg.resume:
         if (out / "checkpoint.pt").exists():
-            raise UserError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
+            raise UserError(
+                f"{out} already holds a run; pass --resume to continue it, or choose another --out"
+            )
         return None
     if not (out / "checkpoint.pt").is_file():
-        raise UserError(f"--resume: no checkpoint at {out / 'checkpoint.pt'}; drop --resume to start fresh")
+        raise UserError(
+            f"--resume: no checkpoint at {out / 'checkpoint.pt'}; drop --resume to start fresh"
+        )
     saved = type(cfg).from_saved(read_config(out))
     if saved.differences(cfg):
-        raise UserError(f"--resume: {out} was trained with a different config (" + ", ".join(
-            f"{k}: {getattr(saved, k)!r} there, {getattr(cfg, k)!r} here" for k in saved.differences(cfg))
-            + "); repeat the original flags or use another --out")
+        raise UserError(
+            f"--resume: {out} was trained with a different config ("
+            + ", ".join(
+                f"{k}: {getattr(saved, k)!r} there, {getattr(cfg, k)!r} here"
+                for k in saved.differences(cfg)
+            )
+            + "); repeat the original flags or use another --out"
+        )
     try:
         return torch.load(out / "checkpoint.pt", map_location=device, weights_only=False)
-    except Exception as e:  # truncated or empty: a copy or a disk that failed, not a run killed mid-write
-        raise UserError(f"--resume: {out / 'checkpoint.pt'} is damaged ({type(e).__name__}); restore it from a "
-                        "backup, or start again without --resume in another --out")
+    except (
+        Exception
+    ) as e:  # truncated or empty: a copy or a disk that failed, not a run killed mid-write
+        raise UserError(
+            f"--resume: {out / 'checkpoint.pt'} is damaged ({type(e).__name__}); restore it from a "
+            "backup, or start again without --resume in another --out"
+        )
+
 
 def run(cfg, method, make_step=eager_step, main_process=True):
     """Train `method` as cfg says, sample and score it; only the main process writes (multi-GPU runs)."""
     device = pick_device(cfg.device)
-    if device.type == "cuda":  # TF32 matmuls and convolutions: float32 range, 10-bit mantissa, much faster
+    if (
+        device.type == "cuda"
+    ):  # TF32 matmuls and convolutions: float32 range, 10-bit mantissa, much faster
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     images, indices = method.training_set()
     check_resolution(cfg, images)
@@ -743,9 +1101,11 @@ def run(cfg, method, make_step=eager_step, main_process=True):
     saved = open_run(cfg, out, device)
     out.mkdir(parents=True, exist_ok=True)
     logfile = open(out / "log.txt", "a") if main_process else None
+
     def log(msg):
         if logfile:
             print(msg, flush=True), logfile.write(msg + "\n"), logfile.flush()
+
     torch.manual_seed(cfg.seed)
     S = prepare(images[indices], cfg.resolution).to(device)
     method.use_data(S, saved)
@@ -753,37 +1113,76 @@ def run(cfg, method, make_step=eager_step, main_process=True):
     if main_process:
         (out / "config.json").write_text(json.dumps(cfg.saved(), indent=1))
         (out / "indices.json").write_text(json.dumps(indices.tolist()))
-    log(f"{'resuming' if saved else 'training'} {out}: {len(S)} images at {cfg.resolution}x{cfg.resolution} on {device}, "
-        f"preset {cfg.preset} ({sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters), {method.describe()}")
+    log(
+        f"{'resuming' if saved else 'training'} {out}: {len(S)} images at {cfg.resolution}x{cfg.resolution} on {device}, "
+        f"preset {cfg.preset} ({sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters), {method.describe()}"
+    )
     if device.type == "cpu" and cfg.preset != "tiny" and cfg.iters > 1000:
-        log(f"note: the {cfg.preset} preset on CPU takes days; try --preset tiny --resolution 16, or `make demo`")
-    ema = train(method, training_state(net, cfg, S[0].numel(), saved), cfg, out if main_process else None, log, make_step)
+        log(
+            f"note: the {cfg.preset} preset on CPU takes days; try --preset tiny --resolution 16, or `make demo`"
+        )
+    ema = train(
+        method,
+        training_state(net, cfg, S[0].numel(), saved),
+        cfg,
+        out if main_process else None,
+        log,
+        make_step,
+    )
     if main_process:
         report(method.generate(ema, cfg.samples, log), S.cpu(), out, log)
     return out
 
+
 def roughness(x):  # mean |difference| of neighbouring pixels: noise has far more of it than images
-    return ((x[..., 1:, :] - x[..., :-1, :]).abs().mean() + (x[..., :, 1:] - x[..., :, :-1]).abs().mean()).item()
+    return (
+        (x[..., 1:, :] - x[..., :-1, :]).abs().mean()
+        + (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
+    ).item()
+
 
 def report(samples, S, out, log):
     """Samples, their nearest training images, and whether they look like images at all (roughness)."""
     from torchvision.utils import save_image
-    save_image((F.interpolate(samples[:64], scale_factor=max(1, 64 // samples.shape[-1])) + 1) / 2, out / "samples.png")
-    np.savez_compressed(out / "samples.npz", images=((samples + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy())
+
+    save_image(
+        (F.interpolate(samples[:64], scale_factor=max(1, 64 // samples.shape[-1])) + 1) / 2,
+        out / "samples.png",
+    )
+    np.savez_compressed(
+        out / "samples.npz",
+        images=((samples + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy(),
+    )
     metrics, nn_ = memorization_report(samples, S)
-    metrics["roughness_vs_train"] = roughness(samples) / max(roughness(S), 1e-12)  # 1e-12: flat training images
+    metrics["roughness_vs_train"] = roughness(samples) / max(
+        roughness(S), 1e-12
+    )  # 1e-12: flat training images
     save_neighbour_grid(samples, S, nn_["l2_idx"], out / "neighbours.png")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    log("memorization (pixels): " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
-    if metrics["roughness_vs_train"] > 1.5:  # 763cef1's trained CPU runs 0.94-1.14; untrained 2.4-3.0; noisy-only 3.6-4.0
-        log(f"warning: the samples are {metrics['roughness_vs_train']:.1f}x as rough as the training images, as noise is: "
-            "the model has not learned the data, so its copy rate says nothing")
-    log(f"wrote {out}/: config.json, checkpoint.pt, samples.png, samples.npz, neighbours.png, metrics.json, log.txt")
+    log(
+        "memorization (pixels): "
+        + ", ".join(
+            f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()
+        )
+    )
+    if (
+        metrics["roughness_vs_train"] > 1.5
+    ):  # 763cef1's trained CPU runs 0.94-1.14; untrained 2.4-3.0; noisy-only 3.6-4.0
+        log(
+            f"warning: the samples are {metrics['roughness_vs_train']:.1f}x as rough as the training images, as noise is: "
+            "the model has not learned the data, so its copy rate says nothing"
+        )
+    log(
+        f"wrote {out}/: config.json, checkpoint.pt, samples.png, samples.npz, neighbours.png, metrics.json, log.txt"
+    )
+
 
 def main(argv=None, config=Config, start=lambda cfg: run(cfg, Algorithm1(cfg))):
     """ambient.py's command line; baselines.py, conditional.py and repro_gpu.py call it with their own."""
     args = build_parser(config).parse_args(argv)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # schedulers and `timeout` stop a run as Ctrl-C does
+    signal.signal(
+        signal.SIGTERM, signal.default_int_handler
+    )  # schedulers and `timeout` stop a run as Ctrl-C does
     try:
         cfg = config(**vars(args))
         cfg.check()
@@ -792,7 +1191,10 @@ def main(argv=None, config=Config, start=lambda cfg: run(cfg, Algorithm1(cfg))):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("interrupted (Ctrl-C or SIGTERM); the last checkpoint is kept, continue with --resume", file=sys.stderr)
+        print(
+            "interrupted (Ctrl-C or SIGTERM); the last checkpoint is kept, continue with --resume",
+            file=sys.stderr,
+        )
         sys.exit(130)
 
 

@@ -9,6 +9,7 @@ of their pixels missing, at every noise level. Each baseline is a method object 
 of ambient.Algorithm1 (network, use_data, saved_data, batch, loss, sample_batch), so ambient.py's
 training loop, checkpoints, resume, sampler and report run it unchanged (NOTES.md: the seam).
 """
+
 import math
 from dataclasses import dataclass
 
@@ -20,36 +21,64 @@ from ambient import UserError, bcast, option
 
 @dataclass
 class Config(A.Config):
-    method: str = option(None, "noisy-only: the Ambient Tweedie baseline, trained on S_tn alone above t_n, sampled "
-                         "down to t_n and finished with one denoising step. masking: the Ambient Diffusion baseline, "
-                         "trained on images with a fixed share --mask-p of pixels missing, sampled with fixed masks",
-                         type=str, choices=("noisy-only", "masking"), same_run=True)
-    sigma_tn: float = option(None, "with --method noisy-only: the noise level of the data, EDM units (default 0.4)",
-                             type=float, same_run=True)
-    mask_p: float = option(None, "with --method masking: probability that a pixel is missing from its training image "
-                           "(Ambient Diffusion's CIFAR-10 runs: 0.2-0.8)", type=float, same_run=True)
-    mask_delta: float = option(None, "with --method masking: share of the visible pixels hidden again in each training "
-                               "step; delta > 0 is what lets the network learn hidden pixels (default 0.1)", type=float,
-                               same_run=True)
+    method: str = option(
+        None,
+        "noisy-only: the Ambient Tweedie baseline, trained on S_tn alone above t_n, sampled "
+        "down to t_n and finished with one denoising step. masking: the Ambient Diffusion baseline, "
+        "trained on images with a fixed share --mask-p of pixels missing, sampled with fixed masks",
+        type=str,
+        choices=("noisy-only", "masking"),
+        same_run=True,
+    )
+    sigma_tn: float = option(
+        None,
+        "with --method noisy-only: the noise level of the data, EDM units (default 0.4)",
+        type=float,
+        same_run=True,
+    )
+    mask_p: float = option(
+        None,
+        "with --method masking: probability that a pixel is missing from its training image "
+        "(Ambient Diffusion's CIFAR-10 runs: 0.2-0.8)",
+        type=float,
+        same_run=True,
+    )
+    mask_delta: float = option(
+        None,
+        "with --method masking: share of the visible pixels hidden again in each training "
+        "step; delta > 0 is what lets the network learn hidden pixels (default 0.1)",
+        type=float,
+        same_run=True,
+    )
 
     def check(self):
         masking = self.method == "masking"
         if self.method is None:
-            raise UserError("baselines.py trains one of Table 2's baselines: pass --method noisy-only (with --sigma-tn) "
-                            "or --method masking (with --mask-p); Algorithm 1 itself is ambient.py")
+            raise UserError(
+                "baselines.py trains one of Table 2's baselines: pass --method noisy-only (with --sigma-tn) "
+                "or --method masking (with --mask-p); Algorithm 1 itself is ambient.py"
+            )
         if masking and self.sigma_tn:
-            raise UserError("--method masking trains on masked images without added noise: drop --sigma-tn")
+            raise UserError(
+                "--method masking trains on masked images without added noise: drop --sigma-tn"
+            )
         self.sigma_tn = (0.0 if masking else 0.4) if self.sigma_tn is None else self.sigma_tn
         if masking and self.mask_p is None:
-            raise UserError("--method masking needs --mask-p, the share of missing pixels (e.g. 0.4)")
+            raise UserError(
+                "--method masking needs --mask-p, the share of missing pixels (e.g. 0.4)"
+            )
         if not masking and (self.mask_p is not None or self.mask_delta is not None):
             raise UserError("--mask-p and --mask-delta need --method masking")
         if masking:
             self.mask_delta = 0.1 if self.mask_delta is None else self.mask_delta
             if not (0 < self.mask_p < 1 and 0 <= self.mask_delta < 1):
-                raise UserError(f"--mask-p {self.mask_p} must be in (0, 1) and --mask-delta {self.mask_delta} in [0, 1)")
+                raise UserError(
+                    f"--mask-p {self.mask_p} must be in (0, 1) and --mask-delta {self.mask_delta} in [0, 1)"
+                )
         if self.method == "noisy-only" and self.sigma_tn == 0:
-            raise UserError("--method noisy-only needs the noise level of the data: pass --sigma-tn > 0")
+            raise UserError(
+                "--method noisy-only needs the noise level of the data: pass --sigma-tn > 0"
+            )
         super().check()
 
 
@@ -65,10 +94,18 @@ def noisy_only_levels(batch, sigma_tn, schedule, gen, device):
     u = torch.rand(batch, generator=gen, device=device)
     if schedule == "algorithm1":
         t_n = A.time_at(sigma_tn)
-        torch.rand(batch, generator=gen, device=device)  # Algorithm 1's clean-or-noisy coin: here always noisy
-        return A.sigma_at(t_n + u * (1 - t_n)).clamp_min(sigma_tn), torch.ones(batch, dtype=torch.bool, device=device)
-    lo = torch.special.ndtr(torch.full((), (math.log(sigma_tn) + 1.2) / 1.2, device=device))  # no copy: CUDA graphs
-    z = torch.special.ndtri(lo + (1 - lo) * torch.special.ndtr(torch.randn(batch, generator=gen, device=device)))
+        torch.rand(
+            batch, generator=gen, device=device
+        )  # Algorithm 1's clean-or-noisy coin: here always noisy
+        return A.sigma_at(t_n + u * (1 - t_n)).clamp_min(sigma_tn), torch.ones(
+            batch, dtype=torch.bool, device=device
+        )
+    lo = torch.special.ndtr(
+        torch.full((), (math.log(sigma_tn) + 1.2) / 1.2, device=device)
+    )  # no copy: CUDA graphs
+    z = torch.special.ndtri(
+        lo + (1 - lo) * torch.special.ndtr(torch.randn(batch, generator=gen, device=device))
+    )
     sigma = (-1.2 + 1.2 * z).exp().clamp(A.SIGMA_MIN, A.SIGMA_MAX)
     return sigma, sigma >= sigma_tn
 
@@ -92,7 +129,9 @@ class NoisyOnly(A.Algorithm1):
     def sample_batch(self, h_theta, k, rows):
         """The ODE down to sigma_tn (the s-form of ambient.sample), then one Tweedie step to E[x_0 | x_tn]."""
         cfg = self.cfg
-        x = A.sample(h_theta, self.noise(h_theta, k, rows), cfg.steps, cfg.sampler, sigma_stop=cfg.sigma_tn)
+        x = A.sample(
+            h_theta, self.noise(h_theta, k, rows), cfg.steps, cfg.sampler, sigma_stop=cfg.sigma_tn
+        )
         s_vp = torch.full((len(x),), A.vp_from_edm(cfg.sigma_tn), dtype=x.dtype, device=x.device)
         return h_theta(x * bcast(A.alpha(s_vp), x), s_vp)
 
@@ -135,11 +174,17 @@ class MaskedDenoiser(A.Denoiser):
 
     def forward(self, x_t, sigma_t, mask=None):
         if mask is None:
-            raise ValueError("this network was trained on masked images: pass the mask of visible pixels")
+            raise ValueError(
+                "this network was trained on masked images: pass the mask of visible pixels"
+            )
         sigma, x, c_skip, c_out, c_in = self.scalings(x_t, sigma_t)
-        net_in = torch.cat([bcast(c_in, x) * x, mask.to(x.dtype).expand(len(x), 1, *x.shape[2:])], 1)
+        net_in = torch.cat(
+            [bcast(c_in, x) * x, mask.to(x.dtype).expand(len(x), 1, *x.shape[2:])], 1
+        )
         F_x = self.net(net_in, sigma.log() / 4).to(x.dtype)
-        return torch.where(mask > 0, bcast(c_skip, x) * x + bcast(c_out, x) * F_x, A.SIGMA_DATA * F_x)
+        return torch.where(
+            mask > 0, bcast(c_skip, x) * x + bcast(c_out, x) * F_x, A.SIGMA_DATA * F_x
+        )
 
 
 def with_mask(h_theta, mask):
@@ -155,13 +200,21 @@ class Masking(A.Algorithm1):
         return f"masking-{self.cfg.mask_p:g}"
 
     def describe(self):
-        note = ("; note: --mask-delta 0 never puts a hidden pixel in the loss, so the network does not learn to fill "
-                "them (Ambient Diffusion's ablation)") if self.cfg.mask_delta == 0 else ""
+        note = (
+            (
+                "; note: --mask-delta 0 never puts a hidden pixel in the loss, so the network does not learn to fill "
+                "them (Ambient Diffusion's ablation)"
+            )
+            if self.cfg.mask_delta == 0
+            else ""
+        )
         return f"mask_p = {self.cfg.mask_p:g}, delta = {self.cfg.mask_delta:g}, schedule {self.cfg.schedule}{note}"
 
     def use_data(self, S, saved=None):
         """The fixed masks (a resumed run's own, if saved) and A x_0, all the loop is given."""
-        self.masks = (saved["masks"] if saved else make_masks(S.shape, self.cfg.mask_p, self.cfg.seed)).to(S.device)
+        self.masks = (
+            saved["masks"] if saved else make_masks(S.shape, self.cfg.mask_p, self.cfg.seed)
+        ).to(S.device)
         self.S = self.S_tn = observed(S, self.masks)
 
     def saved_data(self):
@@ -173,7 +226,10 @@ class Masking(A.Algorithm1):
         idx, (x0, mask) = A.pick([self.S, self.masks], cfg.batch, gen, cfg.flip)
         sigma, noisy = A.noise_levels(cfg.batch, 0.0, cfg.schedule, gen, x0.device)
         b = dict(A.noise_batch(x0, x0, sigma, noisy, 0.0, gen), idx=idx)
-        b["mask"], b["mask_further"] = mask, mask * (torch.rand(mask.shape, generator=gen, device=mask.device) >= cfg.mask_delta)
+        b["mask"], b["mask_further"] = (
+            mask,
+            mask * (torch.rand(mask.shape, generator=gen, device=mask.device) >= cfg.mask_delta),
+        )
         b["x_t"] = b["x_t"] * b["mask_further"]
         return b
 
@@ -182,16 +238,24 @@ class Masking(A.Algorithm1):
         sees the pixel, 1/sigma_data^2 (lambda at sigma -> infinity) where it does not. The weights depend
         only on sigma and A_further, so the minimiser is unchanged."""
         x0_pred = h_theta(b["x_t"], b["sigma_t"], mask=b["mask_further"])
-        weight = torch.where(b["mask_further"] > 0, bcast(A.loss_weight(b["sigma_t"], 0.0), x0_pred), A.SIGMA_DATA ** -2)
+        weight = torch.where(
+            b["mask_further"] > 0,
+            bcast(A.loss_weight(b["sigma_t"], 0.0), x0_pred),
+            A.SIGMA_DATA**-2,
+        )
         return masking_loss(x0_pred, b["x0"], b["mask"], weight)
 
     def sample_batch(self, h_theta, k, rows):
         """Batch k with one mask per sample from its own stream (seed 2^32 + seed + k, apart from the noise's),
         keeping a share (1 - p)(1 - delta) of the pixels as A_further did in training."""
         cfg, device, side = self.cfg, next(h_theta.parameters()).device, h_theta.resolution
-        keep = torch.rand(len(rows), 1, side, side, generator=torch.Generator().manual_seed(2 ** 32 + cfg.seed + k))
+        keep = torch.rand(
+            len(rows), 1, side, side, generator=torch.Generator().manual_seed(2**32 + cfg.seed + k)
+        )
         mask = (keep < (1 - cfg.mask_p) * (1 - cfg.mask_delta)).float().to(device)
-        return A.sample(with_mask(h_theta, mask), self.noise(h_theta, k, rows), cfg.steps, cfg.sampler)
+        return A.sample(
+            with_mask(h_theta, mask), self.noise(h_theta, k, rows), cfg.steps, cfg.sampler
+        )
 
 
 METHODS = {"algorithm1": A.Algorithm1, "noisy-only": NoisyOnly, "masking": Masking}

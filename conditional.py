@@ -10,6 +10,7 @@ conditional and the unconditional model, and sampling can mix them with classifi
 k images of every class, as Table 1's ImageNet rows do (5 or 15). The data needs labels: cifar,
 demo, or an .npz with an int array 'labels'.
 """
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,12 +23,24 @@ from ambient import UserError, option
 
 @dataclass
 class Config(A.Config):
-    n_per_class: int = option(None, "train on a seeded random k images of every class instead of --n (Table 1's "
-                              "ImageNet rows: 5 or 15)", type=int, same_run=True)
-    label_dropout: float = option(0.1, "share of training labels replaced by 'no class', the unconditional model "
-                                  "that guidance needs", same_run=True)
-    guidance: float = option(1.0, "classifier-free guidance weight w in h_u + w (h_c - h_u); 1 = plain "
-                             "conditional, 0 = unconditional")
+    n_per_class: int = option(
+        None,
+        "train on a seeded random k images of every class instead of --n (Table 1's "
+        "ImageNet rows: 5 or 15)",
+        type=int,
+        same_run=True,
+    )
+    label_dropout: float = option(
+        0.1,
+        "share of training labels replaced by 'no class', the unconditional model "
+        "that guidance needs",
+        same_run=True,
+    )
+    guidance: float = option(
+        1.0,
+        "classifier-free guidance weight w in h_u + w (h_c - h_u); 1 = plain "
+        "conditional, 0 = unconditional",
+    )
     num_classes: int = 0  # not a flag: the run fills in the dataset's class count
 
     def check(self):
@@ -44,10 +57,16 @@ def choose_per_class(labels, per_class, seed):
     """A seeded random `per_class` images of every class, as indices into the dataset."""
     classes, counts = np.unique(labels, return_counts=True)
     if counts.min() < per_class:
-        raise UserError(f"--n-per-class {per_class}: class {classes[counts.argmin()]} has only {counts.min()} "
-                        f"images; pass --n-per-class {counts.min()} or less")
+        raise UserError(
+            f"--n-per-class {per_class}: class {classes[counts.argmin()]} has only {counts.min()} "
+            f"images; pass --n-per-class {counts.min()} or less"
+        )
     rng = np.random.default_rng(seed)
-    return np.sort(np.concatenate([rng.choice(np.flatnonzero(labels == c), per_class, replace=False) for c in classes]))
+    return np.sort(
+        np.concatenate(
+            [rng.choice(np.flatnonzero(labels == c), per_class, replace=False) for c in classes]
+        )
+    )
 
 
 class ClassDenoiser(A.Denoiser):
@@ -60,7 +79,11 @@ class ClassDenoiser(A.Denoiser):
         self.net.label_embed = nn.Embedding(num_classes + 1, 4 * self.net.channels)
 
     def forward(self, x_t, sigma_t, labels=None):
-        labels = torch.full((len(x_t),), self.num_classes, device=x_t.device) if labels is None else labels
+        labels = (
+            torch.full((len(x_t),), self.num_classes, device=x_t.device)
+            if labels is None
+            else labels
+        )
         return super().forward(x_t, sigma_t, self.net.label_embed(labels))
 
 
@@ -93,12 +116,17 @@ class ClassConditional(A.Algorithm1):
         cfg = self.cfg
         images, self.all_labels = A.load_images(cfg.data, cfg.data_dir)
         if self.all_labels is None or len(self.all_labels) != len(images):
-            raise UserError(f"conditional.py needs one class label per image and --data {cfg.data} has "
-                            f"{'none' if self.all_labels is None else len(self.all_labels)} for {len(images)} "
-                            "images; use cifar, demo or an .npz with an int array 'labels'")
+            raise UserError(
+                f"conditional.py needs one class label per image and --data {cfg.data} has "
+                f"{'none' if self.all_labels is None else len(self.all_labels)} for {len(images)} "
+                "images; use cifar, demo or an .npz with an int array 'labels'"
+            )
         cfg.num_classes = int(self.all_labels.max()) + 1
-        self.indices = (choose_per_class(self.all_labels, cfg.n_per_class, cfg.seed) if cfg.n_per_class else
-                        A.choose_subset(len(images), cfg.n, cfg.seed))
+        self.indices = (
+            choose_per_class(self.all_labels, cfg.n_per_class, cfg.seed)
+            if cfg.n_per_class
+            else A.choose_subset(len(images), cfg.n, cfg.seed)
+        )
         return images, self.indices
 
     def network(self):
@@ -109,16 +137,25 @@ class ClassConditional(A.Algorithm1):
         self.labels = torch.from_numpy(self.all_labels[self.indices]).to(S.device)
 
     def batch(self, gen):
-        return with_labels(super().batch(gen), self.labels, self.cfg.num_classes, self.cfg.label_dropout, gen)
+        return with_labels(
+            super().batch(gen), self.labels, self.cfg.num_classes, self.cfg.label_dropout, gen
+        )
 
     def loss(self, h_theta, b):
-        return A.algorithm1_loss(lambda x_t, sigma_t: h_theta(x_t, sigma_t, b["labels"]), b, self.cfg.ambient_weight)
+        return A.algorithm1_loss(
+            lambda x_t, sigma_t: h_theta(x_t, sigma_t, b["labels"]), b, self.cfg.ambient_weight
+        )
 
     def sample_batch(self, h_theta, k, rows):
         """Batch k of Eq. 5's samples; sample number i has class i mod num_classes."""
         cfg, device = self.cfg, next(h_theta.parameters()).device
         labels = (torch.arange(rows.start, rows.stop) % cfg.num_classes).to(device)
-        return A.sample(conditioned(h_theta, labels, cfg.guidance), self.noise(h_theta, k, rows), cfg.steps, cfg.sampler)
+        return A.sample(
+            conditioned(h_theta, labels, cfg.guidance),
+            self.noise(h_theta, k, rows),
+            cfg.steps,
+            cfg.sampler,
+        )
 
 
 def main(argv=None):

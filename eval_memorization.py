@@ -18,6 +18,7 @@ hub cache, and only then downloaded there. Without them the report falls back to
 metrics and says so. Output: a Markdown table on stdout, report.json, report.md, PNGs and
 per_sample_<run>.npz (each sample's similarity, nearest training image and pixel d1/d2) in --out.
 """
+
 import argparse
 import hashlib
 import json
@@ -43,7 +44,9 @@ from ambient import UserError
 # ------------------------------------------------------------------------------------------------
 WEIGHTS_ENV = "AMBIENT_WEIGHTS"  # a folder holding the files below under their original names
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
-INCEPTION_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + INCEPTION_FILE
+INCEPTION_URL = (
+    "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + INCEPTION_FILE
+)
 DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/dinov2_{0}/dinov2_{0}_pretrain.pth"  # torch.hub.load's source
 
 
@@ -65,7 +68,9 @@ def find_weights(filename, url, explicit=None, download=True):
     (where torch.hub.load and pytorch-fid keep it), then a download into that cache."""
     if explicit:
         if not Path(explicit).is_file():
-            raise UserError(f"weights file {explicit} does not exist; it should be {filename} from {url}")
+            raise UserError(
+                f"weights file {explicit} does not exist; it should be {filename} from {url}"
+            )
         return Path(explicit)
     hub = Path(torch.hub.get_dir()) / "checkpoints"
     places = ([Path(os.environ[WEIGHTS_ENV])] if os.environ.get(WEIGHTS_ENV) else []) + [hub]
@@ -81,9 +86,11 @@ def find_weights(filename, url, explicit=None, download=True):
             return hub / filename
         except Exception as e:  # no network, proxy, HTTP error: all mean "not here"
             why = f"the download failed ({type(e).__name__})"
-    raise WeightsMissing(f"{filename} is not at {' nor '.join(str(p / filename) for p in places)} and {why}; "
-                         f"get it from {url} and put it in ${WEIGHTS_ENV} (or the torch hub folder, or pass the flag)",
-                         short=f"{filename} is not in ${WEIGHTS_ENV} or the torch hub folder and {why}")
+    raise WeightsMissing(
+        f"{filename} is not at {' nor '.join(str(p / filename) for p in places)} and {why}; "
+        f"get it from {url} and put it in ${WEIGHTS_ENV} (or the torch hub folder, or pass the flag)",
+        short=f"{filename} is not in ${WEIGHTS_ENV} or the torch hub folder and {why}",
+    )
 
 
 def first_line(error):
@@ -96,7 +103,9 @@ def load_state_dict(net, path, what):
     try:
         net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     except Exception as e:  # truncated download, wrong model size, not a state dict
-        raise UserError(f"{path} is not a {what} state dict ({first_line(e)[:200]}); re-download it or check the size flag")
+        raise UserError(
+            f"{path} is not a {what} state dict ({first_line(e)[:200]}); re-download it or check the size flag"
+        )
     return net
 
 
@@ -113,7 +122,8 @@ INCEPTION_SIDE = 299
 FID_RESIZES = ("tf1", "pytorch-fid")
 FID_RECIPES = {
     "tf1": "Inception-v3 pool3; uint8 resized to 299 by TF1's legacy bilinear, (v - 128) / 128 (EDM's fid.py)",
-    "pytorch-fid": "Inception-v3 pool3; [0, 1] resized to 299 by half-pixel bilinear, 2 x - 1 (pytorch-fid)"}
+    "pytorch-fid": "Inception-v3 pool3; [0, 1] resized to 299 by half-pixel bilinear, 2 x - 1 (pytorch-fid)",
+}
 
 
 def inception_network(weights_path=None):
@@ -122,22 +132,38 @@ def inception_network(weights_path=None):
     try:
         from pytorch_fid import inception as pf
     except ImportError:
-        raise WeightsMissing("pytorch-fid is not installed (pip install pytorch-fid); it provides the FID Inception-v3")
+        raise WeightsMissing(
+            "pytorch-fid is not installed (pip install pytorch-fid); it provides the FID Inception-v3"
+        )
     with ExitStack() as patches:
         if weights_path is None:  # same architecture, its random initialisation kept
-            patches.enter_context(mock.patch.object(pf, "load_state_dict_from_url", lambda *a, **k: None))
-            patches.enter_context(mock.patch.object(pf.torchvision.models.Inception3, "load_state_dict", lambda *a, **k: None))
+            patches.enter_context(
+                mock.patch.object(pf, "load_state_dict_from_url", lambda *a, **k: None)
+            )
+            patches.enter_context(
+                mock.patch.object(
+                    pf.torchvision.models.Inception3, "load_state_dict", lambda *a, **k: None
+                )
+            )
         else:
             try:
                 state = torch.load(weights_path, map_location="cpu", weights_only=True)
             except Exception as e:
-                raise UserError(f"cannot read {weights_path} ({type(e).__name__}); re-download {INCEPTION_FILE} from {INCEPTION_URL}")
-            patches.enter_context(mock.patch.object(pf, "load_state_dict_from_url", lambda *a, **k: state))
+                raise UserError(
+                    f"cannot read {weights_path} ({type(e).__name__}); re-download {INCEPTION_FILE} from {INCEPTION_URL}"
+                )
+            patches.enter_context(
+                mock.patch.object(pf, "load_state_dict_from_url", lambda *a, **k: state)
+            )
         try:
-            net = pf.InceptionV3([pf.InceptionV3.BLOCK_INDEX_BY_DIM[2048]], resize_input=False, normalize_input=False)
+            net = pf.InceptionV3(
+                [pf.InceptionV3.BLOCK_INDEX_BY_DIM[2048]], resize_input=False, normalize_input=False
+            )
         except RuntimeError as e:
-            raise UserError(f"{weights_path} is not the FID Inception-v3 state dict ({str(e).splitlines()[0][:200]}); "
-                            f"re-download {INCEPTION_FILE} from {INCEPTION_URL}")
+            raise UserError(
+                f"{weights_path} is not the FID Inception-v3 state dict ({str(e).splitlines()[0][:200]}); "
+                f"re-download {INCEPTION_FILE} from {INCEPTION_URL}"
+            )
     return net.eval().requires_grad_(False)
 
 
@@ -145,8 +171,11 @@ def resize_bilinear_tf1(x, size):
     """tf.image.resize_bilinear(align_corners=False) of TensorFlow 1, the resize in EDM's detector:
     output pixel i reads input position i * n_in / n_out (float32, as TF computes it), blends its floor
     and the next pixel (clamped to the last one) linearly, along the width and then the height."""
+
     def taps(n_in, n_out):
-        pos = torch.arange(n_out, dtype=torch.float32, device=x.device) * torch.tensor(n_in / n_out, dtype=torch.float32)
+        pos = torch.arange(n_out, dtype=torch.float32, device=x.device) * torch.tensor(
+            n_in / n_out, dtype=torch.float32
+        )
         lo = pos.floor().long()
         return lo, (lo + 1).clamp_max(n_in - 1), (pos - lo).to(x.dtype)
 
@@ -182,8 +211,10 @@ def inception_forward(net, resize="tf1"):
 # and pyyaml, and resamples position embeddings differently from the original).
 # ------------------------------------------------------------------------------------------------
 DINOV2_SIZES = {  # width, depth, heads, MLP kind
-    "vits14": (384, 12, 6, "mlp"), "vitb14": (768, 12, 12, "mlp"),
-    "vitl14": (1024, 24, 16, "mlp"), "vitg14": (1536, 40, 24, "swiglu"),
+    "vits14": (384, 12, 6, "mlp"),
+    "vitb14": (768, 12, 12, "mlp"),
+    "vitl14": (1024, 24, 16, "mlp"),
+    "vitg14": (1536, 40, 24, "swiglu"),
 }
 PATCH, TRAIN_SIDE = 14, 518
 
@@ -233,7 +264,11 @@ class SwiGLU(nn.Module):
 class Block(nn.Module):
     def __init__(self, dim, heads, mlp):
         super().__init__()
-        self.norm1, self.attn, self.ls1 = nn.LayerNorm(dim, eps=1e-6), Attention(dim, heads), LayerScale(dim)
+        self.norm1, self.attn, self.ls1 = (
+            nn.LayerNorm(dim, eps=1e-6),
+            Attention(dim, heads),
+            LayerScale(dim),
+        )
         self.norm2, self.ls2 = nn.LayerNorm(dim, eps=1e-6), LayerScale(dim)
         self.mlp = SwiGLU(dim) if mlp == "swiglu" else Mlp(dim)
 
@@ -262,7 +297,9 @@ class DINOv2(nn.Module):
         self.patch_embed = PatchEmbed(dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.randn(1, 1 + grid * grid, dim) * 0.02)
-        self.mask_token = nn.Parameter(torch.zeros(1, dim))  # unused at inference; in the checkpoints
+        self.mask_token = nn.Parameter(
+            torch.zeros(1, dim)
+        )  # unused at inference; in the checkpoints
         self.blocks = nn.ModuleList(Block(dim, heads, mlp) for _ in range(depth))
         self.norm = nn.LayerNorm(dim, eps=1e-6)
 
@@ -273,7 +310,9 @@ class DINOv2(nn.Module):
         if (h0, w0) == (grid, grid):
             return self.pos_embed
         patch_pos = self.pos_embed[:, 1:].float().reshape(1, grid, grid, dim).permute(0, 3, 1, 2)
-        patch_pos = F.interpolate(patch_pos, scale_factor=((h0 + 0.1) / grid, (w0 + 0.1) / grid), mode="bicubic")
+        patch_pos = F.interpolate(
+            patch_pos, scale_factor=((h0 + 0.1) / grid, (w0 + 0.1) / grid), mode="bicubic"
+        )
         patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, h0 * w0, dim)
         return torch.cat([self.pos_embed[:, :1], patch_pos.to(self.pos_embed.dtype)], dim=1)
 
@@ -286,18 +325,27 @@ class DINOv2(nn.Module):
         return self.norm(tokens)[:, 0]
 
 
-DINOV2_NAMES = {"vits14": "ViT-S/14", "vitb14": "ViT-B/14", "vitl14": "ViT-L/14", "vitg14": "ViT-g/14"}
+DINOV2_NAMES = {
+    "vits14": "ViT-S/14",
+    "vitb14": "ViT-B/14",
+    "vitl14": "ViT-L/14",
+    "vitg14": "ViT-g/14",
+}
 FD_SIDE, IMAGENET_MEAN, IMAGENET_STD = 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def similarity_recipe(size):
-    return (f"DINOv2 {DINOV2_NAMES.get(size, size)} CLS of [0, 1] images reflect-padded (centred) to a multiple "
-            "of 14, no resize, no normalisation; top-1 cosine of L2-normalised embeddings (the authors' recipe)")
+    return (
+        f"DINOv2 {DINOV2_NAMES.get(size, size)} CLS of [0, 1] images reflect-padded (centred) to a multiple "
+        "of 14, no resize, no normalisation; top-1 cosine of L2-normalised embeddings (the authors' recipe)"
+    )
 
 
 def fd_dinov2_recipe(size):
-    return (f"DINOv2 {DINOV2_NAMES.get(size, size)} CLS as the hub model returns it (not L2-normalised) of uint8 "
-            f"images resized to {FD_SIDE} by PIL bicubic, ImageNet mean/std (dgm-eval, Stein et al. 2023)")
+    return (
+        f"DINOv2 {DINOV2_NAMES.get(size, size)} CLS as the hub model returns it (not L2-normalised) of uint8 "
+        f"images resized to {FD_SIDE} by PIL bicubic, ImageNet mean/std (dgm-eval, Stein et al. 2023)"
+    )
 
 
 def dinov2_input(x):
@@ -308,8 +356,12 @@ def dinov2_input(x):
     h, w = x.shape[-2:]
     ph, pw = -h % PATCH, -w % PATCH
     if max(ph, pw) and min(h, w) <= (max(ph, pw) + 1) // 2:
-        raise UserError(f"images of {h}x{w} are too small to reflect-pad to a multiple of {PATCH}; use 8x8 or larger")
-    return F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2), mode="reflect") if ph or pw else x
+        raise UserError(
+            f"images of {h}x{w} are too small to reflect-pad to a multiple of {PATCH}; use 8x8 or larger"
+        )
+    return (
+        F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2), mode="reflect") if ph or pw else x
+    )
 
 
 def dinov2_forward(net):
@@ -321,11 +373,18 @@ def dinov2_fd_input(x):
     224 x 224 with torchvision's Resize, which on a PIL image is PIL's bicubic, then ToTensor and
     Normalize with ImageNet's mean and std. PIL's bicubic (a = -0.5, rounded to uint8) is not torch's."""
     from PIL import Image
+
     images = to_uint8_values(x).byte().permute(0, 2, 3, 1).cpu().numpy()
-    resized = np.stack([np.asarray(Image.fromarray(im).resize((FD_SIDE, FD_SIDE), Image.Resampling.BICUBIC))
-                        for im in images])
+    resized = np.stack(
+        [
+            np.asarray(Image.fromarray(im).resize((FD_SIDE, FD_SIDE), Image.Resampling.BICUBIC))
+            for im in images
+        ]
+    )
     x = torch.from_numpy(resized).to(x.device).permute(0, 3, 1, 2).float() / 255
-    mean, std = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
+    mean, std = (
+        torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD)
+    )
     return (x - mean) / std
 
 
@@ -348,7 +407,7 @@ def features(forward, images, batch, device, label="features", log=None):
     """forward over images ([-1, 1], N x 3 x H x W) in batches -> float64 numpy (N, D)."""
     out, t0, last = [], time.time(), 0.0
     for start in range(0, len(images), batch):
-        out.append(forward(images[start:start + batch].to(device)).double().cpu())
+        out.append(forward(images[start : start + batch].to(device)).double().cpu())
         done = start + len(out[-1])
         if log and (time.time() - last > 10 or done == len(images)):
             last = time.time()
@@ -365,7 +424,11 @@ def statistics(feats):
 def above_round_off(eigenvalues):
     """Eigenvalues of a PSD matrix with the round-off noise (|e| < n eps max e) set to 0: the square
     root would blow 1e-16 up to 1e-8, once per missing dimension when samples are fewer than features."""
-    return np.where(eigenvalues > len(eigenvalues) * np.finfo(np.float64).eps * eigenvalues.max(), eigenvalues, 0.0)
+    return np.where(
+        eigenvalues > len(eigenvalues) * np.finfo(np.float64).eps * eigenvalues.max(),
+        eigenvalues,
+        0.0,
+    )
 
 
 def frechet_distance(mu1, cov1, mu2, cov2):
@@ -395,12 +458,18 @@ def frechet_distance_to(feats, mu2, cov2):
     return float(((mu1 - mu2) ** 2).sum() + np.trace(cov1) + np.trace(cov2) - 2 * tr_covmean)
 
 
-KID_SUBSETS, KID_SUBSET_SIZE, KID_SEED = 100, 1000, 2020  # torch-fidelity's defaults, after Binkowski et al. 2018
+KID_SUBSETS, KID_SUBSET_SIZE, KID_SEED = (
+    100,
+    1000,
+    2020,
+)  # torch-fidelity's defaults, after Binkowski et al. 2018
 
 
 def kid_recipe(subsets, size):
-    return (f"Inception-v3 pool3 as for FID; k(x, y) = (x.y / d + 1)^3, unbiased MMD^2, mean +- std over {subsets} "
-            f"subsets of {size} (torch-fidelity)")
+    return (
+        f"Inception-v3 pool3 as for FID; k(x, y) = (x.y / d + 1)^3, unbiased MMD^2, mean +- std over {subsets} "
+        f"subsets of {size} (torch-fidelity)"
+    )
 
 
 def polynomial_kernel(X, Y):
@@ -429,8 +498,13 @@ def kid(gen, ref, subsets=KID_SUBSETS, subset_size=KID_SUBSET_SIZE, seed=KID_SEE
     for _ in range(subsets):
         i, j = rng.choice(len(X), m, replace=False), rng.choice(len(Y), m, replace=False)
         values.append(mmd2_unbiased(X[i], Y[j]).item())
-    return {"kid": float(np.mean(values)), "kid_std": float(np.std(values)), "kid_subsets": subsets,
-            "kid_subset_size": m, "kid_recipe": kid_recipe(subsets, m)}
+    return {
+        "kid": float(np.mean(values)),
+        "kid_std": float(np.std(values)),
+        "kid_subsets": subsets,
+        "kid_subset_size": m,
+        "kid_recipe": kid_recipe(subsets, m),
+    }
 
 
 PR_NEIGHBOURS = 3  # Kynkaanniemi et al. 2019 and torch-fidelity
@@ -438,7 +512,9 @@ PR_NEIGHBOURS = 3  # Kynkaanniemi et al. 2019 and torch-fidelity
 
 def knn_radii(feats, k, chunk=4096):
     """Each point's distance to its k-th nearest other point of the same set (the k+1-th with itself)."""
-    return torch.cat([torch.cdist(part, feats).kthvalue(k + 1, dim=1).values for part in feats.split(chunk)])
+    return torch.cat(
+        [torch.cdist(part, feats).kthvalue(k + 1, dim=1).values for part in feats.split(chunk)]
+    )
 
 
 def share_inside(points, centres, radii, chunk=4096):
@@ -453,9 +529,12 @@ def precision_recall(gen, ref, k=PR_NEIGHBOURS, device="cpu"):
     if min(len(gen), len(ref)) <= k:
         return {"precision": None, "recall": None}
     X, Y = (torch.as_tensor(np.asarray(f), dtype=torch.float32, device=device) for f in (gen, ref))
-    return {"precision": share_inside(X, Y, knn_radii(Y, k)), "recall": share_inside(Y, X, knn_radii(X, k)),
-            "pr_recipe": f"Inception-v3 pool3 as for FID; k-NN manifolds, k = {k} "
-                         "(Kynkaanniemi et al. 2019, torch-fidelity)"}
+    return {
+        "precision": share_inside(X, Y, knn_radii(Y, k)),
+        "recall": share_inside(Y, X, knn_radii(X, k)),
+        "pr_recipe": f"Inception-v3 pool3 as for FID; k-NN manifolds, k = {k} "
+        "(Kynkaanniemi et al. 2019, torch-fidelity)",
+    }
 
 
 def top1_cosine(samples, train, chunk=4096):
@@ -469,8 +548,11 @@ def top1_cosine(samples, train, chunk=4096):
 
 
 def similarity_summary(sims, thresholds):
-    return {"similarity_mean": float(np.mean(sims)), "similarity_median": float(np.median(sims)),
-            **{f"similarity_above_{th:g}": float((sims > th).mean()) for th in thresholds}}
+    return {
+        "similarity_mean": float(np.mean(sims)),
+        "similarity_median": float(np.median(sims)),
+        **{f"similarity_above_{th:g}": float((sims > th).mean()) for th in thresholds},
+    }
 
 
 # ------------------------------------------------------------------------------------------------
@@ -530,12 +612,18 @@ def find_dataset(path, cfg, args):
     if args.train or cfg["data"] in ("cifar", "demo"):
         return args.train or cfg["data"], data_dir
     data = Path(cfg["data"])
-    places = ([Path(cfg["data_path"])] if cfg.get("data_path") else []) + [data] + [p / data for p in path.resolve().parents]
+    places = (
+        ([Path(cfg["data_path"])] if cfg.get("data_path") else [])
+        + [data]
+        + [p / data for p in path.resolve().parents]
+    )
     for place in places:
         if place.exists():
             return str(place.resolve()), data_dir
-    raise UserError(f"{path} was trained on {cfg['data']}, which is not at {cfg.get('data_path') or cfg['data']} from "
-                    f"{Path.cwd()} nor under a folder above {path.resolve()}; pass --train PATH (that .npz or image folder)")
+    raise UserError(
+        f"{path} was trained on {cfg['data']}, which is not at {cfg.get('data_path') or cfg['data']} from "
+        f"{Path.cwd()} nor under a folder above {path.resolve()}; pass --train PATH (that .npz or image folder)"
+    )
 
 
 def find_data_dir(path, cfg):
@@ -543,7 +631,9 @@ def find_data_dir(path, cfg):
     run, else data_dir as written (ambient.py's loader then downloads there or says what to place)."""
     data_dir = Path(cfg.get("data_dir", "data"))
     for place in [data_dir] + [p / data_dir for p in path.resolve().parents]:
-        if (place / "cifar-10-batches-py").is_dir() or (place / A.CIFAR_URL.rsplit("/", 1)[1]).is_file():
+        if (place / "cifar-10-batches-py").is_dir() or (
+            place / A.CIFAR_URL.rsplit("/", 1)[1]
+        ).is_file():
             return str(place)
     return str(data_dir)
 
@@ -563,13 +653,24 @@ def load_run(path, args, log):
     dataset = A.load_images(spec, data_dir)[0]
     indices = read_json(path / "indices.json", f"is {path} a run folder from ambient.py?")
     if max(indices, default=-1) >= len(dataset):
-        raise UserError(f"{path / 'indices.json'} points past the {len(dataset)} images of {spec}; "
-                        "pass --train with the dataset the run was trained on")
+        raise UserError(
+            f"{path / 'indices.json'} points past the {len(dataset)} images of {spec}; "
+            "pass --train with the dataset the run was trained on"
+        )
     samples, want = run_samples(path, args)
-    run = dict(samples=samples, train=A.prepare(dataset[indices], cfg["resolution"]), ref_spec=args.ref or spec,
-               ref_dir=data_dir, resolution=cfg["resolution"], indices=indices, data=cfg["data"],
-               train_key=[spec, str(Path(data_dir).resolve()), cfg["resolution"], indices], sigma_tn=cfg.get("sigma_tn"),
-               method=cfg.get("method", "algorithm1"), mask_p=cfg.get("mask_p"))
+    run = dict(
+        samples=samples,
+        train=A.prepare(dataset[indices], cfg["resolution"]),
+        ref_spec=args.ref or spec,
+        ref_dir=data_dir,
+        resolution=cfg["resolution"],
+        indices=indices,
+        data=cfg["data"],
+        train_key=[spec, str(Path(data_dir).resolve()), cfg["resolution"], indices],
+        sigma_tn=cfg.get("sigma_tn"),
+        method=cfg.get("method", "algorithm1"),
+        mask_p=cfg.get("mask_p"),
+    )
     if samples is None:
         run["generate"] = lambda: A.prepare(generate_for(path, cfg, want, args, log)[:want])
     return run
@@ -583,9 +684,13 @@ def run_samples(path, args):
         try:
             samples = np.load(path / "samples.npz")["images"]
         except Exception as e:
-            raise UserError(f"cannot read {path / 'samples.npz'} ({first_line(e)}); pass --samples N to draw N afresh")
+            raise UserError(
+                f"cannot read {path / 'samples.npz'} ({first_line(e)}); pass --samples N to draw N afresh"
+            )
     if samples is None and not args.samples:
-        raise UserError(f"{path} has no samples.npz; pass --samples N to generate N from its checkpoint")
+        raise UserError(
+            f"{path} has no samples.npz; pass --samples N to generate N from its checkpoint"
+        )
     want = args.samples or len(samples)
     if samples is not None and len(samples) >= want:
         return A.prepare(samples[:want]), want
@@ -599,12 +704,16 @@ def checkpoint_weights(path, count, have=0):
     checkpoint = path / "checkpoint.pt"
     instead = f", or pass --samples {have} (what samples.npz holds)" if have else ""
     if not checkpoint.is_file():
-        raise UserError(f"{path} has no checkpoint.pt to generate {count} samples from{instead or '; lower --samples'}")
+        raise UserError(
+            f"{path} has no checkpoint.pt to generate {count} samples from{instead or '; lower --samples'}"
+        )
     try:
         return torch.load(checkpoint, map_location="cpu", weights_only=False)["ema"]
     except Exception as e:  # truncated, empty, not a checkpoint: the same advice
-        raise UserError(f"{checkpoint} is damaged ({type(e).__name__}: {first_line(e)[:120]}) and {count} samples "
-                        f"need it; restore it from a copy or re-train the run{instead}")
+        raise UserError(
+            f"{checkpoint} is damaged ({type(e).__name__}: {first_line(e)[:120]}) and {count} samples "
+            f"need it; restore it from a copy or re-train the run{instead}"
+        )
 
 
 def method_of_run(path):
@@ -612,6 +721,7 @@ def method_of_run(path):
     (baselines.py) or the class-conditional model (conditional.py), from its config.json."""
     import baselines
     import conditional
+
     saved = A.read_config(path)
     if saved.get("method", "algorithm1") != "algorithm1":
         cfg = baselines.Config.from_saved(saved)
@@ -632,11 +742,15 @@ def generate_for(path, cfg, count, args, log):
     try:
         ema.load_state_dict(checkpoint_weights(path, count))
     except RuntimeError as e:
-        raise UserError(f"{path / 'checkpoint.pt'} does not fit {path / 'config.json'} ({first_line(e)[:120]}); "
-                        "restore the run's own config.json")
+        raise UserError(
+            f"{path / 'checkpoint.pt'} does not fit {path / 'config.json'} ({first_line(e)[:120]}); "
+            "restore the run's own config.json"
+        )
     ema = ema.to(args.device).eval()
     log(f"{path.name}: generating {count} samples from its checkpoint")
-    bf16 = cfg.get("precision") == "bf16"  # as the run sampled its own samples.npz (repro_gpu.py --precision)
+    bf16 = (
+        cfg.get("precision") == "bf16"
+    )  # as the run sampled its own samples.npz (repro_gpu.py --precision)
     with torch.autocast(args.device.type, torch.bfloat16, enabled=bf16):
         x = method.generate(ema, count, log)
     images = ((x + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
@@ -646,18 +760,27 @@ def generate_for(path, cfg, count, args, log):
 
 def load_images_input(path, args):
     if not args.train:
-        raise UserError(f"{path} holds images, not an ambient.py run: pass --train with the training set "
-                        "(cifar, demo, a .npz or a folder of images)")
+        raise UserError(
+            f"{path} holds images, not an ambient.py run: pass --train with the training set "
+            "(cifar, demo, a .npz or a folder of images)"
+        )
     samples = A.load_images(str(path))[0]
     res = samples.shape[1]
     if args.samples:
         if args.samples > len(samples):
             raise UserError(f"--samples {args.samples}: {path} holds only {len(samples)} images")
-        samples = samples[:args.samples]
+        samples = samples[: args.samples]
     train = A.load_images(args.train, args.data_dir or "data")[0]
-    return dict(samples=A.prepare(samples), train=A.prepare(train, res), ref_spec=args.ref or args.train,
-                ref_dir=args.data_dir or "data", resolution=res, sigma_tn=None, data=args.train,
-                train_key=[args.train, str(Path(args.data_dir or "data").resolve()), res, "all"])
+    return dict(
+        samples=A.prepare(samples),
+        train=A.prepare(train, res),
+        ref_spec=args.ref or args.train,
+        ref_dir=args.data_dir or "data",
+        resolution=res,
+        sigma_tn=None,
+        data=args.train,
+        train_key=[args.train, str(Path(args.data_dir or "data").resolve()), res, "all"],
+    )
 
 
 RUN_FILES = ("checkpoint.pt", "samples.npz", "indices.json", "metrics.json", "log.txt")
@@ -668,14 +791,20 @@ def load_input(spec, args, log):
     if (path / "config.json").is_file():
         return with_reference(load_run(path, args, log))
     if path.is_dir() and not any(path.iterdir()):
-        raise UserError(f"{spec} is empty; pass a run folder from ambient.py (with config.json) or images")
+        raise UserError(
+            f"{spec} is empty; pass a run folder from ambient.py (with config.json) or images"
+        )
     found = [f for f in RUN_FILES if (path / f).is_file()]
     if path.is_dir() and found:
-        raise UserError(f"{spec} holds {', '.join(found)} but no config.json, which ambient.py writes when a run "
-                        f"starts: restore it, or score its samples as images: {path / 'samples.npz'} --train DATA")
+        raise UserError(
+            f"{spec} holds {', '.join(found)} but no config.json, which ambient.py writes when a run "
+            f"starts: restore it, or score its samples as images: {path / 'samples.npz'} --train DATA"
+        )
     if path.is_dir() or (path.suffix == ".npz" and path.is_file()):
         return with_reference(load_images_input(path, args))
-    raise UserError(f"{spec} is neither a run folder (with config.json) nor a folder or .npz of images")
+    raise UserError(
+        f"{spec} is neither a run folder (with config.json) nor a folder or .npz of images"
+    )
 
 
 def with_reference(run):
@@ -685,10 +814,15 @@ def with_reference(run):
 
     def reference():
         if not loaded:
-            loaded.append(A.prepare(A.load_images(run["ref_spec"], run["ref_dir"])[0], run["resolution"]))
+            loaded.append(
+                A.prepare(A.load_images(run["ref_spec"], run["ref_dir"])[0], run["resolution"])
+            )
         return loaded[0]
 
-    run.update(reference=reference, ref_key=[run["ref_spec"], str(Path(run["ref_dir"]).resolve()), run["resolution"]])
+    run.update(
+        reference=reference,
+        ref_key=[run["ref_spec"], str(Path(run["ref_dir"]).resolve()), run["resolution"]],
+    )
     return run
 
 
@@ -698,18 +832,36 @@ def with_reference(run):
 # dgm-eval prepares its input for FD_DINOv2; DINOv2 (ViT-g/14) as the authors prepare it for the
 # memorization similarity. One size for both DINOv2 uses loads that network once.
 # ------------------------------------------------------------------------------------------------
-SERVES = {"inception": "FID, KID, precision and recall", "fd_dinov2": "FD_DINOv2",
-          "dinov2": "the DINOv2 similarity (pixel fallback instead)"}
+SERVES = {
+    "inception": "FID, KID, precision and recall",
+    "fd_dinov2": "FD_DINOv2",
+    "dinov2": "the DINOv2 similarity (pixel fallback instead)",
+}
 
 
 def wanted_networks(args):
     """name -> (weight file, its URL, the flag's path, build(path) -> network, network -> forward)."""
+
     def dinov2(size, explicit, forward):
-        return (dinov2_file(size), DINOV2_URL.format(size), explicit, lambda p: dinov2_network(size, p), forward)
-    return {"inception": (INCEPTION_FILE, INCEPTION_URL, args.inception_weights, inception_network,
-                          lambda net: inception_forward(net, args.fid_resize)),
-            "fd_dinov2": dinov2(args.fd_dinov2, args.fd_dinov2_weights, dinov2_fd_forward),
-            "dinov2": dinov2(args.dinov2, args.dinov2_weights, dinov2_forward)}
+        return (
+            dinov2_file(size),
+            DINOV2_URL.format(size),
+            explicit,
+            lambda p: dinov2_network(size, p),
+            forward,
+        )
+
+    return {
+        "inception": (
+            INCEPTION_FILE,
+            INCEPTION_URL,
+            args.inception_weights,
+            inception_network,
+            lambda net: inception_forward(net, args.fid_resize),
+        ),
+        "fd_dinov2": dinov2(args.fd_dinov2, args.fd_dinov2_weights, dinov2_fd_forward),
+        "dinov2": dinov2(args.dinov2, args.dinov2_weights, dinov2_forward),
+    }
 
 
 def networks(args, log):
@@ -753,56 +905,114 @@ def reference_statistics(feats):
 def fid_metrics(run, nets, args, log, name):
     """FID, KID, precision and recall, all from the same Inception features."""
     if nets["inception"]["forward"] is None:
-        return {"fid": None, "fid_unavailable": nets["inception"]["reason"], "kid": None, "precision": None,
-                "recall": None}
+        return {
+            "fid": None,
+            "fid_unavailable": nets["inception"]["reason"],
+            "kid": None,
+            "precision": None,
+            "recall": None,
+        }
     key = run["ref_key"] + net_key(nets, "inception", args.fid_resize, "kid")
-    stats = cached(args.cache_dir, "inception-reference", key, lambda: reference_statistics(
-        net_features(nets, "inception", run["reference"](), args, log, "reference")), log)
+    stats = cached(
+        args.cache_dir,
+        "inception-reference",
+        key,
+        lambda: reference_statistics(
+            net_features(nets, "inception", run["reference"](), args, log, "reference")
+        ),
+        log,
+    )
     gen = net_features(nets, "inception", run["samples"], args, log, name)
-    return {"fid": frechet_distance_to(gen, stats["mu"], stats["cov"]), "fid_recipe": FID_RECIPES[args.fid_resize],
-            **kid(gen, stats["features"], device=args.device),
-            **precision_recall(gen, stats["features"], device=args.device)}
+    return {
+        "fid": frechet_distance_to(gen, stats["mu"], stats["cov"]),
+        "fid_recipe": FID_RECIPES[args.fid_resize],
+        **kid(gen, stats["features"], device=args.device),
+        **precision_recall(gen, stats["features"], device=args.device),
+    }
 
 
 def fd_dinov2_metrics(run, nets, args, log, name):
     if nets["fd_dinov2"]["forward"] is None:
         return {"fd_dinov2": None, "fd_dinov2_unavailable": nets["fd_dinov2"]["reason"]}
     key = run["ref_key"] + net_key(nets, "fd_dinov2", args.fd_dinov2, "dgm-eval")
-    stats = cached(args.cache_dir, "dinov2-reference", key, lambda: dict(zip(("mu", "cov"), statistics(
-        net_features(nets, "fd_dinov2", run["reference"](), args, log, "reference")))), log)
+    stats = cached(
+        args.cache_dir,
+        "dinov2-reference",
+        key,
+        lambda: dict(
+            zip(
+                ("mu", "cov"),
+                statistics(
+                    net_features(nets, "fd_dinov2", run["reference"](), args, log, "reference")
+                ),
+            )
+        ),
+        log,
+    )
     gen = net_features(nets, "fd_dinov2", run["samples"], args, log, name)
-    return {"fd_dinov2": frechet_distance_to(gen, stats["mu"], stats["cov"]),
-            "fd_dinov2_recipe": fd_dinov2_recipe(args.fd_dinov2)}
+    return {
+        "fd_dinov2": frechet_distance_to(gen, stats["mu"], stats["cov"]),
+        "fd_dinov2_recipe": fd_dinov2_recipe(args.fd_dinov2),
+    }
 
 
 def similarity(run, nets, args, log, name, pixel_nn):
     """Each sample's top-1 similarity to the training set and its index, with the row entries naming it:
     DINOv2 with the authors' recipe, or ambient.py's centred pixel cosine without its weights."""
     if nets["dinov2"]["forward"] is None:
-        return pixel_nn["cosine"].numpy(), pixel_nn["cosine_idx"].numpy(), {
-            "similarity_space": "pixels, centred cosine", "similarity_unavailable": nets["dinov2"]["reason"],
-            "similarity_recipe": "ambient.py's pixel fallback: cosine of mean-centred pixels (not the paper's)"}
+        return (
+            pixel_nn["cosine"].numpy(),
+            pixel_nn["cosine_idx"].numpy(),
+            {
+                "similarity_space": "pixels, centred cosine",
+                "similarity_unavailable": nets["dinov2"]["reason"],
+                "similarity_recipe": "ambient.py's pixel fallback: cosine of mean-centred pixels (not the paper's)",
+            },
+        )
     key = run["train_key"] + net_key(nets, "dinov2", args.dinov2, "paper")
-    train_feats = cached(args.cache_dir, "dinov2-train", key, lambda: {
-        "features": net_features(nets, "dinov2", run["train"], args, log, "train")}, log)
-    sims, idx = top1_cosine(net_features(nets, "dinov2", run["samples"], args, log, name), train_feats["features"])
-    return sims, idx, {"similarity_space": f"DINOv2 {args.dinov2} CLS", "similarity_recipe": similarity_recipe(args.dinov2)}
+    train_feats = cached(
+        args.cache_dir,
+        "dinov2-train",
+        key,
+        lambda: {"features": net_features(nets, "dinov2", run["train"], args, log, "train")},
+        log,
+    )
+    sims, idx = top1_cosine(
+        net_features(nets, "dinov2", run["samples"], args, log, name), train_feats["features"]
+    )
+    return (
+        sims,
+        idx,
+        {
+            "similarity_space": f"DINOv2 {args.dinov2} CLS",
+            "similarity_recipe": similarity_recipe(args.dinov2),
+        },
+    )
 
 
 def evaluate_run(run, nets, args, log, name):
     """One column of the table, plus what the plots need."""
     samples, train = run["samples"], run["train"]
     thresholds = tuple(args.thresholds) if args.thresholds else thresholds_for(run["data"])
-    row = {"samples": len(samples), "train_images": len(train), "resolution": run["resolution"],
-           "sigma_tn": run["sigma_tn"], "method": run.get("method"), "mask_p": run.get("mask_p"),
-           "thresholds": list(thresholds)}
+    row = {
+        "samples": len(samples),
+        "train_images": len(train),
+        "resolution": run["resolution"],
+        "sigma_tn": run["sigma_tn"],
+        "method": run.get("method"),
+        "mask_p": run.get("mask_p"),
+        "thresholds": list(thresholds),
+    }
     row.update(fid_metrics(run, nets, args, log, name))
     row.update(fd_dinov2_metrics(run, nets, args, log, name))
     pixel, pixel_nn = A.memorization_report(samples, train)
     sims, idx, space = similarity(run, nets, args, log, name, pixel_nn)
     row.update(space, **similarity_summary(sims, thresholds))
-    row.update(pixel_copy_rate=pixel["copy_rate"], pixel_ratio_median=pixel["ratio_median"],
-               roughness_vs_train=A.roughness(samples) / A.roughness(train))
+    row.update(
+        pixel_copy_rate=pixel["copy_rate"],
+        pixel_ratio_median=pixel["ratio_median"],
+        roughness_vs_train=A.roughness(samples) / A.roughness(train),
+    )
     if len(samples) < 10_000 and row["fid"] is not None:
         row["note"] = f"FID from {len(samples)} samples is biased upwards; the paper uses 50,000"
     return row, per_sample(run, sims, idx, pixel_nn, row["similarity_space"])
@@ -812,25 +1022,40 @@ def per_sample(run, sims, idx, pixel_nn, space):
     """Each sample's numbers for plots of one's own: the top-1 similarity and its training image (an index
     into the run's training subset, and into the whole dataset through indices.json), and the pixel
     d1/d2 with the L2-nearest training image."""
-    to_dataset = np.asarray(run["indices"] if run.get("indices") is not None else np.arange(len(run["train"])))
+    to_dataset = np.asarray(
+        run["indices"] if run.get("indices") is not None else np.arange(len(run["train"]))
+    )
     pixel_idx = pixel_nn["l2_idx"].numpy()
-    return {"similarity": sims, "similarity_space": np.array(space), "nearest_train": idx,
-            "nearest_dataset": to_dataset[idx], "pixel_d1_d2": pixel_nn["ratio"].numpy(),
-            "pixel_nearest_train": pixel_idx, "pixel_nearest_dataset": to_dataset[pixel_idx]}
+    return {
+        "similarity": sims,
+        "similarity_space": np.array(space),
+        "nearest_train": idx,
+        "nearest_dataset": to_dataset[idx],
+        "pixel_d1_d2": pixel_nn["ratio"].numpy(),
+        "pixel_nearest_train": pixel_idx,
+        "pixel_nearest_dataset": to_dataset[pixel_idx],
+    }
 
 
 # ------------------------------------------------------------------------------------------------
 # 8. Report: Markdown on stdout, JSON, PNGs.
 # ------------------------------------------------------------------------------------------------
 PIXEL_COPY_RECIPE = "ambient.py: L2 distance to the nearest training image over the second nearest's (Gu et al. 2023)"
-ROUGHNESS_RECIPE = ("ambient.py: mean |difference| of neighbouring pixels, samples over training images; 1 = as the data, "
-                    "white noise 2-3")
-LEGEND = ("lower is better for FID, KID and FD_DINOv2, higher for precision and recall; the similarity rows and the copy "
-          "rate measure copying (lower = fewer copies; the paper seeks them low at an equal or better FID); a copy "
-          "rate near 0 means nothing unless the quality rows (or roughness near 1) say the model learned the data")
-UNAVAILABLE = {"fid_unavailable": "FID, KID, precision and recall", "kid_unavailable": "KID",
-               "fd_dinov2_unavailable": "FD_DINOv2",
-               "similarity_unavailable": "DINOv2 similarity"}
+ROUGHNESS_RECIPE = (
+    "ambient.py: mean |difference| of neighbouring pixels, samples over training images; 1 = as the data, "
+    "white noise 2-3"
+)
+LEGEND = (
+    "lower is better for FID, KID and FD_DINOv2, higher for precision and recall; the similarity rows and the copy "
+    "rate measure copying (lower = fewer copies; the paper seeks them low at an equal or better FID); a copy "
+    "rate near 0 means nothing unless the quality rows (or roughness near 1) say the model learned the data"
+)
+UNAVAILABLE = {
+    "fid_unavailable": "FID, KID, precision and recall",
+    "kid_unavailable": "KID",
+    "fd_dinov2_unavailable": "FD_DINOv2",
+    "similarity_unavailable": "DINOv2 similarity",
+}
 
 
 def markdown(rows):
@@ -846,47 +1071,79 @@ def markdown(rows):
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {recipe} |")
 
     line("FID (Inception-v3)", "fid", "{:.2f}", recipe=first.get("fid_recipe", "unavailable"))
-    kid_cells = {k: None if r.get("kid") is None else f"{1e3 * r['kid']:.2f} +- {1e3 * r['kid_std']:.2f}"
-                 for k, r in rows.items()}
+    kid_cells = {
+        k: None if r.get("kid") is None else f"{1e3 * r['kid']:.2f} +- {1e3 * r['kid_std']:.2f}"
+        for k, r in rows.items()
+    }
     line("KID x 1000", None, "{}", recipe=first.get("kid_recipe", "unavailable"), values=kid_cells)
     line("precision", "precision", recipe=first.get("pr_recipe", "unavailable"))
     line("recall", "recall")
     line("FD_DINOv2", "fd_dinov2", "{:.2f}", recipe=first.get("fd_dinov2_recipe", "unavailable"))
-    line(f"similarity mean ({first['similarity_space']})", "similarity_mean", recipe=first["similarity_recipe"])
+    line(
+        f"similarity mean ({first['similarity_space']})",
+        "similarity_mean",
+        recipe=first["similarity_recipe"],
+    )
     line("similarity median", "similarity_median")
     for th in first["thresholds"]:
         line(f"share with similarity > {th:g}", f"similarity_above_{th:g}", percent=True)
     line("pixel copy rate (d1/d2 < 1/3)", "pixel_copy_rate", percent=True, recipe=PIXEL_COPY_RECIPE)
     line("roughness vs training images", "roughness_vs_train", "{:.2f}", recipe=ROUGHNESS_RECIPE)
-    for label, key, fmt in (("samples", "samples", "{}"), ("training images", "train_images", "{}"),
-                            ("method", "method", "{}"), ("sigma_tn (EDM)", "sigma_tn", "{:g}"), ("mask p", "mask_p", "{:g}")):
+    for label, key, fmt in (
+        ("samples", "samples", "{}"),
+        ("training images", "train_images", "{}"),
+        ("method", "method", "{}"),
+        ("sigma_tn (EDM)", "sigma_tn", "{:g}"),
+        ("mask p", "mask_p", "{:g}"),
+    ):
         line(label, key, fmt)
     return "\n".join(lines + [""] + [f"- {n}" for n in report_notes(rows)])
 
 
 def report_notes(rows):
-    notes = [LEGEND] + [f"{name}: the samples are {r['roughness_vs_train']:.1f}x as rough as the training images, as "
-                        "noise is: the model has not learned the data, so its copy rate says nothing"
-                        for name, r in rows.items() if r.get("roughness_vs_train", 0) > 1.5]
-    notes += sorted({f"{UNAVAILABLE[k]} unavailable: {v}" for r in rows.values() for k, v in r.items() if k in UNAVAILABLE})
+    notes = [LEGEND] + [
+        f"{name}: the samples are {r['roughness_vs_train']:.1f}x as rough as the training images, as "
+        "noise is: the model has not learned the data, so its copy rate says nothing"
+        for name, r in rows.items()
+        if r.get("roughness_vs_train", 0) > 1.5
+    ]
+    notes += sorted(
+        {
+            f"{UNAVAILABLE[k]} unavailable: {v}"
+            for r in rows.values()
+            for k, v in r.items()
+            if k in UNAVAILABLE
+        }
+    )
     if any(r["similarity_space"].startswith("pixels") for r in rows.values()):
-        notes.append("the similarity rows use ambient.py's pixel fallback, not DINOv2: "
-                     "they are not comparable to the paper's numbers")
+        notes.append(
+            "the similarity rows use ambient.py's pixel fallback, not DINOv2: "
+            "they are not comparable to the paper's numbers"
+        )
     return notes + sorted({r["note"] for r in rows.values() if "note" in r})
 
 
 def save_plots(rows, sims, out, log):
     try:
         import matplotlib
+
         matplotlib.use("Agg")  # files only; no display needed
         import matplotlib.pyplot as plt
     except ImportError:
-        log("note: matplotlib is not installed (pip install matplotlib); skipped the histogram and Pareto plot")
+        log(
+            "note: matplotlib is not installed (pip install matplotlib); skipped the histogram and Pareto plot"
+        )
         return []
     space = next(iter(rows.values()))["similarity_space"]
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, s in sims.items():
-        ax.hist(s, bins=50, range=(min(0, min(x.min() for x in sims.values())), 1), alpha=0.5, label=name)
+        ax.hist(
+            s,
+            bins=50,
+            range=(min(0, min(x.min() for x in sims.values())), 1),
+            alpha=0.5,
+            label=name,
+        )
     for th in next(iter(rows.values()))["thresholds"]:
         ax.axvline(th, color="k", lw=0.8, ls="--")
     ax.set(xlabel=f"top-1 similarity to the training set ({space})", ylabel="samples")
@@ -898,11 +1155,16 @@ def save_plots(rows, sims, out, log):
     mem = [r[f"similarity_above_{th:g}"] for r in rows.values()]
     if all(r["fid"] is not None for r in rows.values()):
         ax.plot(mem, [r["fid"] for r in rows.values()], "o-")
-        ax.set(xlabel=f"memorization: share with similarity > {th:g}", ylabel="FID (lower is better)")
+        ax.set(
+            xlabel=f"memorization: share with similarity > {th:g}", ylabel="FID (lower is better)"
+        )
     else:  # no quality axis without Inception: memorization against sigma_tn instead
         ax.plot([r["sigma_tn"] or 0 for r in rows.values()], mem, "o")
-        ax.set(xlabel="sigma_tn (EDM units)", ylabel=f"share with similarity > {th:g}",
-               title="FID unavailable: memorization against sigma_tn")
+        ax.set(
+            xlabel="sigma_tn (EDM units)",
+            ylabel=f"share with similarity > {th:g}",
+            title="FID unavailable: memorization against sigma_tn",
+        )
     xs = ax.lines[0].get_xdata()
     ys = ax.lines[0].get_ydata()
     for name, x, y in zip(rows, xs, ys):
@@ -915,36 +1177,102 @@ def save_plots(rows, sims, out, log):
 # 9. Command line.
 # ------------------------------------------------------------------------------------------------
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=f"Weights: {INCEPTION_FILE} ({INCEPTION_URL}) and dinov2_<size>_pretrain.pth "
-                                       f"({DINOV2_URL.format('<size>')}) for vitl14 (FD_DINOv2) and vitg14 "
-                                       f"(similarity), in ${WEIGHTS_ENV} or the torch hub folder.")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"Weights: {INCEPTION_FILE} ({INCEPTION_URL}) and dinov2_<size>_pretrain.pth "
+        f"({DINOV2_URL.format('<size>')}) for vitl14 (FD_DINOv2) and vitg14 "
+        f"(similarity), in ${WEIGHTS_ENV} or the torch hub folder.",
+    )
     a = p.add_argument
-    a("inputs", nargs="+", metavar="RUN_OR_IMAGES", help="run folders from ambient.py, or folders / .npz files of images")
-    a("--train", help="the training set: cifar, demo, a .npz or a folder; needed for image inputs, and for run "
-      "folders it replaces the dataset their config.json names (indices.json still picks the subset)")
-    a("--ref", help="FID / FD_DINOv2 reference dataset (default: the run's whole dataset, or --train)")
-    a("--data-dir", default=None, help="where cifar lives (default: the run's data_dir, else ./data)")
-    a("--samples", type=int, default=None, help="score this many samples; runs generate more from their "
-      "checkpoint when samples.npz holds fewer (default: all in samples.npz; paper: 50000)")
+    a(
+        "inputs",
+        nargs="+",
+        metavar="RUN_OR_IMAGES",
+        help="run folders from ambient.py, or folders / .npz files of images",
+    )
+    a(
+        "--train",
+        help="the training set: cifar, demo, a .npz or a folder; needed for image inputs, and for run "
+        "folders it replaces the dataset their config.json names (indices.json still picks the subset)",
+    )
+    a(
+        "--ref",
+        help="FID / FD_DINOv2 reference dataset (default: the run's whole dataset, or --train)",
+    )
+    a(
+        "--data-dir",
+        default=None,
+        help="where cifar lives (default: the run's data_dir, else ./data)",
+    )
+    a(
+        "--samples",
+        type=int,
+        default=None,
+        help="score this many samples; runs generate more from their "
+        "checkpoint when samples.npz holds fewer (default: all in samples.npz; paper: 50000)",
+    )
     a("--batch", type=int, default=64, help="images per network batch (default 64)")
     a("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    a("--dinov2", choices=tuple(DINOV2_SIZES), default="vitg14", help="DINOv2 size of the memorization similarity "
-      "(paper: vitg14, the default)")
-    a("--fd-dinov2", choices=tuple(DINOV2_SIZES), default="vitl14", help="DINOv2 size of FD_DINOv2 (dgm-eval and its "
-      "leaderboard: vitl14, the default)")
-    a("--fid-resize", choices=FID_RESIZES, default="tf1", help="how FID images reach 299 x 299: tf1 = EDM's fid.py and "
-      "the paper (TF1 legacy bilinear on uint8, the default), pytorch-fid = pytorch-fid's half-pixel bilinear")
-    a("--thresholds", type=float, nargs=3, metavar="T", help="similarity thresholds (default: 0.9 0.925 0.95, "
-      "or 0.85 0.875 0.9 when the dataset name contains ffhq)")
+    a(
+        "--dinov2",
+        choices=tuple(DINOV2_SIZES),
+        default="vitg14",
+        help="DINOv2 size of the memorization similarity (paper: vitg14, the default)",
+    )
+    a(
+        "--fd-dinov2",
+        choices=tuple(DINOV2_SIZES),
+        default="vitl14",
+        help="DINOv2 size of FD_DINOv2 (dgm-eval and its leaderboard: vitl14, the default)",
+    )
+    a(
+        "--fid-resize",
+        choices=FID_RESIZES,
+        default="tf1",
+        help="how FID images reach 299 x 299: tf1 = EDM's fid.py and "
+        "the paper (TF1 legacy bilinear on uint8, the default), pytorch-fid = pytorch-fid's half-pixel bilinear",
+    )
+    a(
+        "--thresholds",
+        type=float,
+        nargs=3,
+        metavar="T",
+        help="similarity thresholds (default: 0.9 0.925 0.95, "
+        "or 0.85 0.875 0.9 when the dataset name contains ffhq)",
+    )
     a("--inception-weights", metavar="FILE", help=f"local {INCEPTION_FILE}")
-    a("--dinov2-weights", metavar="FILE", help="local dinov2_<size>_pretrain.pth for the similarity (--dinov2 size)")
-    a("--fd-dinov2-weights", metavar="FILE", help="local dinov2_<size>_pretrain.pth for FD_DINOv2 (--fd-dinov2 size)")
+    a(
+        "--dinov2-weights",
+        metavar="FILE",
+        help="local dinov2_<size>_pretrain.pth for the similarity (--dinov2 size)",
+    )
+    a(
+        "--fd-dinov2-weights",
+        metavar="FILE",
+        help="local dinov2_<size>_pretrain.pth for FD_DINOv2 (--fd-dinov2 size)",
+    )
     a("--no-download", action="store_true", help="never try to download weights")
-    a("--require-weights", action="store_true", help="missing weights are an error instead of the pixel fallback")
-    a("--pixels-only", action="store_true", help="skip the networks: ambient.py's pixel metrics only")
-    a("--cache-dir", default="runs/eval-cache", help="reference statistics and training features (default runs/eval-cache)")
-    a("--out", default="runs/eval", help="report.md, report.json and PNGs go here (default runs/eval)")
+    a(
+        "--require-weights",
+        action="store_true",
+        help="missing weights are an error instead of the pixel fallback",
+    )
+    a(
+        "--pixels-only",
+        action="store_true",
+        help="skip the networks: ambient.py's pixel metrics only",
+    )
+    a(
+        "--cache-dir",
+        default="runs/eval-cache",
+        help="reference statistics and training features (default runs/eval-cache)",
+    )
+    a(
+        "--out",
+        default="runs/eval",
+        help="report.md, report.json and PNGs go here (default runs/eval)",
+    )
     return p
 
 
@@ -953,7 +1281,9 @@ def check_args(args):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise UserError(f"--{flag} {getattr(args, flag)} must be positive")
     if args.thresholds and not all(0 < t < 1 for t in args.thresholds):
-        raise UserError(f"--thresholds {args.thresholds}: cosine thresholds lie between 0 and 1, e.g. 0.9 0.925 0.95")
+        raise UserError(
+            f"--thresholds {args.thresholds}: cosine thresholds lie between 0 and 1, e.g. 0.9 0.925 0.95"
+        )
 
 
 def run(args):
@@ -978,15 +1308,22 @@ def run(args):
     for name, arrays in numbers.items():
         np.savez(out / f"per_sample_{name}.npz", **arrays)
         files.append(f"per_sample_{name}.npz")
-    for name, (samples, train, idx) in grids.items():  # most memorized first, beside their neighbours
+    for name, (
+        samples,
+        train,
+        idx,
+    ) in grids.items():  # most memorized first, beside their neighbours
         order = torch.as_tensor(np.argsort(-sims[name], kind="stable"))
-        A.save_neighbour_grid(samples[order], train, torch.as_tensor(idx)[order], out / f"memorized_{name}.png")
+        A.save_neighbour_grid(
+            samples[order], train, torch.as_tensor(idx)[order], out / f"memorized_{name}.png"
+        )
         files.append(f"memorized_{name}.png")
     table = markdown(rows)
     print(table)
     (out / "report.md").write_text(table + "\n")
-    (out / "report.json").write_text(json.dumps({"runs": rows, **{f"{k}_weights": v["file"] for k, v in nets.items()}},
-                                                indent=1))
+    (out / "report.json").write_text(
+        json.dumps({"runs": rows, **{f"{k}_weights": v["file"] for k, v in nets.items()}}, indent=1)
+    )
     log(f"wrote {out}/: report.md, report.json, " + ", ".join(files))
     return rows
 

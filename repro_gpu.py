@@ -12,6 +12,7 @@ trains the n = 300 DDPM / Algorithm 1 pair side by side on one GPU, samples 50,0
 and scores them with eval_memorization.py. The `--` keeps torchrun from reading --n as its own flag.
 ambient.py knows nothing of this file.
 """
+
 import argparse
 import contextlib
 import json
@@ -33,14 +34,26 @@ from ambient import UserError, option
 
 @dataclass
 class Config(A.Config):
-    precision: str = option("fp32", "bf16: the network under bfloat16 autocast; weights, optimizer and losses stay "
-                            "float32 (measured slower than TF32 on an H200 for the paper preset: NOTES.md)",
-                            choices=("fp32", "bf16"))
-    channels_last: bool = option(False, "NHWC memory layout for the network, as GPU tensor cores read it")
-    compile: str = option("none", "torch.compile the network: default fuses its kernels, cudagraphs (without "
-                          "--graph) replays the network's calls as CUDA graphs", choices=("none", "default", "cudagraphs"))
-    graph: bool = option(False, "capture each training step (batch, forward, backward, Adam, EMA) as one CUDA graph, "
-                         "and Heun sampling of each full batch as another (one GPU; the fastest path)")
+    precision: str = option(
+        "fp32",
+        "bf16: the network under bfloat16 autocast; weights, optimizer and losses stay "
+        "float32 (measured slower than TF32 on an H200 for the paper preset: NOTES.md)",
+        choices=("fp32", "bf16"),
+    )
+    channels_last: bool = option(
+        False, "NHWC memory layout for the network, as GPU tensor cores read it"
+    )
+    compile: str = option(
+        "none",
+        "torch.compile the network: default fuses its kernels, cudagraphs (without "
+        "--graph) replays the network's calls as CUDA graphs",
+        choices=("none", "default", "cudagraphs"),
+    )
+    graph: bool = option(
+        False,
+        "capture each training step (batch, forward, backward, Adam, EMA) as one CUDA graph, "
+        "and Heun sampling of each full batch as another (one GPU; the fastest path)",
+    )
 
 
 def distributed(backend="gloo"):
@@ -48,6 +61,7 @@ def distributed(backend="gloo"):
     if int(os.environ.get("WORLD_SIZE", 1)) == 1:
         return 0, 1
     import torch.distributed as dist
+
     if not dist.is_initialized():
         dist.init_process_group(backend)
     return dist.get_rank(), dist.get_world_size()
@@ -63,7 +77,9 @@ def compiled(module, mode="none", replay=True):
     would overwrite the first with the second."""
     if mode == "none":
         return module
-    return torch.compile(module, mode="reduce-overhead" if mode == "cudagraphs" and replay else "default")
+    return torch.compile(
+        module, mode="reduce-overhead" if mode == "cudagraphs" and replay else "default"
+    )
 
 
 @contextlib.contextmanager
@@ -74,14 +90,18 @@ def compile_errors(active):
     except Exception as e:
         if not active:
             raise
-        raise UserError(f"--compile could not build the kernels ({type(e).__name__}: {str(e).strip()[:160]}); "
-                        "run without --compile") from e
+        raise UserError(
+            f"--compile could not build the kernels ({type(e).__name__}: {str(e).strip()[:160]}); "
+            "run without --compile"
+        ) from e
 
 
 def to_channels_last(net):
     """NHWC weights, and NHWC inputs to the raw network (only then: a layout copy changes the rounding)."""
     net.to(memory_format=torch.channels_last)
-    net.net.register_forward_pre_hook(lambda m, args: (args[0].contiguous(memory_format=torch.channels_last), *args[1:]))
+    net.net.register_forward_pre_hook(
+        lambda m, args: (args[0].contiguous(memory_format=torch.channels_last), *args[1:])
+    )
     return net
 
 
@@ -100,7 +120,10 @@ def graphed_step(state, method, cfg, capture=True):
     device = next(state.net.parameters()).device
     lr, ema_weight = torch.full((), cfg.lr, device=device), torch.zeros((), device=device)
     for group in state.opt.param_groups:  # capturable: Adam's own check before it may be captured
-        group["lr"], group["capturable"] = lr, group["capturable"] or (capture and device.type == "cuda")
+        group["lr"], group["capturable"] = (
+            lr,
+            group["capturable"] or (capture and device.type == "cuda"),
+        )
     net_params, ema_params = list(state.net.parameters()), list(state.ema.parameters())
 
     def body():
@@ -125,7 +148,9 @@ def graphed_step(state, method, cfg, capture=True):
             with side_stream(device):
                 state.opt.zero_grad(set_to_none=True)
                 return body()
-        if graph is None:  # grads set to None: the captured backward writes them afresh at each replay
+        if (
+            graph is None
+        ):  # grads set to None: the captured backward writes them afresh at each replay
             state.opt.zero_grad(set_to_none=True)
             graph = torch.cuda.CUDAGraph()
             graph.register_generator_state(state.gen)
@@ -133,6 +158,7 @@ def graphed_step(state, method, cfg, capture=True):
                 out = body()
         graph.replay()
         return out
+
     return step
 
 
@@ -155,14 +181,27 @@ def graphed_sampler(method, h_theta, batch):
     sampler draws them, so the samples are the eager ones up to floating-point order. Guidance's two
     network calls sit in one graph and cannot overwrite each other. Other methods (the baselines) and
     partial batches sample eagerly."""
-    cfg, device, inner = method.cfg, next(h_theta.parameters()).device, getattr(method, "method", method)
+    cfg, device, inner = (
+        method.cfg,
+        next(h_theta.parameters()).device,
+        getattr(method, "method", method),
+    )
     if device.type != "cuda" or type(inner) not in (A.Algorithm1, C.ClassConditional):
         return lambda k, rows: method.sample_batch(h_theta, k, rows)
     side = h_theta.resolution
-    x_T, labels = torch.zeros(batch, 3, side, side, device=device), torch.zeros(batch, dtype=torch.long, device=device)
-    h = C.conditioned(h_theta, labels, cfg.guidance) if isinstance(inner, C.ClassConditional) else h_theta
+    x_T, labels = (
+        torch.zeros(batch, 3, side, side, device=device),
+        torch.zeros(batch, dtype=torch.long, device=device),
+    )
+    h = (
+        C.conditioned(h_theta, labels, cfg.guidance)
+        if isinstance(inner, C.ClassConditional)
+        else h_theta
+    )
     with side_stream(device):
-        A.sample(h, x_T, cfg.steps, cfg.sampler)  # warm-up: cuDNN picks its kernels outside the capture
+        A.sample(
+            h, x_T, cfg.steps, cfg.sampler
+        )  # warm-up: cuDNN picks its kernels outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = A.sample(h, x_T, cfg.steps, cfg.sampler)
@@ -175,6 +214,7 @@ def graphed_sampler(method, h_theta, batch):
             labels.copy_(torch.arange(rows.start, rows.stop) % cfg.num_classes)
         graph.replay()
         return out.clone()
+
     return sample_batch
 
 
@@ -184,7 +224,14 @@ class Fast:
     graphs with --graph."""
 
     def __init__(self, method, cfg, rank=0, world=1):
-        self.method, self.cfg, self.rank, self.world, self.forward, self.samplers = method, cfg, rank, world, None, {}
+        self.method, self.cfg, self.rank, self.world, self.forward, self.samplers = (
+            method,
+            cfg,
+            rank,
+            world,
+            None,
+            {},
+        )
 
     def __getattr__(self, name):
         return getattr(self.method, name)
@@ -193,10 +240,18 @@ class Fast:
         net = self.method.network()
         return to_channels_last(net) if self.cfg.channels_last else net
 
-    def batch(self, gen):  # every rank draws the same global batch and keeps its slice: DDP averages the gradients
+    def batch(
+        self, gen
+    ):  # every rank draws the same global batch and keeps its slice: DDP averages the gradients
         b = self.method.batch(gen)
-        return b if self.world == 1 else {k: v.chunk(self.world)[self.rank] if torch.is_tensor(v) and v.dim() else v
-                                          for k, v in b.items()}
+        return (
+            b
+            if self.world == 1
+            else {
+                k: v.chunk(self.world)[self.rank] if torch.is_tensor(v) and v.dim() else v
+                for k, v in b.items()
+            }
+        )
 
     def loss(self, h_theta, b):
         with autocast(self.S.device, self.cfg.precision):
@@ -204,35 +259,57 @@ class Fast:
 
     def generate(self, h_theta, count, log=print):
         if not self.cfg.graph:
-            with autocast(self.S.device, self.cfg.precision), compile_errors(self.cfg.compile != "none"):
-                return self.method.generate(compiled(h_theta, self.cfg.compile, replay=False), count, log)
+            with (
+                autocast(self.S.device, self.cfg.precision),
+                compile_errors(self.cfg.compile != "none"),
+            ):
+                return self.method.generate(
+                    compiled(h_theta, self.cfg.compile, replay=False), count, log
+                )
         batch = min(self.cfg.sample_batch, count)
-        with autocast(self.S.device, self.cfg.precision), compile_errors(self.cfg.compile != "none"):
-            if (id(h_theta), batch) not in self.samplers:  # captured once per network and batch size
+        with (
+            autocast(self.S.device, self.cfg.precision),
+            compile_errors(self.cfg.compile != "none"),
+        ):
+            if (
+                id(h_theta),
+                batch,
+            ) not in self.samplers:  # captured once per network and batch size
                 h = compiled(h_theta, "default" if self.cfg.compile != "none" else "none")
                 self.samplers[id(h_theta), batch] = graphed_sampler(self.method, h, batch)
             return A.generate(self.samplers[id(h_theta), batch], count, batch, log)
 
     def make_step(self, state, method, cfg):
         net = nn.parallel.DistributedDataParallel(state.net) if self.world > 1 else state.net
-        self.forward = compiled(net, "default" if cfg.graph and cfg.compile != "none" else cfg.compile)
+        self.forward = compiled(
+            net, "default" if cfg.graph and cfg.compile != "none" else cfg.compile
+        )
         step, first = (graphed_step if cfg.graph else A.eager_step)(state, method, cfg), [True]
 
         def guarded():
             with compile_errors(first.pop() if first else False):
                 return step()
+
         return guarded
 
 
 def check_device(cfg, device, world):
     if (cfg.compile == "cudagraphs" or cfg.graph) and device.type != "cuda":
-        raise UserError(f"{'--graph' if cfg.graph else '--compile cudagraphs'} replays CUDA graphs and needs a CUDA "
-                        "device; drop it (on a CPU, --compile default still fuses kernels)")
+        raise UserError(
+            f"{'--graph' if cfg.graph else '--compile cudagraphs'} replays CUDA graphs and needs a CUDA "
+            "device; drop it (on a CPU, --compile default still fuses kernels)"
+        )
     if cfg.graph and world > 1:
         raise UserError("--graph captures one GPU's step; with torchrun use --compile instead")
-    if cfg.compile != "none" and device.type == "cpu" and not any(map(shutil.which, ("g++", "c++", "clang++"))):
-        raise UserError("--compile on CPU builds C++ kernels and no C++ compiler is installed; install g++ or drop "
-                        "--compile")
+    if (
+        cfg.compile != "none"
+        and device.type == "cpu"
+        and not any(map(shutil.which, ("g++", "c++", "clang++")))
+    ):
+        raise UserError(
+            "--compile on CPU builds C++ kernels and no C++ compiler is installed; install g++ or drop "
+            "--compile"
+        )
 
 
 def start(cfg, method_of=A.Algorithm1):
@@ -241,7 +318,9 @@ def start(cfg, method_of=A.Algorithm1):
     rank, world = distributed("nccl" if device.type == "cuda" else "gloo")
     check_device(cfg, device, world)
     if cfg.batch % world:
-        raise UserError(f"--batch {cfg.batch} does not split over {world} processes; use a multiple of {world}")
+        raise UserError(
+            f"--batch {cfg.batch} does not split over {world} processes; use a multiple of {world}"
+        )
     if world > 1 and device.type == "cuda":
         cfg.device = f"cuda:{os.environ.get('LOCAL_RANK', rank)}"
     fast = Fast(method_of(cfg), cfg, rank, world)
@@ -270,13 +349,16 @@ def stand_in_training(cfg, device):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(0)
     method = Fast(A.Algorithm1(cfg), cfg)
-    method.use_data(torch.randn(max(cfg.batch, 64), 3, cfg.resolution, cfg.resolution, device=device))
-    state = A.training_state(method.network().to(device), cfg, 3 * cfg.resolution ** 2)
+    method.use_data(
+        torch.randn(max(cfg.batch, 64), 3, cfg.resolution, cfg.resolution, device=device)
+    )
+    state = A.training_state(method.network().to(device), cfg, 3 * cfg.resolution**2)
     step = method.make_step(state, method, cfg)
 
     def one():
         step()
         state.step += 1
+
     return one, state, method
 
 
@@ -295,19 +377,35 @@ def measure(cfg, steps=20):
             fn()
         torch.cuda.synchronize() if device.type == "cuda" else None
         return (time.perf_counter() - t0) / n
+
     train_s = timed(one, steps)
-    sample_s = timed(lambda: method.generate(state.ema, cfg.sample_batch, log=lambda m: None), 2, warm_up=1)
+    sample_s = timed(
+        lambda: method.generate(state.ema, cfg.sample_batch, log=lambda m: None), 2, warm_up=1
+    )
     return cfg.batch / train_s, cfg.sample_batch / sample_s
 
 
 def table1_args(argv):
-    p = argparse.ArgumentParser(description="Table 1's CIFAR-10 pair (DDPM, Algorithm 1) at n = 300 in one command; "
-                                "other flags go to both runs (ambient.py's and `train`'s)")
-    p.add_argument("--budget-s", type=float, default=None, help="fit the whole command in about this many seconds "
-                   "by training on fewer images than the paper's 7.68M (default: the paper's budget)")
-    p.add_argument("--sigma-tn", type=float, default=0.4, help="Algorithm 1's sigma_tn (default 0.4)")
+    p = argparse.ArgumentParser(
+        description="Table 1's CIFAR-10 pair (DDPM, Algorithm 1) at n = 300 in one command; "
+        "other flags go to both runs (ambient.py's and `train`'s)"
+    )
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="fit the whole command in about this many seconds "
+        "by training on fewer images than the paper's 7.68M (default: the paper's budget)",
+    )
+    p.add_argument(
+        "--sigma-tn", type=float, default=0.4, help="Algorithm 1's sigma_tn (default 0.4)"
+    )
     p.add_argument("--samples", type=int, default=50_000, help="samples per model (paper: 50,000)")
-    p.add_argument("--out", default="runs/table1", help="folder for the two runs and the report (default runs/table1)")
+    p.add_argument(
+        "--out",
+        default="runs/table1",
+        help="folder for the two runs and the report (default runs/table1)",
+    )
     known, rest = p.parse_known_args(argv)
     return known, rest
 
@@ -319,8 +417,10 @@ def iterations_for(budget_s, train_ips, sample_ips, samples, batch, max_iters):
     left = 0.9 * budget_s - 2 * samples / sample_ips
     if left <= 0:
         need = 2 * samples / sample_ips
-        raise UserError(f"--budget-s {budget_s:g}: sampling 2 x {samples:,} images alone takes about {need:.0f} s at the "
-                        f"measured {sample_ips:.0f} img/s; pass at least --budget-s {1.1 * need / 0.9:.0f} or fewer --samples")
+        raise UserError(
+            f"--budget-s {budget_s:g}: sampling 2 x {samples:,} images alone takes about {need:.0f} s at the "
+            f"measured {sample_ips:.0f} img/s; pass at least --budget-s {1.1 * need / 0.9:.0f} or fewer --samples"
+        )
     return int(max(1, min(max_iters, left * train_ips / 2 / batch)))
 
 
@@ -333,21 +433,34 @@ def plan(args, rest):
     cfg.check()
     cfg.resolution = cfg.resolution or 32
     train_ips, sample_ips = measure(cfg) if args.budget_s else (None, None)
-    iters = iterations_for(args.budget_s, train_ips, sample_ips, args.samples, cfg.batch, cfg.iters) if args.budget_s else cfg.iters
-    return dict(flags=flags, iters=iters, images=iters * cfg.batch, share=iters * cfg.batch / PAPER_IMAGES,
-                train_ips=train_ips, sample_ips=sample_ips)
+    iters = (
+        iterations_for(args.budget_s, train_ips, sample_ips, args.samples, cfg.batch, cfg.iters)
+        if args.budget_s
+        else cfg.iters
+    )
+    return dict(
+        flags=flags,
+        iters=iters,
+        images=iters * cfg.batch,
+        share=iters * cfg.batch / PAPER_IMAGES,
+        train_ips=train_ips,
+        sample_ips=sample_ips,
+    )
 
 
 def score(argv):
     """eval_memorization.py on the runs, in this process: its Markdown table, or one line if it fails."""
     import io
     import eval_memorization
+
     table, notes = io.StringIO(), io.StringIO()
     try:
         with contextlib.redirect_stdout(table), contextlib.redirect_stderr(notes):
             eval_memorization.main(argv)
     except SystemExit:
-        raise UserError(f"scoring failed: {(notes.getvalue().strip().splitlines() or ['no output'])[-1]}")
+        raise UserError(
+            f"scoring failed: {(notes.getvalue().strip().splitlines() or ['no output'])[-1]}"
+        )
     return table.getvalue()
 
 
@@ -355,27 +468,69 @@ def table1(argv):
     args, rest = table1_args(argv)
     t0, out = time.time(), Path(args.out)
     p = plan(args, rest)
-    rates = f" (measured for one model: {p['train_ips']:.0f} train img/s, {p['sample_ips']:.0f} sample img/s)" \
-        if p["train_ips"] else ""
-    print(f"training {p['images']:,} images per model, {100 * p['share']:.1f}% of the paper's 7.68M{rates}", flush=True)
-    common = [sys.executable, __file__, "train", *p["flags"], "--iters", str(p["iters"]), "--samples", str(args.samples)]
-    runs = {"ddpm": ["--sigma-tn", "0"], f"ambient-{args.sigma_tn:g}": ["--sigma-tn", f"{args.sigma_tn:g}"]}
+    rates = (
+        f" (measured for one model: {p['train_ips']:.0f} train img/s, {p['sample_ips']:.0f} sample img/s)"
+        if p["train_ips"]
+        else ""
+    )
+    print(
+        f"training {p['images']:,} images per model, {100 * p['share']:.1f}% of the paper's 7.68M{rates}",
+        flush=True,
+    )
+    common = [
+        sys.executable,
+        __file__,
+        "train",
+        *p["flags"],
+        "--iters",
+        str(p["iters"]),
+        "--samples",
+        str(args.samples),
+    ]
+    runs = {
+        "ddpm": ["--sigma-tn", "0"],
+        f"ambient-{args.sigma_tn:g}": ["--sigma-tn", f"{args.sigma_tn:g}"],
+    }
     out.mkdir(parents=True, exist_ok=True)
-    procs = {name: subprocess.Popen(common + extra + ["--out", str(out / name)], stdout=open(out / f"{name}.log", "w"),
-                                    stderr=subprocess.STDOUT) for name, extra in runs.items()}
+    procs = {
+        name: subprocess.Popen(
+            common + extra + ["--out", str(out / name)],
+            stdout=open(out / f"{name}.log", "w"),
+            stderr=subprocess.STDOUT,
+        )
+        for name, extra in runs.items()
+    }
     for name, proc in procs.items():
         if proc.wait():
             raise UserError(f"the {name} run failed; see {out / f'{name}.log'}")
     t_train = time.time() - t0
-    table = score([str(out / name) for name in runs] + ["--samples", str(args.samples), "--out", str(out / "eval"),
-                                                        "--cache-dir", str(out / "eval-cache"), "--no-download"])
-    report = dict(plan=p, wall_s=dict(train_and_sample=t_train, score=time.time() - t0 - t_train, total=time.time() - t0),
-                  scores=json.loads((out / "eval" / "report.json").read_text()))
+    table = score(
+        [str(out / name) for name in runs]
+        + [
+            "--samples",
+            str(args.samples),
+            "--out",
+            str(out / "eval"),
+            "--cache-dir",
+            str(out / "eval-cache"),
+            "--no-download",
+        ]
+    )
+    report = dict(
+        plan=p,
+        wall_s=dict(
+            train_and_sample=t_train, score=time.time() - t0 - t_train, total=time.time() - t0
+        ),
+        scores=json.loads((out / "eval" / "report.json").read_text()),
+    )
     (out / "table1.json").write_text(json.dumps(report, indent=1, default=str))
-    (out / "table1.md").write_text(f"Table 1's CIFAR-10 pair, n = 300: {p['images']:,} images seen per model "
-                                   f"({100 * p['share']:.1f}% of the paper's), {args.samples:,} samples each.\n\n"
-                                   + table + f"\nwall time: training and sampling {t_train:.0f} s, "
-                                   f"scoring {report['wall_s']['score']:.0f} s, total {report['wall_s']['total']:.0f} s\n")
+    (out / "table1.md").write_text(
+        f"Table 1's CIFAR-10 pair, n = 300: {p['images']:,} images seen per model "
+        f"({100 * p['share']:.1f}% of the paper's), {args.samples:,} samples each.\n\n"
+        + table
+        + f"\nwall time: training and sampling {t_train:.0f} s, "
+        f"scoring {report['wall_s']['score']:.0f} s, total {report['wall_s']['total']:.0f} s\n"
+    )
     print((out / "table1.md").read_text())
     return report
 
@@ -389,9 +544,11 @@ def main(argv):
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
-    print("usage: python repro_gpu.py train [ambient.py's flags] [--graph] [--precision bf16] [--channels-last] "
-          "[--compile default|cudagraphs]\n       python repro_gpu.py table1 [--budget-s S] [flags for both runs]",
-          file=sys.stderr)
+    print(
+        "usage: python repro_gpu.py train [ambient.py's flags] [--graph] [--precision bf16] [--channels-last] "
+        "[--compile default|cudagraphs]\n       python repro_gpu.py table1 [--budget-s S] [flags for both runs]",
+        file=sys.stderr,
+    )
     sys.exit(2)
 
 
