@@ -7,8 +7,8 @@ Diffusion models trained on few images copy them. Algorithm 1 trains the low-noi
 diffusion (t < t_n) on the clean images (Eq. 3) and the high-noise part only on ONE fixed noisy copy
 x_tn of each image (Eq. 6): never seeing a clean image at high noise, it cannot snap onto one there.
 
-    python ambient.py --data cifar --n 300 --sigma-tn 0.4      # Algorithm 1 as the authors' code runs it
-    python ambient.py --data cifar --n 300 --sigma-tn 0        # the DDPM baseline
+    python ambient.py --data cifar --n 300 --sigma-tn 0.4   # Algorithm 1, as the authors run it
+    python ambient.py --data cifar --n 300 --sigma-tn 0     # the DDPM baseline
 
 Defaults the paper leaves open are the authors' released code's (an EDM fork); NOTES.md lists every
 difference. baselines.py, conditional.py and repro_gpu.py build on this file's pieces.
@@ -57,7 +57,7 @@ def alpha(sigma_t):
 
 
 def sigma_at(t):
-    """sigma(t), t in [0, 1], for --schedule algorithm1. The paper names none; we assume EDM's sampling warp."""
+    """sigma(t), t in [0, 1], for --schedule algorithm1: the paper names none; EDM's time warp."""
     lo, hi = SIGMA_MIN ** (1 / RHO), SIGMA_MAX ** (1 / RHO)
     return (lo + t * (hi - lo)) ** RHO
 
@@ -79,8 +79,9 @@ def add_noise(x0, sigma_t, z):
 
 
 def noise_further(x_tn, sigma_tn, sigma_t, z):
-    """Algorithm 1, line 10: the stored x_tn up to sigma_t > sigma_tn. Given x_0, x_t = sqrt((1-s_t^2)/(1-s_tn^2))
-    x_tn + sqrt((s_t^2-s_tn^2)/(1-s_tn^2)) z has exactly Eq. 1's law: signal alpha_t x_0, noise variance sigma_t^2."""
+    """Algorithm 1, line 10: the stored x_tn noised up to sigma_t > sigma_tn. Given x_0,
+    x_t = sqrt((1 - s_t^2) / (1 - s_tn^2)) x_tn + sqrt((s_t^2 - s_tn^2) / (1 - s_tn^2)) z
+    has exactly Eq. 1's law: signal alpha_t x_0, noise variance sigma_t^2."""
     scale = alpha(sigma_t) / alpha(sigma_tn)
     std = ((sigma_t**2 - sigma_tn**2) / (1 - sigma_tn**2)) ** 0.5
     return bcast(scale, x_tn) * x_tn + bcast(std, x_tn) * z
@@ -93,14 +94,14 @@ def noise_further(x_tn, sigma_tn, sigma_t, z):
 # variance at every noise level, so one network serves from sigma = 0.002 to 80:
 #   h = c_skip x + c_out F(c_in x, c_noise), with x = x_t / alpha the EDM-units input.
 # ------------------------------------------------------------------------------------------------
-PRESETS = {  # channels, per-level multipliers, residual blocks per level, attention resolutions, dropout
-    "tiny": dict(
-        channels=16, mults=(1, 2, 4), blocks=1, attn_at=(4,), dropout=0.0
-    ),  # CPU: 0.69M at 16x16
-    "paper": dict(
-        channels=64, mults=(1, 2, 2), blocks=2, attn_at=(16,), dropout=0.05
-    ),  # GPU: 6.47M at 32x32
-    # EDM's DDPM++ CIFAR-10 layout (released train.py's default; train.sh names NCSN++): 53.6M here, 55.7M in EDM
+# Channels, per-level multipliers, residual blocks per level, attention resolutions, dropout.
+PRESETS = {
+    # CPU: 0.69M parameters at 16x16
+    "tiny": dict(channels=16, mults=(1, 2, 4), blocks=1, attn_at=(4,), dropout=0.0),
+    # GPU: 6.47M at 32x32
+    "paper": dict(channels=64, mults=(1, 2, 2), blocks=2, attn_at=(16,), dropout=0.05),
+    # EDM's DDPM++ CIFAR-10 layout (the released train.py's default; train.sh names NCSN++):
+    # 53.6M here, 55.7M in EDM
     "edm": dict(channels=128, mults=(2, 2, 2), blocks=4, attn_at=(16,), dropout=0.05),
 }
 
@@ -109,40 +110,40 @@ def groups(c):
     return math.gcd(32, c // 4)  # GroupNorm groups of at least 4 channels, at most 32 groups
 
 
+def zero_init(layer):
+    nn.init.zeros_(layer.weight)
+    nn.init.zeros_(layer.bias)
+
+
 class SelfAttention(nn.Module):
     def __init__(self, c, heads=1):
         super().__init__()
-        self.heads, self.norm = heads, nn.GroupNorm(groups(c), c)
-        self.qkv, self.proj = nn.Conv2d(c, 3 * c, 1), nn.Conv2d(c, c, 1)
-        nn.init.zeros_(self.proj.weight), nn.init.zeros_(self.proj.bias)  # starts as identity
+        self.heads = heads
+        self.norm = nn.GroupNorm(groups(c), c)
+        self.qkv = nn.Conv2d(c, 3 * c, 1)
+        self.proj = nn.Conv2d(c, c, 1)
+        zero_init(self.proj)  # the block starts as the identity
 
     def forward(self, x):
         B, C, H, W = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, self.heads, C // self.heads, H * W).unbind(1)
-        out = F.scaled_dot_product_attention(
-            q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2)
-        )
+        qkv = self.qkv(self.norm(x)).reshape(B, 3, self.heads, C // self.heads, H * W)
+        q, k, v = qkv.transpose(-1, -2).unbind(1)
+        out = F.scaled_dot_product_attention(q, k, v)
         return x + self.proj(out.transpose(-1, -2).reshape(B, C, H, W))
 
 
 class ResBlock(nn.Module):
     def __init__(self, c_in, c_out, emb_dim, attention=False, dropout=0.0):
         super().__init__()
-        self.norm1, self.conv1 = (
-            nn.GroupNorm(groups(c_in), c_in),
-            nn.Conv2d(c_in, c_out, 3, padding=1),
-        )
+        self.norm1 = nn.GroupNorm(groups(c_in), c_in)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
         self.emb = nn.Linear(emb_dim, c_out)
-        self.norm2, self.conv2 = (
-            nn.GroupNorm(groups(c_out), c_out),
-            nn.Conv2d(c_out, c_out, 3, padding=1),
-        )
-        (
-            nn.init.zeros_(self.conv2.weight),
-            nn.init.zeros_(self.conv2.bias),
-        )  # block starts as identity
+        self.norm2 = nn.GroupNorm(groups(c_out), c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
+        zero_init(self.conv2)  # the block starts as the identity
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
-        self.attention, self.dropout = SelfAttention(c_out) if attention else nn.Identity(), dropout
+        self.attention = SelfAttention(c_out) if attention else nn.Identity()
+        self.dropout = dropout
 
     def forward(self, x, emb):
         h = self.conv1(F.silu(self.norm1(x))) + self.emb(emb)[:, :, None, None]
@@ -162,18 +163,16 @@ class UNet(nn.Module):  # F_theta, the raw network inside the preconditioning
         in_channels=3,
     ):
         super().__init__()
-        self.channels, emb_dim = channels, 4 * channels
+        self.channels = channels
+        emb_dim = 4 * channels
         self.embed = nn.Sequential(
             nn.Linear(channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
         )
         self.conv_in = nn.Conv2d(in_channels, channels, 3, padding=1)
-        self.down, self.up, skips, c, res = (
-            nn.ModuleList(),
-            nn.ModuleList(),
-            [channels],
-            channels,
-            resolution,
-        )
+        self.down = nn.ModuleList()
+        self.up = nn.ModuleList()
+        skips = [channels]  # the channels of each skip connection, popped on the way up
+        c, res = channels, resolution
         for level, m in enumerate(mults):
             for _ in range(blocks):
                 self.down.append(ResBlock(c, channels * m, emb_dim, res in attn_at, dropout))
@@ -197,19 +196,19 @@ class UNet(nn.Module):  # F_theta, the raw network inside the preconditioning
                     nn.Sequential(nn.Upsample(scale_factor=2), nn.Conv2d(c, c, 3, padding=1))
                 )
                 res *= 2
-        self.norm_out, self.conv_out = nn.GroupNorm(groups(c), c), nn.Conv2d(c, 3, 3, padding=1)
-        nn.init.zeros_(self.conv_out.weight), nn.init.zeros_(self.conv_out.bias)
+        self.norm_out = nn.GroupNorm(groups(c), c)
+        self.conv_out = nn.Conv2d(c, 3, 3, padding=1)
+        zero_init(self.conv_out)
 
-    def forward(
-        self, x, c_noise, extra=None
-    ):  # extra: an embedding added to the noise's, such as a class's
+    def forward(self, x, c_noise, extra=None):
+        """extra: an embedding added to the noise level's, such as a class's."""
         # Sinusoidal embedding of c_noise = ln(sigma)/4, as EDM feeds its DDPM++ network.
         half = self.channels // 2
         freqs = torch.exp(-math.log(10000) * torch.arange(half, device=x.device) / (half - 1))
         angles = c_noise[:, None].float() * freqs[None]
-        emb = self.embed(torch.cat([angles.cos(), angles.sin()], dim=1)) + (
-            0 if extra is None else extra
-        )
+        emb = self.embed(torch.cat([angles.cos(), angles.sin()], dim=1))
+        if extra is not None:
+            emb = emb + extra
         h = self.conv_in(x)
         skips = [h]
         for layer in self.down:
@@ -218,23 +217,24 @@ class UNet(nn.Module):  # F_theta, the raw network inside the preconditioning
         for layer in self.mid:
             h = layer(h, emb)
         for layer in self.up:
-            h = (
-                layer(torch.cat([h, skips.pop()], 1), emb)
-                if isinstance(layer, ResBlock)
-                else layer(h)
-            )
+            if isinstance(layer, ResBlock):
+                h = layer(torch.cat([h, skips.pop()], 1), emb)
+            else:
+                h = layer(h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
 class Denoiser(nn.Module):  # h_theta(x_t, sigma_t) -> estimate of x_0, VP inputs as in the paper
     def __init__(self, resolution=32, preset="tiny", **overrides):
         super().__init__()
-        self.resolution, self.net = resolution, UNet(resolution, **{**PRESETS[preset], **overrides})
+        self.resolution = resolution
+        self.net = UNet(resolution, **{**PRESETS[preset], **overrides})
 
     def scalings(self, x_t, sigma_t):
-        """EDM sigma, the EDM-units input x = x_t / alpha = x_0 + sigma n, and c_skip, c_out, c_in."""
+        """EDM sigma, the EDM-units input x = x_t / alpha = x_0 + sigma n, c_skip, c_out, c_in."""
         sigma_t = torch.as_tensor(sigma_t, dtype=x_t.dtype, device=x_t.device).expand(x_t.shape[0])
-        sigma, x = edm_from_vp(sigma_t), x_t / bcast(alpha(sigma_t), x_t)
+        sigma = edm_from_vp(sigma_t)
+        x = x_t / bcast(alpha(sigma_t), x_t)
         c_skip = SIGMA_DATA**2 / (sigma**2 + SIGMA_DATA**2)
         c_out = sigma * SIGMA_DATA / (sigma**2 + SIGMA_DATA**2) ** 0.5
         return sigma, x, c_skip, c_out, 1 / (sigma**2 + SIGMA_DATA**2) ** 0.5
@@ -252,14 +252,15 @@ class Denoiser(nn.Module):  # h_theta(x_t, sigma_t) -> estimate of x_0, VP input
 # from x_0 to x_t splits into the part up to t_n and the rest, so given x_t
 #     E[x_tn | x_t] = sigma_tn^2 alpha_t / (sigma_t^2 alpha_tn) * x_t
 #                   + (sigma_t^2 - sigma_tn^2) / (sigma_t^2 alpha_tn) * E[x_0 | x_t].
-# So the minimiser of E|c_h h + c_x x_t - x_tn|^2 is h = E[x_0 | x_t], the clean-data optimum, though
-# no clean image appears in the loss. At sigma_tn = 0 the map is h itself and Eq. 6 is Eq. 3.
+# So the minimiser of E|c_h h + c_x x_t - x_tn|^2 is h = E[x_0 | x_t], the clean-data optimum,
+# though no clean image appears in the loss. At sigma_tn = 0 the map is h itself and Eq. 6 is Eq. 3.
 #
-# Weighting. The authors' code weights the residual in EDM units by EDM's lambda(sigma) = (sigma^2 +
-# s_d^2) / (sigma s_d)^2 and nothing else: lambda / alpha_tn^2 in VP units (`released`, the default).
-# The expected ambient loss is c_h^2 E|h - E[x_0|x_t]|^2 + const, so that weight pulls on the x_0
-# error c_h^2 times less than EDM does, fading to nothing just above t_n; `x0` divides by c_h^2 to undo
-# it, at the price of a weight without bound there. At demo scale they copy very differently (NOTES.md).
+# Weighting. The authors' code weights the residual in EDM units by EDM's lambda(sigma) =
+# (sigma^2 + s_d^2) / (sigma s_d)^2 and nothing else: lambda / alpha_tn^2 in VP units (`released`,
+# the default). The expected ambient loss is c_h^2 E|h - E[x_0|x_t]|^2 + const, so that weight
+# pulls on the x_0 error c_h^2 times less than EDM does, fading to nothing just above t_n; `x0`
+# divides by c_h^2 to undo it, at the price of a weight without bound there. At demo scale they
+# start copying at different training lengths (NOTES.md).
 # ------------------------------------------------------------------------------------------------
 AMBIENT_WEIGHTS = ("released", "x0")
 
@@ -283,7 +284,8 @@ def ambient_loss(x0_pred, x_t, x_tn, sigma_t, sigma_tn):
 
 
 def loss_weight(sigma_t, sigma_tn, kind="released"):
-    """Per-sample weight of Eq. 6's VP residual, EDM's lambda at sigma_tn = 0. x0's c_h >= 1e-4: float32 rounds."""
+    """Per-sample weight of Eq. 6's VP residual; EDM's lambda at sigma_tn = 0.
+    The x0 weight bounds c_h below by 1e-4, where float32 rounding would dominate."""
     sigma = edm_from_vp(sigma_t)
     lam = (sigma**2 + SIGMA_DATA**2) / (sigma * SIGMA_DATA) ** 2
     if kind == "released":
@@ -304,7 +306,7 @@ class UserError(Exception):  # bad input: printed as one line, exit code 2, no t
 
 
 def load_images(spec, data_dir="data"):
-    """--data cifar | demo | file.npz | folder of images -> uint8 (N, H, W, 3) and int labels, or None."""
+    """--data cifar | demo | file.npz | image folder -> uint8 (N, H, W, 3), int labels or None."""
     if spec == "cifar":
         return load_cifar10(data_dir)
     path = DEMO_FILE if spec == "demo" else Path(spec)
@@ -313,15 +315,13 @@ def load_images(spec, data_dir="data"):
     if path.suffix == ".npz" and path.is_file():
         try:
             with np.load(path) as f:
-                images, labels = (
-                    f["images"],
-                    f["labels"].astype(np.int64) if "labels" in f.files else None,
-                )
+                images = f["images"]
+                labels = f["labels"].astype(np.int64) if "labels" in f.files else None
         except Exception as e:  # not a zip archive, damaged, or no 'images' key
             raise UserError(
-                f"cannot read images from {path} ({type(e).__name__}): it must be a NumPy .npz archive "
-                "with a uint8 array 'images' of shape N x H x W x 3"
-            )
+                f"cannot read images from {path} ({type(e).__name__}): it must be a NumPy .npz "
+                "archive with a uint8 array 'images' of shape N x H x W x 3"
+            ) from None
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
             raise UserError(
                 f"{path}: 'images' is {images.dtype} {images.shape}; expected uint8 N x H x W x 3"
@@ -330,7 +330,7 @@ def load_images(spec, data_dir="data"):
     if path.suffix or os.sep in spec:
         raise UserError(f"cannot read --data {spec}: no such .npz file or image folder")
     raise UserError(
-        f"unknown dataset '{spec}': use cifar, demo, a .npz file with 'images', or a folder of images"
+        f"unknown dataset '{spec}': use cifar, demo, a .npz file with 'images', or an image folder"
     )
 
 
@@ -343,18 +343,17 @@ def load_cifar10(data_dir):
         ds = torchvision.datasets.CIFAR10(data_dir, train=True, download=True)
     except Exception as e:
         archive = Path(data_dir) / CIFAR_URL.rsplit("/", 1)[1]
-        if (
-            archive.exists()
-        ):  # torchvision checks its checksum and, if wrong, downloads a fresh copy
+        # torchvision checks a placed archive's checksum and, if wrong, downloads a fresh copy
+        if archive.exists():
             raise UserError(
                 f"{archive} is damaged or incomplete and no fresh copy could be downloaded "
                 f"({type(e).__name__}); replace it with a good copy from {CIFAR_URL}"
-            )
+            ) from None
         raise UserError(
             f"CIFAR-10 is not in {data_dir}/cifar-10-batches-py and could not be downloaded "
             f"({type(e).__name__}). Place {archive.name} from {CIFAR_URL} in "
             f"{data_dir}/ (or pass --data-dir), or use --data demo"
-        )
+        ) from None
     return np.asarray(ds.data), np.asarray(ds.targets, dtype=np.int64)
 
 
@@ -369,7 +368,7 @@ def load_image_folder(path):
     try:
         images = [np.asarray(Image.open(f).convert("RGB")) for f in files]
     except OSError as e:
-        raise UserError(f"cannot read image in {path}: {e}")
+        raise UserError(f"cannot read image in {path}: {e}") from None
     if len({im.shape for im in images}) > 1:
         raise UserError(f"images in {path} differ in size; resize them to one size first")
     return np.stack(images)
@@ -389,7 +388,8 @@ def choose_subset(num_images, n, seed):
         return np.arange(num_images)
     if n > num_images:
         raise UserError(
-            f"--n {n} is larger than the dataset ({num_images} images); pass --n {num_images} or less"
+            f"--n {n} is larger than the dataset ({num_images} images); "
+            f"pass --n {num_images} or less"
         )
     return np.sort(np.random.default_rng(seed).choice(num_images, n, replace=False))
 
@@ -398,9 +398,11 @@ def choose_subset(num_images, n, seed):
 # 5. Algorithm 1. Line 1: draw ONE noisy copy x_tn of every training image, once, from a seeded
 # generator; it is saved with the checkpoint and never redrawn. Lines 3-10: draw a batch, split
 # it at t_n, noise it. The paper's text and its code pick noise levels differently (NOTES.md):
-#   edm         the released code (default): ln sigma ~ N(-1.2, 1.2^2); the noisy copy if sigma >= sigma_tn.
+#   edm         the released code (default): ln sigma ~ N(-1.2, 1.2^2); the noisy copy if
+#               sigma >= sigma_tn.
 #   algorithm1  as written: clean image or noisy copy with equal odds; t ~ U(0, t_n) or U(t_n, T).
-# sigma_tn = 0 makes every sample clean, over the whole range, with the DDPM loss: the baseline, exactly.
+# sigma_tn = 0 makes every sample clean, over the whole range, with the DDPM loss: the baseline,
+# exactly.
 # ------------------------------------------------------------------------------------------------
 def make_noisy_copies(S, sigma_tn, seed):
     """Line 1: S_tn = {sqrt(1 - sigma_tn^2) x_0 + sigma_tn eps}, one draw per image (VP units)."""
@@ -409,7 +411,8 @@ def make_noisy_copies(S, sigma_tn, seed):
 
 
 def pick(per_image, batch, gen, flip=False):
-    """Line 3: random indices, the rows of each per-image tensor; --flip mirrors an image and its copy alike."""
+    """Line 3: random indices and those rows of each per-image tensor.
+    --flip mirrors an image and its noisy copy alike."""
     dev = per_image[0].device
     idx = torch.randint(len(per_image[0]), (batch,), generator=gen, device=dev)
     rows = [t[idx] for t in per_image]
@@ -420,37 +423,31 @@ def pick(per_image, batch, gen, flip=False):
 
 
 def noise_levels(batch, sigma_tn, schedule, gen, device):
-    """Lines 4-9: each sample's noise level sigma (EDM units) and whether it takes the noisy branch."""
-    u = torch.rand(
-        batch, generator=gen, device=device
-    )  # drawn under both schedules: later draws keep their place
+    """Lines 4-9: each sample's noise level sigma (EDM units), and whether it is a noisy one."""
+    # u is drawn under both schedules, so that later draws keep their place in the stream.
+    u = torch.rand(batch, generator=gen, device=device)
     if schedule == "algorithm1":
         t_n = time_at(sigma_tn) if sigma_tn > 0 else 0.0
         noisy = (torch.rand(batch, generator=gen, device=device) < 0.5) & (sigma_tn > 0)
-        sigma = sigma_at(
-            torch.where(noisy, t_n + u * (1 - t_n), u * (t_n if sigma_tn > 0 else 1.0))
-        )
-        return torch.where(
-            noisy, sigma.clamp_min(sigma_tn), sigma
-        ), noisy  # float32 may round below sigma_tn
-    sigma = (
-        (-1.2 + 1.2 * torch.randn(batch, generator=gen, device=device))
-        .exp()
-        .clamp(SIGMA_MIN, SIGMA_MAX)
-    )  # 1.6e-5 move
-    return sigma, sigma >= sigma_tn if sigma_tn > 0 else torch.zeros_like(sigma, dtype=torch.bool)
+        t = torch.where(noisy, t_n + u * (1 - t_n), u * (t_n if sigma_tn > 0 else 1.0))
+        sigma = sigma_at(t)
+        # float32 may round sigma_at(t_n) below sigma_tn
+        return torch.where(noisy, sigma.clamp_min(sigma_tn), sigma), noisy
+    # The clamp moves 1.6e-5 of the draws.
+    ln_sigma = -1.2 + 1.2 * torch.randn(batch, generator=gen, device=device)
+    sigma = ln_sigma.exp().clamp(SIGMA_MIN, SIGMA_MAX)
+    if sigma_tn > 0:
+        return sigma, sigma >= sigma_tn
+    return sigma, torch.zeros_like(sigma, dtype=torch.bool)
 
 
 def noise_batch(x0, x_tn, sigma, noisy, sigma_tn_edm, gen):
     """Line 10: x_t at level sigma, from the clean image below t_n and from its noisy copy above."""
-    sigma_t, sigma_tn = (
-        vp_from_edm(sigma),
-        vp_from_edm(torch.full((), float(sigma_tn_edm), device=x0.device)),
-    )
+    sigma_t = vp_from_edm(sigma)
+    sigma_tn = vp_from_edm(torch.full((), float(sigma_tn_edm), device=x0.device))
     z = torch.randn(x0.shape, generator=gen, device=x0.device)
-    x_t_noisy = noise_further(
-        x_tn, sigma_tn, sigma_t.maximum(sigma_tn), z
-    )  # maximum: no NaN in the unused half
+    # maximum: no NaN from the square root in the unused (clean) half
+    x_t_noisy = noise_further(x_tn, sigma_tn, sigma_t.maximum(sigma_tn), z)
     x_t = torch.where(bcast(noisy, x0), x_t_noisy, add_noise(x0, sigma_t, z))
     return dict(
         x0=x0, x_tn=x_tn, x_t=x_t, sigma_t=sigma_t, sigma=sigma, sigma_tn=sigma_tn, noisy=noisy
@@ -458,16 +455,16 @@ def noise_batch(x0, x_tn, sigma, noisy, sigma_tn_edm, gen):
 
 
 def algorithm1_batch(S, S_tn, sigma_tn, batch, gen, schedule="edm", flip=False):
-    """Lines 3-10: a dict of idx, x0, x_tn, x_t, sigma_t (VP), sigma (EDM), sigma_tn (VP) and `noisy`."""
+    """Lines 3-10: a dict of idx, x0, x_tn, x_t, sigma_t (VP), sigma (EDM), sigma_tn (VP), noisy."""
     idx, (x0, x_tn) = pick([S, S_tn], batch, gen, flip)
     sigma, noisy = noise_levels(batch, sigma_tn, schedule, gen, S.device)
     return dict(noise_batch(x0, x_tn, sigma, noisy, sigma_tn, gen), idx=idx)
 
 
 def algorithm1_loss(h_theta, b, weight="released"):
-    """Line 11: Eq. 6 on the noisy branch, Eq. 3 on the clean one, weighted, per sample. Eq. 3 is Eq. 6
-    at sigma_tn = 0 with x_0 in place of x_tn (bit for bit, tested), so one call serves both, and a
-    clean image never reaches a noisy sample's loss or gradient."""
+    """Line 11: Eq. 6 on the noisy branch, Eq. 3 on the clean one, weighted, per sample.
+    Eq. 3 is Eq. 6 at sigma_tn = 0 with x_0 in place of x_tn (bit for bit, tested), so one call
+    serves both, and a clean image never reaches a noisy sample's loss or gradient."""
     noisy = b["noisy"]
     sigma_tn = torch.where(noisy, b["sigma_tn"], torch.zeros_like(b["sigma_t"]))
     target = torch.where(bcast(noisy, b["x0"]), b["x_tn"], b["x0"])
@@ -476,19 +473,24 @@ def algorithm1_loss(h_theta, b, weight="released"):
 
 
 class Algorithm1:
-    """The method as the loop sees it: data and network, line 1 (use_data), lines 3-10 (batch), line 11 (loss),
-    Eq. 5 (sample_batch). Other methods replace some pieces, as EDM's loss classes do, and reuse the rest."""
+    """The method as the loop sees it: data and network, line 1 (use_data), lines 3-10 (batch),
+    line 11 (loss), Eq. 5 (sample_batch). Other methods replace some pieces, as EDM's loss classes
+    do, and reuse the rest."""
 
-    name, denoiser = "algorithm1", Denoiser
+    name = "algorithm1"
+    denoiser = Denoiser
 
     def __init__(self, cfg):
-        self.cfg, self.S, self.S_tn = cfg, None, None
+        self.cfg = cfg
+        self.S = None
+        self.S_tn = None
 
     def label(self):  # the method's part of a run folder's default name
         return "ddpm" if not self.cfg.sigma_tn else f"ambient-{self.cfg.sigma_tn:g}"
 
     def describe(self):
-        return f"{self.name}, sigma_tn {self.cfg.sigma_tn:g} (EDM) = {vp_from_edm(self.cfg.sigma_tn):.4f} (VP)"
+        sigma_tn = self.cfg.sigma_tn
+        return f"{self.name}, sigma_tn {sigma_tn:g} (EDM) = {vp_from_edm(sigma_tn):.4f} (VP)"
 
     def training_set(self):
         """The dataset's images and the indices of the subset to train on."""
@@ -496,38 +498,33 @@ class Algorithm1:
         return images, choose_subset(len(images), self.cfg.n, self.cfg.seed)
 
     def network(self, **kwargs):
-        kwargs.update({} if self.cfg.dropout is None else dict(dropout=self.cfg.dropout))
+        if self.cfg.dropout is not None:
+            kwargs["dropout"] = self.cfg.dropout
         return self.denoiser(self.cfg.resolution, self.cfg.preset, **kwargs)
 
     def use_data(self, S, saved=None):
         """The training images and line 1's noisy copies (a resumed run's own, if saved)."""
-        S_tn = (
-            saved["S_tn"]
-            if saved
-            else make_noisy_copies(S.cpu(), vp_from_edm(self.cfg.sigma_tn), self.cfg.seed)
-        )
-        self.S, self.S_tn = S, S_tn.to(S.device)
+        if saved:
+            S_tn = saved["S_tn"]
+        else:
+            S_tn = make_noisy_copies(S.cpu(), vp_from_edm(self.cfg.sigma_tn), self.cfg.seed)
+        self.S = S
+        self.S_tn = S_tn.to(S.device)
 
     def saved_data(self):  # what a checkpoint keeps besides the weights
         return dict(S_tn=self.S_tn)
 
     def batch(self, gen):
+        cfg = self.cfg
         return algorithm1_batch(
-            self.S,
-            self.S_tn,
-            self.cfg.sigma_tn,
-            self.cfg.batch,
-            gen,
-            self.cfg.schedule,
-            self.cfg.flip,
+            self.S, self.S_tn, cfg.sigma_tn, cfg.batch, gen, cfg.schedule, cfg.flip
         )
 
     def loss(self, h_theta, b):
         return algorithm1_loss(h_theta, b, self.cfg.ambient_weight)
 
-    def noise(
-        self, h_theta, k, rows
-    ):  # batch k of the samples, number `rows` (a range), starts from seed + k
+    def noise(self, h_theta, k, rows):
+        """Batch k of the samples, numbers `rows` (a range), starts from the seed + k."""
         side, device = h_theta.resolution, next(h_theta.parameters()).device
         return initial_noise((len(rows), 3, side, side), self.cfg.seed + k, device)
 
@@ -535,9 +532,10 @@ class Algorithm1:
         return sample(h_theta, self.noise(h_theta, k, rows), self.cfg.steps, self.cfg.sampler)
 
     def generate(self, h_theta, count, log=print):
-        return generate(
-            lambda k, rows: self.sample_batch(h_theta, k, rows), count, self.cfg.sample_batch, log
-        )
+        def sample_batch(k, rows):
+            return self.sample_batch(h_theta, k, rows)
+
+        return generate(sample_batch, count, self.cfg.sample_batch, log)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -547,11 +545,13 @@ OPTIMIZERS = ("adam", "adamw")
 
 
 def make_optimizer(params, cfg, pixels=1):
-    """adam: the released torch.optim.Adam, weight decay 0.01 added to the gradient; adamw: decoupled.
-    The released loss sums over an image's `pixels` where ours averages. Adam's steps ignore that scale once
-    eps and an L2 term in the gradient are divided by `pixels` too: then the steps are the released ones."""
+    """adam: the released torch.optim.Adam, weight decay 0.01 added to the gradient; adamw:
+    decoupled. The released loss sums over an image's `pixels` where ours averages. Adam's steps
+    ignore that scale once eps and an L2 term in the gradient are divided by `pixels` too: then the
+    steps are the released ones."""
     adamw = cfg.optimizer == "adamw"
-    return (torch.optim.AdamW if adamw else torch.optim.Adam)(
+    optimizer = torch.optim.AdamW if adamw else torch.optim.Adam
+    return optimizer(
         params,
         lr=cfg.lr,
         betas=(0.9, 0.999),
@@ -563,14 +563,16 @@ def make_optimizer(params, cfg, pixels=1):
 
 def learning_rate(cfg, images_seen):
     """EDM's warm-up: the rate grows linearly over the first lr_rampup million images (0: none)."""
-    return cfg.lr * min(images_seen / (cfg.lr_rampup * 1e6), 1) if cfg.lr_rampup else cfg.lr
+    if not cfg.lr_rampup:
+        return cfg.lr
+    return cfg.lr * min(images_seen / (cfg.lr_rampup * 1e6), 1)
 
 
 @torch.no_grad()
 def ema_update(ema, net, images_seen, batch):
-    """EDM's EMA: half-life 500k images, or 5% of the images seen before this step while that is less."""
+    """EDM's EMA: half-life 500k images, or 5% of the images seen before this step if less."""
     beta = 0.5 ** (batch / max(min(500_000, 0.05 * images_seen), 1e-8))
-    for p_ema, p in zip(ema.parameters(), net.parameters()):
+    for p_ema, p in zip(ema.parameters(), net.parameters(), strict=True):
         p_ema.lerp_(p, 1 - beta)
 
 
@@ -579,14 +581,14 @@ class TrainState:  # everything that changes as the loop runs; a checkpoint hold
     net: nn.Module
     ema: nn.Module
     opt: torch.optim.Optimizer
-    gen: (
-        torch.Generator
-    )  # the batches' random numbers; the initialisation and dropout use torch's global one
+    # The batches' random numbers; the initialisation and dropout use torch's global generator.
+    gen: torch.Generator
     step: int = 0
 
 
 def eager_step(state, method, cfg):
-    """Lines 3-15 as a function of nothing, the form repro_gpu.py's steps share. The loss stays on the device."""
+    """Lines 3-15 as a function of nothing, the form repro_gpu.py's steps share.
+    The loss stays on the device."""
 
     def step():
         loss = method.loss(state.net, method.batch(state.gen)).mean()
@@ -642,15 +644,14 @@ def training_state(net, cfg, pixels, saved=None):
                 "--resume: the checkpoint's random state is from another device type; resume on it"
             )
         try:
-            (
-                net.load_state_dict(saved["net"]),
-                state.ema.load_state_dict(saved["ema"]),
-                state.opt.load_state_dict(saved["opt"]),
-            )
+            net.load_state_dict(saved["net"])
+            state.ema.load_state_dict(saved["ema"])
+            state.opt.load_state_dict(saved["opt"])
         except (RuntimeError, ValueError):
             raise UserError(
-                "--resume: the checkpoint holds another network; resume it with the script that trained it"
-            )
+                "--resume: the checkpoint holds another network; "
+                "resume it with the script that trained it"
+            ) from None
         state.gen.set_state(saved["rng"].cpu())
         if "dropout_rng" in saved:  # runs before 763cef1 have none
             global_rng(device, saved["dropout_rng"])
@@ -658,33 +659,37 @@ def training_state(net, cfg, pixels, saved=None):
     return state
 
 
+def weights_finite(net):
+    return bool(torch.stack([p.isfinite().all() for p in net.parameters()]).all())
+
+
 def train(method, state, cfg, out=None, log=print, make_step=eager_step):
-    """Lines 2-16: steps until cfg.iters, a progress line every cfg.log_every steps and a checkpoint every
-    cfg.ckpt_every in the folder `out` (None: write nothing, as a second GPU's process). Returns the EMA."""
-    step, t0, first, bad = make_step(state, method, cfg), time.time(), state.step, torch.tensor(0)
+    """Lines 2-16: steps until cfg.iters, a progress line every cfg.log_every steps and a
+    checkpoint every cfg.ckpt_every in the folder `out` (None: write nothing, as a second GPU's
+    process). Returns the EMA."""
+    step = make_step(state, method, cfg)
+    t0 = time.time()
+    first = state.step
+    bad = torch.tensor(0)  # the first non-finite step, kept on the device: no sync per step
     while state.step < cfg.iters:
         loss = step()
         state.step += 1
-        bad = torch.where(
-            torch.isfinite(loss) | (bad > 0), bad, state.step
-        )  # the first non-finite step, no sync
-        logs, saves = (
-            state.step % every == 0 or state.step == cfg.iters
-            for every in (cfg.log_every, cfg.ckpt_every)
-        )
-        if (logs or saves) and (
-            bad.item()
-            or not torch.stack([p.isfinite().all() for p in state.net.parameters()]).all()
-        ):
+        bad = torch.where(torch.isfinite(loss) | (bad > 0), bad, state.step)
+        last = state.step == cfg.iters
+        logs = state.step % cfg.log_every == 0 or last
+        saves = state.step % cfg.ckpt_every == 0 or last
+        if (logs or saves) and (bad.item() or not weights_finite(state.net)):
             raise UserError(
-                f"training is not finite from step {bad.item() or state.step} on (a finite loss can still give "
-                "infinite gradients); the last checkpoint before it is kept. Lower --lr or check the data, then --resume"
+                f"training is not finite from step {bad.item() or state.step} on (a finite loss "
+                "can still give infinite gradients); the last checkpoint before it is kept. "
+                "Lower --lr or check the data, then --resume"
             )
         if logs:
             rate = (state.step - first) * cfg.batch / (time.time() - t0)
+            eta = (cfg.iters - state.step) * cfg.batch / rate / 60
             log(
                 f"step {state.step}/{cfg.iters}  loss {loss.item():.4f}  {rate:.0f} img/s  "
-                f"eta {(cfg.iters - state.step) * cfg.batch / rate / 60:.1f} min"
+                f"eta {eta:.1f} min"
             )
         if out and saves:
             save_checkpoint(state, method, cfg, Path(out) / "checkpoint.pt")
@@ -695,14 +700,15 @@ def train(method, state, cfg, out=None, log=print, make_step=eager_step):
 
 # ------------------------------------------------------------------------------------------------
 # 7. Sampler (Eq. 5): the probability-flow ODE, integrated in EDM units where it reads
-# dx/dsigma = (x - D(x; sigma)) / sigma, with D(x; sigma) = h_theta(alpha x, sigma_t). Dividing the
-# VP x_t by alpha turns the VP ODE into this one. Steps follow EDM's rho = 7 spacing; Heun's method (40
-# steps, as released) is the default: Euler with as many network calls lands several times farther from
-# the exact flow (test_heun_error_shrinks_faster_than_euler).
+# dx/dsigma = (x - D(x; sigma)) / sigma, with D(x; sigma) = h_theta(alpha x, sigma_t). Dividing
+# the VP x_t by alpha turns the VP ODE into this one. Steps follow EDM's rho = 7 spacing; Heun's
+# method (40 steps, as released) is the default: Euler with as many network calls lands several
+# times farther from the exact flow (test_heun_error_shrinks_faster_than_euler).
 #
 # To stop at sigma_stop > 0 (Lemma 4.1 stops at t_n), integrate in s = sqrt(sigma^2 - sigma_stop^2):
-# the ODE reads dx/ds = (x - E[x_stop | x]) / s with E[x_stop | x] = r x + (1 - r) D, r = sigma_stop^2
-# / sigma^2 (Lemma C.1 in EDM units), so the last (Euler) step to s = 0 lands on E[x_stop | x].
+# the ODE reads dx/ds = (x - E[x_stop | x]) / s with E[x_stop | x] = r x + (1 - r) D,
+# r = sigma_stop^2 / sigma^2 (Lemma C.1 in EDM units), so the last (Euler) step to s = 0 lands on
+# E[x_stop | x].
 # ------------------------------------------------------------------------------------------------
 def sigma_steps(steps, sigma_max=SIGMA_MAX):
     """EDM's rho = 7 grid from sigma_max down to SIGMA_MIN, then 0."""
@@ -712,40 +718,38 @@ def sigma_steps(steps, sigma_max=SIGMA_MAX):
 
 
 def initial_noise(shape, seed, device="cpu", dtype=torch.float32):
-    """Eq. 5's starting point at sigma = 80, drawn on the CPU: the same noise for a seed on every device."""
-    return (
-        torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-        * SIGMA_MAX
-    ).to(device, dtype)
+    """Eq. 5's starting point at sigma = 80, drawn on the CPU: one seed, one noise, any device."""
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=gen, dtype=torch.float64) * SIGMA_MAX).to(device, dtype)
 
 
 @torch.no_grad()
 def sample(h_theta, x, steps=40, sampler="heun", sigma_stop=0.0):
-    """Integrate Eq. 5 from x at sigma = 80 down to sigma_stop. Returns EDM units: x_0 + sigma_stop n."""
+    """Integrate Eq. 5 from x at sigma = 80 down to sigma_stop; returns x_0 + sigma_stop n (EDM)."""
 
-    def x_stop_pred(x, s):  # E[x_stop | x] at the noise level sigma = sqrt(s^2 + sigma_stop^2)
-        sigma = torch.full(
-            (x.shape[0],), (s**2 + sigma_stop**2) ** 0.5, dtype=x.dtype, device=x.device
-        )
+    def x_stop_pred(x, s):
+        """E[x_stop | x] at the noise level sigma = sqrt(s^2 + sigma_stop^2)."""
+        level = (s**2 + sigma_stop**2) ** 0.5
+        sigma = torch.full((x.shape[0],), level, dtype=x.dtype, device=x.device)
         D = h_theta(x * bcast(alpha(vp_from_edm(sigma)), x), vp_from_edm(sigma))
         r = sigma_stop**2 / (s**2 + sigma_stop**2)
         return r * x + (1 - r) * D
 
     s_grid = sigma_steps(steps, (SIGMA_MAX**2 - sigma_stop**2) ** 0.5).tolist()
-    for s, s_next in zip(s_grid[:-1], s_grid[1:]):
+    for s, s_next in zip(s_grid[:-1], s_grid[1:], strict=True):
         d = (x - x_stop_pred(x, s)) / s
         x_next = x + (s_next - s) * d
-        if (
-            sampler == "heun" and s_next > 0
-        ):  # trapezoid rule, except on the last step: no slope at s = 0
-            x_next = x + (s_next - s) * (d + (x_next - x_stop_pred(x_next, s_next)) / s_next) / 2
+        # Heun: the trapezoid rule, except on the last step, where s = 0 has no slope
+        if sampler == "heun" and s_next > 0:
+            d_next = (x_next - x_stop_pred(x_next, s_next)) / s_next
+            x_next = x + (s_next - s) * (d + d_next) / 2
         x = x_next
     return x
 
 
 @torch.no_grad()
 def generate(sample_batch, count, batch=256, log=print):
-    """`count` images, batch k (samples number `rows`) from sample_batch(k, rows), clamped to [-1, 1]."""
+    """`count` images, batch k (samples numbered `rows`) from sample_batch(k, rows), in [-1, 1]."""
     out = []
     for k, start in enumerate(range(0, count, batch)):
         out.append(sample_batch(k, range(start, min(count, start + batch))).clamp(-1, 1).cpu())
@@ -755,9 +759,10 @@ def generate(sample_batch, count, batch=256, log=print):
 
 # ------------------------------------------------------------------------------------------------
 # 8. Memorization, without DINOv2. The paper scores a sample by the DINOv2 cosine to its nearest
-# training image (eval_memorization.py). Pixels give two weight-free stand-ins: the cosine of mean-
-# centred pixels (it ignores brightness shifts), and d1/d2, the L2 distance to the nearest training
-# image over the second-nearest: a copy sits far closer to one image than to any other (Gu et al. 2023).
+# training image (eval_memorization.py). Pixels give two weight-free stand-ins: the cosine of
+# mean-centred pixels (it ignores brightness shifts), and d1/d2, the L2 distance to the nearest
+# training image over the second-nearest: a copy sits far closer to one image than to any other
+# (Gu et al. 2023).
 # ------------------------------------------------------------------------------------------------
 COSINE_THRESHOLDS = (0.9, 0.925, 0.95)  # Table 1's CIFAR-10 thresholds
 COPY_RATIO = 1 / 3
@@ -771,7 +776,9 @@ def nearest_neighbours(samples, train, chunk=1024):
     for s in samples.flatten(1).float().split(chunk):
         best = (F.normalize(s - s.mean(1, keepdim=True), dim=1) @ tc.T).max(1)
         d = torch.cdist(s, t).topk(min(2, len(t)), dim=1, largest=False)
-        cos.append(best.values), cos_idx.append(best.indices), l2_idx.append(d.indices[:, 0])
+        cos.append(best.values)
+        cos_idx.append(best.indices)
+        l2_idx.append(d.indices[:, 0])
         ratio.append(d.values[:, 0] / d.values[:, -1].clamp_min(1e-12))
     return dict(
         cosine=torch.cat(cos),
@@ -801,25 +808,28 @@ def save_neighbour_grid(samples, train, idx, path, pairs=32, per_row=8, upscale=
     from torchvision.utils import save_image
 
     k = min(pairs, len(samples))
-    tiles = torch.stack([samples[:k], train[idx[:k]].to(samples)], 1).flatten(
-        0, 1
-    )  # s0, n0, s1, n1, ...
+    # sample 0, its neighbour, sample 1, its neighbour, ...
+    tiles = torch.stack([samples[:k], train[idx[:k]].to(samples)], 1).flatten(0, 1)
     tiles = F.pad(F.interpolate(tiles, scale_factor=upscale), (0, 0, 0, upscale * 2), value=1)
     save_image((tiles + 1) / 2, path, nrow=2 * per_row, padding=2, pad_value=1)
 
 
 # ------------------------------------------------------------------------------------------------
-# 9. Closed forms: the optimal denoisers the theory is about; test_ambient.py checks the sampler with them.
+# 9. Closed forms: the optimal denoisers the theory is about; test_ambient.py checks the sampler
+# with them.
 # ------------------------------------------------------------------------------------------------
 def ambient_optimal_denoiser(S_tn, sigma_tn):
-    """Lemma 4.1: the minimiser of Eq. 6 when the data are the finite set S_tn (VP units), t > t_n: x_tn
-    is one of S_tn, weighted by N(x_t; (alpha_t/alpha_tn) x_tn, (sigma_t^2 - sigma_tn^2)/(1 - sigma_tn^2)),
-    and Lemma C.1's map gives E[x_0 | x_t]. With sigma_tn = 0 it is Eq. 3's empirical optimum."""
-    points, sq_norms = S_tn.flatten(1), S_tn.flatten(1).square().sum(1)
+    """Lemma 4.1: the minimiser of Eq. 6 when the data are the finite set S_tn (VP units), t > t_n.
+    x_tn is one of S_tn, weighted by N(x_t; (alpha_t / alpha_tn) x_tn, s2) with
+    s2 = (sigma_t^2 - sigma_tn^2) / (1 - sigma_tn^2), and Lemma C.1's map gives E[x_0 | x_t].
+    With sigma_tn = 0 it is Eq. 3's empirical optimum."""
+    points = S_tn.flatten(1)
+    sq_norms = points.square().sum(1)
 
     def h(x_t, sigma_t):
         sigma_t = torch.as_tensor(sigma_t, dtype=x_t.dtype).expand(x_t.shape[0])
-        scale, s2 = alpha(sigma_t) / alpha(sigma_tn), (sigma_t**2 - sigma_tn**2) / (1 - sigma_tn**2)
+        scale = alpha(sigma_t) / alpha(sigma_tn)
+        s2 = (sigma_t**2 - sigma_tn**2) / (1 - sigma_tn**2)
         x = x_t.flatten(1)
         d2 = (
             x.square().sum(1, keepdim=True)
@@ -839,70 +849,54 @@ def empirical_denoiser(S):
 
 
 # ------------------------------------------------------------------------------------------------
-# 10. Command line: one typed Config holds each setting, its --flag, default and help; extensions subclass it.
+# 10. Command line: one typed Config holds each setting, its --flag, default and help; extensions
+# subclass it.
 # ------------------------------------------------------------------------------------------------
-def option(
-    default, help, **meta
-):  # same_run: a resume must match it; saved=False: not in config.json
+def option(default, help, **meta):
+    """A setting with a --flag. saved=False: not in config.json."""
     return field(default=default, metadata=dict(help=help, **meta))
+
+
+def fixed(default, help, **meta):
+    """A setting that a --resume must repeat: it defines the run."""
+    return option(default, help, same_run=True, **meta)
 
 
 @dataclass
 class Config:
-    data: str = option(
-        "demo",
-        "cifar, demo (800 CIFAR-10 images), an .npz of uint8 'images' NxHxWx3, or a folder",
-        same_run=True,
+    data: str = fixed(
+        "demo", "cifar, demo (800 CIFAR-10 images), an .npz of uint8 'images' NxHxWx3, or a folder"
     )
     data_dir: str = option("data", "where --data cifar is downloaded or placed")
-    n: int = option(
-        None, "train on a seeded random n images (paper: 300/1000/3000)", type=int, same_run=True
+    n: int = fixed(None, "train on a seeded random n images (paper: 300/1000/3000)", type=int)
+    sigma_tn: float = fixed(
+        0.4, "the noisy copies' EDM noise level; 0 = DDPM (paper: 0.4-4; train.sh: 0.5)"
     )
-    sigma_tn: float = option(
-        0.4,
-        "the noisy copies' EDM noise level; 0 = DDPM (paper: 0.4-4; train.sh: 0.5)",
-        same_run=True,
+    schedule: str = fixed(
+        "edm", "edm (released, log-normal) or algorithm1 (the text)", choices=("edm", "algorithm1")
     )
-    schedule: str = option(
-        "edm",
-        "edm (released, log-normal) or algorithm1 (the text)",
-        choices=("edm", "algorithm1"),
-        same_run=True,
+    ambient_weight: str = fixed(
+        "released", "Eq. 6's weight: released, or x0 (NOTES.md)", choices=AMBIENT_WEIGHTS
     )
-    ambient_weight: str = option(
-        "released",
-        "Eq. 6's weight: released, or x0 (NOTES.md)",
-        choices=AMBIENT_WEIGHTS,
-        same_run=True,
+    preset: str = fixed(
+        "paper", "paper (6.5M), edm (DDPM++, 54M) or tiny (0.7M, CPU)", choices=tuple(PRESETS)
     )
-    preset: str = option(
-        "paper",
-        "paper (6.5M), edm (DDPM++, 54M) or tiny (0.7M, CPU)",
-        choices=tuple(PRESETS),
-        same_run=True,
+    dropout: float = fixed(
+        None, "dropout (default: the preset's; released train.sh: 0.05)", type=float
     )
-    dropout: float = option(
-        None, "dropout (default: the preset's; released train.sh: 0.05)", type=float, same_run=True
-    )
-    resolution: int = option(None, "downsample the images to this side", type=int, same_run=True)
+    resolution: int = fixed(None, "downsample the images to this side", type=int)
     iters: int = option(
         30000,
         "iterations (paper: 30000); a --resume with another value extends or shortens the run",
     )
-    batch: int = option(256, "batch size (paper: 256)", same_run=True)
-    lr: float = option(1e-4, "learning rate (paper: 1e-4)", same_run=True)
-    optimizer: str = option(
-        "adam", "adam (released, L2 decay) or adamw (decoupled)", choices=OPTIMIZERS, same_run=True
+    batch: int = fixed(256, "batch size (paper: 256)")
+    lr: float = fixed(1e-4, "learning rate (paper: 1e-4)")
+    optimizer: str = fixed(
+        "adam", "adam (released, L2 decay) or adamw (decoupled)", choices=OPTIMIZERS
     )
-    lr_rampup: float = option(
-        0.0, "warm-up over this many million images (released: 10)", same_run=True
-    )
-    flip: bool = option(
-        False, "random horizontal flips, an image and its noisy copy together", same_run=True
-    )
-    seed: int = option(
-        0, "seeds the subset, S_tn, initialisation, batches and sampling", same_run=True
-    )
+    lr_rampup: float = fixed(0.0, "warm-up over this many million images (released: 10)")
+    flip: bool = fixed(False, "random horizontal flips, an image and its noisy copy together")
+    seed: int = fixed(0, "seeds the subset, S_tn, initialisation, batches and sampling")
     samples: int = option(256, "images to generate after training")
     steps: int = option(40, "ODE steps for sampling (released: 40)")
     sampler: str = option("heun", "heun (EDM's, as released) or euler", choices=("heun", "euler"))
@@ -918,15 +912,16 @@ class Config:
         False, "continue the checkpoint in --out; the config must match", saved=False
     )
     device: str = option("auto", "auto (cuda if there is one), cpu, cuda, cuda:1, ...", saved=False)
-    data_path: str = (
-        None  # not a flag: the run fills in the absolute path of a file or folder dataset
-    )
-    method: str = field(
-        default="algorithm1", metadata=dict(same_run=True)
-    )  # not a flag here; baselines.py's runs name theirs
-    LEGACY = dict(
-        ambient_weight="x0", optimizer="adamw", dropout=0.0, lr_rampup=0.0
-    )  # what runs before 763cef1 used
+    # Not flags: the run fills in the absolute path of a file or folder dataset, and baselines.py's
+    # runs name their method.
+    data_path: str = None
+    method: str = field(default="algorithm1", metadata=dict(same_run=True))
+    # What runs before 763cef1 used where their config.json lacks a key.
+    LEGACY = dict(ambient_weight="x0", optimizer="adamw", dropout=0.0, lr_rampup=0.0)
+    # The smallest value each number may take.
+    LOWEST = dict(iters=0, lr_rampup=0, n=2)
+    LOWEST.update(dict.fromkeys(["batch", "samples", "steps", "sample_batch", "resolution"], 1))
+    LOWEST.update(log_every=1, ckpt_every=1)
 
     def saved(self):
         return {
@@ -934,57 +929,38 @@ class Config:
         }
 
     @classmethod
-    def from_saved(cls, saved):  # unknown keys dropped, missing ones LEGACY's or the default
-        return cls(
-            **{
-                **cls.LEGACY,
-                **{k: v for k, v in saved.items() if k in {f.name for f in fields(cls)}},
-            }
-        )
+    def from_saved(cls, saved):
+        """A run's config.json: unknown keys dropped, missing ones LEGACY's or the default."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{**cls.LEGACY, **{k: v for k, v in saved.items() if k in known}})
 
-    def differences(
-        self, other
-    ):  # the same_run keys that differ; a dataset is compared by its resolved path
+    def differences(self, other):
+        """The same_run keys that differ; a dataset is compared by its resolved path."""
         diff = [
             f.name
             for f in fields(self)
             if f.metadata.get("same_run") and getattr(self, f.name) != getattr(other, f.name)
         ]
-        return [
-            k
-            for k in diff
-            if not (k == "data" and self.data_path and self.data_path == other.data_path)
-        ]
+        same_data = self.data_path and self.data_path == other.data_path
+        return [k for k in diff if not (k == "data" and same_data)]
 
-    def check(self):  # every check that needs no data, before anything slow happens
+    def check(self):
+        """Every check that needs no data, before anything slow happens."""
         if not (self.sigma_tn == 0 or SIGMA_MIN < self.sigma_tn < SIGMA_MAX):
-            where = (
-                "negative"
-                if self.sigma_tn < 0
-                else "below the lowest"
-                if self.sigma_tn < 1
-                else "at or above the top"
-            )
+            if self.sigma_tn < 0:
+                where = "negative"
+            elif self.sigma_tn < 1:
+                where = "below the lowest"
+            else:
+                where = "at or above the top"
             raise UserError(
-                f"--sigma-tn {self.sigma_tn} is {where} noise level trained ({SIGMA_MIN} to {SIGMA_MAX}); use 0 "
-                "for DDPM or a level such as 0.4 (paper: 0.4 to 4)"
+                f"--sigma-tn {self.sigma_tn} is {where} noise level trained ({SIGMA_MIN} to "
+                f"{SIGMA_MAX}); use 0 for DDPM or a level such as 0.4 (paper: 0.4 to 4)"
             )
-        for key, low in dict(
-            iters=0,
-            batch=1,
-            samples=1,
-            steps=1,
-            sample_batch=1,
-            log_every=1,
-            ckpt_every=1,
-            resolution=1,
-            n=2,
-            lr_rampup=0,
-        ).items():
-            if getattr(self, key) is not None and getattr(self, key) < low:
-                raise UserError(
-                    f"--{key.replace('_', '-')} {getattr(self, key)} must be at least {low}"
-                )
+        for key, low in self.LOWEST.items():
+            value = getattr(self, key)
+            if value is not None and value < low:
+                raise UserError(f"--{key.replace('_', '-')} {value} must be at least {low}")
         if not 0 <= (self.dropout or 0) < 1:
             raise UserError(f"--dropout {self.dropout} must be in [0, 1)")
 
@@ -992,8 +968,9 @@ class Config:
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, not argparse's usage block
         print(
-            f"error: {message}; see `python {self.prog} --help` (class conditioning: conditional.py, the baselines: "
-            "baselines.py, GPU options: repro_gpu.py, comparing runs: eval_memorization.py)",
+            f"error: {message}; see `python {self.prog} --help` (class conditioning: "
+            "conditional.py, the baselines: baselines.py, GPU options: repro_gpu.py, comparing "
+            "runs: eval_memorization.py)",
             file=sys.stderr,
         )
         sys.exit(2)
@@ -1008,11 +985,10 @@ def build_parser(config=Config):
     for f in (f for f in fields(config) if "help" in f.metadata):
         meta = {k: v for k, v in f.metadata.items() if k not in ("same_run", "saved")}
         meta["help"] += "" if f.default in (None, False) else f" (default: {f.default})"
-        kind = (
-            dict(action="store_true")
-            if f.default is False
-            else dict(default=f.default, type=type(f.default))
-        )
+        if f.default is False:
+            kind = dict(action="store_true")
+        else:
+            kind = dict(default=f.default, type=type(f.default))
         p.add_argument("--" + f.name.replace("_", "-"), **{**kind, **meta})
     return p
 
@@ -1022,26 +998,27 @@ def pick_device(name):
     try:
         device = torch.device("cuda" if cuda else "cpu") if name == "auto" else torch.device(name)
     except RuntimeError:
-        raise UserError(f"--device {name} is not a device name; use auto, cpu or cuda")
+        raise UserError(f"--device {name} is not a device name; use auto, cpu or cuda") from None
     if device.type == "cuda" and (device.index or 0) >= cuda:
-        raise UserError(
-            f"--device {name}: this machine has {cuda} CUDA device(s){'' if cuda else '; use --device cpu'}"
-        )
+        fix = "" if cuda else "; use --device cpu"
+        raise UserError(f"--device {name}: this machine has {cuda} CUDA device(s){fix}")
     return device
 
 
 def check_resolution(cfg, images):
-    """Fills in the config's resolution (default: the images') once it fits the images and the network."""
+    """Fills in the config's resolution (default: the images') once it fits images and network."""
     h, w = images.shape[1:3]
-    step, cfg.resolution = 2 ** (len(PRESETS[cfg.preset]["mults"]) - 1), cfg.resolution or h
+    step = 2 ** (len(PRESETS[cfg.preset]["mults"]) - 1)  # the U-Net halves the side this often
+    cfg.resolution = cfg.resolution or h
     if h != w:
         raise UserError(
             f"the images are {h}x{w}: the network takes square images; crop them to a square first"
         )
     if cfg.resolution > h or cfg.resolution % step:
+        nearest = min(h // step, max(1, round(cfg.resolution / step))) * step
         raise UserError(
-            f"--resolution {cfg.resolution}: preset {cfg.preset} needs a multiple of {step} no larger than "
-            f"the images' {h}; pass --resolution {min(h // step, max(1, round(cfg.resolution / step))) * step}"
+            f"--resolution {cfg.resolution}: preset {cfg.preset} needs a multiple of {step} no "
+            f"larger than the images' {h}; pass --resolution {nearest}"
         )
 
 
@@ -1050,8 +1027,9 @@ def read_config(folder):
         return json.loads((Path(folder) / "config.json").read_text())
     except (OSError, ValueError) as e:
         raise UserError(
-            f"cannot read {Path(folder) / 'config.json'} ({type(e).__name__}); restore it, or start anew"
-        )
+            f"cannot read {Path(folder) / 'config.json'} ({type(e).__name__}); "
+            "restore it, or start anew"
+        ) from None
 
 
 def open_run(cfg, out, device):
@@ -1068,31 +1046,28 @@ def open_run(cfg, out, device):
         )
     saved = type(cfg).from_saved(read_config(out))
     if saved.differences(cfg):
+        differences = ", ".join(
+            f"{k}: {getattr(saved, k)!r} there, {getattr(cfg, k)!r} here"
+            for k in saved.differences(cfg)
+        )
         raise UserError(
-            f"--resume: {out} was trained with a different config ("
-            + ", ".join(
-                f"{k}: {getattr(saved, k)!r} there, {getattr(cfg, k)!r} here"
-                for k in saved.differences(cfg)
-            )
-            + "); repeat the original flags or use another --out"
+            f"--resume: {out} was trained with a different config ({differences}); "
+            "repeat the original flags or use another --out"
         )
     try:
         return torch.load(out / "checkpoint.pt", map_location=device, weights_only=False)
-    except (
-        Exception
-    ) as e:  # truncated or empty: a copy or a disk that failed, not a run killed mid-write
+    except Exception as e:  # truncated or empty: a failed copy or disk, not a run killed mid-write
         raise UserError(
             f"--resume: {out / 'checkpoint.pt'} is damaged ({type(e).__name__}); restore it from a "
             "backup, or start again without --resume in another --out"
-        )
+        ) from None
 
 
 def run(cfg, method, make_step=eager_step, main_process=True):
-    """Train `method` as cfg says, sample and score it; only the main process writes (multi-GPU runs)."""
+    """Train `method` as cfg says, sample and score it; only the main process writes (multi-GPU)."""
     device = pick_device(cfg.device)
-    if (
-        device.type == "cuda"
-    ):  # TF32 matmuls and convolutions: float32 range, 10-bit mantissa, much faster
+    # TF32 matmuls and convolutions on CUDA: float32 range, 10-bit mantissa, much faster
+    if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     images, indices = method.training_set()
     check_resolution(cfg, images)
@@ -1104,7 +1079,9 @@ def run(cfg, method, make_step=eager_step, main_process=True):
 
     def log(msg):
         if logfile:
-            print(msg, flush=True), logfile.write(msg + "\n"), logfile.flush()
+            print(msg, flush=True)
+            logfile.write(msg + "\n")
+            logfile.flush()
 
     torch.manual_seed(cfg.seed)
     S = prepare(images[indices], cfg.resolution).to(device)
@@ -1113,76 +1090,64 @@ def run(cfg, method, make_step=eager_step, main_process=True):
     if main_process:
         (out / "config.json").write_text(json.dumps(cfg.saved(), indent=1))
         (out / "indices.json").write_text(json.dumps(indices.tolist()))
+    side = cfg.resolution
+    millions = sum(p.numel() for p in net.parameters()) / 1e6
     log(
-        f"{'resuming' if saved else 'training'} {out}: {len(S)} images at {cfg.resolution}x{cfg.resolution} on {device}, "
-        f"preset {cfg.preset} ({sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters), {method.describe()}"
+        f"{'resuming' if saved else 'training'} {out}: {len(S)} images at {side}x{side} on "
+        f"{device}, preset {cfg.preset} ({millions:.2f}M parameters), {method.describe()}"
     )
     if device.type == "cpu" and cfg.preset != "tiny" and cfg.iters > 1000:
         log(
-            f"note: the {cfg.preset} preset on CPU takes days; try --preset tiny --resolution 16, or `make demo`"
+            f"note: the {cfg.preset} preset on CPU takes days; "
+            "try --preset tiny --resolution 16, or `make demo`"
         )
-    ema = train(
-        method,
-        training_state(net, cfg, S[0].numel(), saved),
-        cfg,
-        out if main_process else None,
-        log,
-        make_step,
-    )
+    state = training_state(net, cfg, S[0].numel(), saved)
+    ema = train(method, state, cfg, out if main_process else None, log, make_step)
     if main_process:
         report(method.generate(ema, cfg.samples, log), S.cpu(), out, log)
     return out
 
 
-def roughness(x):  # mean |difference| of neighbouring pixels: noise has far more of it than images
-    return (
-        (x[..., 1:, :] - x[..., :-1, :]).abs().mean()
-        + (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
-    ).item()
+def roughness(x):
+    """Mean |difference| of neighbouring pixels: noise has far more of it than images."""
+    vertical = (x[..., 1:, :] - x[..., :-1, :]).abs().mean()
+    horizontal = (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
+    return (vertical + horizontal).item()
 
 
 def report(samples, S, out, log):
-    """Samples, their nearest training images, and whether they look like images at all (roughness)."""
+    """Samples, their nearest training images, and whether they look like images at all."""
     from torchvision.utils import save_image
 
-    save_image(
-        (F.interpolate(samples[:64], scale_factor=max(1, 64 // samples.shape[-1])) + 1) / 2,
-        out / "samples.png",
-    )
-    np.savez_compressed(
-        out / "samples.npz",
-        images=((samples + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy(),
-    )
+    enlarged = F.interpolate(samples[:64], scale_factor=max(1, 64 // samples.shape[-1]))
+    save_image((enlarged + 1) / 2, out / "samples.png")
+    images = ((samples + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    np.savez_compressed(out / "samples.npz", images=images)
     metrics, nn_ = memorization_report(samples, S)
-    metrics["roughness_vs_train"] = roughness(samples) / max(
-        roughness(S), 1e-12
-    )  # 1e-12: flat training images
+    # max: training images may be flat
+    metrics["roughness_vs_train"] = roughness(samples) / max(roughness(S), 1e-12)
     save_neighbour_grid(samples, S, nn_["l2_idx"], out / "neighbours.png")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    log(
-        "memorization (pixels): "
-        + ", ".join(
-            f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()
-        )
-    )
-    if (
-        metrics["roughness_vs_train"] > 1.5
-    ):  # 763cef1's trained CPU runs 0.94-1.14; untrained 2.4-3.0; noisy-only 3.6-4.0
+    shown = (f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+    log("memorization (pixels): " + ", ".join(shown))
+    # 763cef1's trained CPU runs: 0.94-1.14; untrained 2.4-3.0; noisy-only 3.6-4.0
+    if metrics["roughness_vs_train"] > 1.5:
         log(
-            f"warning: the samples are {metrics['roughness_vs_train']:.1f}x as rough as the training images, as noise is: "
-            "the model has not learned the data, so its copy rate says nothing"
+            f"warning: the samples are {metrics['roughness_vs_train']:.1f}x as rough as the "
+            "training images, as noise is: the model has not learned the data, so its copy rate "
+            "says nothing"
         )
     log(
-        f"wrote {out}/: config.json, checkpoint.pt, samples.png, samples.npz, neighbours.png, metrics.json, log.txt"
+        f"wrote {out}/: config.json, checkpoint.pt, samples.png, samples.npz, neighbours.png, "
+        "metrics.json, log.txt"
     )
 
 
 def main(argv=None, config=Config, start=lambda cfg: run(cfg, Algorithm1(cfg))):
-    """ambient.py's command line; baselines.py, conditional.py and repro_gpu.py call it with their own."""
+    """ambient.py's command line; baselines.py, conditional.py and repro_gpu.py pass their own."""
     args = build_parser(config).parse_args(argv)
-    signal.signal(
-        signal.SIGTERM, signal.default_int_handler
-    )  # schedulers and `timeout` stop a run as Ctrl-C does
+    # Schedulers and `timeout` stop a run as Ctrl-C does.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         cfg = config(**vars(args))
         cfg.check()
