@@ -1,17 +1,17 @@
 """Throughput benchmark for ambient.py (`make bench`): a benchmark, not a test.
 
-    python bench.py                                   # tiny preset on CPU, paper preset on the GPU if any
+    python bench.py                                        # tiny on CPU, paper on the GPU if any
     python bench.py --preset paper --batch 256 --dtype bf16 --device cuda
-    python bench.py --preset paper --graph                                  # the whole step as one CUDA graph
-    python bench.py --preset edm --graph --channels-last                    # EDM's DDPM++ size (54M)
+    python bench.py --preset paper --graph                 # the whole step as one CUDA graph
+    python bench.py --preset edm --graph --channels-last   # EDM's DDPM++ size (54M)
 
 Each case times the training step ambient.py's loop runs (ambient.eager_step through repro_gpu.py's
 wrapper for the options: Algorithm 1 batch, forward, backward, Adam, EMA) and Heun sampling (--steps
-steps, 2 * steps - 1 network calls per image). It prints the first step's seconds (with --compile: the
-compilation), training images/s, sampling images/s, model FLOPs per image from torch's FLOP counter
-and the share of the device's peak (MFU). The peak is measured here, as the rate of a large dense
-matmul in the same dtype, not taken from a data sheet. On CPU each case also runs in a child process
-without the Makefile's glibc malloc settings, to show what they change.
+steps, 2 * steps - 1 network calls per image). It prints the first step's seconds (with --compile:
+the compilation), training images/s, sampling images/s, model FLOPs per image from torch's FLOP
+counter and the share of the device's peak (MFU). The peak is measured here, as the rate of a large
+dense matmul in the same dtype, not taken from a data sheet. On CPU each case also runs in a child
+process without the Makefile's glibc malloc settings, to show what they change.
 """
 
 import argparse
@@ -90,13 +90,15 @@ def bench(args, preset, device, batch):
         max(2, args.repeat // 5),
     )
     peak = matmul_peak(device, DTYPES[args.dtype])
-    options = (" channels_last" if args.channels_last else "") + (
-        f" compile={args.compile}" if args.compile != "none" else ""
-    )
+    options = " channels_last" if args.channels_last else ""
+    options += f" compile={args.compile}" if args.compile != "none" else ""
     options += " graph" if args.graph else ""
     options += f" {torch.get_num_threads()} threads" if device.type == "cpu" else ""
     return dict(
-        case=f"{preset} {cfg.resolution}x{cfg.resolution} b{batch} {args.dtype} {device.type}{options}",
+        case=(
+            f"{preset} {cfg.resolution}x{cfg.resolution} b{batch} {args.dtype} "
+            f"{device.type}{options}"
+        ),
         device=device.type,
         first_step_s=first_s,
         params=sum(p.numel() for p in state.net.parameters()),
@@ -112,8 +114,9 @@ def bench(args, preset, device, batch):
 
 def row(r, note=""):
     return (
-        f"| {r['case']}{note} | {r['params'] / 1e6:.2f}M | {r['first_step_s']:.1f} | {r['step_ms']:.0f} | {r['train_ips']:.0f} | "
-        f"{r['sample_ips']:.1f} | {r['gflop_per_image']:.3f} | {r['call_gflop']:.3f} | {100 * r['mfu']:.1f}% "
+        f"| {r['case']}{note} | {r['params'] / 1e6:.2f}M | {r['first_step_s']:.1f} | "
+        f"{r['step_ms']:.0f} | {r['train_ips']:.0f} | {r['sample_ips']:.1f} | "
+        f"{r['gflop_per_image']:.3f} | {r['call_gflop']:.3f} | {100 * r['mfu']:.1f}% "
         f"of {r['peak_tflops']:.2f} TFLOP/s |"
     )
 
@@ -188,7 +191,8 @@ def main():
         return print(json.dumps(results[0]))
     malloc_set = all(v in os.environ for v in MALLOC_VARS)
     lines = [
-        "| case | params | first step s | step ms | train img/s | sample img/s | train GFLOP/img | h_theta GFLOP/img | MFU |",
+        "| case | params | first step s | step ms | train img/s | sample img/s | train GFLOP/img "
+        "| h_theta GFLOP/img | MFU |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:

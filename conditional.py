@@ -95,8 +95,8 @@ def with_labels(b, labels, null_label, label_dropout, gen):
 
 
 def conditioned(h_theta, labels, guidance=1.0):
-    """h_theta(x_t, sigma_t) for these classes: the conditional and unconditional predictions mixed as
-    h_u + w (h_c - h_u); w = 1 is plain conditional."""
+    """h_theta(x_t, sigma_t) for these classes: the conditional and unconditional predictions mixed
+    as h_u + w (h_c - h_u); w = 1 is plain conditional."""
     null = torch.full_like(labels, h_theta.num_classes)
 
     def h(x_t, sigma_t):

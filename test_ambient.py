@@ -1,4 +1,4 @@
-"""Facts about ambient.py: each test checks an identity, a closed form, or behaviour a user relies on.
+"""Facts about ambient.py: each test checks an identity, a closed form, or behaviour users rely on.
 
 Run with `make test`. Float64 for the maths, the tiny preset on CPU for the plumbing.
 """
@@ -26,8 +26,8 @@ def gen(seed=0):
 
 
 class GaussianMixture:
-    """x_0 ~ sum_k w_k N(mu_k, Sigma_k) in R^d: E[x_0 | x_t] and log p_t(x_t) in closed form, the ground
-    truth the sampler, Tweedie's formula and the losses are checked against."""
+    """x_0 ~ sum_k w_k N(mu_k, Sigma_k) in R^d: E[x_0 | x_t] and log p_t(x_t) in closed form, the
+    ground truth the sampler, Tweedie's formula and the losses are checked against."""
 
     def __init__(self, weights, means, covs):
         self.weights, self.means, self.covs = weights, means, covs
@@ -57,7 +57,9 @@ class GaussianMixture:
         return torch.logsumexp(self._components(x_t, sigma_t)[2], dim=1)
 
     def denoiser(self, x_t, sigma_t):
-        """E[x_0 | x_t] = sum_k P(k | x_t) (mu_k + alpha Sigma_k (alpha^2 Sigma_k + sigma^2 I)^-1 (x_t - alpha mu_k))."""
+        """E[x_0 | x_t] =
+        sum_k P(k | x_t) (mu_k + alpha Sigma_k (alpha^2 Sigma_k + sigma^2 I)^-1 (x_t - alpha mu_k)).
+        """
         a, sol, log_joint = self._components(x_t, sigma_t)
         post_means = self.means[None] + a[..., 0] * (self.covs[None] @ sol[..., None])[..., 0]
         return (torch.softmax(log_joint, dim=1)[..., None] * post_means).sum(1)
@@ -66,8 +68,8 @@ class GaussianMixture:
 def eps_v_targets(x_t, x_tn, sigma_t, sigma_tn):
     """Lemma C.2: Eq. 6 for eps- and v-prediction networks. With x_0 = (x_t - sigma_t eps)/alpha_t
     = alpha_t x_t - sigma_t v, Eq. 6's residual is -(c_h sigma_t / alpha_t) (eps_pred - eps_target)
-    and -c_h sigma_t (v_pred - v_target): plain regression onto targets made of x_t and x_tn.
-    At sigma_tn = 0 they are eps and v. ambient.py trains x_0 predictors; this is the lemma's form."""
+    and -c_h sigma_t (v_pred - v_target): plain regression onto targets made of x_t and x_tn. At
+    sigma_tn = 0 they are eps and v. ambient.py trains x_0 predictors; this is the lemma's form."""
     c_h, c_x = ambient_coefficients(sigma_t, sigma_tn)
     a, s, c_h, c_x = (bcast(torch.as_tensor(v), x_t) for v in (alpha(sigma_t), sigma_t, c_h, c_x))
     eps_target = ((c_h + a * c_x) * x_t - a * x_tn) / (c_h * s)
@@ -144,14 +146,15 @@ def test_fresh_network_is_c_skip_times_edm_input():
     h = A.Denoiser(16, "tiny")
     x_t, sigma_t = torch.randn(5, 3, 16, 16), torch.tensor([0.05, 0.2, 0.5, 0.9, 0.999])
     sigma = A.edm_from_vp(sigma_t)
-    expected = (A.SIGMA_DATA**2 / (sigma**2 + A.SIGMA_DATA**2) / A.alpha(sigma_t))[
-        :, None, None, None
-    ] * x_t
+    c_skip = A.SIGMA_DATA**2 / (sigma**2 + A.SIGMA_DATA**2)
+    expected = (c_skip / A.alpha(sigma_t))[:, None, None, None] * x_t
     assert torch.allclose(h(x_t, sigma_t), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_preset_sizes_match_the_documented_budget():
-    count = lambda m: sum(p.numel() for p in m.parameters())
+    def count(m):
+        return sum(p.numel() for p in m.parameters())
+
     assert count(A.Denoiser(16, "tiny")) <= 1_000_000
     assert 2_000_000 <= count(A.Denoiser(32, "paper")) <= 50_000_000
     with torch.device("meta"):  # EDM's DDPM++ network for CIFAR-10 has 55.7M parameters
@@ -185,11 +188,11 @@ def test_x0_weight_is_edm_lambda_over_c_h_squared_and_finite_at_t_n():
 
 @pytest.mark.parametrize("flip", [False, True])
 def test_training_loss_is_the_released_loss_per_sample(flip):
-    """The authors' AmbientHighNoise_EDMLowNoise_Loss, written here in EDM units from its description:
-    y = x_0 + sigma n is the network input, y_n = x_0 + sigma_n n_1 the fixed noisy copy, D the x_0
-    prediction, lambda = (sigma^2 + s_d^2) / (sigma s_d)^2. For sigma >= sigma_n the loss is
-    lambda |(1 - r) D + r y - y_n|^2 with r = sigma_n^2 / sigma^2, below it lambda |D - x_0|^2. Theirs
-    sums over pixels where ours averages: a constant factor."""
+    """The authors' AmbientHighNoise_EDMLowNoise_Loss, written here in EDM units from its
+    description: y = x_0 + sigma n is the network input, y_n = x_0 + sigma_n n_1 the fixed noisy
+    copy, D the x_0 prediction, lambda = (sigma^2 + s_d^2) / (sigma s_d)^2. For sigma >= sigma_n
+    the loss is lambda |(1 - r) D + r y - y_n|^2 with r = sigma_n^2 / sigma^2, below it
+    lambda |D - x_0|^2. Theirs sums over pixels where ours averages: a constant factor."""
     S, S_tn = plumbing_data()
     s_n = 0.4
     b = A.algorithm1_batch(S, S_tn, s_n, 512, gen(50), "edm", flip=flip)
@@ -203,9 +206,8 @@ def test_training_loss_is_the_released_loss_per_sample(flip):
     released = torch.where(
         noisy[:, None, None, None], lam * ((1 - r) * D + r * y - y_n) ** 2, lam * (D - b["x0"]) ** 2
     )
-    assert (
-        noisy.any() and (~noisy).any() and (b["sigma"][noisy] < 0.45).any()
-    )  # both branches, some just above t_n
+    # both branches, some just above t_n
+    assert noisy.any() and (~noisy).any() and (b["sigma"][noisy] < 0.45).any()
     assert torch.allclose(ours, released.flatten(1).mean(1), rtol=1e-4, atol=1e-6)
 
 
@@ -236,9 +238,8 @@ def test_lemma_c1_ambient_residual_has_zero_conditional_mean(data):
         return (prod.mean(0) / (prod.std(0) / n**0.5)).abs()
 
     assert z_scores(dist.denoiser(x_t, s_t)).max() < 5  # the exact E[x_0 | x_t]: zero mean
-    wrong = dist.denoiser(
-        x_t, torch.tensor(0.5, dtype=f64)
-    )  # the posterior mean at the wrong level
+    # the posterior mean at the wrong level
+    wrong = dist.denoiser(x_t, torch.tensor(0.5, dtype=f64))
     assert z_scores(wrong).max() > 10  # the check has the power to see a wrong denoiser
 
 
@@ -247,9 +248,8 @@ def test_ambient_loss_minimiser_is_the_clean_posterior_mean():
     dist, mu, cov = gaussian(3)
     g, n = gen(3), 200_000
     s_n, s_t = torch.tensor(0.5, dtype=f64), torch.tensor(0.8, dtype=f64)
-    x_tn = A.add_noise(
-        dist.sample(n, g), s_n, torch.randn(n, 3, generator=g, dtype=f64)
-    )  # S_tn, fixed
+    # S_tn, fixed
+    x_tn = A.add_noise(dist.sample(n, g), s_n, torch.randn(n, 3, generator=g, dtype=f64))
     x_t = A.noise_further(x_tn, s_n, s_t, torch.randn(n, 3, generator=g, dtype=f64))
     W, b = (
         torch.zeros(3, 3, dtype=f64, requires_grad=True),
@@ -288,7 +288,8 @@ def test_eps_and_v_targets_are_eps_and_v_at_zero_sigma_tn():
 
 def test_eps_and_v_losses_are_eq6_reweighted_per_noise_level():
     """Lemma C.2 as a loss: for any x_0 prediction, the eps- and v-form errors are Eq. 6's times
-    (alpha / (c_h sigma))^2 and 1 / (c_h sigma)^2, per sample. Same minimiser, other weights over t."""
+    (alpha / (c_h sigma))^2 and 1 / (c_h sigma)^2, per sample. Same minimiser, other weights
+    over t."""
     g = gen(37)
     x_t, x_tn, x0_pred = (torch.randn(16, 5, generator=g, dtype=f64) for _ in range(3))
     s_n = torch.rand(16, generator=g, dtype=f64) * 0.5
@@ -319,8 +320,8 @@ def test_x0_eps_and_v_parametrisations_share_the_ambient_optimum():
     eye = torch.eye(3, dtype=f64)
     for target, to_x0 in [
         (eps_target, lambda W: (eye - s_t * W) / a),  # x_0 = (x_t - sigma eps) / alpha
-        (v_target, lambda W: a * eye - s_t * W),
-    ]:  # x_0 = alpha x_t - sigma v
+        (v_target, lambda W: a * eye - s_t * W),  # x_0 = alpha x_t - sigma v
+    ]:
         coef = torch.linalg.lstsq(design, target).solution  # (4, 3): [W^T; b]
         W_x0 = to_x0(coef[:3].T)
         assert (W_x0 - W_exact).abs().max() < 1e-2
@@ -382,7 +383,8 @@ def test_sampler_reproduces_gaussian_mean_and_covariance(sampler, steps):
 
 
 def test_heun_error_shrinks_faster_than_euler():
-    """Against the exact ODE flow of a Gaussian: x_0 = mu + Sigma^1/2 (Sigma + 80^2 I)^-1/2 (x_T - mu)."""
+    """Against the exact ODE flow of a Gaussian:
+    x_0 = mu + Sigma^1/2 (Sigma + 80^2 I)^-1/2 (x_T - mu)."""
     dist, mu, cov = gaussian()
     x_T = torch.randn(500, 2, generator=gen(3), dtype=f64) * A.SIGMA_MAX
     flow = sqrtm(cov) @ torch.linalg.inv(sqrtm(cov + A.SIGMA_MAX**2 * torch.eye(2, dtype=f64)))
@@ -403,7 +405,7 @@ def test_heun_error_shrinks_faster_than_euler():
     order = {s: math.log2(e[1] / e[2]) for s, e in err.items()}
     assert 0.8 < order["euler"] < 1.2  # first order
     assert order["heun"] > 1.8  # second order
-    assert all(h < e for h, e in zip(err["heun"], err["euler"]))
+    assert all(h < e for h, e in zip(err["heun"], err["euler"], strict=True))
     # Why Heun-40 is the default: more accurate than Euler with the same 79 network calls.
     rms = {
         (s, n): (
@@ -463,9 +465,8 @@ def test_sigma_tn_zero_is_plain_ddpm(schedule):
 
 def test_noisy_copies_are_fixed_and_flipped_with_their_image():
     S, S_tn = plumbing_data()
-    assert torch.equal(
-        S_tn, A.make_noisy_copies(S, A.vp_from_edm(torch.tensor(0.4)), seed=0)
-    )  # line 1 is seeded
+    # line 1 is seeded
+    assert torch.equal(S_tn, A.make_noisy_copies(S, A.vp_from_edm(torch.tensor(0.4)), seed=0))
     g, flipped = gen(13), []
     for _ in range(20):  # many "epochs": the noisy branch always reads the same x_tn
         b = A.algorithm1_batch(S, S_tn, 0.4, 64, g, "algorithm1", flip=True)
@@ -476,9 +477,8 @@ def test_noisy_copies_are_fixed_and_flipped_with_their_image():
         ).flatten(1).all(1)
         assert (same | mirrored).all()
         flipped.append(mirrored & ~same)
-    assert (
-        abs(torch.cat(flipped).float().mean().item() - 0.5) < 4 * 0.5 / 1280**0.5
-    )  # half are mirrored
+    # half are mirrored
+    assert abs(torch.cat(flipped).float().mean().item() - 0.5) < 4 * 0.5 / 1280**0.5
     z = (S_tn - A.alpha(A.vp_from_edm(torch.tensor(0.4))) * S) / A.vp_from_edm(torch.tensor(0.4))
     assert abs(z.std().item() - 1) < 0.1  # one draw of N(0, 1) per pixel
 
@@ -553,25 +553,26 @@ def test_tiny_preset_trains_with_falling_loss_and_checkpoint_reproduces_samples(
 
 
 def test_ema_moves_toward_the_network_with_edms_half_life():
-    """EDM's EMA: after one half-life of images the average has moved halfway from where it was to the
-    network; the half-life is 500k images, or 5% of the images seen so far when that is less."""
+    """EDM's EMA: after one half-life of images the average has moved halfway from where it was to
+    the network; the half-life is 500k images, or 5% of the images seen so far when that is less."""
     net, ema = torch.nn.Linear(1, 1, bias=False), torch.nn.Linear(1, 1, bias=False)
     for images_seen, batch, moved in (
         (10**8, 500_000, 0.5),
         (10**8, 250_000, 1 - 0.5**0.5),
-        (64_000, 3_200, 0.5),
+        (64_000, 3_200, 0.5),  # 5% of 64k is 3,200 images
         (0, 64, 1.0),
-    ):  # 5% of 64k is 3,200 images
+    ):
         with torch.no_grad():
-            net.weight.fill_(1.0), ema.weight.fill_(0.0)
+            net.weight.fill_(1.0)
+            ema.weight.fill_(0.0)
         A.ema_update(ema, net, images_seen, batch)
         assert ema.weight.item() == pytest.approx(moved, rel=1e-6)
 
 
 def test_optimizers_apply_weight_decay_as_named():
-    """A zero gradient on w = 2 for one step at lr 0.1: Adam's L2 decay enters the gradient (0.01 w / pixels),
-    which Adam normalises to a step of lr (eps / pixels beside it); AdamW shrinks w by lr * 0.01 * w whatever
-    the pixel count, and sees no gradient."""
+    """A zero gradient on w = 2 for one step at lr 0.1: Adam's L2 decay enters the gradient
+    (0.01 w / pixels), which Adam normalises to a step of lr (eps / pixels beside it); AdamW shrinks
+    w by lr * 0.01 * w whatever the pixel count, and sees no gradient."""
     for name, expected in (
         ("adam", 2 - 0.1 * 0.02 / (0.02 + 1e-8)),
         ("adamw", 2 * (1 - 0.1 * 0.01)),
@@ -586,8 +587,9 @@ def test_optimizers_apply_weight_decay_as_named():
 
 def test_adam_on_the_pixel_mean_loss_steps_as_the_released_adam_on_the_pixel_sum():
     """The released code sums the loss over an image's pixels and uses Adam with L2 decay 0.01; ours
-    averages and divides the decay and Adam's eps by the pixel count: the same steps, up to float rounding.
-    The data are scaled down so that the gradients are near eps, where an undivided eps would show."""
+    averages and divides the decay and Adam's eps by the pixel count: the same steps, up to float
+    rounding. The data are scaled down so that the gradients are near eps, where an undivided eps
+    would show."""
     g = gen(60)
     x, y, w0 = (
         1e-4 * torch.randn(8, 192, generator=g),
@@ -617,9 +619,8 @@ def test_learning_rate_ramps_linearly_over_lr_rampup_million_images():
         [0, 2.5e-5, 1e-4, 1e-4]
     )
     assert A.learning_rate(A.Config(lr=1e-4, lr_rampup=0), 0) == 1e-4
-    cfg = A.Config(
-        preset="tiny", resolution=8, batch=4, lr=1e-2, lr_rampup=10
-    )  # the released first step has lr 0
+    # the released first step has lr 0
+    cfg = A.Config(preset="tiny", resolution=8, batch=4, lr=1e-2, lr_rampup=10)
     method = A.Algorithm1(cfg)
     method.use_data(torch.rand(4, 3, 8, 8) * 2 - 1)
     state = A.training_state(method.network(), cfg, 3 * 8 * 8)
@@ -629,9 +630,8 @@ def test_learning_rate_ramps_linearly_over_lr_rampup_million_images():
 
 
 def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path):
-    A.main(
-        TINY + ["--iters", "6", "--dropout", "0.2", "--out", str(tmp_path / "full")]
-    )  # dropout: global RNG too
+    # dropout: global RNG too
+    A.main(TINY + ["--iters", "6", "--dropout", "0.2", "--out", str(tmp_path / "full")])
     A.main(TINY + ["--iters", "3", "--dropout", "0.2", "--out", str(tmp_path / "part")])
     A.main(TINY + ["--iters", "6", "--dropout", "0.2", "--out", str(tmp_path / "part"), "--resume"])
     full, part = (
@@ -643,11 +643,12 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path):
     assert torch.equal(full["rng"], part["rng"])
     assert all(
         torch.equal(a, b)
-        for a, b in zip(full["opt"]["state"][0].values(), part["opt"]["state"][0].values())
+        for a, b in zip(
+            full["opt"]["state"][0].values(), part["opt"]["state"][0].values(), strict=True
+        )
     )
-    group = full["opt"]["param_groups"][
-        0
-    ]  # the released Adam's decay and eps, scaled to our pixel-mean loss
+    # the released Adam's decay and eps, scaled to our pixel-mean loss
+    group = full["opt"]["param_groups"][0]
     assert (group["weight_decay"], group["eps"]) == (0.01 / (3 * 16 * 16), 1e-8 / (3 * 16 * 16))
     for f in (
         "config.json",
@@ -685,9 +686,8 @@ def test_neighbour_grid_is_written(tmp_path):
     A.save_neighbour_grid(
         x, x, torch.arange(10), tmp_path / "n.png", pairs=10, per_row=5, upscale=2
     )
-    assert (
-        Image.open(tmp_path / "n.png").size[0] == 2 * 5 * (32 + 2) + 2
-    )  # 5 pairs a row, 2 px padding
+    # 5 pairs a row, 2 px padding
+    assert Image.open(tmp_path / "n.png").size[0] == 2 * 5 * (32 + 2) + 2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -697,9 +697,8 @@ def test_subset_is_seeded_and_loaders_read_npz_and_folders(tmp_path):
     assert np.array_equal(A.choose_subset(800, 300, 0), A.choose_subset(800, 300, 0))
     assert len(set(A.choose_subset(800, 300, 0))) == 300
     counts = np.zeros(10)
-    for seed in range(
-        2000
-    ):  # over seeds, every image is equally likely to be chosen, the last one too
+    # over seeds, every image is equally likely to be chosen, the last one too
+    for seed in range(2000):
         counts[A.choose_subset(10, 3, seed)] += 1
     assert np.abs(counts / 2000 - 0.3).max() < 4 * (0.3 * 0.7 / 2000) ** 0.5
     from PIL import Image
@@ -729,9 +728,8 @@ def test_cli_bad_input_gives_one_clear_line(tmp_path, capsys, monkeypatch):
     assert "negative" in error_of(TINY + ["--sigma-tn", "-0.1"], capsys)
     assert "top noise level" in error_of(TINY + ["--sigma-tn", "80"], capsys)
     assert "at least 1" in error_of(TINY + ["--samples", "0"], capsys)
-    assert "conditional.py" in error_of(
-        TINY + ["--guidance", "2"], capsys
-    )  # class conditioning lives there
+    # class conditioning lives there
+    assert "conditional.py" in error_of(TINY + ["--guidance", "2"], capsys)
     assert "unknown dataset" in error_of(["--data", "imagenet"], capsys)
     (tmp_path / "bad.npz").write_bytes(b"not an archive")
     assert "cannot read" in error_of(["--data", str(tmp_path / "bad.npz")], capsys)
@@ -768,9 +766,8 @@ def test_cli_names_the_fix_for_images_and_run_folders_it_cannot_use(tmp_path, ca
     )
     (tmp_path / "text.npz").write_text("images, but as text")
     err = error_of(["--data", str(tmp_path / "text.npz")], capsys)
-    assert (
-        "NumPy .npz archive" in err and "allow_pickle" not in err
-    )  # numpy's advice would not help here
+    # numpy's advice would not help here
+    assert "NumPy .npz archive" in err and "allow_pickle" not in err
     run = tmp_path / "r"
     A.main(TINY + ["--iters", "1", "--out", str(run)])
     resume = TINY + ["--iters", "2", "--resume", "--out", str(run)]
@@ -791,9 +788,10 @@ def test_cli_names_the_fix_for_images_and_run_folders_it_cannot_use(tmp_path, ca
     [
         ("nan loss", 5, 5, 4),  # step 5 neither logs nor saves; the check at step 6 names it
         ("inf loss", 5, 5, 4),
+        # the loss stays finite and the weights break on a checkpoint step
         ("inf gradient", 4, 4, 2),
     ],
-)  # the loss stays finite and the weights break on a checkpoint step
+)
 def test_a_non_finite_step_stops_the_run_and_keeps_the_last_good_checkpoint(
     tmp_path, capsys, monkeypatch, broken, first, named, kept
 ):
@@ -830,15 +828,13 @@ def test_an_untrained_model_is_flagged_beside_its_copy_rate(tmp_path, capsys):
     assert "has not learned the data" in capsys.readouterr().out
     from PIL import Image
 
-    assert (
-        Image.open(tmp_path / "r" / "samples.png").size[0] >= 8 * 64
-    )  # 8 images a row, 8x8 pixels each enlarged
+    # 8 images a row, 8x8 pixels each enlarged
+    assert Image.open(tmp_path / "r" / "samples.png").size[0] >= 8 * 64
     noise, smooth = torch.rand(8, 3, 16, 16) * 2 - 1, torch.linspace(-1, 1, 16).expand(8, 3, 16, 16)
     assert A.roughness(noise) > 10 * A.roughness(smooth)
     lines, S = [], A.prepare(A.load_images("demo")[0][:8], 8)
-    A.report(
-        S, S, tmp_path, lines.append
-    )  # samples that are the training images: real images, no warning
+    # samples that are the training images: real images, no warning
+    A.report(S, S, tmp_path, lines.append)
     assert json.loads((tmp_path / "metrics.json").read_text())["roughness_vs_train"] == 1
     assert not any("warning" in line for line in lines)
 
@@ -883,7 +879,9 @@ def test_cli_error_has_no_traceback_in_a_real_process():
 
 
 def test_every_flag_is_explained_in_help():
-    import baselines, conditional, repro_gpu
+    import baselines
+    import conditional
+    import repro_gpu
 
     for config in (A.Config, baselines.Config, conditional.Config, repro_gpu.Config):
         for action in A.build_parser(config)._actions:
@@ -891,7 +889,7 @@ def test_every_flag_is_explained_in_help():
 
 
 def test_first_training_step_leaves_the_ema_equal_to_the_network(tmp_path):
-    """The EMA's half-life counts the images seen before a step, as in EDM: zero at the first step."""
+    """The EMA's half-life counts images seen before a step, as in EDM: zero at the first step."""
     A.main(TINY + ["--iters", "1", "--samples", "1", "--out", str(tmp_path / "r")])
     state = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=False)
     assert all(torch.equal(state["ema"][k], state["net"][k]) for k in state["net"])

@@ -52,9 +52,8 @@ def test_noisy_only_training_never_reads_a_clean_image(schedule):
         assert grads_finite == finite and bool(b["noisy"].all()) == (kind is B.NoisyOnly)
     m = B.NoisyOnly(B.Config(method="noisy-only", sigma_tn=0.4, seed=0))
     m.use_data(S)
-    assert m.S is m.S_tn and not torch.equal(
-        m.S, S
-    )  # what the run hands the loop: the noisy copies alone
+    # what the run hands the loop: the noisy copies alone
+    assert m.S is m.S_tn and not torch.equal(m.S, S)
 
 
 def test_noisy_only_edm_draws_the_truncated_log_normal():
@@ -86,13 +85,11 @@ def test_noisy_only_runs_from_the_command_line(tmp_path, capsys):
     assert "noisy-only needs" in error_of(
         TINY + ["--method", "noisy-only", "--sigma-tn", "0"], capsys, B.main
     )
-    assert (
-        type(E.method_of_run(tmp_path / "r")) is B.NoisyOnly
-    )  # what eval_memorization.py regenerates with
+    # what eval_memorization.py regenerates with
+    assert type(E.method_of_run(tmp_path / "r")) is B.NoisyOnly
     resume = TINY + ["--iters", "3", "--sigma-tn", "1", "--resume", "--out", str(tmp_path / "r")]
-    assert "method: 'noisy-only' there, 'algorithm1' here" in error_of(
-        resume, capsys
-    )  # not Algorithm 1 on S
+    # not Algorithm 1 on S
+    assert "method: 'noisy-only' there, 'algorithm1' here" in error_of(resume, capsys)
 
 
 def test_masks_are_fixed_per_image_hide_p_of_pixels_and_the_batch_hides_delta_more():
@@ -106,22 +103,21 @@ def test_masks_are_fixed_per_image_hide_p_of_pixels_and_the_batch_hides_delta_mo
     b = masking(Y, masks, mask_delta=0.25, batch=4096, flip=True).batch(gen(30))
     i, A_, A_further = b["idx"], b["mask"], b["mask_further"]
     assert ((A_ == masks[i]).flatten(1).all(1) | (A_ == masks[i].flip(-1)).flatten(1).all(1)).all()
-    assert torch.equal(
-        b["x0"] * A_, b["x0"]
-    )  # the flip moved the mask with its image: x0 is 0 where A is
+    # the flip moved the mask with its image: x0 is 0 where A is
+    assert torch.equal(b["x0"] * A_, b["x0"])
     assert (A_further <= A_).all() and (b["x_t"][(A_further == 0).expand_as(b["x_t"])] == 0).all()
     dropped = 1 - A_further.sum() / A_.sum()
-    assert (
-        abs(dropped.item() - 0.25) < 4 * (0.25 * 0.75 / A_.sum().item()) ** 0.5
-    )  # P(hidden again) = delta
+    # P(hidden again) = delta
+    assert abs(dropped.item() - 0.25) < 4 * (0.25 * 0.75 / A_.sum().item()) ** 0.5
 
 
 def test_masking_loss_on_a_linear_model_recovers_the_posterior_mean_only_with_further_corruption():
-    """Ambient Diffusion's theorem on Gaussian data in R^3. The model is linear in A_further x_t, with
-    its own weights and bias for each of the 8 patterns of A_further; the loss is quadratic, so one
-    Newton step from zero (through masking_loss and autograd) is its exact minimiser. With delta > 0
-    it matches E[x_0 | A_further x_t, A_further] in closed form on every pixel, hidden ones included.
-    With delta = 0 the loss does not depend at all on how a hidden pixel is predicted."""
+    """Ambient Diffusion's theorem on Gaussian data in R^3. The model is linear in A_further x_t,
+    with its own weights and bias for each of the 8 patterns of A_further; the loss is quadratic, so
+    one Newton step from zero (through masking_loss and autograd) is its exact minimiser. With
+    delta > 0 it matches E[x_0 | A_further x_t, A_further] in closed form on every pixel, hidden
+    ones included. With delta = 0 the loss does not depend at all on how a hidden pixel is
+    predicted."""
     _, mu, cov = gaussian(3)
     s, a, n, p = 0.6, 0.8, 200_000, 0.3
     g = gen(31)
@@ -169,9 +165,8 @@ def test_masking_loss_on_a_linear_model_recovers_the_posterior_mean_only_with_fu
         got = test * torch.tensor([bool(k & bits[i]) for i in range(3)], dtype=f64) @ W.T + b
         assert (got - want).abs().max() < 0.05  # seeded sampling error: 0.025 at most
     _, _, H = fit(mask, 0b101)  # delta = 0: pattern (1, 0, 1) never puts pixel 1 in the loss
-    assert (
-        H[[3, 4, 5, 10]].abs().max() == 0 and H[[0, 1, 2, 9]].abs().max() > 0
-    )  # W[1, :], b[1] are free
+    # W[1, :], b[1] are free
+    assert H[[3, 4, 5, 10]].abs().max() == 0 and H[[0, 1, 2, 9]].abs().max() > 0
 
 
 def test_masked_denoiser_can_give_a_hidden_pixel_any_value_at_every_noise_level():
@@ -212,9 +207,8 @@ def test_masking_batch_feeds_the_network_mask_further_and_scores_every_pixel_of_
 
     m.loss(h, b).mean().backward()
     assert torch.equal(given["mask"], b["mask_further"])
-    weight = (
-        pred.grad * pred[0].numel() * len(pred) / (2 * (pred - b["x0"])).detach()
-    )  # d loss / d pred = 2 w d / N
+    # d loss / d pred = 2 w d / N
+    weight = pred.grad * pred[0].numel() * len(pred) / (2 * (pred - b["x0"])).detach()
     A_, A_further = (b[k].expand_as(pred) > 0 for k in ("mask", "mask_further"))
     lam = A.loss_weight(b["sigma_t"], 0.0)[:, None, None, None].expand_as(pred)
     assert torch.allclose(weight[A_further], lam[A_further], rtol=1e-4)
@@ -223,8 +217,8 @@ def test_masking_batch_feeds_the_network_mask_further_and_scores_every_pixel_of_
 
 
 def test_masking_training_never_reads_a_hidden_pixel():
-    """Hidden pixels set to NaN: through observed(), the data the run trains on, loss and gradients stay
-    finite. The same batch built from the raw images turns NaN: the check has power."""
+    """Hidden pixels set to NaN: through observed(), the data the run trains on, loss and gradients
+    stay finite. The same batch built from the raw images turns NaN: the check has power."""
     S, _ = plumbing_data()
     masks = B.make_masks(S.shape, 0.4, seed=1)
     S_nan = torch.where(masks > 0, S, float("nan"))
@@ -245,16 +239,14 @@ def test_fixed_mask_sampler_sees_only_its_pixels_and_the_mask_reaches_the_networ
                 p.normal_(std=0.1, generator=gen(34))
     mask = B.make_masks((4, 3, 8, 8), 0.5, seed=2)
     x_t, s = torch.randn(4, 3, 8, 8, generator=gen(35)), torch.full((4,), 0.7)
-    other = torch.where(
-        mask > 0, x_t, torch.randn(4, 3, 8, 8, generator=gen(36))
-    )  # differs only where hidden
+    # differs only where hidden
+    other = torch.where(mask > 0, x_t, torch.randn(4, 3, 8, 8, generator=gen(36)))
     assert torch.equal(B.with_mask(h, mask)(x_t, s), B.with_mask(h, mask)(other, s))
     assert not torch.allclose(
         h(x_t * mask, s, mask=mask), h(x_t * mask, s, mask=torch.ones_like(mask))
     )
-    sampler = B.Masking(
-        B.Config(method="masking", mask_p=0.5, mask_delta=0.0, steps=4, seed=5)
-    )  # keeps half
+    # keeps half
+    sampler = B.Masking(B.Config(method="masking", mask_p=0.5, mask_delta=0.0, steps=4, seed=5))
     one, two = (sampler.generate(h, 4, log=lambda m: None) for _ in range(2))
     assert torch.equal(one, two) and one.shape == (4, 3, 8, 8)
 
@@ -268,9 +260,8 @@ def test_masking_runs_from_the_command_line(tmp_path, capsys):
     assert (cfg["mask_p"], cfg["mask_delta"], cfg["sigma_tn"]) == (0.4, 0.1, 0.0)
     state = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=False)
     assert torch.equal(state["masks"], B.make_masks((16, 3, 16, 16), 0.4, seed=3))
-    assert torch.equal(
-        state["S_tn"], state["S_tn"] * state["masks"]
-    )  # the run stored no hidden pixel
+    # the run stored no hidden pixel
+    assert torch.equal(state["S_tn"], state["S_tn"] * state["masks"])
     assert np.load(tmp_path / "r" / "samples.npz")["images"].shape == (8, 16, 16, 3)
     assert type(E.method_of_run(tmp_path / "r")) is B.Masking
     resume = TINY + ["--iters", "3", "--sigma-tn", "0", "--resume", "--out", str(tmp_path / "r")]

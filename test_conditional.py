@@ -1,5 +1,6 @@
-"""Facts about conditional.py, class-conditional Algorithm 1 (Table 1's ImageNet rows): labels reach the
-network, guidance mixes predictions as written, label dropout and per-class subsets have their rates."""
+"""Facts about conditional.py, class-conditional Algorithm 1 (Table 1's ImageNet rows): labels reach
+the network, guidance mixes predictions as written, label dropout and per-class subsets have their
+rates."""
 
 import json
 
@@ -14,9 +15,8 @@ from test_ambient import TINY, error_of, gen, plumbing_data
 
 def test_class_labels_reach_the_network_and_guidance_mixes_predictions():
     h = C.ClassDenoiser(8, "tiny", num_classes=3)
-    with (
-        torch.no_grad()
-    ):  # the zero-initialised layers (residual branches, output) made non-trivial
+    # the zero-initialised layers (residual branches, output) made non-trivial
+    with torch.no_grad():
         for p in h.parameters():
             if not p.any():
                 p.normal_(std=0.1, generator=gen(23))
@@ -48,13 +48,8 @@ def test_class_conditional_run_from_the_command_line(tmp_path, capsys):
     C.main(TINY + ["--iters", "2", "--guidance", "2", "--out", str(tmp_path / "r")])
     assert json.loads((tmp_path / "r" / "config.json").read_text())["num_classes"] == 10
     assert type(E.method_of_run(tmp_path / "r")) is C.ClassConditional
-    resume = TINY + [
-        "--iters",
-        "3",
-        "--resume",
-        "--out",
-        str(tmp_path / "r"),
-    ]  # ambient.py's network has no class input
+    # ambient.py's network has no class input
+    resume = TINY + ["--iters", "3", "--resume", "--out", str(tmp_path / "r")]
     assert "holds another network" in error_of(resume, capsys)
     from PIL import Image
 

@@ -1,6 +1,7 @@
-"""Facts about eval_memorization.py: each test checks an identity, a closed form, or behaviour a user relies on.
+"""Facts about eval_memorization.py: identities, closed forms, and behaviour users rely on.
 
-Run with `make test`. Random-init networks of the real architectures and small generated data: nothing is downloaded.
+Run with `make test`. Random-init networks of the real architectures and small generated data:
+nothing is downloaded.
 """
 
 import json
@@ -27,28 +28,26 @@ def test_frechet_distance_matches_gaussian_closed_forms():
     assert E.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(
         expected, rel=1e-12
     )
-    # non-commuting 2x2: tr sqrt(M) = sqrt(tr M + 2 sqrt(det M)) for M = C1 C2 with positive eigenvalues
+    # non-commuting 2x2: tr sqrt(M) = sqrt(tr M + 2 sqrt(det M)) for M = C1 C2 with positive
+    # eigenvalues
     C1, C2 = np.array([[2.0, 0.7], [0.7, 0.5]]), np.array([[0.3, -0.2], [-0.2, 1.4]])
     tr_root = np.sqrt(np.trace(C1 @ C2) + 2 * np.sqrt(np.linalg.det(C1) * np.linalg.det(C2)))
     expected = ((mu1[:2] - mu2[:2]) ** 2).sum() + np.trace(C1) + np.trace(C2) - 2 * tr_root
     assert E.frechet_distance(mu1[:2], C1, mu2[:2], C2) == pytest.approx(expected, rel=1e-12)
-    assert E.frechet_distance(mu2[:2], C2, mu1[:2], C1) == pytest.approx(
-        expected, rel=1e-12
-    )  # symmetric
+    # symmetric
+    assert E.frechet_distance(mu2[:2], C2, mu1[:2], C1) == pytest.approx(expected, rel=1e-12)
 
 
 def test_frechet_distance_of_a_set_with_itself_is_zero_even_when_rank_deficient():
-    feats = (
-        np.random.default_rng(21).normal(size=(10, 64)) * 3 + 1
-    )  # 10 samples in 64 dims: singular covariance
+    # 10 samples in 64 dims: singular covariance
+    feats = np.random.default_rng(21).normal(size=(10, 64)) * 3 + 1
     mu, cov = E.statistics(feats)
     assert np.linalg.matrix_rank(cov) == 9
     assert abs(E.frechet_distance(mu, cov, mu, cov)) < 1e-9 * np.trace(cov)
     other = E.statistics(feats + 0.5)  # a pure shift: the distance is exactly |shift|^2
     assert E.frechet_distance(mu, cov, *other) == pytest.approx(64 * 0.25, rel=1e-9)
-    assert abs(E.frechet_distance_to(feats, mu, cov)) < 1e-9 * np.trace(
-        cov
-    )  # the n x n route for n < d
+    # the n x n route for n < d
+    assert abs(E.frechet_distance_to(feats, mu, cov)) < 1e-9 * np.trace(cov)
     ref = E.statistics(np.random.default_rng(26).normal(size=(100, 64)))
     assert E.frechet_distance_to(feats, *ref) == pytest.approx(
         E.frechet_distance(mu, cov, *ref), rel=1e-9
@@ -59,9 +58,8 @@ def test_top1_similarity_finds_planted_copies_and_thresholds_count_them():
     g = np.random.default_rng(22)
     train = g.normal(size=(200, 64))
     planted = [3, 99, 150]
-    copies = train[planted] * np.array(
-        [[0.5], [2.0], [7.0]]
-    )  # cosine ignores the scale of an embedding
+    # cosine ignores the scale of an embedding
+    copies = train[planted] * np.array([[0.5], [2.0], [7.0]])
     samples = np.concatenate([copies, g.normal(size=(20, 64))])
     sims, idx = E.top1_cosine(samples, train, chunk=7)
     assert idx[:3].tolist() == planted and np.allclose(sims[:3], 1, atol=1e-12)
@@ -88,33 +86,29 @@ def test_dinov2_recipe_pads_by_reflection_and_pipeline_batches_consistently():
     forward = E.dinov2_forward(net)
     feats = E.features(forward, x, batch=3, device="cpu")
     assert feats.shape == (7, 384) and feats.dtype == np.float64
-    assert np.allclose(
-        feats, E.features(forward, x, batch=7, device="cpu"), atol=1e-5
-    )  # batching changes nothing
+    # batching changes nothing
+    assert np.allclose(feats, E.features(forward, x, batch=7, device="cpu"), atol=1e-5)
     sims, idx = E.top1_cosine(feats[[4, 1]], feats)  # an image is its own nearest neighbour
     assert idx.tolist() == [4, 1] and np.allclose(sims, 1, atol=1e-6)
     inception = E.features(
         E.inception_forward(E.inception_network(None)), x[:2], batch=2, device="cpu"
     )
-    assert inception.shape == (
-        2,
-        2048,
-    )  # pool3 features of pytorch-fid's FID Inception-v3 at any input size
+    # pool3 features of pytorch-fid's FID Inception-v3 at any input size
+    assert inception.shape == (2, 2048)
 
 
 def test_dinov2_size_flag_builds_the_published_architectures():
-    """DINOv2 paper: ViT-S/14 21M, ViT-B/14 86M, ViT-L/14 300M, ViT-g/14 1.1B parameters (no memory used)."""
+    """DINOv2 paper: ViT-S/14 21M, ViT-B/14 86M, ViT-L/14 300M, ViT-g/14 1.1B parameters. Built on
+    the meta device: no memory used."""
     published = {"vits14": 21e6, "vitb14": 86e6, "vitl14": 300e6, "vitg14": 1.1e9}
     for size, count in published.items():
         with torch.device("meta"):
             net = E.DINOv2(size)
         assert abs(sum(p.numel() for p in net.parameters()) / count - 1) < 0.06, size
-    assert len(net.blocks) == 40 and net.norm.normalized_shape == (
-        1536,
-    )  # ViT-g: 40 blocks of width 1536
-    assert (
-        net.blocks[0].mlp.w3.in_features == 4096
-    )  # SwiGLU, hidden 2/3 of 4 x 1536, as the hub checkpoint has
+    # ViT-g: 40 blocks of width 1536
+    assert len(net.blocks) == 40 and net.norm.normalized_shape == (1536,)
+    # SwiGLU, hidden 2/3 of 4 x 1536, as the hub checkpoint has
+    assert net.blocks[0].mlp.w3.in_features == 4096
 
 
 def test_cache_files_round_trip_and_a_changed_key_misses(tmp_path):
@@ -126,16 +120,18 @@ def test_cache_files_round_trip_and_a_changed_key_misses(tmp_path):
     assert set(loaded) == {"mu", "cov"} and all(
         np.array_equal(loaded[k], arrays[k]) for k in arrays
     )
-    assert (
-        E.load_cache(path, key[:-1] + [[1, 5]]) is None
-    )  # another training subset is another file's business
+    # another training subset is another file's business
+    assert E.load_cache(path, key[:-1] + [[1, 5]]) is None
     assert E.cache_path(tmp_path, "ref", key[:-1] + [[1, 5]]) != path
     calls = []
-    compute = lambda: calls.append(1) or arrays
+
+    def compute():
+        calls.append(1)
+        return arrays
+
     E.cached(tmp_path, "ref", key, compute, log=lambda m: None)
-    assert calls == [] and not list(
-        tmp_path.glob("*.tmp.npz")
-    )  # served from the file, no temp left
+    # served from the file, no temp left
+    assert calls == [] and not list(tmp_path.glob("*.tmp.npz"))
 
 
 def eval_error(argv, capsys):
@@ -193,21 +189,22 @@ def test_missing_weights_fall_back_to_pixel_metrics_or_give_one_clear_line(
         "--device",
         "cpu",
     ]
-    E.main(
-        common + ["--samples", "6"]
-    )  # 6 > the 4 in samples.npz: 6 are generated from the checkpoint
+    # 6 > the 4 in samples.npz: 6 are generated from the checkpoint
+    E.main(common + ["--samples", "6"])
     report = json.loads((out / "report.json").read_text())["runs"]["ddpm"]
     assert report["fid"] is None and report["fd_dinov2"] is None and report["samples"] == 6
     assert (
         E.INCEPTION_FILE in report["fid_unavailable"]
         and E.INCEPTION_URL in report["fid_unavailable"]
     )
+    # dgm-eval's
     assert (
         str(tmp_path / "weights" / "dinov2_vitl14_pretrain.pth") in report["fd_dinov2_unavailable"]
-    )  # dgm-eval's
+    )
+    # the paper's
     assert (
         str(tmp_path / "weights" / "dinov2_vitg14_pretrain.pth") in report["similarity_unavailable"]
-    )  # the paper's
+    )
     assert report["similarity_space"].startswith("pixels")
     printed = capsys.readouterr().out
     assert "pixel fallback, not DINOv2" in printed and "| FID (Inception-v3) | n/a |" in printed
@@ -237,14 +234,16 @@ def test_missing_weights_fall_back_to_pixel_metrics_or_give_one_clear_line(
 def test_weights_in_the_env_folder_give_fid_fd_dinov2_and_dinov2_copies(
     tmp_path, capsys, monkeypatch
 ):
-    """The whole offline path with random weights of the real architectures under their real file names."""
+    """The whole offline path with random weights of the real architectures under their real file
+    names."""
     from unittest import mock
     import torchvision
     from pytorch_fid import inception as pf
 
     weights = tmp_path / "weights"
     weights.mkdir()
-    built = []  # pytorch-fid's raw Inception3 (the layout of the released file), random weights kept
+    # pytorch-fid's raw Inception3 (the layout of the released file), random weights kept
+    built = []
     with (
         mock.patch.object(pf, "load_state_dict_from_url", lambda *a, **k: None),
         mock.patch.object(
@@ -293,17 +292,17 @@ def test_weights_in_the_env_folder_give_fid_fd_dinov2_and_dinov2_copies(
     assert (
         np.isfinite(report["fid"]) and report["fid"] >= -1e-6 and np.isfinite(report["fd_dinov2"])
     )
+    # 2 copies of 4
     assert (
         report["similarity_space"] == "DINOv2 vits14 CLS" and report["similarity_above_0.95"] >= 0.5
-    )  # 2 copies of 4
+    )
     assert report["pixel_copy_rate"] == 0.5
     assert {p.name.split("-")[0] for p in (tmp_path / "cache").glob("*.npz")} == {
         "inception",
         "dinov2",
     }
-    assert (
-        len(list((tmp_path / "cache").glob("*.npz"))) == 3
-    )  # two reference statistics, one set of training features
+    # two reference statistics, one set of training features
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 3
     assert "| FD_DINOv2 |" in capsys.readouterr().out
 
 
@@ -315,8 +314,8 @@ FIXTURE = Path(__file__).with_name("fixtures") / "dinov2_tiny.npz"
 
 @pytest.mark.parametrize("tag, mlp", [("mlp", "mlp"), ("swiglu", "swiglu")])
 def test_dinov2_matches_the_official_code_at_42_and_224_pixels(tag, mlp, monkeypatch):
-    """Same parameter names (strict load) and the same CLS token as the official forward pass, with the
-    position embeddings interpolated from 37x37 to 3x3 and to 16x16."""
+    """Same parameter names (strict load) and the same CLS token as the official forward pass, with
+    the position embeddings interpolated from 37x37 to 3x3 and to 16x16."""
     f = np.load(FIXTURE)
     width, depth, heads = f[f"{tag}:config"].tolist()
     monkeypatch.setitem(E.DINOV2_SIZES, f"tiny-{tag}", (width, depth, heads, mlp))
@@ -340,36 +339,34 @@ def test_dinov2_matches_the_official_code_at_42_and_224_pixels(tag, mlp, monkeyp
 # FID input as EDM's detector prepares it: TF1's legacy bilinear resize, then (v - 128) / 128
 # ---------------------------------------------------------------------------------------------
 def test_tf1_resize_follows_the_legacy_formula_and_differs_from_half_pixel_bilinear():
-    """Output i reads position i * n_in / n_out: its floor and the next pixel, clamped at the edge, blended."""
+    """Output i reads position i * n_in / n_out: its floor and the next pixel, clamped at the edge,
+    blended."""
     up = E.resize_bilinear_tf1(torch.tensor([[[[0.0, 3.0], [6.0, 9.0]]]]), (3, 3))
     # positions 0, 2/3, 4/3 on both axes: 4/3 has floor 1 and its neighbour clamps to 1
     assert torch.equal(up, torch.tensor([[[[0.0, 2.0, 3.0], [4.0, 6.0, 7.0], [6.0, 8.0, 9.0]]]]))
-    row = E.resize_bilinear_tf1(
-        torch.tensor([[[[0.0, 3.0, 6.0, 12.0]]]]), (1, 6)
-    )  # positions 0, 2/3, ..., 10/3
+    # positions 0, 2/3, ..., 10/3
+    row = E.resize_bilinear_tf1(torch.tensor([[[[0.0, 3.0, 6.0, 12.0]]]]), (1, 6))
     assert torch.allclose(row, torch.tensor([[[[0.0, 2.0, 4.0, 6.0, 10.0, 12.0]]]]), atol=1e-6)
-    down = E.resize_bilinear_tf1(
-        torch.arange(6.0).view(1, 1, 1, 6), (1, 4)
-    )  # positions 0, 1.5, 3, 4.5
+    # positions 0, 1.5, 3, 4.5
+    down = E.resize_bilinear_tf1(torch.arange(6.0).view(1, 1, 1, 6), (1, 4))
     assert torch.allclose(down, torch.tensor([[[[0.0, 1.5, 3.0, 4.5]]]]))
     half_pixel = torch.nn.functional.interpolate(
         torch.arange(6.0).view(1, 1, 1, 6), size=(1, 4), mode="bilinear", align_corners=False
     )
-    assert torch.allclose(
-        half_pixel, torch.tensor([[[[0.25, 1.75, 3.25, 4.75]]]])
-    )  # (i + 1/2) 6/4 - 1/2
+    # (i + 1/2) 6/4 - 1/2
+    assert torch.allclose(half_pixel, torch.tensor([[[[0.25, 1.75, 3.25, 4.75]]]]))
     half_pixel_up = torch.nn.functional.interpolate(
         torch.tensor([[[[0.0, 3.0]]]]), size=(1, 3), mode="bilinear"
     )
-    assert torch.allclose(
-        half_pixel_up, torch.tensor([[[[0.0, 1.5, 3.0]]]])
-    )  # where TF1 gives 0, 2, 3
+    # where TF1 gives 0, 2, 3
+    assert torch.allclose(half_pixel_up, torch.tensor([[[[0.0, 1.5, 3.0]]]]))
 
 
 def test_fid_input_scales_uint8_values_by_v_minus_128_over_128_or_as_pytorch_fid():
     """A horizontal ramp v = 8 c (c = 0..31) in channel 0, 0 and 255 in the others. Bilinear
     resizing reproduces a linear ramp exactly, so each output column j holds 8 p(j) for the input
-    position it reads, clamped to the last column: p = 32 j / 299 (tf1) or 32 (j + 1/2) / 299 - 1/2."""
+    position it reads, clamped to the last column: p = 32 j / 299 (tf1) or
+    32 (j + 1/2) / 299 - 1/2."""
     values = torch.zeros(2, 3, 32, 32)
     values[:, 0], values[:, 2] = 8 * torch.arange(32.0), 255
     x = values / 127.5 - 1  # as ambient.prepare stores uint8 images
@@ -385,9 +382,8 @@ def test_fid_input_scales_uint8_values_by_v_minus_128_over_128_or_as_pytorch_fid
         assert torch.allclose(
             got[:, 1:], scale(values[:, 1:, :1, :1]).expand(2, 2, 299, 299), atol=1e-6
         ), resize
-    assert (
-        E.inception_input(x, "tf1")[0, 2, 0, 0] == 127 / 128
-    )  # 255 -> 0.9921875, not pytorch-fid's 1
+    # 255 -> 0.9921875, not pytorch-fid's 1
+    assert E.inception_input(x, "tf1")[0, 2, 0, 0] == 127 / 128
 
 
 # ---------------------------------------------------------------------------------------------
@@ -403,9 +399,8 @@ class Recorder(torch.nn.Module):
     def forward(self, x):
         self.inputs.append(x.clone())
         feats = self.features(x)
-        return (
-            [feats[..., None, None]] if self.inception else feats
-        )  # pytorch-fid returns a list of maps
+        # pytorch-fid returns a list of maps
+        return [feats[..., None, None]] if self.inception else feats
 
     @staticmethod
     def features(x):
@@ -425,9 +420,8 @@ def test_fid_gets_the_tf1_input_fd_dinov2_the_dgm_eval_input_and_similarity_the_
     monkeypatch.setenv(E.WEIGHTS_ENV, str(weights))
     data = (np.random.default_rng(27).random((6, 16, 16, 3)) * 255).astype(np.uint8)
     data[0] = [10, 128, 250]  # one flat colour: every resize keeps it
-    data[1] = (
-        64 + data[1] // 2
-    )  # noise in 64..191: bicubic's negative lobes overshoot that range, bilinear cannot
+    # noise in 64..191: bicubic's negative lobes overshoot that range, bilinear cannot
+    data[1] = 64 + data[1] // 2
     np.savez(tmp_path / "data.npz", images=data)
     run = fake_run(tmp_path / "run", tmp_path / "data.npz", [0, 2, 4], data[[0, 1, 2, 3]])
     E.main(
@@ -465,17 +459,15 @@ def test_fid_gets_the_tf1_input_fd_dinov2_the_dgm_eval_input_and_similarity_the_
         fd_gen[0], ((torch.tensor([10.0, 128, 250]) / 255).view(3, 1, 1) - mean) / std, atol=1e-6
     )
     pixels = (fd_gen * std + mean) * 255
-    assert torch.allclose(
-        pixels, pixels.round(), atol=1e-3
-    )  # PIL's bicubic hands back uint8 images
+    # PIL's bicubic hands back uint8 images
+    assert torch.allclose(pixels, pixels.round(), atol=1e-3)
     assert pixels[1].min() < 63.5 or pixels[1].max() > 191.5
     expected = E.frechet_distance_to(
         Recorder.features(fd_gen).double().numpy(),
         *E.statistics(Recorder.features(fd_ref).double().numpy()),
     )
-    assert report["fd_dinov2"] == pytest.approx(
-        expected, rel=1e-9
-    )  # the CLS as returned, not L2-normalised
+    # the CLS as returned, not L2-normalised
+    assert report["fd_dinov2"] == pytest.approx(expected, rel=1e-9)
 
     sim_train, sim_gen = nets[
         "vitg14"
@@ -503,27 +495,29 @@ def test_fid_gets_the_tf1_input_fd_dinov2_the_dgm_eval_input_and_similarity_the_
 # KID: polynomial kernel (x.y / d + 1)^3, unbiased MMD^2, mean and std over subsets
 # ---------------------------------------------------------------------------------------------
 def test_kid_of_two_points_each_is_the_hand_computed_unbiased_mmd():
-    """d = 2, X = {(0,0), (2,0)}, Y = {(0,2), (2,2)}: k = (x.y / 2 + 1)^3 is 1 for x.y = 0 and 27 for
-    x.y = 4. Within X (off the diagonal) 1, within Y 27, across 1, 1, 1, 27: MMD_u^2 = (2 + 54) / 2 - 2 * 30 / 4 = 13.
-    (The biased estimate, diagonals k = 1, 27 and 27, 125 included, would be 30/4 + 206/4 - 15 = 44.)"""
+    """d = 2, X = {(0,0), (2,0)}, Y = {(0,2), (2,2)}: k = (x.y / 2 + 1)^3 is 1 for x.y = 0 and 27
+    for x.y = 4. Within X (off the diagonal) 1, within Y 27, across 1, 1, 1, 27:
+    MMD_u^2 = (2 + 54) / 2 - 2 * 30 / 4 = 13. (The biased estimate, diagonals k = 1, 27 and 27, 125
+    included, would be 30/4 + 206/4 - 15 = 44.)"""
     X, Y = np.array([[0.0, 0.0], [2.0, 0.0]]), np.array([[0.0, 2.0], [2.0, 2.0]])
     result = E.kid(X, Y)  # 2 samples < 1000: subsets of 2, every one the whole set
     assert result["kid"] == pytest.approx(13, rel=1e-12) and result["kid_std"] == pytest.approx(
         0, abs=1e-12
     )
     assert result["kid_subset_size"] == 2 and result["kid_subsets"] == 100
-    # one set against itself: 2 (S - m tr K) / (m^2 (m - 1)) with S = 30, tr K = 28, m = 2, so -13, not 0
+    # one set against itself: 2 (S - m tr K) / (m^2 (m - 1)) with S = 30, tr K = 28, m = 2,
+    # so -13, not 0
     assert E.kid(X, X)["kid"] == pytest.approx(-13, rel=1e-12)
 
 
 def test_kid_of_two_point_masses_is_their_kernel_distance_at_any_subset_size():
-    """All x = a and all y = b: every subset gives k(a, a) + k(b, b) - 2 k(a, b) = 8 + 8 - 0 for a = -b = (1, 1, 1, 1)."""
+    """All x = a and all y = b: every subset gives k(a, a) + k(b, b) - 2 k(a, b) = 8 + 8 - 0 for
+    a = -b = (1, 1, 1, 1)."""
     a = np.ones((7, 4))
     result = E.kid(a, -a[:5], subsets=10, subset_size=3)
     assert result["kid"] == pytest.approx(16, rel=1e-12) and result["kid_subset_size"] == 3
-    assert (
-        E.kid(a, -a[:5])["kid_subset_size"] == 5
-    )  # fewer samples than 1000: the smaller set's size
+    # fewer samples than 1000: the smaller set's size
+    assert E.kid(a, -a[:5])["kid_subset_size"] == 5
     assert E.kid(a[:1], a)["kid"] is None  # one sample has no pair to leave out
 
 
@@ -533,7 +527,7 @@ def test_kid_of_two_point_masses_is_their_kernel_distance_at_any_subset_size():
 def test_a_run_is_scored_from_another_folder_and_a_lost_training_set_gives_one_line(
     tmp_path, capsys, monkeypatch
 ):
-    """ambient.py ran in project/main with --data ../shared/d.npz (older runs keep that as typed)."""
+    """ambient.py ran in project/main with --data ../shared/d.npz (older runs keep it as typed)."""
     data = (np.random.default_rng(28).random((8, 16, 16, 3)) * 255).astype(np.uint8)
     (tmp_path / "project" / "shared").mkdir(parents=True)
     np.savez(tmp_path / "project" / "shared" / "d.npz", images=data)
@@ -551,12 +545,10 @@ def test_a_run_is_scored_from_another_folder_and_a_lost_training_set_gives_one_l
         E.main(common + list(extra))
         return json.loads(Path("out/report.json").read_text())["runs"]["r"]["pixel_copy_rate"]
 
-    assert (
-        copy_rate() == 0.5
-    )  # samples 0 and 2 are its training images 0 and 2 of d.npz, 5 and 7 are not
-    other = (
-        tmp_path / "other.npz"
-    )  # its images 0, 2, 4 are d.npz's 5, 7, 0: three of the four samples
+    # samples 0 and 2 are its training images 0 and 2 of d.npz, 5 and 7 are not
+    assert copy_rate() == 0.5
+    # its images 0, 2, 4 are d.npz's 5, 7, 0: three of the four samples
+    other = tmp_path / "other.npz"
     np.savez(other, images=data[[5, 1, 7, 3, 0, 6, 2, 4]])
     config = json.loads((run / "config.json").read_text())
     (run / "config.json").write_text(json.dumps({**config, "data_path": str(other)}))
@@ -568,17 +560,15 @@ def test_a_run_is_scored_from_another_folder_and_a_lost_training_set_gives_one_l
     )
     err = eval_error(common, capsys)
     assert "../shared/lost.npz" in err and "--train PATH" in err
-    assert (
-        copy_rate("--train", str(other)) == 0.75
-    )  # --train stands in for the training set the run names
+    # --train stands in for the training set the run names
+    assert copy_rate("--train", str(other)) == 0.75
 
 
 def test_per_sample_file_gives_each_samples_neighbour_in_the_subset_and_in_the_dataset(tmp_path):
     data = (np.random.default_rng(29).random((8, 16, 16, 3)) * 255).astype(np.uint8)
     np.savez(tmp_path / "d.npz", images=data)
-    run = fake_run(
-        tmp_path / "r", tmp_path / "d.npz", [1, 4, 6], data[[6, 1, 3]]
-    )  # copies of dataset images 6 and 1
+    # copies of dataset images 6 and 1
+    run = fake_run(tmp_path / "r", tmp_path / "d.npz", [1, 4, 6], data[[6, 1, 3]])
     E.main(
         [
             str(run),
@@ -600,9 +590,8 @@ def test_per_sample_file_gives_each_samples_neighbour_in_the_subset_and_in_the_d
         0,
         0,
     ]
-    assert f["pixel_d1_d2"][2] > 1 / 3 and f["similarity"].shape == (
-        3,
-    )  # the third sample is no training image
+    # the third sample is no training image
+    assert f["pixel_d1_d2"][2] > 1 / 3 and f["similarity"].shape == (3,)
     assert str(f["similarity_space"]).startswith("pixels")
     assert f["nearest_dataset"][2] == [1, 4, 6][f["nearest_train"][2]]
 
@@ -636,10 +625,8 @@ def test_bad_inputs_give_one_line_and_no_weight_notes_while_good_ones_get_one_li
         return err
 
     checkpoint, intact = run / "checkpoint.pt", (run / "checkpoint.pt").read_bytes()
-    for damaged in (
-        intact[: len(intact) // 2],
-        b"",
-    ):  # truncated, then empty: 5 samples need it, samples.npz has 2
+    # truncated, then empty: 5 samples need it, samples.npz has 2
+    for damaged in (intact[: len(intact) // 2], b""):
         checkpoint.write_bytes(damaged)
         err = only_error(str(run), "--samples", "5")
         assert str(checkpoint) in err and "damaged" in err and "--samples 2" in err
@@ -656,26 +643,23 @@ def test_bad_inputs_give_one_line_and_no_weight_notes_while_good_ones_get_one_li
     (tmp_path / "samples.npz").replace(run / "samples.npz")
     E.main([str(run)] + common)
     notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
-    assert len(notes) == 3 and all(
-        len(n) < 200 for n in notes
-    )  # Inception, two DINOv2 files: one short line each
+    # Inception, two DINOv2 files: one short line each
+    assert len(notes) == 3 and all(len(n) < 200 for n in notes)
 
 
 def test_samples_drawn_afresh_use_the_runs_sampler_and_steps_or_heun_with_40(tmp_path, monkeypatch):
     calls = []
 
-    def sample(
-        h_theta, x, steps, sampler, sigma_stop=0.0
-    ):  # records the call; sampling is ambient.py's business
+    # records the call; sampling is ambient.py's business
+    def sample(h_theta, x, steps, sampler, sigma_stop=0.0):
         calls.append(dict(steps=steps, sampler=sampler))
         return torch.zeros_like(x)
 
     monkeypatch.setattr(A, "sample", sample)
     data = (np.random.default_rng(31).random((4, 16, 16, 3)) * 255).astype(np.uint8)
     np.savez(tmp_path / "d.npz", images=data)
-    run = fake_run(
-        tmp_path / "r", tmp_path / "d.npz", [0, 1], data[:1]
-    )  # config: steps 2, no sampler
+    # config: steps 2, no sampler
+    run = fake_run(tmp_path / "r", tmp_path / "d.npz", [0, 1], data[:1])
     common = [
         "--pixels-only",
         "--out",
@@ -700,35 +684,34 @@ def test_samples_drawn_afresh_use_the_runs_sampler_and_steps_or_heun_with_40(tmp
 # Precision and recall (Kynkaanniemi et al. 2019): k-NN manifolds of the two feature sets
 # ---------------------------------------------------------------------------------------------
 def test_precision_and_recall_count_points_inside_the_other_sets_knn_balls():
-    """1-D, k = 3. Reference {0, 1, 2, 3, 10}: distances to the 3rd nearest other point 3, 2, 2, 3, 9.
-    Generated {0.5, -2.5, 20, 30}: 0.5 (0.5 from 0) and -2.5 (2.5 from 0) are inside, 20 and 30 (10 and
-    20 from 10) are not: precision 1/2 (with k = 2, radius 2 at 0, -2.5 would fall out). Generated radii:
-    29.5, 32.5, 22.5, 32.5; every reference point lies within 29.5 of 0.5: recall 1."""
+    """1-D, k = 3. Reference {0, 1, 2, 3, 10}: distances to the 3rd nearest other point 3, 2, 2, 3,
+    9. Generated {0.5, -2.5, 20, 30}: 0.5 (0.5 from 0) and -2.5 (2.5 from 0) are inside, 20 and 30
+    (10 and 20 from 10) are not: precision 1/2 (with k = 2, radius 2 at 0, -2.5 would fall out).
+    Generated radii: 29.5, 32.5, 22.5, 32.5; every reference point lies within 29.5 of 0.5:
+    recall 1."""
     ref, gen = np.array([[0.0], [1], [2], [3], [10]]), np.array([[0.5], [-2.5], [20], [30]])
     result = E.precision_recall(gen, ref)
     assert result["precision"] == 0.5 and result["recall"] == 1.0
     swapped = E.precision_recall(ref, gen)  # the roles swap: precision and recall swap
     assert swapped["precision"] == 1.0 and swapped["recall"] == 0.5
-    far = E.precision_recall(
-        np.array([[100.0], [100.1], [100.2], [100.3]]), ref
-    )  # radii 0.3, 0.2, 0.2, 0.3
+    # radii 0.3, 0.2, 0.2, 0.3
+    far = E.precision_recall(np.array([[100.0], [100.1], [100.2], [100.3]]), ref)
     assert far["precision"] == 0 and far["recall"] == 0
-    assert (
-        E.precision_recall(gen[:3], ref)["precision"] is None
-    )  # 3 points have no 3rd neighbour besides themselves
+    # 3 points have no 3rd neighbour besides themselves
+    assert E.precision_recall(gen[:3], ref)["precision"] is None
 
 
 def test_the_report_has_a_legend_and_flags_samples_as_rough_as_noise(tmp_path, capsys):
-    """A copy rate of 0 from a model that learned nothing must not read as success: the table says which
-    direction is better, carries the roughness of the samples, and names the run whose samples are noise."""
+    """A copy rate of 0 from a model that learned nothing must not read as success: the table says
+    which direction is better, carries the roughness of the samples, and names the run whose samples
+    are noise."""
     smooth = np.repeat(
         np.repeat((np.random.default_rng(40).random((6, 4, 4, 3)) * 255).astype(np.uint8), 4, 1),
         4,
         2,
     )
-    np.savez(
-        tmp_path / "d.npz", images=smooth
-    )  # 16x16 images made of 4x4 blocks: little pixel-to-pixel change
+    # 16x16 images made of 4x4 blocks: little pixel-to-pixel change
+    np.savez(tmp_path / "d.npz", images=smooth)
     noise = (np.random.default_rng(41).random((4, 16, 16, 3)) * 255).astype(np.uint8)
     runs = [
         fake_run(tmp_path / "copies", tmp_path / "d.npz", [0, 1, 2], smooth[[0, 1, 2, 0]]),
