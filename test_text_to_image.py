@@ -1,6 +1,8 @@
-"""Facts about text_to_image.py, Algorithm 1 for a diffusers text-to-image model (Table 5): the usual
-target at t_n = 0, Lemma C.2's target has the clean target's conditional mean, no clean latent above
-t_n, fixed noisy latents, the mitigations, and a tiny model trained, resumed and sampled on CPU."""
+"""Facts about text_to_image.py, Algorithm 1 for a diffusers text-to-image model (Table 5): the
+usual target at t_n = 0, Lemma C.2's target has the clean target's conditional mean, no clean
+latent above t_n, fixed noisy latents, the mitigations, and a tiny model trained, resumed and
+sampled on CPU."""
+
 import json
 
 import numpy as np
@@ -18,7 +20,7 @@ KINDS = ("v_prediction", "epsilon")
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():  # the tiny UNet's small ops run several times faster on one thread on a busy machine
+def one_thread():  # the tiny UNet's small ops: several times faster on one thread on a busy machine
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -27,8 +29,9 @@ def one_thread():  # the tiny UNet's small ops run several times faster on one t
 
 def sd_scheduler(kind):
     """Stable Diffusion's training schedule (scaled_linear, 1000 steps)."""
-    return DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                         prediction_type=kind)
+    return DDPMScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type=kind
+    )
 
 
 def gen(seed):
@@ -50,17 +53,17 @@ def test_target_is_the_schedulers_own_at_tn_zero(kind):
 
 def gaussian_posterior_target(kind, x_t, mu, cov, abar):
     """The clean eps or v target's conditional mean given x_t when x_0 ~ N(mu, cov), in closed form:
-    E[x_0 | x_t] = mu + a cov (a^2 cov + s^2 I)^-1 (x_t - a mu), with a = sqrt(abar), s^2 = 1 - abar."""
-    a, s = abar ** 0.5, (1 - abar) ** 0.5
-    gain = a * cov @ torch.linalg.inv(a ** 2 * cov + s ** 2 * torch.eye(len(mu), dtype=f64))
+    E[x_0 | x_t] = mu + a cov (a^2 cov + s^2 I)^-1 (x_t - a mu), a = sqrt(abar), s^2 = 1 - abar."""
+    a, s = abar**0.5, (1 - abar) ** 0.5
+    gain = a * cov @ torch.linalg.inv(a**2 * cov + s**2 * torch.eye(len(mu), dtype=f64))
     x0 = mu + (x_t - a * mu) @ gain.T
     return (x_t - a * x0) / s if kind == "epsilon" else (a * x_t - x0) / s
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_ambient_target_has_the_clean_targets_conditional_mean_on_a_gaussian(kind):
-    """Lemmas C.1/C.2 in the scheduler's units: with x_0 Gaussian, E[target | x_t] is affine in x_t; the
-    least-squares fit of Lemma C.2's target on (x_t, 1) over 400k draws recovers the clean target's."""
+    """Lemmas C.1/C.2 in the scheduler's units: with x_0 Gaussian, E[target | x_t] is affine in
+    x_t; a least-squares fit of Lemma C.2's target on (x_t, 1), 400k draws, gives the clean one."""
     sched, n, tn, t = sd_scheduler(kind), 400_000, 100, 400
     mu = torch.tensor([0.5, -0.3, 0.1], dtype=f64)
     L = torch.tensor([[0.6, 0.0, 0.0], [0.2, 0.4, 0.0], [-0.1, 0.3, 0.5]], dtype=f64)
@@ -79,8 +82,9 @@ def test_ambient_target_has_the_clean_targets_conditional_mean_on_a_gaussian(kin
 
 
 def test_no_clean_latent_reaches_a_sample_above_tn():
-    """Above t_n, x_t and the target are built from the stored x_tn alone: changing the clean latents
-    changes nothing there, and x_t is line 10's sqrt(abar_t/abar_tn) x_tn + sqrt(1 - abar_t/abar_tn) z."""
+    """Above t_n, x_t and the target are built from the stored x_tn alone: changing the clean
+    latents changes nothing there, and x_t is line 10's
+    sqrt(abar_t / abar_tn) x_tn + sqrt(1 - abar_t / abar_tn) z."""
     sched, tn = sd_scheduler("v_prediction"), 100
     latents = torch.randn(6, 4, 8, 8, generator=gen(6))
     x_tn = T.make_noisy_latents(latents, sched, tn, seed=0)
@@ -91,7 +95,9 @@ def test_no_clean_latent_reaches_a_sample_above_tn():
     for key in ("x_t", "target"):
         assert torch.equal(b[key][hi], other[key][hi])
         assert not torch.allclose(b[key][~hi], other[key][~hi])
-    ratio = (sched.alphas_cumprod.to(f64)[b["t"][hi]] / sched.alphas_cumprod.to(f64)[tn])[:, None, None, None]
+    ratio = (sched.alphas_cumprod.to(f64)[b["t"][hi]] / sched.alphas_cumprod.to(f64)[tn])[
+        :, None, None, None
+    ]
     want = ratio.sqrt() * x_tn[b["idx"][hi]] + (1 - ratio).sqrt() * b["noise"][hi]
     assert torch.allclose(b["x_t"][hi], want.float(), atol=1e-5)
 
@@ -110,7 +116,9 @@ def test_noisy_latents_are_one_seeded_draw_at_tn():
 def test_released_weight_is_eq6_residual_and_one_below_tn():
     sched, tn = sd_scheduler("v_prediction"), 100
     latents = torch.randn(6, 4, 8, 8, generator=gen(9))
-    b = T.algorithm1_batch(sched, latents, T.make_noisy_latents(latents, sched, tn, 0), tn, 64, gen(10))
+    b = T.algorithm1_batch(
+        sched, latents, T.make_noisy_latents(latents, sched, tn, 0), tn, 64, gen(10)
+    )
     w = T.loss_weight(b, "released")
     c_h, _ = A.ambient_coefficients(b["sigma_t"], T.sigma_of(sched, tn))
     assert torch.equal(w[~b["noisy"]], torch.ones((~b["noisy"]).sum()))
@@ -186,13 +194,19 @@ def test_w24_leaves_out_exactly_the_samples_with_a_large_text_conditional_predic
 def test_w24_with_no_sample_kept_makes_no_update():
     models = T.tiny_models("epsilon", seed=1).to("cpu")
     latents = torch.randn(3, 4, 8, 8, generator=gen(13))
-    data = T.TrainData(latents, T.make_noisy_latents(latents, models.scheduler, 50, 0),
-                       T.tokenize(models.tokenizer, ["a", "b", "c"]), T.tokenize(models.tokenizer, [""]))
+    data = T.TrainData(
+        latents,
+        T.make_noisy_latents(latents, models.scheduler, 50, 0),
+        T.tokenize(models.tokenizer, ["a", "b", "c"]),
+        T.tokenize(models.tokenizer, [""]),
+    )
     cfg = cfg_for(w24_threshold=1e-9, batch=4, tn=50)
     state = T.training_state(models.unet, cfg, "cpu")
     before = [p.clone() for p in models.unet.parameters()]
     _, kept = T.train_step(models, data, state, cfg)
-    assert kept == 0 and all(torch.equal(p, q) for p, q in zip(before, models.unet.parameters(), strict=True))
+    assert kept == 0 and all(
+        torch.equal(p, q) for p, q in zip(before, models.unet.parameters(), strict=True)
+    )
     cfg.w24_threshold = None
     T.train_step(models, data, state, cfg)
     assert not all(torch.equal(p, q) for p, q in zip(before, models.unet.parameters(), strict=True))
@@ -217,7 +231,9 @@ def caption_folder(tmp_path, n=4, jsonl=False):
     rng = np.random.default_rng(0)
     rows = []
     for i in range(n):
-        Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(folder / f"im{i}.png")
+        Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(
+            folder / f"im{i}.png"
+        )
         if jsonl:
             rows.append(json.dumps(dict(file_name=f"im{i}.png", text=f"photo {i}")))
         else:
@@ -228,32 +244,74 @@ def caption_folder(tmp_path, n=4, jsonl=False):
 
 
 def test_train_resume_and_sample_end_to_end_with_fixed_noisy_latents(tmp_path):
-    """The CLI trains the tiny model, and a resume keeps the checkpoint's noisy latents (tampered with
-    here, so that a redraw from the seed would show), continues, and samples the prompt file."""
+    """The CLI trains the tiny model, and a resume keeps the checkpoint's noisy latents (tampered
+    with here, so that a redraw from the seed would show), continues, and samples the prompts."""
     folder = caption_folder(tmp_path, jsonl=True)
     (tmp_path / "p.txt").write_text("a photo\n\nanother one\n")
     out = tmp_path / "run"
-    argv = ["--pretrained", "tiny", "--data", str(folder), "--out", str(out), "--device", "cpu",
-            "--batch", "3", "--log-every", "1", "--tn", "50", "--text-noise", "0.1"]
+    argv = [
+        "--pretrained",
+        "tiny",
+        "--data",
+        str(folder),
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--batch",
+        "3",
+        "--log-every",
+        "1",
+        "--tn",
+        "50",
+        "--text-noise",
+        "0.1",
+    ]
     T.main(argv + ["--iters", "3"])  # 9 images seen of 4: the noisy latents serve several epochs
     ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
     latents = torch.load(out / "latents.pt", weights_only=False)["latents"]
     assert ckpt["step"] == 3 and latents.shape == (4, 4, 8, 8)
-    assert torch.equal(ckpt["x_tn"], T.make_noisy_latents(latents, sd_scheduler("v_prediction"), 50, 0))
+    assert torch.equal(
+        ckpt["x_tn"], T.make_noisy_latents(latents, sd_scheduler("v_prediction"), 50, 0)
+    )
     ckpt["x_tn"] = ckpt["x_tn"] + 1
     torch.save(ckpt, out / "checkpoint.pt")
-    T.main(argv + ["--iters", "5", "--resume", "--prompts", str(tmp_path / "p.txt"), "--steps", "2",
-                   "--samples-per-prompt", "2"])
+    T.main(
+        argv
+        + [
+            "--iters",
+            "5",
+            "--resume",
+            "--prompts",
+            str(tmp_path / "p.txt"),
+            "--steps",
+            "2",
+            "--samples-per-prompt",
+            "2",
+        ]
+    )
     resumed = torch.load(out / "checkpoint.pt", weights_only=False)
     assert resumed["step"] == 5 and torch.equal(resumed["x_tn"], ckpt["x_tn"])
     with np.load(out / "samples.npz") as f:
-        assert f["images"].shape == (4, 16, 16, 3) and list(f["prompts"][::2]) == ["a photo", "another one"]
+        assert f["images"].shape == (4, 16, 16, 3) and list(f["prompts"][::2]) == [
+            "a photo",
+            "another one",
+        ]
     assert len(list((out / "samples").glob("*.png"))) == 4
 
 
 def test_bad_input_gives_one_clear_line(tmp_path, capsys, monkeypatch):
     folder = caption_folder(tmp_path)
-    base = ["--pretrained", "tiny", "--data", str(folder), "--out", str(tmp_path / "r"), "--device", "cpu"]
+    base = [
+        "--pretrained",
+        "tiny",
+        "--data",
+        str(folder),
+        "--out",
+        str(tmp_path / "r"),
+        "--device",
+        "cpu",
+    ]
     main = T.main
     assert "no such folder" in error_of(base[:2] + ["--data", str(tmp_path / "none")], capsys, main)
     assert "timesteps 0 to 999" in error_of(base + ["--tn", "1000"], capsys, main)
@@ -269,7 +327,9 @@ def test_bad_input_gives_one_clear_line(tmp_path, capsys, monkeypatch):
 
     def offline(*args, **kwargs):  # what diffusers raises on a machine without the network
         raise OSError("We couldn't connect to 'https://huggingface.co'")
+
     import diffusers
+
     monkeypatch.setattr(diffusers.StableDiffusionPipeline, "from_pretrained", offline)
     err = error_of(pre + ["stabilityai/stable-diffusion-2"], capsys, main)
     assert "cannot load a Stable Diffusion pipeline (OSError)" in err and "--local-dir" in err

@@ -1,21 +1,23 @@
-"""Algorithm 1 for a text-to-image latent diffusion model (the paper's Table 5), built on ambient.py.
+"""Algorithm 1 for a text-to-image latent diffusion model (the paper's Table 5), on ambient.py.
 
     python text_to_image.py --pretrained stabilityai/stable-diffusion-2 --data laion10k/ --tn 100 \
         --prompts prompts.txt                                   # Table 5's setting, a GPU job
     python text_to_image.py --pretrained tiny --data folder/ --iters 20 --device cpu   # a CPU check
 
-Stable Diffusion works in a VAE's latent space with the DDPM schedule x_t = sqrt(abar_t) x_0 +
-sqrt(1 - abar_t) eps over integer timesteps t, and its network predicts eps or v. Algorithm 1 carries
-over in these units, with sigma_t = sqrt(1 - abar_t) as ambient.py's VP sigma: line 1 draws one noisy
-latent x_tn per image at timestep --tn, once; above t_n a sample starts from x_tn, never from the
-clean latent, and regresses onto Lemma C.2's target, the Eq. 6 x_0-target (x_tn - c_x x_t) / c_h
-mapped to eps or v; at or below t_n it is the usual fine-tuning step. --tn 0 is plain fine-tuning.
+Stable Diffusion works in a VAE's latent space with the DDPM schedule x_t = sqrt(abar_t) x_0
++ sqrt(1 - abar_t) eps over integer timesteps t, and its network predicts eps or v. Algorithm 1
+carries over in these units, with sigma_t = sqrt(1 - abar_t) as ambient.py's VP sigma: line 1 draws
+one noisy latent x_tn per image at timestep --tn, once; above t_n a sample starts from x_tn, never
+from the clean latent, and regresses onto Lemma C.2's target, the Eq. 6 x_0-target
+(x_tn - c_x x_t) / c_h mapped to eps or v; at or below t_n it is the usual fine-tuning step.
+--tn 0 is plain fine-tuning.
 
 Two text-side mitigations that Table 5 combines with it are options: --text-noise (Somepalli et
 al. 2023: Gaussian noise on the text encoder's output during training) and --w24-threshold (Wen et
 al. 2024: samples whose text-conditional prediction is large are left out of the loss). The folder
 holds images and captions: a .txt beside each image, or diffusers' metadata.jsonl.
 """
+
 import json
 import os
 import time
@@ -37,16 +39,19 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 # they are; only the map from an x_0-target to the eps or v the network predicts is new.
 # ------------------------------------------------------------------------------------------------
 def sigma_of(scheduler, t):
-    """VP sigma_t = sqrt(1 - abar_t) at integer timesteps t, in float64 (abar_t is near 1 at t ~ 0)."""
+    """VP sigma_t = sqrt(1 - abar_t) at integer timesteps t, in float64 (abar_t ~ 1 at t ~ 0)."""
     abar = scheduler.alphas_cumprod.to(torch.float64)[torch.as_tensor(t).cpu()]
     return (1 - abar).sqrt()
 
 
 def make_noisy_latents(latents, scheduler, tn, seed):
-    """Line 1: x_tn = sqrt(abar_tn) x_0 + sqrt(1 - abar_tn) eps, one seeded draw per image; tn = 0: none."""
+    """Line 1: x_tn = sqrt(abar_tn) x_0 + sqrt(1 - abar_tn) eps, one seeded draw per image.
+    tn = 0: the clean latents, plain fine-tuning."""
     if tn == 0:
         return latents.clone()
-    eps = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=latents.dtype)
+    eps = torch.randn(
+        latents.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=latents.dtype
+    )
     return A.add_noise(latents, sigma_of(scheduler, tn).to(latents.dtype), eps)
 
 
@@ -58,18 +63,20 @@ def usual_target(scheduler, x0, noise, t):
 
 
 def ambient_target(prediction_type, x_t, x_tn, sigma_t, sigma_tn):
-    """Lemma C.2: E[x_tn | x_t] = c_h E[x_0 | x_t] + c_x x_t, so (x_tn - c_x x_t) / c_h has the clean
-    x_0's conditional mean; eps and v are linear in (x_t, x_0), so the same holds for their targets."""
+    """Lemma C.2: E[x_tn | x_t] = c_h E[x_0 | x_t] + c_x x_t, so (x_tn - c_x x_t) / c_h has the
+    clean x_0's conditional mean; eps and v are linear in (x_t, x_0): so do their targets."""
     c_h, c_x = A.ambient_coefficients(sigma_t, sigma_tn)
     a, s, c_h, c_x = (A.bcast(v.to(x_t.dtype), x_t) for v in (A.alpha(sigma_t), sigma_t, c_h, c_x))
     x0_target = (x_tn - c_x * x_t) / c_h
     if prediction_type == "epsilon":
         return (x_t - a * x0_target) / s
-    return (a * x_t - x0_target) / s  # v = alpha eps - sigma x_0, with eps = (x_t - alpha x_0) / sigma
+    return (
+        a * x_t - x0_target
+    ) / s  # v = alpha eps - sigma x_0, with eps = (x_t - alpha x_0) / sigma
 
 
 def noisy_batch(scheduler, x0, x_tn, t, tn, gen):
-    """Line 10 and the target at timesteps t: from x_tn above t_n (x_0 never enters), from x_0 below."""
+    """Line 10 and the target at timesteps t: from x_tn above t_n (x_0 never enters), else x_0."""
     z = torch.randn(x0.shape, generator=gen, device=x0.device, dtype=x0.dtype)
     noisy = (t > tn) & (tn > 0)
     sigma_t = sigma_of(scheduler, t).to(x0.device)
@@ -81,11 +88,13 @@ def noisy_batch(scheduler, x0, x_tn, t, tn, gen):
     kind = scheduler.config.prediction_type
     target_noisy = ambient_target(kind, x_t, start, sigma_t, sigma_tn)
     target = torch.where(A.bcast(noisy, x0), target_noisy, usual_target(scheduler, x0, z, t))
-    return dict(x_t=x_t, target=target, t=t, noisy=noisy, noise=z, sigma_t=sigma_t, sigma_tn=sigma_tn)
+    return dict(
+        x_t=x_t, target=target, t=t, noisy=noisy, noise=z, sigma_t=sigma_t, sigma_tn=sigma_tn
+    )
 
 
 def algorithm1_batch(scheduler, latents, x_tn, tn, batch, gen):
-    """Lines 3-10: random images and timesteps t ~ U{0, ..., T-1}, as diffusers' fine-tuning draws them."""
+    """Lines 3-10: random images and t ~ U{0, ..., T-1}, as diffusers' fine-tuning draws them."""
     idx = torch.randint(len(latents), (batch,), generator=gen, device=latents.device)
     steps = scheduler.config.num_train_timesteps
     t = torch.randint(steps, (batch,), generator=gen, device=latents.device)
@@ -94,7 +103,8 @@ def algorithm1_batch(scheduler, latents, x_tn, tn, batch, gen):
 
 def loss_weight(b, kind):
     """released: Eq. 6's residual in the model's units (c_h^2 times the target's error), as the
-    authors' code weights the x_0 form; x0: Lemma C.2's target regressed as written. Equal below t_n."""
+    authors' code weights the x_0 form; x0: Lemma C.2's target regressed as written.
+    Both are 1 at or below t_n."""
     if kind == "x0":
         return torch.ones_like(b["sigma_t"], dtype=torch.float32)
     c_h, _ = A.ambient_coefficients(b["sigma_t"], b["sigma_tn"])
@@ -105,8 +115,13 @@ def loss_weight(b, kind):
 # 2. Text conditioning and the two mitigations Table 5 combines with Algorithm 1.
 # ------------------------------------------------------------------------------------------------
 def tokenize(tokenizer, captions):
-    return tokenizer(list(captions), padding="max_length", max_length=tokenizer.model_max_length,
-                     truncation=True, return_tensors="pt").input_ids
+    return tokenizer(
+        list(captions),
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
 
 
 def drop_captions(ids, empty_ids, p, gen):
@@ -116,17 +131,17 @@ def drop_captions(ids, empty_ids, p, gen):
 
 
 def add_text_noise(emb, scale, gen):
-    """Somepalli et al. 2023 (somepago/DCR, diff_train.py's rand_noise_lam): e + scale * N(0, I) on the
-    text encoder's hidden states, at every training step; their code's default is 0 (off)."""
+    """Somepalli et al. 2023 (somepago/DCR, diff_train.py's rand_noise_lam): e + scale * N(0, I)
+    on the text encoder's hidden states, at every training step; their code's default is 0 (off)."""
     if not scale:
         return emb
     return emb + scale * torch.randn(emb.shape, generator=gen, device=emb.device, dtype=emb.dtype)
 
 
 def w24_keep(pred, unet, x_t, t, empty_emb, threshold):
-    """Wen et al. 2024 (YuxinWenRick/diffusion_memorization, train_text_to_image.py's hard_threshold):
-    the text-conditional part |pred(c) - pred(empty)|_2 of each sample, without gradient; samples at
-    or above the threshold leave the loss. None: keep all."""
+    """Wen et al. 2024 (YuxinWenRick/diffusion_memorization, train_text_to_image.py's
+    hard_threshold): the text-conditional part |pred(c) - pred(empty)|_2 of each sample, without
+    gradient; samples at or above the threshold leave the loss. None: keep all."""
     if threshold is None:
         return torch.ones(len(pred), dtype=torch.bool, device=pred.device)
     with torch.no_grad():
@@ -154,14 +169,17 @@ class Models:
 
     def __init__(self, unet, vae, text_encoder, tokenizer, scheduler):
         from diffusers import DDPMScheduler
+
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
         self.scheduler = DDPMScheduler.from_config(scheduler.config)  # as diffusers' train script
         self.vae.requires_grad_(False).eval()
         self.text_encoder.requires_grad_(False).eval()
         kind = self.scheduler.config.prediction_type
         if kind not in ("epsilon", "v_prediction"):
-            raise UserError(f"the scheduler's prediction_type is {kind!r}; this script trains epsilon "
-                            "or v_prediction models (Stable Diffusion 2: v_prediction)")
+            raise UserError(
+                f"the scheduler's prediction_type is {kind!r}; this script trains epsilon "
+                "or v_prediction models (Stable Diffusion 2: v_prediction)"
+            )
 
     def to(self, device):
         for m in (self.unet, self.vae, self.text_encoder):
@@ -176,35 +194,65 @@ class Models:
 
 
 def tiny_tokenizer(max_length=16):
-    """A CLIP tokenizer with one token per byte and no merges: built in memory, nothing to download."""
+    """A CLIP tokenizer with one token per byte and no merges: built in memory, no download."""
     from tokenizers.pre_tokenizers import ByteLevel
     from transformers import CLIPTokenizer
+
     chars = sorted(ByteLevel.alphabet())
     words = ["<|startoftext|>", "<|endoftext|>"] + chars + [c + "</w>" for c in chars]
-    return CLIPTokenizer(vocab={w: i for i, w in enumerate(words)}, merges=[], model_max_length=max_length)
+    return CLIPTokenizer(
+        vocab={w: i for i, w in enumerate(words)}, merges=[], model_max_length=max_length
+    )
 
 
 def tiny_models(prediction_type="v_prediction", seed=0):
-    """Randomly initialised SD-shaped parts, small enough for a CPU test: 16x16 images, 8x8 latents."""
+    """Random SD-shaped parts, small enough for a CPU test: 16x16 images, 8x8 latents."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
+
     torch.manual_seed(seed)
     tok = tiny_tokenizer()
-    text = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_attention_heads=4,
-        num_hidden_layers=2, max_position_embeddings=tok.model_max_length,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+    text = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=37,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            max_position_embeddings=tok.model_max_length,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
+    )
     unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), norm_num_groups=4,
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
-        attention_head_dim=2)
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        norm_num_groups=4,
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=2,
+    )
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        norm_num_groups=4, sample_size=16)
-    sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                          prediction_type=prediction_type)  # Stable Diffusion's schedule
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=4,
+        sample_size=16,
+    )
+    sched = DDPMScheduler(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        prediction_type=prediction_type,
+    )  # Stable Diffusion's schedule
     return Models(unet, vae, text, tok, sched)
 
 
@@ -212,17 +260,23 @@ def load_pretrained(name):
     """A Stable Diffusion pipeline's parts from a local folder or the Hugging Face Hub."""
     looks_local = name.startswith((".", "/", "~")) or os.sep in name.strip("/").split("/", 1)[-1]
     if looks_local and not Path(name).expanduser().is_dir():
-        raise UserError(f"--pretrained {name}: no such folder; pass a folder holding a Stable Diffusion "
-                        "pipeline, a Hub name such as stabilityai/stable-diffusion-2, or tiny")
+        raise UserError(
+            f"--pretrained {name}: no such folder; pass a folder holding a Stable Diffusion "
+            "pipeline, a Hub name such as stabilityai/stable-diffusion-2, or tiny"
+        )
     try:
         from diffusers import StableDiffusionPipeline
-        pipe = StableDiffusionPipeline.from_pretrained(str(Path(name).expanduser()) if looks_local
-                                                       else name, safety_checker=None)
+
+        pipe = StableDiffusionPipeline.from_pretrained(
+            str(Path(name).expanduser()) if looks_local else name, safety_checker=None
+        )
     except Exception as err:  # offline, a missing repo, a gated one: all end here
-        raise UserError(f"--pretrained {name}: cannot load a Stable Diffusion pipeline "
-                        f"({type(err).__name__}); on an offline machine download it elsewhere "
-                        "(huggingface-cli download stabilityai/stable-diffusion-2 --local-dir sd2) "
-                        "and pass the folder") from None
+        raise UserError(
+            f"--pretrained {name}: cannot load a Stable Diffusion pipeline "
+            f"({type(err).__name__}); on an offline machine download it elsewhere "
+            "(huggingface-cli download stabilityai/stable-diffusion-2 --local-dir sd2) "
+            "and pass the folder"
+        ) from None
     return Models(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler)
 
 
@@ -236,7 +290,7 @@ def load_models(cfg):
 # 4. Data: a folder of images and captions -> VAE latents (times the scaling factor), computed once.
 # ------------------------------------------------------------------------------------------------
 def read_captions(folder):
-    """(image path, caption) pairs: metadata.jsonl's file_name and text (or caption), else name.txt."""
+    """(image, caption) pairs: metadata.jsonl's file_name and text (or caption), else name.txt."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"--data {folder}: no such folder; pass a folder of images with captions")
@@ -247,7 +301,9 @@ def read_captions(folder):
     for image in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
         txt = image.with_suffix(".txt")
         if not txt.is_file():
-            raise UserError(f"{image} has no caption: write {txt.name} beside it, or a metadata.jsonl")
+            raise UserError(
+                f"{image} has no caption: write {txt.name} beside it, or a metadata.jsonl"
+            )
         pairs.append((image, txt.read_text().strip()))
     if not pairs:
         raise UserError(f"no {'/'.join(IMAGE_SUFFIXES)} images in {folder}")
@@ -264,8 +320,9 @@ def captions_from_jsonl(meta):
             caption = row["text"] if "text" in row else row["caption"]
             pairs.append((meta.parent / row["file_name"], str(caption)))
         except (ValueError, KeyError, TypeError):
-            raise UserError(f"{meta} line {i + 1}: expected a JSON object with file_name and text "
-                            "(or caption)") from None
+            raise UserError(
+                f"{meta} line {i + 1}: expected a JSON object with file_name and text (or caption)"
+            ) from None
     missing = [p for p, _ in pairs if not p.is_file()]
     if missing or not pairs:
         raise UserError(f"{meta}: {missing[0] if missing else 'no rows'}; list the folder's images")
@@ -275,6 +332,7 @@ def captions_from_jsonl(meta):
 def load_image(path, resolution):
     """Shorter side resized to `resolution`, centre crop, [-1, 1] NCHW, as diffusers' scripts do."""
     from PIL import Image
+
     try:
         im = Image.open(path).convert("RGB")
     except OSError as err:
@@ -292,13 +350,13 @@ def encode_latents(models, paths, resolution, device, batch=8):
     """The VAE posterior's mean times the scaling factor: one fixed latent x_0 per image."""
     out = []
     for i in range(0, len(paths), batch):
-        x = torch.stack([load_image(p, resolution) for p in paths[i:i + batch]]).to(device)
+        x = torch.stack([load_image(p, resolution) for p in paths[i : i + batch]]).to(device)
         out.append(models.vae.encode(x).latent_dist.mean.float().cpu())
     return torch.cat(out) * models.vae.config.scaling_factor
 
 
 def cached_latents(models, pairs, cfg, out, device, log):
-    """out/latents.pt holds the latents for this folder and resolution; they are computed only once."""
+    """out/latents.pt holds the latents for this folder and resolution, computed only once."""
     path, files = Path(out) / "latents.pt", [str(p) for p, _ in pairs]
     if path.is_file():
         cache = torch.load(path, weights_only=False)
@@ -309,7 +367,10 @@ def cached_latents(models, pairs, cfg, out, device, log):
     latents = encode_latents(models, [p for p, _ in pairs], cfg.resolution, device)
     torch.save(dict(latents=latents, files=files, resolution=cfg.resolution), str(path) + ".tmp")
     os.replace(str(path) + ".tmp", path)
-    log(f"encoded {len(files)} images to latents {tuple(latents.shape[1:])} in {time.time() - t0:.0f} s")
+    log(
+        f"encoded {len(files)} images to latents {tuple(latents.shape[1:])} "
+        f"in {time.time() - t0:.0f} s"
+    )
     return latents
 
 
@@ -322,7 +383,9 @@ class TrainData:
     latents: torch.Tensor  # x_0, the VAE latents times the scaling factor
     x_tn: torch.Tensor  # line 1's one noisy copy per latent; fixed for the whole run
     ids: torch.Tensor  # each image's caption, tokenized
-    empty_ids: torch.Tensor  # the empty prompt: caption dropout's and guidance's unconditional input
+    empty_ids: (
+        torch.Tensor
+    )  # the empty prompt: caption dropout's and guidance's unconditional input
 
 
 @dataclass
@@ -336,8 +399,12 @@ class TrainState:
 
 def training_state(unet, cfg, device, saved=None):
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=1e-2)
-    state = TrainState(unet, opt, torch.Generator(device).manual_seed(cfg.seed + 2),
-                       torch.Generator(device).manual_seed(cfg.seed + 3))
+    state = TrainState(
+        unet,
+        opt,
+        torch.Generator(device).manual_seed(cfg.seed + 2),
+        torch.Generator(device).manual_seed(cfg.seed + 3),
+    )
     if saved is not None:
         try:
             unet.load_state_dict(saved["unet"])
@@ -345,17 +412,29 @@ def training_state(unet, cfg, device, saved=None):
             state.gen.set_state(saved["rng"].cpu())
             state.noise_gen.set_state(saved["noise_rng"].cpu())
         except (RuntimeError, ValueError, KeyError) as err:
-            raise UserError(f"--resume: the checkpoint does not fit this model or device ({type(err).__name__}); "
-                            "resume with the same --pretrained on the same device type") from None
+            raise UserError(
+                f"--resume: the checkpoint does not fit this model or device "
+                f"({type(err).__name__}); "
+                "resume with the same --pretrained on the same device type"
+            ) from None
         state.step = saved["step"]
     return state
 
 
 def save_checkpoint(state, data, cfg, path):
-    """torch.save to a temporary file, then rename: a run killed mid-write keeps its last checkpoint."""
-    torch.save(dict(unet=state.unet.state_dict(), opt=state.opt.state_dict(), step=state.step,
-                    rng=state.gen.get_state(), noise_rng=state.noise_gen.get_state(),
-                    x_tn=data.x_tn.cpu(), config=cfg.saved()), str(path) + ".tmp")
+    """torch.save to a temporary file, then rename: a run killed mid-write keeps the last one."""
+    torch.save(
+        dict(
+            unet=state.unet.state_dict(),
+            opt=state.opt.state_dict(),
+            step=state.step,
+            rng=state.gen.get_state(),
+            noise_rng=state.noise_gen.get_state(),
+            x_tn=data.x_tn.cpu(),
+            config=cfg.saved(),
+        ),
+        str(path) + ".tmp",
+    )
     os.replace(str(path) + ".tmp", path)
 
 
@@ -373,20 +452,24 @@ def train_step(models, data, state, cfg):
 
 
 def train(models, data, state, cfg, out=None, log=print):
-    """Steps until cfg.iters, logging and checkpointing into the folder `out` (None: write nothing)."""
+    """Steps until cfg.iters, logging and checkpointing into the folder `out` (None: nothing)."""
     models.unet.train()
     t0, first, kept = time.time(), state.step, 0
     while state.step < cfg.iters:
         loss, k = train_step(models, data, state, cfg)
         state.step, kept = state.step + 1, kept + k
         if not torch.isfinite(loss):
-            raise UserError(f"the loss is not finite at step {state.step}; the last checkpoint is kept. "
-                            "Lower --lr, then --resume")
+            raise UserError(
+                f"the loss is not finite at step {state.step}; the last checkpoint is kept. "
+                "Lower --lr, then --resume"
+            )
         last = state.step == cfg.iters
         if state.step % cfg.log_every == 0 or last:
             rate = (state.step - first) * cfg.batch / (time.time() - t0)
-            log(f"step {state.step}/{cfg.iters}  loss {loss.item():.4f}  {rate:.1f} img/s  "
-                f"kept {kept / ((state.step - first) * cfg.batch):.2f}")
+            log(
+                f"step {state.step}/{cfg.iters}  loss {loss.item():.4f}  {rate:.1f} img/s  "
+                f"kept {kept / ((state.step - first) * cfg.batch):.2f}"
+            )
         if out and (state.step % cfg.ckpt_every == 0 or last):
             save_checkpoint(state, data, cfg, Path(out) / "checkpoint.pt")
     if out and first == cfg.iters == 0:
@@ -401,6 +484,7 @@ def train(models, data, state, cfg, out=None, log=print):
 def sample(models, prompt, count, guidance, steps, seed, resolution):
     """`count` images for one prompt, in [-1, 1]; the initial noise comes from `seed` alone."""
     from diffusers import DDIMScheduler
+
     device = next(models.unet.parameters()).device
     sched = DDIMScheduler.from_config(models.scheduler.config)
     sched.set_timesteps(steps, device=device)
@@ -419,27 +503,39 @@ def read_prompts(path):
     try:
         prompts = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
     except (OSError, UnicodeDecodeError) as err:
-        raise UserError(f"--prompts {path}: cannot read it ({type(err).__name__}); pass a text file "
-                        "with one prompt a line") from None
+        raise UserError(
+            f"--prompts {path}: cannot read it ({type(err).__name__}); pass a text file "
+            "with one prompt a line"
+        ) from None
     if not prompts:
         raise UserError(f"--prompts {path} holds no prompt; write one prompt a line")
     return prompts
 
 
 def generate(models, prompts, cfg, out, log=print):
-    """samples/<prompt>_<k>.png and samples.npz (uint8 images, their prompts); prompt i uses seed + i."""
+    """samples/<prompt>_<k>.png and samples.npz (uint8 images, prompts); prompt i: seed + i."""
     from torchvision.utils import save_image
+
     folder = Path(out) / "samples"
     folder.mkdir(exist_ok=True)
     images, names = [], []
     for i, prompt in enumerate(prompts):
-        x = sample(models, prompt, cfg.samples_per_prompt, cfg.guidance, cfg.steps, cfg.seed + i,
-                   cfg.resolution)
+        x = sample(
+            models,
+            prompt,
+            cfg.samples_per_prompt,
+            cfg.guidance,
+            cfg.steps,
+            cfg.seed + i,
+            cfg.resolution,
+        )
         for k, im in enumerate(x):
             save_image((im + 1) / 2, folder / f"{i:05d}_{k}.png")
         images.append(((x + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy())
         names += [prompt] * len(x)
-    np.savez_compressed(Path(out) / "samples.npz", images=np.concatenate(images), prompts=np.array(names))
+    np.savez_compressed(
+        Path(out) / "samples.npz", images=np.concatenate(images), prompts=np.array(names)
+    )
     log(f"wrote {len(names)} samples for {len(prompts)} prompts to {folder} and {out}/samples.npz")
 
 
@@ -448,31 +544,64 @@ def generate(models, prompts, cfg, out, log=print):
 # ------------------------------------------------------------------------------------------------
 @dataclass
 class Config:
-    data: str = option(None, "folder of images with captions (name.txt beside each image, or "
-                       "metadata.jsonl with file_name and text)", type=str, same_run=True)
-    pretrained: str = option("stabilityai/stable-diffusion-2", "a Stable Diffusion pipeline: Hub name "
-                             "or local folder; tiny = a small random model for CPU checks", same_run=True)
-    tiny_prediction: str = option("v_prediction", "the tiny model's prediction_type (a pretrained "
-                                  "model's scheduler says its own)",
-                                  choices=("v_prediction", "epsilon"), same_run=True)
-    resolution: int = option(None, "image side (default: the model's; SD2: 768)", type=int,
-                             same_run=True)
-    tn: int = option(100, "the noisy latents' scheduler timestep t_n; 0 = plain fine-tuning "
-                     "(paper, Appendix E: 25, 50, 100 tried)", same_run=True)
-    ambient_weight: str = option("released", "released (Eq. 6's residual, the authors' weighting) "
-                                 "or x0 (Lemma C.2's target unweighted)", choices=A.AMBIENT_WEIGHTS,
-                                 same_run=True)
+    data: str = option(
+        None,
+        "folder of images with captions (name.txt beside each image, or "
+        "metadata.jsonl with file_name and text)",
+        type=str,
+        same_run=True,
+    )
+    pretrained: str = option(
+        "stabilityai/stable-diffusion-2",
+        "a Stable Diffusion pipeline: Hub name "
+        "or local folder; tiny = a small random model for CPU checks",
+        same_run=True,
+    )
+    tiny_prediction: str = option(
+        "v_prediction",
+        "the tiny model's prediction_type (a pretrained model's scheduler says its own)",
+        choices=("v_prediction", "epsilon"),
+        same_run=True,
+    )
+    resolution: int = option(
+        None, "image side (default: the model's; SD2: 768)", type=int, same_run=True
+    )
+    tn: int = option(
+        100,
+        "the noisy latents' scheduler timestep t_n; 0 = plain fine-tuning "
+        "(paper, Appendix E: 25, 50, 100 tried)",
+        same_run=True,
+    )
+    ambient_weight: str = option(
+        "released",
+        "released (Eq. 6's residual, the authors' weighting) or x0 (Lemma C.2's target unweighted)",
+        choices=A.AMBIENT_WEIGHTS,
+        same_run=True,
+    )
     iters: int = option(100000, "iterations (paper: 100k); a --resume may extend the run")
     batch: int = option(16, "batch size (paper: 16)", same_run=True)
     lr: float = option(1e-5, "AdamW learning rate (Wen et al.'s fine-tuning: 1e-5)", same_run=True)
-    max_grad_norm: float = option(1.0, "gradient clipping (both mitigations' scripts: 1)", same_run=True)
-    caption_dropout: float = option(0.1, "share of captions replaced by the empty prompt, for "
-                                    "classifier-free guidance", same_run=True)
-    text_noise: float = option(0.0, "Somepalli et al. 2023: std of Gaussian noise added to the text "
-                               "embedding in training (DCR's rand_noise_lam; 0 = off)", same_run=True)
-    w24_threshold: float = option(None, "Wen et al. 2024: leave out samples whose text-conditional "
-                                  "prediction norm is at least this (their README: 2)", type=float,
-                                  same_run=True)
+    max_grad_norm: float = option(
+        1.0, "gradient clipping (both mitigations' scripts: 1)", same_run=True
+    )
+    caption_dropout: float = option(
+        0.1,
+        "share of captions replaced by the empty prompt, for classifier-free guidance",
+        same_run=True,
+    )
+    text_noise: float = option(
+        0.0,
+        "Somepalli et al. 2023: std of Gaussian noise added to the text "
+        "embedding in training (DCR's rand_noise_lam; 0 = off)",
+        same_run=True,
+    )
+    w24_threshold: float = option(
+        None,
+        "Wen et al. 2024: leave out samples whose text-conditional "
+        "prediction norm is at least this (their README: 2)",
+        type=float,
+        same_run=True,
+    )
     seed: int = option(0, "seeds the noisy latents, batches and sampling", same_run=True)
     prompts: str = option(None, "text file, one prompt a line, sampled after training", type=str)
     samples_per_prompt: int = option(1, "images per prompt")
@@ -481,7 +610,9 @@ class Config:
     log_every: int = option(100, "progress line every this many steps")
     ckpt_every: int = option(1000, "checkpoint every this many steps")
     out: str = option(None, "run folder (default: runs/t2i-<data>-tn<tn>)", type=str, saved=False)
-    resume: bool = option(False, "continue the checkpoint in --out; the config must match", saved=False)
+    resume: bool = option(
+        False, "continue the checkpoint in --out; the config must match", saved=False
+    )
     device: str = option("auto", "auto (cuda if there is one), cpu, cuda, ...", saved=False)
     data_path: str = None  # not a flag: the resolved data folder, which a resume compares
     LEGACY = {}
@@ -490,13 +621,25 @@ class Config:
     differences = A.Config.differences
     from_saved = classmethod(A.Config.from_saved.__func__)
 
-    def check(self):  # what needs no model; the timestep range is checked once the scheduler is loaded
+    def check(
+        self,
+    ):  # what needs no model; the timestep range is checked once the scheduler is loaded
         if self.data is None:
             raise UserError("pass --data FOLDER, a folder of images with captions")
-        for key, low in dict(iters=0, batch=1, tn=0, samples_per_prompt=1, steps=1, log_every=1,
-                             ckpt_every=1, resolution=8).items():
+        for key, low in dict(
+            iters=0,
+            batch=1,
+            tn=0,
+            samples_per_prompt=1,
+            steps=1,
+            log_every=1,
+            ckpt_every=1,
+            resolution=8,
+        ).items():
             if getattr(self, key) is not None and getattr(self, key) < low:
-                raise UserError(f"--{key.replace('_', '-')} {getattr(self, key)} must be at least {low}")
+                raise UserError(
+                    f"--{key.replace('_', '-')} {getattr(self, key)} must be at least {low}"
+                )
         if not 0 <= self.caption_dropout < 1:
             raise UserError(f"--caption-dropout {self.caption_dropout} must be in [0, 1)")
         if self.text_noise < 0 or (self.w24_threshold is not None and self.w24_threshold <= 0):
@@ -509,18 +652,26 @@ def check_model(cfg, models):
     """--tn and --resolution against the loaded scheduler, VAE and UNet; fills in the resolution."""
     steps = models.scheduler.config.num_train_timesteps
     if cfg.tn >= steps:
-        raise UserError(f"--tn {cfg.tn}: the scheduler has timesteps 0 to {steps - 1}; "
-                        "the paper tried 25, 50 and 100")
+        raise UserError(
+            f"--tn {cfg.tn}: the scheduler has timesteps 0 to {steps - 1}; "
+            "the paper tried 25, 50 and 100"
+        )
     down = models.vae_factor * 2 ** (len(models.unet.config.block_out_channels) - 1)
     cfg.resolution = cfg.resolution or models.unet.config.sample_size * models.vae_factor
     if cfg.resolution % down:
-        raise UserError(f"--resolution {cfg.resolution}: this model needs a multiple of {down}; pass "
-                        f"--resolution {max(1, round(cfg.resolution / down)) * down}")
+        raise UserError(
+            f"--resolution {cfg.resolution}: this model needs a multiple of {down}; pass "
+            f"--resolution {max(1, round(cfg.resolution / down)) * down}"
+        )
 
 
 def prepare_data(models, pairs, cfg, out, saved, device, log):
     latents = cached_latents(models, pairs, cfg, out, device, log).to(device)
-    x_tn = saved["x_tn"] if saved else make_noisy_latents(latents.cpu(), models.scheduler, cfg.tn, cfg.seed)
+    x_tn = (
+        saved["x_tn"]
+        if saved
+        else make_noisy_latents(latents.cpu(), models.scheduler, cfg.tn, cfg.seed)
+    )
     ids = tokenize(models.tokenizer, [c for _, c in pairs]).to(device)
     return TrainData(latents, x_tn.to(device), ids, tokenize(models.tokenizer, [""]).to(device))
 
@@ -547,8 +698,11 @@ def run(cfg):
     data = prepare_data(models, pairs, cfg, out, saved, device, log)
     (out / "config.json").write_text(json.dumps(cfg.saved(), indent=1))
     sigma_tn = float(sigma_of(models.scheduler, cfg.tn)) if cfg.tn else 0.0
-    log(f"{'resuming' if saved else 'training'} {out}: {len(pairs)} images at {cfg.resolution}px, "
-        f"{models.scheduler.config.prediction_type}, t_n {cfg.tn} (VP sigma {sigma_tn:.4f}) on {device}")
+    log(
+        f"{'resuming' if saved else 'training'} {out}: {len(pairs)} images at {cfg.resolution}px, "
+        f"{models.scheduler.config.prediction_type}, t_n {cfg.tn} (VP sigma {sigma_tn:.4f}) "
+        f"on {device}"
+    )
     state = training_state(models.unet, cfg, device, saved)
     train(models, data, state, cfg, out, log)
     if prompts:
