@@ -191,15 +191,32 @@ def test_w24_leaves_out_exactly_the_samples_with_a_large_text_conditional_predic
     assert keep_all.all() and torch.allclose(full, per_sample.mean(), rtol=1e-5)
 
 
-def test_w24_with_no_sample_kept_makes_no_update():
-    models = T.tiny_models("epsilon", seed=1).to("cpu")
+def tiny_data(models):
     latents = torch.randn(3, 4, 8, 8, generator=gen(13))
-    data = T.TrainData(
+    return T.TrainData(
         latents,
         T.make_noisy_latents(latents, models.scheduler, 50, 0),
         T.tokenize(models.tokenizer, ["a", "b", "c"]),
         T.tokenize(models.tokenizer, [""]),
     )
+
+
+def test_text_noise_leaves_the_batches_of_later_steps_in_place(tiny):
+    """Its noise has a generator of its own: batches, timesteps and caption dropout are drawn as
+    without it, step after step."""
+    data, states = tiny_data(tiny), {}
+    for scale in (0.0, 0.5):
+        cfg = cfg_for(text_noise=scale, batch=4, tn=50, lr=1e-9)
+        states[scale] = T.training_state(tiny.unet, cfg, "cpu")
+        for _ in range(2):
+            T.train_step(tiny, data, states[scale], cfg)
+    assert torch.equal(states[0.0].gen.get_state(), states[0.5].gen.get_state())
+    assert not torch.equal(states[0.0].noise_gen.get_state(), states[0.5].noise_gen.get_state())
+
+
+def test_w24_with_no_sample_kept_makes_no_update():
+    models = T.tiny_models("epsilon", seed=1).to("cpu")
+    data = tiny_data(models)
     cfg = cfg_for(w24_threshold=1e-9, batch=4, tn=50)
     state = T.training_state(models.unet, cfg, "cpu")
     before = [p.clone() for p in models.unet.parameters()]
