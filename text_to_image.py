@@ -64,15 +64,14 @@ def usual_target(scheduler, x0, noise, t):
 
 def ambient_target(prediction_type, x_t, x_tn, sigma_t, sigma_tn):
     """Lemma C.2: E[x_tn | x_t] = c_h E[x_0 | x_t] + c_x x_t, so (x_tn - c_x x_t) / c_h has the
-    clean x_0's conditional mean; eps and v are linear in (x_t, x_0): so do their targets."""
+    clean x_0's conditional mean; eps and v are affine in x_0 at fixed x_t, so their targets too."""
     c_h, c_x = A.ambient_coefficients(sigma_t, sigma_tn)
     a, s, c_h, c_x = (A.bcast(v.to(x_t.dtype), x_t) for v in (A.alpha(sigma_t), sigma_t, c_h, c_x))
     x0_target = (x_tn - c_x * x_t) / c_h
     if prediction_type == "epsilon":
         return (x_t - a * x0_target) / s
-    return (
-        a * x_t - x0_target
-    ) / s  # v = alpha eps - sigma x_0, with eps = (x_t - alpha x_0) / sigma
+    # v = alpha eps - sigma x_0 with eps = (x_t - alpha x_0) / sigma, and alpha^2 + sigma^2 = 1
+    return (a * x_t - x0_target) / s
 
 
 def noisy_batch(scheduler, x0, x_tn, t, tn, gen):
