@@ -1,4 +1,5 @@
-# make demo | test | train | clean. Each target builds .venv from requirements.txt when it is missing.
+# make demo | test | train | clean. Each target builds .venv from requirements.txt and requirements-t2i.txt
+# (diffusers and transformers, for text_to_image.py) when it is missing.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -11,10 +12,10 @@ export MALLOC_TRIM_THRESHOLD_ ?= 1000000000000
 
 .PHONY: demo test train repro-cpu bench repro-gpu gpu-check clean
 
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.txt requirements-t2i.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet -r requirements.txt -r requirements-t2i.txt
 	touch $@
 
 # DDPM and Algorithm 1 under its two loss weights, side by side, on the bundled CIFAR-10 subset: tiny

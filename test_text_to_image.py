@@ -1,0 +1,352 @@
+"""Facts about text_to_image.py, Algorithm 1 for a diffusers text-to-image model (Table 5): the
+usual target at t_n = 0, Lemma C.2's target has the clean target's conditional mean, no clean
+latent above t_n, fixed noisy latents, the mitigations, and a tiny model trained, resumed and
+sampled on CPU."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMScheduler
+from PIL import Image
+
+import ambient as A
+import text_to_image as T
+from test_ambient import error_of
+
+f64 = torch.float64
+KINDS = ("v_prediction", "epsilon")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():  # the tiny UNet's small ops: several times faster on one thread on a busy machine
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def sd_scheduler(kind):
+    """Stable Diffusion's training schedule (scaled_linear, 1000 steps)."""
+    return DDPMScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type=kind
+    )
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_target_is_the_schedulers_own_at_tn_zero(kind):
+    sched = sd_scheduler(kind)
+    latents = torch.randn(6, 4, 8, 8, generator=gen(0))
+    x_tn = T.make_noisy_latents(latents, sched, 0, seed=0)
+    b = T.algorithm1_batch(sched, latents, x_tn, 0, 64, gen(1))
+    x0 = latents[b["idx"]]
+    clean = b["noise"] if kind == "epsilon" else sched.get_velocity(x0, b["noise"], b["t"])
+    assert not b["noisy"].any() and torch.equal(x_tn, latents)
+    assert torch.equal(b["target"], clean)
+    assert torch.equal(b["x_t"], sched.add_noise(x0, b["noise"], b["t"]))
+
+
+def gaussian_posterior_target(kind, x_t, mu, cov, abar):
+    """The clean eps or v target's conditional mean given x_t when x_0 ~ N(mu, cov), in closed form:
+    E[x_0 | x_t] = mu + a cov (a^2 cov + s^2 I)^-1 (x_t - a mu), a = sqrt(abar), s^2 = 1 - abar."""
+    a, s = abar**0.5, (1 - abar) ** 0.5
+    gain = a * cov @ torch.linalg.inv(a**2 * cov + s**2 * torch.eye(len(mu), dtype=f64))
+    x0 = mu + (x_t - a * mu) @ gain.T
+    return (x_t - a * x0) / s if kind == "epsilon" else (a * x_t - x0) / s
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_ambient_target_has_the_clean_targets_conditional_mean_on_a_gaussian(kind):
+    """Lemmas C.1/C.2 in the scheduler's units: with x_0 Gaussian, E[target | x_t] is affine in
+    x_t; a least-squares fit of Lemma C.2's target on (x_t, 1), 400k draws, gives the clean one."""
+    sched, n, tn, t = sd_scheduler(kind), 400_000, 100, 400
+    mu = torch.tensor([0.5, -0.3, 0.1], dtype=f64)
+    L = torch.tensor([[0.6, 0.0, 0.0], [0.2, 0.4, 0.0], [-0.1, 0.3, 0.5]], dtype=f64)
+    x0 = (mu + torch.randn(n, 3, generator=gen(2), dtype=f64) @ L.T)[..., None, None]
+    x_tn = T.make_noisy_latents(x0, sched, tn, seed=30)  # its draw: seed + 1
+    b = T.noisy_batch(sched, x0, x_tn, torch.full((n,), t), tn, gen(4))
+    assert b["noisy"].all()
+    x_t, target = b["x_t"].flatten(1), b["target"].flatten(1)
+    design = torch.cat([x_t, torch.ones(n, 1, dtype=f64)], 1)
+    fit = torch.linalg.lstsq(design, target).solution
+    abar = sched.alphas_cumprod.to(f64)[t]
+    probe = torch.randn(64, 3, generator=gen(5), dtype=f64)
+    want = gaussian_posterior_target(kind, probe, mu, L @ L.T, abar)
+    got = torch.cat([probe, torch.ones(64, 1, dtype=f64)], 1) @ fit
+    assert (got - want).abs().max() < 0.02, (got - want).abs().max()
+
+
+def test_no_clean_latent_reaches_a_sample_above_tn():
+    """Above t_n, x_t and the target are built from the stored x_tn alone: changing the clean
+    latents changes nothing there, and x_t is line 10's
+    sqrt(abar_t / abar_tn) x_tn + sqrt(1 - abar_t / abar_tn) z."""
+    sched, tn = sd_scheduler("v_prediction"), 100
+    latents = torch.randn(6, 4, 8, 8, generator=gen(6))
+    x_tn = T.make_noisy_latents(latents, sched, tn, seed=0)
+    b = T.algorithm1_batch(sched, latents, x_tn, tn, 256, gen(7))
+    other = T.algorithm1_batch(sched, latents + 5, x_tn, tn, 256, gen(7))
+    hi = b["noisy"]
+    assert torch.equal(hi, b["t"] > tn) and 0 < hi.sum() < 256
+    for key in ("x_t", "target"):
+        assert torch.equal(b[key][hi], other[key][hi])
+        assert not torch.allclose(b[key][~hi], other[key][~hi])
+    ratio = (sched.alphas_cumprod.to(f64)[b["t"][hi]] / sched.alphas_cumprod.to(f64)[tn])[
+        :, None, None, None
+    ]
+    want = ratio.sqrt() * x_tn[b["idx"][hi]] + (1 - ratio).sqrt() * b["noise"][hi]
+    assert torch.allclose(b["x_t"][hi], want.float(), atol=1e-5)
+
+
+def test_noisy_latents_are_one_seeded_draw_at_tn():
+    sched, tn = sd_scheduler("epsilon"), 50
+    latents = torch.randn(500, 4, 4, 4, generator=gen(8))
+    x_tn = T.make_noisy_latents(latents, sched, tn, seed=0)
+    assert torch.equal(x_tn, T.make_noisy_latents(latents, sched, tn, seed=0))
+    assert not torch.equal(x_tn, T.make_noisy_latents(latents, sched, tn, seed=1))
+    a = sched.alphas_cumprod[tn]
+    resid = (x_tn - a.sqrt() * latents) / (1 - a).sqrt()  # should be N(0, 1) draws
+    assert abs(resid.mean()) < 0.02 and abs(resid.std() - 1) < 0.02
+
+
+def test_released_weight_is_eq6_residual_and_one_below_tn():
+    sched, tn = sd_scheduler("v_prediction"), 100
+    latents = torch.randn(6, 4, 8, 8, generator=gen(9))
+    b = T.algorithm1_batch(
+        sched, latents, T.make_noisy_latents(latents, sched, tn, 0), tn, 64, gen(10)
+    )
+    w = T.loss_weight(b, "released")
+    c_h, _ = A.ambient_coefficients(b["sigma_t"], T.sigma_of(sched, tn))
+    assert torch.equal(w[~b["noisy"]], torch.ones((~b["noisy"]).sum()))
+    assert torch.allclose(w[b["noisy"]], c_h[b["noisy"]].float() ** 2)
+    assert torch.equal(T.loss_weight(b, "x0"), torch.ones(64))
+
+
+# ------------------------------------------------------------------------------------------------
+# The tiny model: mitigations, training, resume, sampling, bad input.
+# ------------------------------------------------------------------------------------------------
+class Recorder(torch.nn.Module):
+    """Wraps a UNet and keeps the inputs of each call."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet, self.calls = unet, []
+
+    def forward(self, x_t, t, emb):
+        self.calls.append((x_t.clone(), t.clone(), emb.clone()))
+        return self.unet(x_t, t, emb)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return T.tiny_models("v_prediction", seed=0).to("cpu")
+
+
+def tiny_step_inputs(models, seed=11, batch=8):
+    latents = torch.randn(5, 4, 8, 8, generator=gen(seed))
+    x_tn = T.make_noisy_latents(latents, models.scheduler, 100, seed)
+    b = T.algorithm1_batch(models.scheduler, latents, x_tn, 100, batch, gen(seed))
+    ids = T.tokenize(models.tokenizer, [f"caption {i}" for i in range(batch)])
+    return b, ids
+
+
+def cfg_for(**kw):
+    return T.Config(data="x", pretrained="tiny", **kw)
+
+
+def test_text_noise_changes_the_embedding_by_its_scale_and_nothing_else(tiny, monkeypatch):
+    b, ids = tiny_step_inputs(tiny)
+    rec = Recorder(tiny.unet)
+    monkeypatch.setattr(tiny, "unet", rec)
+    runs = {}
+    for scale in (0.0, 0.5):
+        noise_gen = gen(12)
+        loss, _ = T.training_loss(tiny, b, ids, cfg_for(text_noise=scale), noise_gen)
+        runs[scale] = (rec.calls[-1], loss)
+    (x0, t0, e0), plain = runs[0.0]
+    (x1, t1, e1), noised = runs[0.5]
+    assert torch.equal(x0, x1) and torch.equal(t0, t1) and plain != noised
+    diff = e1 - e0  # DCR's form: e + scale * N(0, I), elementwise
+    assert abs(diff.mean()) < 0.05 and abs(diff.std() - 0.5) < 0.05
+
+
+def test_w24_leaves_out_exactly_the_samples_with_a_large_text_conditional_prediction(tiny):
+    b, ids = tiny_step_inputs(tiny)
+    with torch.no_grad():
+        emb = tiny.text_encoder(ids)[0]
+        cond = tiny.unet(b["x_t"], b["t"], emb).sample
+        uncond = tiny.unet(b["x_t"], b["t"], tiny.empty_emb.expand(len(ids), -1, -1)).sample
+    norms = (cond - uncond).flatten(1).norm(dim=1)
+    per_sample = (cond - b["target"]).square().flatten(1).mean(1) * T.loss_weight(b, "released")
+    threshold = norms.median().item()
+    with torch.no_grad():
+        loss, keep = T.training_loss(tiny, b, ids, cfg_for(w24_threshold=threshold), None)
+        full, keep_all = T.training_loss(tiny, b, ids, cfg_for(), None)
+    assert torch.equal(keep, norms < threshold) and 0 < keep.sum() < len(keep)
+    assert torch.allclose(loss, per_sample[keep].mean(), rtol=1e-5)
+    assert keep_all.all() and torch.allclose(full, per_sample.mean(), rtol=1e-5)
+
+
+def tiny_data(models):
+    latents = torch.randn(3, 4, 8, 8, generator=gen(13))
+    return T.TrainData(
+        latents,
+        T.make_noisy_latents(latents, models.scheduler, 50, 0),
+        T.tokenize(models.tokenizer, ["a", "b", "c"]),
+        T.tokenize(models.tokenizer, [""]),
+    )
+
+
+def test_text_noise_leaves_the_batches_of_later_steps_in_place(tiny):
+    """Its noise has a generator of its own: batches, timesteps and caption dropout are drawn as
+    without it, step after step."""
+    data, states = tiny_data(tiny), {}
+    for scale in (0.0, 0.5):
+        cfg = cfg_for(text_noise=scale, batch=4, tn=50, lr=1e-9)
+        states[scale] = T.training_state(tiny.unet, cfg, "cpu")
+        for _ in range(2):
+            T.train_step(tiny, data, states[scale], cfg)
+    assert torch.equal(states[0.0].gen.get_state(), states[0.5].gen.get_state())
+    assert not torch.equal(states[0.0].noise_gen.get_state(), states[0.5].noise_gen.get_state())
+
+
+def test_w24_with_no_sample_kept_makes_no_update():
+    models = T.tiny_models("epsilon", seed=1).to("cpu")
+    data = tiny_data(models)
+    cfg = cfg_for(w24_threshold=1e-9, batch=4, tn=50)
+    state = T.training_state(models.unet, cfg, "cpu")
+    before = [p.clone() for p in models.unet.parameters()]
+    _, kept = T.train_step(models, data, state, cfg)
+    assert kept == 0 and all(
+        torch.equal(p, q) for p, q in zip(before, models.unet.parameters(), strict=True)
+    )
+    cfg.w24_threshold = None
+    T.train_step(models, data, state, cfg)
+    assert not all(torch.equal(p, q) for p, q in zip(before, models.unet.parameters(), strict=True))
+
+
+def test_caption_dropout_replaces_captions_by_the_empty_prompt_at_its_rate():
+    ids = torch.arange(20_000 * 3).reshape(20_000, 3)
+    empty = torch.full((1, 3), -1)
+    out = T.drop_captions(ids, empty, 0.1, gen(14))
+    dropped = (out == -1).all(1)
+    assert abs(dropped.float().mean().item() - 0.1) < 4 * (0.1 * 0.9 / 20_000) ** 0.5
+    assert torch.equal(out[~dropped], ids[~dropped])
+    g0, g1 = gen(15), gen(15)
+    assert torch.equal(T.drop_captions(ids, empty, 0.0, g0), ids)
+    T.drop_captions(ids, empty, 0.3, g1)
+    assert torch.equal(g0.get_state(), g1.get_state())  # p = 0 leaves later draws where they were
+
+
+def caption_folder(tmp_path, n=4, jsonl=False):
+    folder = tmp_path / "data"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(
+            folder / f"im{i}.png"
+        )
+        if jsonl:
+            rows.append(json.dumps(dict(file_name=f"im{i}.png", text=f"photo {i}")))
+        else:
+            (folder / f"im{i}.txt").write_text(f"photo {i}")
+    if jsonl:
+        (folder / "metadata.jsonl").write_text("\n".join(rows))
+    return folder
+
+
+def test_train_resume_and_sample_end_to_end_with_fixed_noisy_latents(tmp_path):
+    """The CLI trains the tiny model, and a resume keeps the checkpoint's noisy latents (tampered
+    with here, so that a redraw from the seed would show), continues, and samples the prompts."""
+    folder = caption_folder(tmp_path, jsonl=True)
+    (tmp_path / "p.txt").write_text("a photo\n\nanother one\n")
+    out = tmp_path / "run"
+    argv = [
+        "--pretrained",
+        "tiny",
+        "--data",
+        str(folder),
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--batch",
+        "3",
+        "--log-every",
+        "1",
+        "--tn",
+        "50",
+        "--text-noise",
+        "0.1",
+    ]
+    T.main(argv + ["--iters", "3"])  # 9 images seen of 4: the noisy latents serve several epochs
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    latents = torch.load(out / "latents.pt", weights_only=False)["latents"]
+    assert ckpt["step"] == 3 and latents.shape == (4, 4, 8, 8)
+    assert torch.equal(
+        ckpt["x_tn"], T.make_noisy_latents(latents, sd_scheduler("v_prediction"), 50, 0)
+    )
+    ckpt["x_tn"] = ckpt["x_tn"] + 1
+    torch.save(ckpt, out / "checkpoint.pt")
+    T.main(
+        argv
+        + [
+            "--iters",
+            "5",
+            "--resume",
+            "--prompts",
+            str(tmp_path / "p.txt"),
+            "--steps",
+            "2",
+            "--samples-per-prompt",
+            "2",
+        ]
+    )
+    resumed = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert resumed["step"] == 5 and torch.equal(resumed["x_tn"], ckpt["x_tn"])
+    with np.load(out / "samples.npz") as f:
+        assert f["images"].shape == (4, 16, 16, 3) and list(f["prompts"][::2]) == [
+            "a photo",
+            "another one",
+        ]
+    assert len(list((out / "samples").glob("*.png"))) == 4
+
+
+def test_bad_input_gives_one_clear_line(tmp_path, capsys, monkeypatch):
+    folder = caption_folder(tmp_path)
+    base = [
+        "--pretrained",
+        "tiny",
+        "--data",
+        str(folder),
+        "--out",
+        str(tmp_path / "r"),
+        "--device",
+        "cpu",
+    ]
+    main = T.main
+    assert "no such folder" in error_of(base[:2] + ["--data", str(tmp_path / "none")], capsys, main)
+    assert "timesteps 0 to 999" in error_of(base + ["--tn", "1000"], capsys, main)
+    assert "at least 0" in error_of(base + ["--tn", "-1"], capsys, main)
+    assert "caption-dropout" in error_of(base + ["--caption-dropout", "1"], capsys, main)
+    assert "multiple of 4" in error_of(base + ["--resolution", "18"], capsys, main)
+    (tmp_path / "empty.txt").write_text("\n")
+    assert "no prompt" in error_of(base + ["--prompts", str(tmp_path / "empty.txt")], capsys, main)
+    (folder / "im0.txt").unlink()
+    assert "has no caption" in error_of(base, capsys, main)
+    pre = ["--data", str(caption_folder(tmp_path / "b")), "--device", "cpu", "--pretrained"]
+    assert "no such folder" in error_of(pre + [str(tmp_path / "sd2")], capsys, main)
+
+    def offline(*args, **kwargs):  # what diffusers raises on a machine without the network
+        raise OSError("We couldn't connect to 'https://huggingface.co'")
+
+    import diffusers
+
+    monkeypatch.setattr(diffusers.StableDiffusionPipeline, "from_pretrained", offline)
+    err = error_of(pre + ["stabilityai/stable-diffusion-2"], capsys, main)
+    assert "cannot load a Stable Diffusion pipeline (OSError)" in err and "--local-dir" in err
