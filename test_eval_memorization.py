@@ -186,6 +186,58 @@ def test_weights_in_the_env_folder_give_fid_fd_dinov2_and_dinov2_copies(tmp_path
 
 
 # ---------------------------------------------------------------------------------------------
+# The FID Inception-v3 is pytorch-fid's own network, bit for bit
+# ---------------------------------------------------------------------------------------------
+def pytorch_fid_built(build, state=None):
+    """pytorch-fid's build(pf) as pytorch-fid runs it, its download answered with `state`; without
+    a state, its load is skipped and the random initialisation kept. Patching is for tests only."""
+    from unittest import mock
+
+    import torchvision
+    from pytorch_fid import inception as pf
+
+    with mock.patch.object(pf, "load_state_dict_from_url", lambda *a, **k: state):
+        if state is not None:
+            return build(pf)
+        skip = mock.patch.object(torchvision.models.Inception3, "load_state_dict", lambda *a: None)
+        with skip:
+            return build(pf)
+
+
+def pytorch_fid_pool3(pf):
+    pool3 = pf.InceptionV3.BLOCK_INDEX_BY_DIM[2048]
+    return pf.InceptionV3([pool3], resize_input=False, normalize_input=False)
+
+
+def test_fid_inception_is_pytorch_fids_own_network_bit_for_bit(tmp_path):
+    """Our FID features equal pytorch-fid's InceptionV3 pool3 on the same input, to the last bit:
+    loaded from a weight file in the released layout (random weights, batch-norm statistics moved
+    off 0 and 1 so that each one counts), and, without a file, drawn from the same seed as
+    pytorch-fid draws them."""
+    gen = torch.Generator().manual_seed(20)
+    # pytorch-fid's raw Inception3: its state dict has the released file's layout
+    state = pytorch_fid_built(lambda pf: pf.fid_inception_v3()).state_dict()
+    for name, value in state.items():
+        if name.endswith("running_mean"):
+            value.copy_(torch.randn(value.shape, generator=gen) * 0.1)
+        elif name.endswith("running_var"):
+            value.copy_(torch.rand(value.shape, generator=gen) + 0.5)
+    torch.save(state, tmp_path / E.INCEPTION_FILE)
+    x = torch.rand(1, 3, 32, 32, generator=gen) * 2 - 1  # one image: a forward pass takes a second
+    with torch.no_grad():
+        ours = E.inception_forward(E.inception_network(tmp_path / E.INCEPTION_FILE))(x)
+        theirs = pytorch_fid_built(pytorch_fid_pool3, state).eval()
+        theirs = theirs(E.inception_input(x))[0].flatten(1)
+        assert ours.shape == (1, 2048) and ours.std() > 0 and torch.equal(ours, theirs)
+        torch.manual_seed(3)
+        ours = E.inception_forward(E.inception_network(None))(x)
+        torch.manual_seed(3)
+        theirs = pytorch_fid_built(pytorch_fid_pool3).eval()
+        theirs = theirs(E.inception_input(x))[0].flatten(1)
+        assert ours.std() > 0 and torch.equal(ours, theirs)
+
+
+# ---------------------------------------------------------------------------------------------
 # DINOv2 against the official code (fixtures/make_dinov2_fixture.py ran facebookresearch/dinov2)
 # ---------------------------------------------------------------------------------------------
 FIXTURE = Path(__file__).with_name("fixtures") / "dinov2_tiny.npz"
