@@ -11,6 +11,7 @@ import torch
 
 import ambient as A
 import eval_memorization as E
+import feature_networks as N
 
 
 # =============================================================================================
@@ -61,30 +62,19 @@ def test_top1_similarity_finds_planted_copies_and_thresholds_count_them():
 
 def test_dinov2_recipe_pads_by_reflection_and_pipeline_batches_consistently():
     x = torch.rand(7, 3, 32, 32) * 2 - 1
-    padded = E.dinov2_input(x)
+    padded = N.dinov2_input(x)
     assert padded.shape == (7, 3, 42, 42)  # 32 -> the next multiple of 14, centred: 5 + 32 + 5
     assert torch.equal(padded[..., 5:37, 5:37], (x + 1) / 2)  # [0, 1], no ImageNet normalisation
     assert torch.equal(padded[..., 5:37, 4], padded[..., 5:37, 6]) and torch.equal(padded[..., 35, :], padded[..., 37, :])
-    net = E.dinov2_network("vits14")
-    forward = E.dinov2_forward(net)
+    net = N.dinov2_network("vits14")
+    forward = N.dinov2_forward(net)
     feats = E.features(forward, x, batch=3, device="cpu")
     assert feats.shape == (7, 384) and feats.dtype == np.float64
     assert np.allclose(feats, E.features(forward, x, batch=7, device="cpu"), atol=1e-5)  # batching changes nothing
     sims, idx = E.top1_cosine(feats[[4, 1]], feats)  # an image is its own nearest neighbour
     assert idx.tolist() == [4, 1] and np.allclose(sims, 1, atol=1e-6)
-    inception = E.features(E.inception_forward(E.inception_network(None)), x[:2], batch=2, device="cpu")
+    inception = E.features(N.inception_forward(N.inception_network(None)), x[:2], batch=2, device="cpu")
     assert inception.shape == (2, 2048)  # pool3 features of pytorch-fid's FID Inception-v3 at any input size
-
-
-def test_dinov2_size_flag_builds_the_published_architectures():
-    """DINOv2 paper: ViT-S/14 21M, ViT-B/14 86M, ViT-L/14 300M, ViT-g/14 1.1B parameters (no memory used)."""
-    published = {"vits14": 21e6, "vitb14": 86e6, "vitl14": 300e6, "vitg14": 1.1e9}
-    for size, count in published.items():
-        with torch.device("meta"):
-            net = E.DINOv2(size)
-        assert abs(sum(p.numel() for p in net.parameters()) / count - 1) < 0.06, size
-    assert len(net.blocks) == 40 and net.norm.normalized_shape == (1536,)  # ViT-g: 40 blocks of width 1536
-    assert net.blocks[0].mlp.w3.in_features == 4096  # SwiGLU, hidden 2/3 of 4 x 1536, as the hub checkpoint has
 
 
 def test_cache_files_round_trip_and_a_changed_key_misses(tmp_path):
@@ -123,7 +113,7 @@ def fake_run(folder, data_file, indices, samples, sigma_tn=0.0):
 
 def test_missing_weights_fall_back_to_pixel_metrics_or_give_one_clear_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.setenv(E.WEIGHTS_ENV, str(tmp_path / "weights"))
+    monkeypatch.setenv(N.WEIGHTS_ENV, str(tmp_path / "weights"))
     data = (np.random.default_rng(24).random((10, 16, 16, 3)) * 255).astype(np.uint8)
     np.savez(tmp_path / "data.npz", images=data)
     run = fake_run(tmp_path / "ddpm", tmp_path / "data.npz", [0, 2, 4, 6], np.concatenate([data[[2, 6]], data[[1, 3]]]))
@@ -132,7 +122,7 @@ def test_missing_weights_fall_back_to_pixel_metrics_or_give_one_clear_line(tmp_p
     E.main(common + ["--samples", "6"])  # 6 > the 4 in samples.npz: 6 are generated from the checkpoint
     report = json.loads((out / "report.json").read_text())["runs"]["ddpm"]
     assert report["fid"] is None and report["fd_dinov2"] is None and report["samples"] == 6
-    assert E.INCEPTION_FILE in report["fid_unavailable"] and E.INCEPTION_URL in report["fid_unavailable"]
+    assert N.INCEPTION_FILE in report["fid_unavailable"] and N.INCEPTION_URL in report["fid_unavailable"]
     assert str(tmp_path / "weights" / "dinov2_vitl14_pretrain.pth") in report["fd_dinov2_unavailable"]  # dgm-eval's
     assert str(tmp_path / "weights" / "dinov2_vitg14_pretrain.pth") in report["similarity_unavailable"]  # the paper's
     assert report["similarity_space"].startswith("pixels")
@@ -144,7 +134,7 @@ def test_missing_weights_fall_back_to_pixel_metrics_or_give_one_clear_line(tmp_p
     for png in ("similarity_histogram.png", "pareto.png", "memorized_ddpm.png"):
         assert (out / png).stat().st_size > 0
     err = eval_error(common + ["--require-weights"], capsys)
-    assert E.INCEPTION_FILE in err and str(tmp_path / "torch" / "hub" / "checkpoints") in err and E.INCEPTION_URL in err
+    assert N.INCEPTION_FILE in err and str(tmp_path / "torch" / "hub" / "checkpoints") in err and N.INCEPTION_URL in err
     assert "does not exist" in eval_error(common + ["--dinov2-weights", str(tmp_path / "nope.pth")], capsys)
     torch.save({"not": torch.zeros(1)}, tmp_path / "bad.pth")
     assert "not a DINOv2 vitb14 state dict" in eval_error(common + ["--dinov2", "vitb14", "--dinov2-weights",
@@ -163,10 +153,10 @@ def test_weights_in_the_env_folder_give_fid_fd_dinov2_and_dinov2_copies(tmp_path
     with mock.patch.object(pf, "load_state_dict_from_url", lambda *a, **k: None), \
             mock.patch.object(torchvision.models.Inception3, "load_state_dict", lambda self, *a, **k: built.append(self)):
         pf.fid_inception_v3()
-    torch.save(built[0].state_dict(), weights / E.INCEPTION_FILE)
-    torch.save(E.DINOv2("vits14").state_dict(), weights / E.dinov2_file("vits14"))
+    torch.save(built[0].state_dict(), weights / N.INCEPTION_FILE)
+    torch.save(N.DINOv2("vits14").state_dict(), weights / N.dinov2_file("vits14"))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.setenv(E.WEIGHTS_ENV, str(weights))
+    monkeypatch.setenv(N.WEIGHTS_ENV, str(weights))
     data = (np.random.default_rng(25).random((6, 16, 16, 3)) * 255).astype(np.uint8)
     np.savez(tmp_path / "data.npz", images=data)
     run = fake_run(tmp_path / "ambient-0.4", tmp_path / "data.npz", [1, 3, 5], np.concatenate([data[[5, 1]], data[[0, 2]]]), 0.4)
@@ -175,7 +165,7 @@ def test_weights_in_the_env_folder_give_fid_fd_dinov2_and_dinov2_copies(tmp_path
             "--device", "cpu", "--batch", "4"])
     saved = json.loads((out / "report.json").read_text())
     report = saved["runs"]["ambient-0.4"]
-    assert saved["inception_weights"] == str(weights / E.INCEPTION_FILE)
+    assert saved["inception_weights"] == str(weights / N.INCEPTION_FILE)
     assert saved["dinov2_weights"] == str(weights / "dinov2_vits14_pretrain.pth")
     assert np.isfinite(report["fid"]) and report["fid"] >= -1e-6 and np.isfinite(report["fd_dinov2"])
     assert report["similarity_space"] == "DINOv2 vits14 CLS" and report["similarity_above_0.95"] >= 0.5  # 2 copies of 4
@@ -186,131 +176,18 @@ def test_weights_in_the_env_folder_give_fid_fd_dinov2_and_dinov2_copies(tmp_path
 
 
 # ---------------------------------------------------------------------------------------------
-# The FID Inception-v3 is pytorch-fid's own network, bit for bit
-# ---------------------------------------------------------------------------------------------
-def pytorch_fid_built(build, state=None):
-    """pytorch-fid's build(pf) as pytorch-fid runs it, its download answered with `state`; without
-    a state, its load is skipped and the random initialisation kept. Patching is for tests only."""
-    from unittest import mock
-
-    import torchvision
-    from pytorch_fid import inception as pf
-
-    with mock.patch.object(pf, "load_state_dict_from_url", lambda *a, **k: state):
-        if state is not None:
-            return build(pf)
-        skip = mock.patch.object(torchvision.models.Inception3, "load_state_dict", lambda *a: None)
-        with skip:
-            return build(pf)
-
-
-def pytorch_fid_pool3(pf):
-    pool3 = pf.InceptionV3.BLOCK_INDEX_BY_DIM[2048]
-    return pf.InceptionV3([pool3], resize_input=False, normalize_input=False)
-
-
-def test_fid_inception_is_pytorch_fids_own_network_bit_for_bit(tmp_path):
-    """Our FID features equal pytorch-fid's InceptionV3 pool3 on the same input, to the last bit:
-    loaded from a weight file in the released layout (random weights, batch-norm statistics moved
-    off 0 and 1 so that each one counts), and, without a file, drawn from the same seed as
-    pytorch-fid draws them."""
-    gen = torch.Generator().manual_seed(20)
-    # pytorch-fid's raw Inception3: its state dict has the released file's layout
-    state = pytorch_fid_built(lambda pf: pf.fid_inception_v3()).state_dict()
-    for name, value in state.items():
-        if name.endswith("running_mean"):
-            value.copy_(torch.randn(value.shape, generator=gen) * 0.1)
-        elif name.endswith("running_var"):
-            value.copy_(torch.rand(value.shape, generator=gen) + 0.5)
-    torch.save(state, tmp_path / E.INCEPTION_FILE)
-    x = torch.rand(1, 3, 32, 32, generator=gen) * 2 - 1  # one image: a forward pass takes a second
-    with torch.no_grad():
-        ours = E.inception_forward(E.inception_network(tmp_path / E.INCEPTION_FILE))(x)
-        theirs = pytorch_fid_built(pytorch_fid_pool3, state).eval()
-        theirs = theirs(E.inception_input(x))[0].flatten(1)
-        assert ours.shape == (1, 2048) and ours.std() > 0 and torch.equal(ours, theirs)
-        torch.manual_seed(3)
-        ours = E.inception_forward(E.inception_network(None))(x)
-        torch.manual_seed(3)
-        theirs = pytorch_fid_built(pytorch_fid_pool3).eval()
-        theirs = theirs(E.inception_input(x))[0].flatten(1)
-        assert ours.std() > 0 and torch.equal(ours, theirs)
-
-
-# ---------------------------------------------------------------------------------------------
-# DINOv2 against the official code (fixtures/make_dinov2_fixture.py ran facebookresearch/dinov2)
-# ---------------------------------------------------------------------------------------------
-FIXTURE = Path(__file__).with_name("fixtures") / "dinov2_tiny.npz"
-
-
-@pytest.mark.parametrize("tag, mlp", [("mlp", "mlp"), ("swiglu", "swiglu")])
-def test_dinov2_matches_the_official_code_at_42_and_224_pixels(tag, mlp, monkeypatch):
-    """Same parameter names (strict load) and the same CLS token as the official forward pass, with the
-    position embeddings interpolated from 37x37 to 3x3 and to 16x16."""
-    f = np.load(FIXTURE)
-    width, depth, heads = f[f"{tag}:config"].tolist()
-    monkeypatch.setitem(E.DINOV2_SIZES, f"tiny-{tag}", (width, depth, heads, mlp))
-    net = E.DINOv2(f"tiny-{tag}").eval()
-    prefix = f"{tag}:state:"
-    net.load_state_dict({k[len(prefix):]: torch.from_numpy(f[k].astype(np.float32))
-                         for k in f.files if k.startswith(prefix)}, strict=True)
-    for side in ("42", "224"):
-        x = torch.from_numpy(f[f"input_{side}"]).float() / 255
-        with torch.no_grad():
-            assert np.allclose(net(x).numpy(), f[f"{tag}:cls_{side}"], atol=1e-5, rtol=0), side
-
-
-# ---------------------------------------------------------------------------------------------
-# FID input as EDM's detector prepares it: TF1's legacy bilinear resize, then (v - 128) / 128
-# ---------------------------------------------------------------------------------------------
-def test_tf1_resize_follows_the_legacy_formula_and_differs_from_half_pixel_bilinear():
-    """Output i reads position i * n_in / n_out: its floor and the next pixel, clamped at the edge, blended."""
-    up = E.resize_bilinear_tf1(torch.tensor([[[[0.0, 3.0], [6.0, 9.0]]]]), (3, 3))
-    # positions 0, 2/3, 4/3 on both axes: 4/3 has floor 1 and its neighbour clamps to 1
-    assert torch.equal(up, torch.tensor([[[[0.0, 2.0, 3.0], [4.0, 6.0, 7.0], [6.0, 8.0, 9.0]]]]))
-    row = E.resize_bilinear_tf1(torch.tensor([[[[0.0, 3.0, 6.0, 12.0]]]]), (1, 6))  # positions 0, 2/3, ..., 10/3
-    assert torch.allclose(row, torch.tensor([[[[0.0, 2.0, 4.0, 6.0, 10.0, 12.0]]]]), atol=1e-6)
-    down = E.resize_bilinear_tf1(torch.arange(6.0).view(1, 1, 1, 6), (1, 4))  # positions 0, 1.5, 3, 4.5
-    assert torch.allclose(down, torch.tensor([[[[0.0, 1.5, 3.0, 4.5]]]]))
-    half_pixel = torch.nn.functional.interpolate(torch.arange(6.0).view(1, 1, 1, 6), size=(1, 4), mode="bilinear",
-                                                 align_corners=False)
-    assert torch.allclose(half_pixel, torch.tensor([[[[0.25, 1.75, 3.25, 4.75]]]]))  # (i + 1/2) 6/4 - 1/2
-    half_pixel_up = torch.nn.functional.interpolate(torch.tensor([[[[0.0, 3.0]]]]), size=(1, 3), mode="bilinear")
-    assert torch.allclose(half_pixel_up, torch.tensor([[[[0.0, 1.5, 3.0]]]]))  # where TF1 gives 0, 2, 3
-
-
-def test_fid_input_scales_uint8_values_by_v_minus_128_over_128_or_as_pytorch_fid():
-    """A horizontal ramp v = 8 c (c = 0..31) in channel 0, 0 and 255 in the others. Bilinear
-    resizing reproduces a linear ramp exactly, so each output column j holds 8 p(j) for the input
-    position it reads, clamped to the last column: p = 32 j / 299 (tf1) or 32 (j + 1/2) / 299 - 1/2."""
-    values = torch.zeros(2, 3, 32, 32)
-    values[:, 0], values[:, 2] = 8 * torch.arange(32.0), 255
-    x = values / 127.5 - 1  # as ambient.prepare stores uint8 images
-    j = torch.arange(299, dtype=torch.float64)
-    for resize, position, scale in (("tf1", j * 32 / 299, lambda v: (v - 128) / 128),
-                                    ("pytorch-fid", (j + 0.5) * 32 / 299 - 0.5, lambda v: 2 * v / 255 - 1)):
-        got = E.inception_input(x, resize)
-        assert got.shape == (2, 3, 299, 299)
-        ramp = scale(8 * position.clamp(0, 31)).float()
-        assert torch.allclose(got[:, 0], ramp.expand(2, 299, 299), atol=1e-5), resize
-        assert torch.allclose(got[:, 1:], scale(values[:, 1:, :1, :1]).expand(2, 2, 299, 299), atol=1e-6), resize
-    assert E.inception_input(x, "tf1")[0, 2, 0, 0] == 127 / 128  # 255 -> 0.9921875, not pytorch-fid's 1
-
-
-# ---------------------------------------------------------------------------------------------
 # Which recipe reaches which network, through the command line
 # ---------------------------------------------------------------------------------------------
 class Recorder(torch.nn.Module):
     """Stands in for a network: keeps every input and returns 12 features that depend on it."""
 
-    def __init__(self, inception=False):
+    def __init__(self):
         super().__init__()
-        self.inputs, self.inception = [], inception
+        self.inputs = []
 
     def forward(self, x):
         self.inputs.append(x.clone())
-        feats = self.features(x)
-        return [feats[..., None, None]] if self.inception else feats  # pytorch-fid returns a list of maps
+        return self.features(x)
 
     @staticmethod
     def features(x):
@@ -320,12 +197,12 @@ class Recorder(torch.nn.Module):
 def test_fid_gets_the_tf1_input_fd_dinov2_the_dgm_eval_input_and_similarity_the_papers(tmp_path, monkeypatch):
     weights = tmp_path / "weights"
     weights.mkdir()
-    for name in (E.INCEPTION_FILE, E.dinov2_file("vitl14"), E.dinov2_file("vitg14")):
+    for name in (N.INCEPTION_FILE, N.dinov2_file("vitl14"), N.dinov2_file("vitg14")):
         (weights / name).touch()  # found by name; the recorders below stand in for their networks
-    nets = {"inception": Recorder(inception=True), "vitl14": Recorder(), "vitg14": Recorder()}
+    nets = {"inception": Recorder(), "vitl14": Recorder(), "vitg14": Recorder()}
     monkeypatch.setattr(E, "inception_network", lambda path: nets["inception"])
     monkeypatch.setattr(E, "dinov2_network", lambda size, path: nets[size])
-    monkeypatch.setenv(E.WEIGHTS_ENV, str(weights))
+    monkeypatch.setenv(N.WEIGHTS_ENV, str(weights))
     data = (np.random.default_rng(27).random((6, 16, 16, 3)) * 255).astype(np.uint8)
     data[0] = [10, 128, 250]  # one flat colour: every resize keeps it
     data[1] = 64 + data[1] // 2  # noise in 64..191: bicubic's negative lobes overshoot that range, bilinear cannot
@@ -337,11 +214,11 @@ def test_fid_gets_the_tf1_input_fd_dinov2_the_dgm_eval_input_and_similarity_the_
     reference, samples = (torch.from_numpy(d).permute(0, 3, 1, 2).float() for d in (data, data[:4]))
 
     fid_ref, fid_gen = nets["inception"].inputs  # EDM: uint8 values, TF1 resize to 299, (v - 128) / 128
-    assert torch.allclose(fid_gen, (E.resize_bilinear_tf1(samples, (299, 299)) - 128) / 128, atol=1e-6)
-    assert torch.allclose(fid_ref, (E.resize_bilinear_tf1(reference, (299, 299)) - 128) / 128, atol=1e-6)
+    assert torch.allclose(fid_gen, (N.resize_bilinear_tf1(samples, (299, 299)) - 128) / 128, atol=1e-6)
+    assert torch.allclose(fid_ref, (N.resize_bilinear_tf1(reference, (299, 299)) - 128) / 128, atol=1e-6)
 
     fd_ref, fd_gen = nets["vitl14"].inputs  # dgm-eval: 224 x 224, ImageNet mean and std
-    mean, std = torch.tensor(E.IMAGENET_MEAN).view(3, 1, 1), torch.tensor(E.IMAGENET_STD).view(3, 1, 1)
+    mean, std = torch.tensor(N.IMAGENET_MEAN).view(3, 1, 1), torch.tensor(N.IMAGENET_STD).view(3, 1, 1)
     assert fd_gen.shape == (4, 3, 224, 224) and fd_ref.shape == (6, 3, 224, 224)
     assert torch.allclose(fd_gen[0], ((torch.tensor([10.0, 128, 250]) / 255).view(3, 1, 1) - mean) / std, atol=1e-6)
     pixels = (fd_gen * std + mean) * 255
@@ -440,7 +317,7 @@ def test_per_sample_file_gives_each_samples_neighbour_in_the_subset_and_in_the_d
 # ---------------------------------------------------------------------------------------------
 def test_bad_inputs_give_one_line_and_no_weight_notes_while_good_ones_get_one_line_notes(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.setenv(E.WEIGHTS_ENV, str(tmp_path / "weights"))  # no weights anywhere
+    monkeypatch.setenv(N.WEIGHTS_ENV, str(tmp_path / "weights"))  # no weights anywhere
     data = (np.random.default_rng(30).random((6, 16, 16, 3)) * 255).astype(np.uint8)
     np.savez(tmp_path / "data.npz", images=data)
     run = fake_run(tmp_path / "run", tmp_path / "data.npz", [0, 1, 2], data[[3, 4]])
