@@ -34,9 +34,25 @@ import torch.nn.functional as F
 import ambient as A
 from ambient import UserError
 from feature_networks import (  # the networks, their input recipes and where their weights are
-    DINOV2_SIZES, DINOV2_URL, FID_RECIPES, FID_RESIZES, INCEPTION_FILE, INCEPTION_URL, WEIGHTS_ENV,
-    WeightsMissing, dinov2_fd_forward, dinov2_file, dinov2_forward, dinov2_network, fd_dinov2_recipe,
-    find_weights, first_line, inception_forward, inception_network, similarity_recipe)
+    DINOV2_SIZES,
+    DINOV2_URL,
+    FID_RECIPES,
+    FID_RESIZES,
+    INCEPTION_FILE,
+    INCEPTION_URL,
+    WEIGHTS_ENV,
+    WeightsMissing,
+    dinov2_fd_forward,
+    dinov2_file,
+    dinov2_forward,
+    dinov2_network,
+    fd_dinov2_recipe,
+    find_weights,
+    first_line,
+    inception_forward,
+    inception_network,
+    similarity_recipe,
+)
 
 
 # ------------------------------------------------------------------------------------------------
