@@ -13,6 +13,7 @@ import torch
 
 import ambient as A
 import eval_memorization as E
+import feature_networks as N
 
 
 # =============================================================================================
@@ -76,14 +77,14 @@ def test_top1_similarity_finds_planted_copies_and_thresholds_count_them():
 
 def test_dinov2_recipe_pads_by_reflection_and_pipeline_batches_consistently():
     x = torch.rand(7, 3, 32, 32) * 2 - 1
-    padded = E.dinov2_input(x)
+    padded = N.dinov2_input(x)
     assert padded.shape == (7, 3, 42, 42)  # 32 -> the next multiple of 14, centred: 5 + 32 + 5
     assert torch.equal(padded[..., 5:37, 5:37], (x + 1) / 2)  # [0, 1], no ImageNet normalisation
     assert torch.equal(padded[..., 5:37, 4], padded[..., 5:37, 6]) and torch.equal(
         padded[..., 35, :], padded[..., 37, :]
     )
-    net = E.dinov2_network("vits14")
-    forward = E.dinov2_forward(net)
+    net = N.dinov2_network("vits14")
+    forward = N.dinov2_forward(net)
     feats = E.features(forward, x, batch=3, device="cpu")
     assert feats.shape == (7, 384) and feats.dtype == np.float64
     # batching changes nothing
@@ -91,24 +92,10 @@ def test_dinov2_recipe_pads_by_reflection_and_pipeline_batches_consistently():
     sims, idx = E.top1_cosine(feats[[4, 1]], feats)  # an image is its own nearest neighbour
     assert idx.tolist() == [4, 1] and np.allclose(sims, 1, atol=1e-6)
     inception = E.features(
-        E.inception_forward(E.inception_network(None)), x[:2], batch=2, device="cpu"
+        N.inception_forward(N.inception_network(None)), x[:2], batch=2, device="cpu"
     )
     # pool3 features of pytorch-fid's FID Inception-v3 at any input size
     assert inception.shape == (2, 2048)
-
-
-def test_dinov2_size_flag_builds_the_published_architectures():
-    """DINOv2 paper: ViT-S/14 21M, ViT-B/14 86M, ViT-L/14 300M, ViT-g/14 1.1B parameters. Built on
-    the meta device: no memory used."""
-    published = {"vits14": 21e6, "vitb14": 86e6, "vitl14": 300e6, "vitg14": 1.1e9}
-    for size, count in published.items():
-        with torch.device("meta"):
-            net = E.DINOv2(size)
-        assert abs(sum(p.numel() for p in net.parameters()) / count - 1) < 0.06, size
-    # ViT-g: 40 blocks of width 1536
-    assert len(net.blocks) == 40 and net.norm.normalized_shape == (1536,)
-    # SwiGLU, hidden 2/3 of 4 x 1536, as the hub checkpoint has
-    assert net.blocks[0].mlp.w3.in_features == 4096
 
 
 def test_cache_files_round_trip_and_a_changed_key_misses(tmp_path):
@@ -169,7 +156,7 @@ def test_missing_weights_fall_back_to_pixel_metrics_or_give_one_clear_line(
     tmp_path, capsys, monkeypatch
 ):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.setenv(E.WEIGHTS_ENV, str(tmp_path / "weights"))
+    monkeypatch.setenv(N.WEIGHTS_ENV, str(tmp_path / "weights"))
     data = (np.random.default_rng(24).random((10, 16, 16, 3)) * 255).astype(np.uint8)
     np.savez(tmp_path / "data.npz", images=data)
     run = fake_run(
@@ -194,8 +181,8 @@ def test_missing_weights_fall_back_to_pixel_metrics_or_give_one_clear_line(
     report = json.loads((out / "report.json").read_text())["runs"]["ddpm"]
     assert report["fid"] is None and report["fd_dinov2"] is None and report["samples"] == 6
     assert (
-        E.INCEPTION_FILE in report["fid_unavailable"]
-        and E.INCEPTION_URL in report["fid_unavailable"]
+        N.INCEPTION_FILE in report["fid_unavailable"]
+        and N.INCEPTION_URL in report["fid_unavailable"]
     )
     # dgm-eval's
     assert (
@@ -217,9 +204,9 @@ def test_missing_weights_fall_back_to_pixel_metrics_or_give_one_clear_line(
         assert (out / png).stat().st_size > 0
     err = eval_error(common + ["--require-weights"], capsys)
     assert (
-        E.INCEPTION_FILE in err
+        N.INCEPTION_FILE in err
         and str(tmp_path / "torch" / "hub" / "checkpoints") in err
-        and E.INCEPTION_URL in err
+        and N.INCEPTION_URL in err
     )
     assert "does not exist" in eval_error(
         common + ["--dinov2-weights", str(tmp_path / "nope.pth")], capsys
@@ -253,10 +240,10 @@ def test_weights_in_the_env_folder_give_fid_fd_dinov2_and_dinov2_copies(
         ),
     ):
         pf.fid_inception_v3()
-    torch.save(built[0].state_dict(), weights / E.INCEPTION_FILE)
-    torch.save(E.DINOv2("vits14").state_dict(), weights / E.dinov2_file("vits14"))
+    torch.save(built[0].state_dict(), weights / N.INCEPTION_FILE)
+    torch.save(N.DINOv2("vits14").state_dict(), weights / N.dinov2_file("vits14"))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.setenv(E.WEIGHTS_ENV, str(weights))
+    monkeypatch.setenv(N.WEIGHTS_ENV, str(weights))
     data = (np.random.default_rng(25).random((6, 16, 16, 3)) * 255).astype(np.uint8)
     np.savez(tmp_path / "data.npz", images=data)
     run = fake_run(
@@ -287,7 +274,7 @@ def test_weights_in_the_env_folder_give_fid_fd_dinov2_and_dinov2_copies(
     )
     saved = json.loads((out / "report.json").read_text())
     report = saved["runs"]["ambient-0.4"]
-    assert saved["inception_weights"] == str(weights / E.INCEPTION_FILE)
+    assert saved["inception_weights"] == str(weights / N.INCEPTION_FILE)
     assert saved["dinov2_weights"] == str(weights / "dinov2_vits14_pretrain.pth")
     assert (
         np.isfinite(report["fid"]) and report["fid"] >= -1e-6 and np.isfinite(report["fd_dinov2"])
@@ -307,100 +294,18 @@ def test_weights_in_the_env_folder_give_fid_fd_dinov2_and_dinov2_copies(
 
 
 # ---------------------------------------------------------------------------------------------
-# DINOv2 against the official code (fixtures/make_dinov2_fixture.py ran facebookresearch/dinov2)
-# ---------------------------------------------------------------------------------------------
-FIXTURE = Path(__file__).with_name("fixtures") / "dinov2_tiny.npz"
-
-
-@pytest.mark.parametrize("tag, mlp", [("mlp", "mlp"), ("swiglu", "swiglu")])
-def test_dinov2_matches_the_official_code_at_42_and_224_pixels(tag, mlp, monkeypatch):
-    """Same parameter names (strict load) and the same CLS token as the official forward pass, with
-    the position embeddings interpolated from 37x37 to 3x3 and to 16x16."""
-    f = np.load(FIXTURE)
-    width, depth, heads = f[f"{tag}:config"].tolist()
-    monkeypatch.setitem(E.DINOV2_SIZES, f"tiny-{tag}", (width, depth, heads, mlp))
-    net = E.DINOv2(f"tiny-{tag}").eval()
-    prefix = f"{tag}:state:"
-    net.load_state_dict(
-        {
-            k[len(prefix) :]: torch.from_numpy(f[k].astype(np.float32))
-            for k in f.files
-            if k.startswith(prefix)
-        },
-        strict=True,
-    )
-    for side in ("42", "224"):
-        x = torch.from_numpy(f[f"input_{side}"]).float() / 255
-        with torch.no_grad():
-            assert np.allclose(net(x).numpy(), f[f"{tag}:cls_{side}"], atol=1e-5, rtol=0), side
-
-
-# ---------------------------------------------------------------------------------------------
-# FID input as EDM's detector prepares it: TF1's legacy bilinear resize, then (v - 128) / 128
-# ---------------------------------------------------------------------------------------------
-def test_tf1_resize_follows_the_legacy_formula_and_differs_from_half_pixel_bilinear():
-    """Output i reads position i * n_in / n_out: its floor and the next pixel, clamped at the edge,
-    blended."""
-    up = E.resize_bilinear_tf1(torch.tensor([[[[0.0, 3.0], [6.0, 9.0]]]]), (3, 3))
-    # positions 0, 2/3, 4/3 on both axes: 4/3 has floor 1 and its neighbour clamps to 1
-    assert torch.equal(up, torch.tensor([[[[0.0, 2.0, 3.0], [4.0, 6.0, 7.0], [6.0, 8.0, 9.0]]]]))
-    # positions 0, 2/3, ..., 10/3
-    row = E.resize_bilinear_tf1(torch.tensor([[[[0.0, 3.0, 6.0, 12.0]]]]), (1, 6))
-    assert torch.allclose(row, torch.tensor([[[[0.0, 2.0, 4.0, 6.0, 10.0, 12.0]]]]), atol=1e-6)
-    # positions 0, 1.5, 3, 4.5
-    down = E.resize_bilinear_tf1(torch.arange(6.0).view(1, 1, 1, 6), (1, 4))
-    assert torch.allclose(down, torch.tensor([[[[0.0, 1.5, 3.0, 4.5]]]]))
-    half_pixel = torch.nn.functional.interpolate(
-        torch.arange(6.0).view(1, 1, 1, 6), size=(1, 4), mode="bilinear", align_corners=False
-    )
-    # (i + 1/2) 6/4 - 1/2
-    assert torch.allclose(half_pixel, torch.tensor([[[[0.25, 1.75, 3.25, 4.75]]]]))
-    half_pixel_up = torch.nn.functional.interpolate(
-        torch.tensor([[[[0.0, 3.0]]]]), size=(1, 3), mode="bilinear"
-    )
-    # where TF1 gives 0, 2, 3
-    assert torch.allclose(half_pixel_up, torch.tensor([[[[0.0, 1.5, 3.0]]]]))
-
-
-def test_fid_input_scales_uint8_values_by_v_minus_128_over_128_or_as_pytorch_fid():
-    """A horizontal ramp v = 8 c (c = 0..31) in channel 0, 0 and 255 in the others. Bilinear
-    resizing reproduces a linear ramp exactly, so each output column j holds 8 p(j) for the input
-    position it reads, clamped to the last column: p = 32 j / 299 (tf1) or
-    32 (j + 1/2) / 299 - 1/2."""
-    values = torch.zeros(2, 3, 32, 32)
-    values[:, 0], values[:, 2] = 8 * torch.arange(32.0), 255
-    x = values / 127.5 - 1  # as ambient.prepare stores uint8 images
-    j = torch.arange(299, dtype=torch.float64)
-    for resize, position, scale in (
-        ("tf1", j * 32 / 299, lambda v: (v - 128) / 128),
-        ("pytorch-fid", (j + 0.5) * 32 / 299 - 0.5, lambda v: 2 * v / 255 - 1),
-    ):
-        got = E.inception_input(x, resize)
-        assert got.shape == (2, 3, 299, 299)
-        ramp = scale(8 * position.clamp(0, 31)).float()
-        assert torch.allclose(got[:, 0], ramp.expand(2, 299, 299), atol=1e-5), resize
-        assert torch.allclose(
-            got[:, 1:], scale(values[:, 1:, :1, :1]).expand(2, 2, 299, 299), atol=1e-6
-        ), resize
-    # 255 -> 0.9921875, not pytorch-fid's 1
-    assert E.inception_input(x, "tf1")[0, 2, 0, 0] == 127 / 128
-
-
-# ---------------------------------------------------------------------------------------------
 # Which recipe reaches which network, through the command line
 # ---------------------------------------------------------------------------------------------
 class Recorder(torch.nn.Module):
     """Stands in for a network: keeps every input and returns 12 features that depend on it."""
 
-    def __init__(self, inception=False):
+    def __init__(self):
         super().__init__()
-        self.inputs, self.inception = [], inception
+        self.inputs = []
 
     def forward(self, x):
         self.inputs.append(x.clone())
-        feats = self.features(x)
-        # pytorch-fid returns a list of maps
-        return [feats[..., None, None]] if self.inception else feats
+        return self.features(x)
 
     @staticmethod
     def features(x):
@@ -412,12 +317,12 @@ def test_fid_gets_the_tf1_input_fd_dinov2_the_dgm_eval_input_and_similarity_the_
 ):
     weights = tmp_path / "weights"
     weights.mkdir()
-    for name in (E.INCEPTION_FILE, E.dinov2_file("vitl14"), E.dinov2_file("vitg14")):
+    for name in (N.INCEPTION_FILE, N.dinov2_file("vitl14"), N.dinov2_file("vitg14")):
         (weights / name).touch()  # found by name; the recorders below stand in for their networks
-    nets = {"inception": Recorder(inception=True), "vitl14": Recorder(), "vitg14": Recorder()}
+    nets = {"inception": Recorder(), "vitl14": Recorder(), "vitg14": Recorder()}
     monkeypatch.setattr(E, "inception_network", lambda path: nets["inception"])
     monkeypatch.setattr(E, "dinov2_network", lambda size, path: nets[size])
-    monkeypatch.setenv(E.WEIGHTS_ENV, str(weights))
+    monkeypatch.setenv(N.WEIGHTS_ENV, str(weights))
     data = (np.random.default_rng(27).random((6, 16, 16, 3)) * 255).astype(np.uint8)
     data[0] = [10, 128, 250]  # one flat colour: every resize keeps it
     # noise in 64..191: bicubic's negative lobes overshoot that range, bilinear cannot
@@ -443,16 +348,16 @@ def test_fid_gets_the_tf1_input_fd_dinov2_the_dgm_eval_input_and_similarity_the_
         "inception"
     ].inputs  # EDM: uint8 values, TF1 resize to 299, (v - 128) / 128
     assert torch.allclose(
-        fid_gen, (E.resize_bilinear_tf1(samples, (299, 299)) - 128) / 128, atol=1e-6
+        fid_gen, (N.resize_bilinear_tf1(samples, (299, 299)) - 128) / 128, atol=1e-6
     )
     assert torch.allclose(
-        fid_ref, (E.resize_bilinear_tf1(reference, (299, 299)) - 128) / 128, atol=1e-6
+        fid_ref, (N.resize_bilinear_tf1(reference, (299, 299)) - 128) / 128, atol=1e-6
     )
 
     fd_ref, fd_gen = nets["vitl14"].inputs  # dgm-eval: 224 x 224, ImageNet mean and std
     mean, std = (
-        torch.tensor(E.IMAGENET_MEAN).view(3, 1, 1),
-        torch.tensor(E.IMAGENET_STD).view(3, 1, 1),
+        torch.tensor(N.IMAGENET_MEAN).view(3, 1, 1),
+        torch.tensor(N.IMAGENET_STD).view(3, 1, 1),
     )
     assert fd_gen.shape == (4, 3, 224, 224) and fd_ref.shape == (6, 3, 224, 224)
     assert torch.allclose(
@@ -603,7 +508,7 @@ def test_bad_inputs_give_one_line_and_no_weight_notes_while_good_ones_get_one_li
     tmp_path, capsys, monkeypatch
 ):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.setenv(E.WEIGHTS_ENV, str(tmp_path / "weights"))  # no weights anywhere
+    monkeypatch.setenv(N.WEIGHTS_ENV, str(tmp_path / "weights"))  # no weights anywhere
     data = (np.random.default_rng(30).random((6, 16, 16, 3)) * 255).astype(np.uint8)
     np.savez(tmp_path / "data.npz", images=data)
     run = fake_run(tmp_path / "run", tmp_path / "data.npz", [0, 1, 2], data[[3, 4]])
