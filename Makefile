@@ -69,20 +69,7 @@ gpu-data:
 	cp ../shared/data/cifar10_train_png4000.npz ../shared/data/cifar10_test_png1000.npz $(GPU_DATA)/data/
 	cp ../shared/judge/judge.py ../shared/judge/cifar10_judge.pt ../shared/judge/README.md $(GPU_DATA)/judge/
 
-# The one-call GPU check (at most about 9 min on an H200; NOTES.md's GPU section): the CUDA cases of the
-# graph tests; bench.py's GPU rows (rows stop starting after 200 s); then the trio within what is left
-# of 500 s, with the fastest paper row's flags. The machine's own Python (no .venv: it has no package
-# index); RESULTS=DIR copies the log and the trio's report there.
+# The one-call GPU check (at most about 9 min on an H200; NOTES.md's GPU section): gpu_check.sh,
+# which runs without make too. RESULTS=DIR receives the log, the flags and table1.md/.json/.png.
 gpu-check:
-	@test -f $(GPU_DATA)/judge/judge.py || { echo "error: no $(GPU_DATA)/: run make gpu-data where \
-	../shared exists, and carry $(GPU_DATA) to the GPU machine"; exit 2; }
-	@mkdir -p runs/gpu-check; start=$$(date +%s); export PYTHONUNBUFFERED=1; \
-	{ $(PYTHON) -m pytest -q test_repro_gpu.py -k "graph or captured"; \
-	  $(PYTHON) bench.py --rows gpu --max-s 200 --best-flags runs/gpu-check/best-flags.txt; \
-	  left=$$((500 - $$(date +%s) + start)); echo "table1: --budget-s $$left"; \
-	  $(PYTHON) repro_gpu.py table1 --budget-s $$left $$(cat runs/gpu-check/best-flags.txt) \
-	    $(GPU_TABLE1) --checkpoints 5 --samples 5000 --out runs/gpu-check/table1; \
-	} 2>&1 | tee runs/gpu-check/log.txt
-	$(if $(RESULTS),-cp runs/gpu-check/log.txt runs/gpu-check/best-flags.txt \
-	  runs/gpu-check/table1/table1.md runs/gpu-check/table1/table1.json \
-	  runs/gpu-check/table1/table1.png $(RESULTS)/)
+	PYTHON=$(PYTHON) bash gpu_check.sh $(RESULTS)
