@@ -313,33 +313,38 @@ class Rates:
     setup_s: float  # first step and first sampling batch beyond their timed cost: compile, capture
 
 
-def measure(cfg, budget_s, log=print):
+def measure(cfg, budget_s, train_s=None, log=print):
     """Rates of cfg's options, measured on a stand-in dataset. It says what it measures and for how
     long, and refuses when measuring alone would take more than half of budget_s."""
-    device, train_s = A.pick_device(cfg.device), min(5.0, budget_s / 100)
-    what = "compiles and captures" if cfg.graph or cfg.compile != "none" else "runs"
-    log(f"measuring speed ({cfg.preset} preset, batch {cfg.batch}, on {device}): a first training "
-        f"step ({what}), about {train_s:g} s of steps, then sampling batches of {cfg.sample_batch}")
+    device, train_s = A.pick_device(cfg.device), train_s or min(5.0, budget_s / 200)
     one, state, method = stand_in_training(cfg, device)
+    x, s = method.S[:8], torch.full((8,), 0.5, device=device)
+    with torch.no_grad():
+        state.net(x, s)  # the first call allocates
+        call_s = timed(lambda: state.net(x, s), device) / 8  # one image's forward pass
+    fresh = cfg.graph or cfg.compile != "none"  # the first step and batch compile and capture
+    step_guess = 3 * call_s * cfg.batch  # forward and backward: about three forward passes
+    sampling = (2 * cfg.steps - 1) * call_s * cfg.sample_batch  # Heun's network calls
+    training = (7 if device.type == "cuda" else 2) * step_guess + train_s  # warm-up steps and timed
+    guess = training + (1 + fresh) * sampling
+    log(f"measuring speed ({cfg.preset} preset, batch {cfg.batch}, on {device}): training steps "
+        f"for about {training:.0f} s and {1 + fresh} sampling batch(es) of "
+        f"{cfg.sample_batch}, about {guess:.0f} s in all" + (" plus compilation" if fresh else ""))
+    if guess > budget_s / 2:
+        raise UserError(f"measuring speed alone would take about {guess:.0f} s of --budget-s "
+                        f"{budget_s:g}; raise --budget-s, or take a smaller --preset, --batch or "
+                        "--sample-batch")
     first_s = timed(one, device)
     for _ in range(5 if device.type == "cuda" else 0):  # the graph's warm-up steps and its capture
         one()
     step_s = timed(one, device)
-    calls = 2 * cfg.steps - 1  # Heun: a forward pass is about a third of a training step
-    guess = train_s + (2 if cfg.graph or cfg.compile != "none" else 1) * calls * cfg.sample_batch * (
-        step_s / cfg.batch / 3)
-    log(f"the first step took {first_s:.1f} s, one step {step_s:.3f} s; about {guess:.0f} s more")
-    if first_s + guess > budget_s / 2:
-        raise UserError(f"measuring speed alone would take about {first_s + guess:.0f} s of --budget-s "
-                        f"{budget_s:g}; raise --budget-s, or take a smaller --preset, --batch or "
-                        "--sample-batch")
     steps = max(3, int(train_s / max(step_s, 1e-6)))
     train_ips = steps * cfg.batch / timed(lambda: [one() for _ in range(steps)], device)
 
     def batch():
         method.generate(state.ema, cfg.sample_batch, log=lambda m: None)
 
-    warm_s = timed(batch, device) if cfg.graph or cfg.compile != "none" else 0.0
+    warm_s = timed(batch, device) if fresh else 0.0
     sample_s = timed(batch, device)
     setup_s = first_s - cfg.batch / train_ips + max(warm_s - sample_s, 0.0) if warm_s else 0.0
     log(f"measured: {train_ips:.0f} training img/s, {cfg.sample_batch / sample_s:.0f} sampling "
@@ -379,6 +384,8 @@ def table1_args(argv):
     p.add_argument("--budget-s", type=float, default=None, help="fit the whole command in about this "
                    "many seconds by training on fewer images than the paper's 7.68M (default: the "
                    "paper's budget, --iters)")
+    p.add_argument("--measure-s", type=float, default=None, help="with --budget-s: seconds of timed "
+                   "training steps when measuring speed (default: a 200th of the budget, at most 5)")
     p.add_argument("--sigma-tn", type=float, default=0.4, help="Algorithm 1's sigma_tn (default 0.4)")
     p.add_argument("--samples", type=int, default=5000, help="samples per model and checkpoint "
                    "(default 5000; the paper: 50,000 at the end)")
@@ -394,9 +401,13 @@ def table1_args(argv):
     if args.budget_s is not None and not args.budget_s > 0:
         raise UserError(f"--budget-s {args.budget_s:g} must be positive: the seconds the whole command "
                         "may take, e.g. --budget-s 480")
+    if args.measure_s is not None and not args.measure_s > 0:
+        raise UserError(f"--measure-s {args.measure_s:g} must be positive")
     for key in ("samples", "checkpoints"):
         if getattr(args, key) < 1:
             raise UserError(f"--{key} {getattr(args, key)} must be at least 1")
+    if (Path(args.out) / "table1.json").exists():
+        raise UserError(f"{args.out} already holds a trio's report; choose another --out or remove it")
     for flag in ("--ambient-weight", "--resume", "--out"):
         if any(a == flag or a.startswith(flag + "=") for a in rest):
             raise UserError(f"table1 sets {flag} itself (the trio: DDPM, released, x0); drop it")
@@ -557,14 +568,14 @@ def table1(argv):
     check_device(cfg, device, 1)
     judged = load_judge(args, cfg, device)
     S = A.prepare(images[indices], cfg.resolution)
-    judged = judge_for(judged, S) if judged else None
     if args.budget_s:
-        rates = measure(cfg, args.budget_s)
+        rates = measure(cfg, args.budget_s, args.measure_s)
         torch._dynamo.reset()  # the measurement's compiled code is not needed again
         iters = trio_iterations(args.budget_s, time.time() - t0, rates, args.samples, args.checkpoints,
                                 cfg.batch, cfg.iters)
     else:
         rates, iters = None, cfg.iters
+    judged = judge_for(judged, S) if judged else None  # the features of the fixed sets, once
     schedule = checkpoint_schedule(iters, args.checkpoints)
     plan = dict(iters=iters, images=iters * cfg.batch, share=iters * cfg.batch / PAPER_IMAGES,
                 checkpoints_images=[k * cfg.batch for k in schedule], samples=args.samples,

@@ -151,10 +151,10 @@ def test_table1_trains_samples_and_scores_the_trio_at_each_checkpoint(tmp_path, 
     out = tmp_path / "t1"
     report = G.table1(["--data", str(TRAIN_NPZ), "--n", "12", "--preset", "tiny", "--resolution", "8",
                        "--batch", "8", "--sample-batch", "4", "--samples", "4", "--iters", "2",
-                       "--checkpoints", "2", "--steps", "2", "--budget-s", "100", "--device", "cpu", "--out", str(out),
+                       "--checkpoints", "2", "--steps", "2", "--budget-s", "3600", "--measure-s", "0.1", "--device", "cpu", "--out", str(out),
                        "--judge", str(JUDGE), "--ref", str(tmp_path / "ref.npz")])
     printed = capsys.readouterr().out
-    assert "measuring speed" in printed and "s more" in printed
+    assert "measuring speed" in printed and "s in all" in printed
     assert [r["images"] for r in report["checkpoints"]] == [8, 16] and report["plan"]["iters"] == 2
     for r in report["checkpoints"]:
         assert set(r["models"]) == {"ddpm", "released", "x0"}
@@ -177,7 +177,7 @@ def cli(argv, capsys):
     return exit_.value.code, capsys.readouterr()
 
 
-def test_the_command_line_edges(capsys, monkeypatch):
+def test_the_command_line_edges(tmp_path, capsys, monkeypatch):
     code, printed = cli(["--help"], capsys)
     assert code == 0 and "repro_gpu.py train" in printed.out and "repro_gpu.py table1" in printed.out
     monkeypatch.setattr(G, "measure", lambda *a: pytest.fail("measured before checking the input"))
@@ -188,3 +188,10 @@ def test_the_command_line_edges(capsys, monkeypatch):
     assert code == 2 and "missing.npz" in printed.err and printed.err.count("\n") == 1
     code, printed = cli(["table1", "--budget-s", "60", "--data", "demo", "--judge", "nowhere"], capsys)
     assert code == 2 and "judge.py" in printed.err
+    (tmp_path / "table1.json").write_text("{}")  # a finished trio is not overwritten
+    code, printed = cli(["table1", "--budget-s", "60", "--out", str(tmp_path)], capsys)
+    assert code == 2 and "already holds" in printed.err
+    monkeypatch.undo()  # a budget shorter than the measurement: refused before a training step
+    code, printed = cli(["table1", "--budget-s", "0.01", "--data", "demo", "--device", "cpu",
+                         "--preset", "tiny", "--resolution", "8", "--out", str(tmp_path / "t")], capsys)
+    assert code == 2 and "measuring speed alone would take" in printed.err
