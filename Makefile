@@ -10,7 +10,7 @@ PY     := $(VENV)/bin/python
 export MALLOC_MMAP_THRESHOLD_ ?= 1000000000000
 export MALLOC_TRIM_THRESHOLD_ ?= 1000000000000
 
-.PHONY: demo test train repro-cpu bench repro-gpu gpu-check clean
+.PHONY: demo test train repro-cpu bench repro-gpu gpu-data gpu-check clean
 
 $(VENV)/.installed: requirements.txt requirements-t2i.txt
 	$(PYTHON) -m venv $(VENV)
@@ -49,22 +49,28 @@ repro-cpu: $(VENV)/.installed
 	$(PY) repro_cpu.py fig3
 	$(PY) repro_cpu.py table2
 
-# Throughput table (training and sampling images/s, FLOPs, MFU): tiny on CPU, paper on the GPU.
+# Throughput table (training and sampling images/s, FLOPs, MFU): tiny on CPU; on a GPU each row of
+# the paper preset (eager, --graph, + --compile, + bf16, + channels_last), edm and Heun-40 sampling.
 bench: $(VENV)/.installed
 	$(PY) bench.py
 
-# Table 1's CIFAR-10 pair (n = 300, DDPM and Algorithm 1) at the paper's budget, sampled and scored: a GPU job.
-# BUDGET=480 scales the images seen to fit about that many seconds. Weights for FID/DINOv2: README.md.
+# Table 1's CIFAR-10 trio (n = 300: DDPM, released, x0) at the paper's budget, as curves against
+# images seen, sampled and judged at each checkpoint: a GPU job. BUDGET=480 scales the images seen to
+# fit about that many seconds. It reads gpu-data/ (make gpu-data).
 repro-gpu: $(VENV)/.installed
-	$(PY) repro_gpu.py table1 $(if $(BUDGET),--budget-s $(BUDGET))
+	$(PY) repro_gpu.py table1 $(if $(BUDGET),--budget-s $(BUDGET)) $(GPU_TABLE1)
 
-# The one-call GPU check of NOTES.md's GPU section (about 7 min): the captured step and sampler against the
-# eager ones on the GPU, each fast path's throughput, then the pair within a budget. It uses the machine's own
-# Python (no .venv: a GPU machine may have no package index) and the bundled images (800 CIFAR-10 training
-# images, of which n = 300; ../shared does not travel to a lent GPU).
+# The GPU machine has no ../shared and no internet: the CIFAR-10 subsets and the offline judge are
+# copied into gpu-data/ (git-ignored), which a device call carries. Run here, where ../shared is.
+GPU_DATA := gpu-data
+GPU_TABLE1 := --data $(GPU_DATA)/data/cifar10_train_png4000.npz --judge $(GPU_DATA)/judge
+gpu-data:
+	rm -rf $(GPU_DATA)
+	mkdir -p $(GPU_DATA)/data $(GPU_DATA)/judge
+	cp ../shared/data/cifar10_train_png4000.npz ../shared/data/cifar10_test_png1000.npz $(GPU_DATA)/data/
+	cp ../shared/judge/judge.py ../shared/judge/cifar10_judge.pt ../shared/judge/README.md $(GPU_DATA)/judge/
+
+# The one-call GPU check (at most about 9 min on an H200; NOTES.md's GPU section): gpu_check.sh,
+# which runs without make too. RESULTS=DIR receives the log, the flags and table1.md/.json/.png.
 gpu-check:
-	$(PYTHON) -m pytest -q test_repro_gpu.py -k "graph or captured"
-	$(PYTHON) bench.py --preset paper --repeat 50
-	$(PYTHON) bench.py --preset paper --graph --repeat 50
-	$(PYTHON) bench.py --preset edm --graph --channels-last --repeat 20
-	$(PYTHON) repro_gpu.py table1 --budget-s $(or $(BUDGET),300) --samples 5000 --data demo
+	PYTHON=$(PYTHON) bash gpu_check.sh $(RESULTS)

@@ -1,29 +1,32 @@
-"""GPU speed for ambient.py's runs, and Table 1's CIFAR-10 pair at the paper's budget in one command.
+"""GPU speed for ambient.py's runs, and Table 1's CIFAR-10 trio as curves in one command.
 
-    python repro_gpu.py train --data cifar --n 300 --sigma-tn 0.4 --graph        # ambient.py's flags and more
+    python repro_gpu.py train --data cifar --n 300 --sigma-tn 0.4 --graph   # ambient.py's flags too
     torchrun --nproc_per_node=4 -- repro_gpu.py train --data cifar --n 300 --sigma-tn 0.4
-    python repro_gpu.py table1 [--budget-s 600] [ambient.py's flags, e.g. --ambient-weight x0 or --preset edm]
+    python repro_gpu.py table1 --data FILE.npz --judge DIR [--budget-s 480] [ambient.py's flags]
 
 `train` runs ambient.py's own loop (ambient.run, ambient.train) with the method object wrapped: the
 wrapper splits each batch over the processes, evaluates the loss through the compiled or multi-GPU
 network under autocast, and samples under the same settings. `--graph` captures the whole training
-step, batch draw to EMA, as one CUDA graph, and the sampling of each full batch as another. `table1`
-trains the n = 300 DDPM / Algorithm 1 pair side by side on one GPU, samples 50,000 images from each
-and scores them with eval_memorization.py. The `--` keeps torchrun from reading --n as its own flag.
+step, batch draw to EMA, as one CUDA graph (with --compile: the compiled network inside it), and the
+sampling of each full batch as another. `table1` trains the n = 300 trio (DDPM, Algorithm 1 under
+the released and the x0 weight) in turns on one device to log-spaced checkpoints, samples each
+model at each (Heun) and scores it: ambient.py's pixel metrics and, with --judge, the offline
+judge's fd_judge and similarity. The `--` keeps torchrun from reading --n as its own flag.
 ambient.py knows nothing of this file.
 """
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -77,6 +80,14 @@ def compiled(module, mode="none", replay=True):
     would overwrite the first with the second."""
     if mode == "none":
         return module
+    limit = (
+        "recompile_limit"
+        if hasattr(torch._dynamo.config, "recompile_limit")
+        else "cache_size_limit"
+    )
+    setattr(
+        torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 64)
+    )  # table1: 6+ nets
     return torch.compile(
         module, mode="reduce-overhead" if mode == "cudagraphs" and replay else "default"
     )
@@ -335,24 +346,31 @@ def train(argv=None):
 
 
 # ------------------------------------------------------------------------------------------------
-# Table 1's CIFAR-10 pair in one command: DDPM and Algorithm 1 at n = 300, trained side by side on
-# one GPU, 50,000 samples each, scored by eval_memorization.py. --budget-s scales the images seen
-# so that the whole command fits; the report says what share of the paper's budget that was.
+# Table 1's CIFAR-10 trio in one command: DDPM and Algorithm 1 under both loss weights at n = 300,
+# the same subset, seed, initialisation and batches, trained in turns on one device to log-spaced
+# checkpoints; at each checkpoint each model samples with Heun-40 and is scored, so the report is a
+# curve of copying and quality against images seen. --budget-s scales the images seen so that the
+# whole command fits; the report says what share of the paper's budget that was.
 # ------------------------------------------------------------------------------------------------
 PAPER_IMAGES = 30_000 * 256  # the paper: 30k iterations at batch 256
+TRIO = {
+    "ddpm": dict(sigma_tn=0.0),
+    "released": dict(ambient_weight="released"),
+    "x0": dict(ambient_weight="x0"),
+}
 
 
 def stand_in_training(cfg, device):
-    """ambient.py's training step with cfg's options on random stand-in images, for timing (here and in
-    bench.py): (one step that also counts it, the TrainState, the method). TF32 on CUDA, as ambient.run."""
+    """ambient.py's training step with cfg's options on random stand-in images, for timing (here
+    and in bench.py): (one step that also counts it, the TrainState, the method). TF32 on CUDA, as
+    ambient.run."""
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(0)
     method = Fast(A.Algorithm1(cfg), cfg)
-    method.use_data(
-        torch.randn(max(cfg.batch, 64), 3, cfg.resolution, cfg.resolution, device=device)
-    )
-    state = A.training_state(method.network().to(device), cfg, 3 * cfg.resolution**2)
+    side = cfg.resolution
+    method.use_data(torch.randn(max(cfg.batch, 64), 3, side, side, device=device))
+    state = A.training_state(method.network().to(device), cfg, 3 * side**2)
     step = method.make_step(state, method, cfg)
 
     def one():
@@ -362,177 +380,499 @@ def stand_in_training(cfg, device):
     return one, state, method
 
 
-def measure(cfg, steps=20):
-    """(training images/s of one model with cfg's options, sampling images/s), measured in this process
-    on a stand-in dataset. Both models train at once, so the pair gets about twice the first's time."""
-    device = A.pick_device(cfg.device)
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device):
+    """Seconds that fn() takes, the device's queue drained before and after."""
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+@dataclass
+class Rates:
+    train_ips: float  # one model's training images/s
+    sample_ips: float  # one model's sampling images/s (Heun, full batches of cfg.sample_batch)
+    setup_s: float  # first step and first sampling batch beyond their timed cost: compile, capture
+
+
+def measure(cfg, budget_s, train_s=None, log=print):
+    """Rates of cfg's options, measured on a stand-in dataset. It says what it measures and for how
+    long, and refuses when measuring alone would take more than half of budget_s."""
+    device, train_s = A.pick_device(cfg.device), train_s or min(5.0, budget_s / 200)
     one, state, method = stand_in_training(cfg, device)
-
-    def timed(fn, n, warm_up=5):  # the warm-up covers compilation and capture
-        for _ in range(warm_up):
-            fn()
-        torch.cuda.synchronize() if device.type == "cuda" else None
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        torch.cuda.synchronize() if device.type == "cuda" else None
-        return (time.perf_counter() - t0) / n
-
-    train_s = timed(one, steps)
-    sample_s = timed(
-        lambda: method.generate(state.ema, cfg.sample_batch, log=lambda m: None), 2, warm_up=1
+    x, s = method.S[:8], torch.full((8,), 0.5, device=device)
+    with torch.no_grad():
+        state.net(x, s)  # the first call allocates
+        call_s = timed(lambda: state.net(x, s), device) / 8  # one image's forward pass
+    fresh = cfg.graph or cfg.compile != "none"  # the first step and batch compile and capture
+    step_guess = 3 * call_s * cfg.batch  # forward and backward: about three forward passes
+    sampling = (2 * cfg.steps - 1) * call_s * cfg.sample_batch  # Heun's network calls
+    training = (7 if device.type == "cuda" else 2) * step_guess + train_s  # warm-up steps and timed
+    guess = training + (1 + fresh) * sampling
+    log(
+        f"measuring speed ({cfg.preset} preset, batch {cfg.batch}, on {device}): training steps "
+        f"for about {training:.0f} s and {1 + fresh} sampling batch(es) of "
+        f"{cfg.sample_batch}, about {guess:.0f} s in all" + (" plus compilation" if fresh else "")
     )
-    return cfg.batch / train_s, cfg.sample_batch / sample_s
+    if guess > budget_s / 2:
+        raise UserError(
+            f"measuring speed alone would take about {guess:.0f} s of --budget-s "
+            f"{budget_s:g}; raise --budget-s, or take a smaller --preset, --batch or "
+            "--sample-batch"
+        )
+    first_s = timed(one, device)
+    for _ in range(5 if device.type == "cuda" else 0):  # the graph's warm-up steps and its capture
+        one()
+    step_s = timed(one, device)
+    steps = max(3, int(train_s / max(step_s, 1e-6)))
+    train_ips = steps * cfg.batch / timed(lambda: [one() for _ in range(steps)], device)
+
+    def batch():
+        method.generate(state.ema, cfg.sample_batch, log=lambda m: None)
+
+    warm_s = timed(batch, device) if fresh else 0.0
+    sample_s = timed(batch, device)
+    setup_s = first_s - cfg.batch / train_ips + max(warm_s - sample_s, 0.0) if warm_s else 0.0
+    log(
+        f"measured: {train_ips:.0f} training img/s, {cfg.sample_batch / sample_s:.0f} sampling "
+        f"img/s, {setup_s:.1f} s to set up a model"
+    )
+    return Rates(train_ips, cfg.sample_batch / sample_s, max(setup_s, 0.0))
+
+
+def trio_iterations(budget_s, spent_s, rates, samples, checkpoints, batch, max_iters, models=3):
+    """Training iterations per model so that the trio is set up, trained, sampled at each checkpoint
+    and scored in budget_s seconds, spent_s of which are gone: the models train in turns at the
+    measured rate, each sets up once, and scoring is given a tenth of the budget."""
+    sampling = models * checkpoints * samples / rates.sample_ips
+    fixed = spent_s + models * rates.setup_s + sampling
+    left = 0.9 * budget_s - fixed
+    if left <= 0:
+        raise UserError(
+            f"--budget-s {budget_s:g}: setting up and sampling {models} x {checkpoints} x "
+            f"{samples:,} images alone take about {fixed:.0f} s at the measured "
+            f"{rates.sample_ips:.0f} img/s; pass at least --budget-s "
+            f"{1.1 * fixed / 0.9:.0f}, or fewer --samples or --checkpoints"
+        )
+    return int(max(1, min(max_iters, left * rates.train_ips / models / batch)))
+
+
+def checkpoint_schedule(iters, count):
+    """`count` log-spaced iterations ending at iters, each twice the one before (fewer where the
+    early ones would round to the same iteration); never below 1."""
+    points = {max(1, round(iters / 2 ** (count - 1 - k))) for k in range(count)}
+    return sorted(points)
 
 
 def table1_args(argv):
     p = argparse.ArgumentParser(
-        description="Table 1's CIFAR-10 pair (DDPM, Algorithm 1) at n = 300 in one command; "
-        "other flags go to both runs (ambient.py's and `train`'s)"
+        prog="repro_gpu.py table1",
+        description="Table 1's CIFAR-10 trio at n = 300 in one command: DDPM (sigma_tn 0) and "
+        "Algorithm 1 under the released and the x0 weight, trained to log-spaced checkpoints, "
+        "sampled (Heun) and scored at each. Other flags go to all three runs (ambient.py's and "
+        "`train`'s).",
     )
     p.add_argument(
         "--budget-s",
         type=float,
         default=None,
-        help="fit the whole command in about this many seconds "
-        "by training on fewer images than the paper's 7.68M (default: the paper's budget)",
+        help="fit the whole command in about this "
+        "many seconds by training on fewer images than the paper's 7.68M (default: the "
+        "paper's budget, --iters)",
+    )
+    p.add_argument(
+        "--measure-s",
+        type=float,
+        default=None,
+        help="with --budget-s: seconds of timed "
+        "training steps when measuring speed (default: a 200th of the budget, at most 5)",
     )
     p.add_argument(
         "--sigma-tn", type=float, default=0.4, help="Algorithm 1's sigma_tn (default 0.4)"
     )
-    p.add_argument("--samples", type=int, default=50_000, help="samples per model (paper: 50,000)")
+    p.add_argument(
+        "--samples",
+        type=int,
+        default=5000,
+        help="samples per model and checkpoint (default 5000; the paper: 50,000 at the end)",
+    )
+    p.add_argument(
+        "--checkpoints",
+        type=int,
+        default=6,
+        help="log-spaced checkpoints, each at twice the images of the one before (default 6)",
+    )
+    p.add_argument(
+        "--judge",
+        default=None,
+        help="folder of the offline judge (judge.py, "
+        "cifar10_judge.pt; ../shared/judge): fd_judge and judge similarity",
+    )
+    p.add_argument(
+        "--ref",
+        default=None,
+        help="held-out images for fd_judge (default: JUDGE/../data/cifar10_test_png1000.npz)",
+    )
     p.add_argument(
         "--out",
         default="runs/table1",
-        help="folder for the two runs and the report (default runs/table1)",
+        help="folder for the runs and the report (default runs/table1)",
     )
-    known, rest = p.parse_known_args(argv)
-    return known, rest
-
-
-def iterations_for(budget_s, train_ips, sample_ips, samples, batch, max_iters):
-    """Training iterations per model so that the pair trains, samples and is scored in budget_s seconds:
-    the two models share the device, so each trains and samples at half its measured rate, and scoring
-    is given a tenth of the budget."""
-    left = 0.9 * budget_s - 2 * samples / sample_ips
-    if left <= 0:
-        need = 2 * samples / sample_ips
+    args, rest = p.parse_known_args(argv)
+    if args.budget_s is not None and not args.budget_s > 0:
         raise UserError(
-            f"--budget-s {budget_s:g}: sampling 2 x {samples:,} images alone takes about {need:.0f} s at the "
-            f"measured {sample_ips:.0f} img/s; pass at least --budget-s {1.1 * need / 0.9:.0f} or fewer --samples"
+            f"--budget-s {args.budget_s:g} must be positive: the seconds the whole command "
+            "may take, e.g. --budget-s 480"
         )
-    return int(max(1, min(max_iters, left * train_ips / 2 / batch)))
+    if args.measure_s is not None and not args.measure_s > 0:
+        raise UserError(f"--measure-s {args.measure_s:g} must be positive")
+    for key in ("samples", "checkpoints"):
+        if getattr(args, key) < 1:
+            raise UserError(f"--{key} {getattr(args, key)} must be at least 1")
+    if (Path(args.out) / "table1.json").exists():
+        raise UserError(
+            f"{args.out} already holds a trio's report; choose another --out or remove it"
+        )
+    for flag in ("--ambient-weight", "--resume", "--out"):
+        if any(a == flag or a.startswith(flag + "=") for a in rest):
+            raise UserError(f"table1 sets {flag} itself (the trio: DDPM, released, x0); drop it")
+    return args, rest
 
 
-def plan(args, rest):
-    """The runs' common flags, with --iters scaled to the budget from measured rates: a plan dict."""
-    flags = ["--n", "300"] + ([] if "--data" in rest else ["--data", "cifar"]) + rest
-    flags += ["--graph"] if torch.cuda.is_available() and "--graph" not in rest else []
-    cfg = A.build_parser(Config).parse_args(flags + ["--samples", str(args.samples)])
-    cfg = Config(**vars(cfg))
+def trio_config(args, rest):
+    """The three runs' common Config, checked: n = 300, the GPU's fast path and a sampling batch of
+    its own on CUDA, unless the flags say otherwise."""
+    flags = ["--n", "300"] + ([] if "--data" in rest else ["--data", "cifar"])
+    if (
+        torch.cuda.is_available()
+        and A.pick_device(A.build_parser(Config).parse_args(rest).device).type == "cuda"
+    ):
+        flags += [] if "--graph" in rest else ["--graph"]
+        flags += [] if "--sample-batch" in rest else ["--sample-batch", "1024"]
+    cfg = Config(**vars(A.build_parser(Config).parse_args(flags + rest)))
+    cfg.sigma_tn, cfg.samples = args.sigma_tn, args.samples
     cfg.check()
-    cfg.resolution = cfg.resolution or 32
-    train_ips, sample_ips = measure(cfg) if args.budget_s else (None, None)
-    iters = (
-        iterations_for(args.budget_s, train_ips, sample_ips, args.samples, cfg.batch, cfg.iters)
-        if args.budget_s
-        else cfg.iters
-    )
-    return dict(
-        flags=flags,
-        iters=iters,
-        images=iters * cfg.batch,
-        share=iters * cfg.batch / PAPER_IMAGES,
-        train_ips=train_ips,
-        sample_ips=sample_ips,
-    )
-
-
-def score(argv):
-    """eval_memorization.py on the runs, in this process: its Markdown table, or one line if it fails."""
-    import io
-    import eval_memorization
-
-    table, notes = io.StringIO(), io.StringIO()
-    try:
-        with contextlib.redirect_stdout(table), contextlib.redirect_stderr(notes):
-            eval_memorization.main(argv)
-    except SystemExit:
-        raise UserError(
-            f"scoring failed: {(notes.getvalue().strip().splitlines() or ['no output'])[-1]}"
+    if (
+        cfg.graph and cfg.samples % cfg.sample_batch
+    ):  # a partial batch would compile the network anew
+        cfg.samples = args.samples = -(-cfg.samples // cfg.sample_batch) * cfg.sample_batch
+        print(
+            f"sampling {cfg.samples:,} images per checkpoint: whole batches of {cfg.sample_batch}"
         )
-    return table.getvalue()
+    return cfg
+
+
+def trio_data(cfg):
+    """The dataset and the n-image subset, checked before anything slow; fills cfg.resolution."""
+    images, _ = A.load_images(cfg.data, cfg.data_dir)
+    A.check_resolution(cfg, images)
+    return images, A.choose_subset(len(images), cfg.n, cfg.seed)
+
+
+def as_judged(x):
+    """Images in [-1, 1] (NCHW) as the judge reads them: uint8 NHWC, upsampled (nearest) to 32."""
+    x = x.cpu().float()
+    x = torch.nn.functional.interpolate(x, size=32, mode="nearest") if x.shape[-1] < 32 else x
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+
+
+@dataclass
+class Judge:
+    """The offline judge (../shared/judge/judge.py) with the features of the training images and of
+    the held-out ones computed once: each checkpoint's samples need only their own."""
+
+    module: object
+    net: nn.Module
+    train: np.ndarray  # the run's training images as the judge reads them
+    f_train: np.ndarray
+    f_ref: np.ndarray
+
+    def score(self, gen):
+        """judge.score(train, gen, ref) from the stored features (test: the same numbers)."""
+        j = self.module
+        f_gen = j.features(self.net, gen)
+        sim, _ = j.nn_cosine(f_gen, self.f_train)
+        res = {
+            "n_gen": int(len(gen)),
+            "n_train": int(len(self.train)),
+            "sim_mean": float(sim.mean()),
+            "sim_median": float(np.median(sim)),
+            **{f"sim>{th}": float((sim > th).mean()) for th in (0.8, 0.9, 0.95)},
+            "copy_d1/d2<1/3": float((j.pixel_ratio(gen, self.train) < 1 / 3).mean()),
+        }
+        res["fd_judge"] = j.frechet(f_gen, self.f_ref)
+        return res
+
+
+def load_judge(args, cfg, device):
+    """judge.py's module, its network and held-out uint8 images, or None without --judge; checked up
+    front, before anything slow."""
+    if args.judge is None:
+        return None
+    folder = Path(args.judge)
+    if not (folder / "judge.py").is_file():
+        raise UserError(
+            f"--judge {folder}: no judge.py there; pass the folder that holds judge.py "
+            "and cifar10_judge.pt (../shared/judge)"
+        )
+    ref = Path(args.ref or folder.parent / "data" / "cifar10_test_png1000.npz")
+    if not ref.is_file():
+        raise UserError(f"no held-out images for fd_judge at {ref}; pass --ref FILE.npz")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("judge", folder / "judge.py")
+    judge = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(judge)
+        net = judge.load_judge(device=device)
+    except Exception as e:
+        raise UserError(
+            f"--judge {folder}: cannot load the judge ({type(e).__name__}: {str(e).strip()[:120]})"
+        ) from None
+    held_out, _ = A.load_images(str(ref))
+    return judge, net, as_judged(A.prepare(held_out, cfg.resolution))
+
+
+def judge_for(loaded, S):
+    """A Judge for the training images S (in [-1, 1]), from load_judge's triple."""
+    module, net, held_out = loaded
+    train = as_judged(S)
+    return Judge(module, net, train, module.features(net, train), module.features(net, held_out))
+
+
+@dataclass
+class Member:
+    """One of the trio: its method object, training state, step and folder."""
+
+    name: str
+    cfg: Config
+    method: Fast
+    state: A.TrainState
+    step: object
+    folder: Path
+
+    def log(self, msg):
+        with open(self.folder / "log.txt", "a") as f:
+            f.write(msg + "\n")
+
+
+def trio_member(name, cfg, S, indices, out):
+    """Set up as ambient.run sets up a run: the same seed before the network, so the three start
+    from the same weights and draw the same batches."""
+    folder = out / name
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    method = Fast(A.Algorithm1(cfg), cfg)
+    method.use_data(S)
+    state = A.training_state(method.network().to(S.device), cfg, S[0].numel())
+    (folder / "config.json").write_text(json.dumps(cfg.saved(), indent=1))
+    (folder / "indices.json").write_text(json.dumps(indices.tolist()))
+    return Member(name, cfg, method, state, method.make_step(state, method, cfg), folder)
+
+
+def train_to(member, iters):
+    """Train on to `iters` in ambient.train's loop (its checks, checkpoint.pt); keep the EMA."""
+    cfg = dataclasses.replace(member.cfg, iters=iters, log_every=max(1, iters // 4))
+    A.train(member.method, member.state, cfg, member.folder, member.log, lambda *a: member.step)
+    path = member.folder / f"ema-{iters * cfg.batch:09d}.pt"
+    torch.save(member.state.ema.state_dict(), str(path) + ".tmp")
+    os.replace(str(path) + ".tmp", path)
+
+
+def score_samples(samples, S, judged):
+    """The pixel metrics eval_memorization.py reports (ambient.py's) and, with a Judge, its fd_judge
+    and similarity shares."""
+    pixel, _ = A.memorization_report(samples, S)
+    scores = dict(
+        pixel_cosine_above_0_9=pixel["cosine_above_0.9"],
+        pixel_cosine_above_0_95=pixel["cosine_above_0.95"],
+        pixel_copy_rate=pixel["copy_rate"],
+        roughness_vs_train=A.roughness(samples) / max(A.roughness(S), 1e-12),
+    )
+    if judged:
+        j = judged.score(as_judged(samples))
+        scores.update({f"judge_{k}": v for k, v in j.items() if not k.startswith("n_")})
+    return scores
+
+
+def sample_and_score(member, iters, judged, S):
+    samples = member.method.generate(member.state.ema, member.cfg.samples, log=member.log)
+    images = ((samples + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    np.savez(member.folder / f"samples-{iters * member.cfg.batch:09d}.npz", images=images)
+    return score_samples(samples, S, judged)
 
 
 def table1(argv):
+    t0 = time.time()
     args, rest = table1_args(argv)
-    t0, out = time.time(), Path(args.out)
-    p = plan(args, rest)
-    rates = (
-        f" (measured for one model: {p['train_ips']:.0f} train img/s, {p['sample_ips']:.0f} sample img/s)"
-        if p["train_ips"]
-        else ""
+    cfg = trio_config(args, rest)
+    images, indices = trio_data(cfg)
+    device = A.pick_device(cfg.device)
+    check_device(cfg, device, 1)
+    judged = load_judge(args, cfg, device)
+    S = A.prepare(images[indices], cfg.resolution)
+    if args.budget_s:
+        rates = measure(cfg, args.budget_s, args.measure_s)
+        torch._dynamo.reset()  # the measurement's compiled code is not needed again
+        iters = trio_iterations(
+            args.budget_s,
+            time.time() - t0,
+            rates,
+            args.samples,
+            args.checkpoints,
+            cfg.batch,
+            cfg.iters,
+        )
+    else:
+        rates, iters = None, cfg.iters
+    judged = judge_for(judged, S) if judged else None  # the features of the fixed sets, once
+    schedule = checkpoint_schedule(iters, args.checkpoints)
+    plan = dict(
+        iters=iters,
+        images=iters * cfg.batch,
+        share=iters * cfg.batch / PAPER_IMAGES,
+        checkpoints_images=[k * cfg.batch for k in schedule],
+        samples=args.samples,
+        rates=dataclasses.asdict(rates) if rates else None,
+        judge=args.judge,
+        config=cfg.saved(),
     )
     print(
-        f"training {p['images']:,} images per model, {100 * p['share']:.1f}% of the paper's 7.68M{rates}",
+        f"training {plan['images']:,} images per model ({100 * plan['share']:.2f}% of the paper's "
+        f"7.68M), checkpoints at {', '.join(f'{i:,}' for i in plan['checkpoints_images'])} images, "
+        f"{args.samples:,} samples each",
         flush=True,
     )
-    common = [
-        sys.executable,
-        __file__,
-        "train",
-        *p["flags"],
-        "--iters",
-        str(p["iters"]),
-        "--samples",
-        str(args.samples),
+    out = Path(args.out)
+    members = [
+        trio_member(name, dataclasses.replace(cfg, **extra), S.to(device), indices, out)
+        for name, extra in TRIO.items()
     ]
-    runs = {
-        "ddpm": ["--sigma-tn", "0"],
-        f"ambient-{args.sigma_tn:g}": ["--sigma-tn", f"{args.sigma_tn:g}"],
-    }
-    out.mkdir(parents=True, exist_ok=True)
-    procs = {
-        name: subprocess.Popen(
-            common + extra + ["--out", str(out / name)],
-            stdout=open(out / f"{name}.log", "w"),
-            stderr=subprocess.STDOUT,
+    rows = []
+    for k in schedule:
+        row = dict(iters=k, images=k * cfg.batch, models={})
+        for m in members:
+            train_to(m, k)
+        for m in members:
+            row["models"][m.name] = sample_and_score(m, k, judged, S)
+        rows.append(row)
+        write_report(out, plan, rows, time.time() - t0, judged is not None)
+        print(
+            f"{row['images']:,} images seen: "
+            + "; ".join(f"{name} {summary(s)}" for name, s in row["models"].items()),
+            flush=True,
         )
-        for name, extra in runs.items()
-    }
-    for name, proc in procs.items():
-        if proc.wait():
-            raise UserError(f"the {name} run failed; see {out / f'{name}.log'}")
-    t_train = time.time() - t0
-    table = score(
-        [str(out / name) for name in runs]
-        + [
-            "--samples",
-            str(args.samples),
-            "--out",
-            str(out / "eval"),
-            "--cache-dir",
-            str(out / "eval-cache"),
-            "--no-download",
-        ]
-    )
-    report = dict(
-        plan=p,
-        wall_s=dict(
-            train_and_sample=t_train, score=time.time() - t0 - t_train, total=time.time() - t0
-        ),
-        scores=json.loads((out / "eval" / "report.json").read_text()),
-    )
-    (out / "table1.json").write_text(json.dumps(report, indent=1, default=str))
-    (out / "table1.md").write_text(
-        f"Table 1's CIFAR-10 pair, n = 300: {p['images']:,} images seen per model "
-        f"({100 * p['share']:.1f}% of the paper's), {args.samples:,} samples each.\n\n"
-        + table
-        + f"\nwall time: training and sampling {t_train:.0f} s, "
-        f"scoring {report['wall_s']['score']:.0f} s, total {report['wall_s']['total']:.0f} s\n"
-    )
     print((out / "table1.md").read_text())
-    return report
+    return json.loads((out / "table1.json").read_text())
+
+
+METRICS = [
+    ("judge_sim>0.95", "judge: share with similarity > 0.95 (to the 300 training images)", True),
+    ("judge_sim>0.9", "judge: share with similarity > 0.9", True),
+    ("judge_fd_judge", "judge: fd_judge against the held-out images (lower is better)", False),
+    ("pixel_cosine_above_0_95", "pixels: share with centred cosine > 0.95", True),
+    ("pixel_copy_rate", "pixels: copy rate (d1/d2 < 1/3)", True),
+    (
+        "roughness_vs_train",
+        "pixels: roughness against the training images (1 = as the data)",
+        False,
+    ),
+]
+
+
+def summary(scores):
+    if "judge_sim>0.95" in scores:
+        return (
+            f"judge sim>0.95 {100 * scores['judge_sim>0.95']:.1f}%, "
+            f"fd_judge {scores['judge_fd_judge']:.1f}"
+        )
+    return f"pixel cosine>0.95 {100 * scores['pixel_cosine_above_0_95']:.1f}%"
+
+
+def markdown(plan, rows, judged):
+    names = list(rows[0]["models"])
+    lines = [
+        f"Table 1's CIFAR-10 trio at n = 300: {plan['images']:,} images seen per model at the "
+        f"end ({100 * plan['share']:.2f}% of the paper's 7.68M), {plan['samples']:,} Heun samples "
+        "per model and checkpoint, the same subset, seed and batches for the three.",
+        "",
+    ]
+    if not judged:
+        lines += ["The judge was skipped (no --judge DIR): pixel metrics only.", ""]
+    for key, label, percent in METRICS:
+        if key not in rows[0]["models"][names[0]]:
+            continue
+        lines += [
+            f"{label}:",
+            "",
+            "| images seen | " + " | ".join(names) + " |",
+            "|---" * (len(names) + 1) + "|",
+        ]
+        for r in rows:
+            cells = [r["models"][n][key] for n in names]
+            fmt = [f"{100 * v:.1f}%" if percent else f"{v:.2f}" for v in cells]
+            lines.append(f"| {r['images']:,} | " + " | ".join(fmt) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def figure(rows, judged, path):
+    """Copy share and fd_judge (without the judge: the pixel copy share) against images seen."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    seen = [r["images"] for r in rows]
+    copy_key = "judge_sim>0.95" if judged else "pixel_cosine_above_0_95"
+    for name in rows[0]["models"]:
+        axes[0].plot(seen, [100 * r["models"][name][copy_key] for r in rows], "o-", label=name)
+        if judged:
+            axes[1].plot(
+                seen, [r["models"][name]["judge_fd_judge"] for r in rows], "o-", label=name
+            )
+    axes[0].set_ylabel(("judge similarity" if judged else "pixel cosine") + " > 0.95 (%)")
+    axes[1].set_ylabel("fd_judge (lower is better)")
+    if not judged:
+        axes[1].text(
+            0.5, 0.5, "judge skipped (no --judge)", ha="center", transform=axes[1].transAxes
+        )
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.set_xlabel("images seen")
+        ax.legend() if judged or ax is axes[0] else None
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_report(out, plan, rows, wall_s, judged):
+    """table1.json, .md and .png, rewritten at each checkpoint: a run cut short keeps them."""
+    report = dict(plan=plan, checkpoints=rows, wall_s=wall_s, judge_skipped=not judged)
+    for name, text in (
+        ("table1.json", json.dumps(report, indent=1)),
+        ("table1.md", markdown(plan, rows, judged) + f"\nwall time {wall_s:.0f} s\n"),
+    ):
+        (out / (name + ".tmp")).write_text(text)
+        os.replace(out / (name + ".tmp"), out / name)
+    figure(rows, judged, out / "table1.png")
+
+
+USAGE = """usage: python repro_gpu.py train [ambient.py's flags] [--graph] [--channels-last]
+                           [--compile default|cudagraphs] [--precision bf16]
+       python repro_gpu.py table1 [--budget-s S] [--judge DIR] [--samples N] [--checkpoints K]
+                           [--sigma-tn 0.4] [--out DIR] [flags for the three runs]
+
+  train    ambient.py's run with GPU options (`python repro_gpu.py train --help`)
+  table1   the n = 300 trio, DDPM and Algorithm 1 under the released and the x0 weight, as curves
+           of copying and quality against images seen (`python repro_gpu.py table1 --help`)"""
 
 
 def main(argv):
@@ -544,11 +884,10 @@ def main(argv):
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
-    print(
-        "usage: python repro_gpu.py train [ambient.py's flags] [--graph] [--precision bf16] [--channels-last] "
-        "[--compile default|cudagraphs]\n       python repro_gpu.py table1 [--budget-s S] [flags for both runs]",
-        file=sys.stderr,
-    )
+    if argv[:1] in (["-h"], ["--help"]):
+        print(USAGE)
+        sys.exit(0)
+    print(USAGE, file=sys.stderr)
     sys.exit(2)
 
 

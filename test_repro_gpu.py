@@ -1,10 +1,13 @@
 """Facts about repro_gpu.py, the GPU speed machinery, checked on the CPU (and, for the captured step and
 sampler, on a GPU where one is present): each option computes what the plain eager step computes."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -152,55 +155,165 @@ def test_the_captured_sampler_gives_the_eager_samples(device):
     )  # the batches differ: a stale input would show
 
 
-def test_the_budget_scales_iterations_to_fit_training_sampling_and_scoring():
-    """Two models share the device: each trains and samples at half the measured rate; scoring gets a tenth."""
-    # 1,000 s: 900 left for the pair; 2 x 50,000 samples at 500/s take 200 s; 700 s at 2,000 img/s shared by two
-    assert G.iterations_for(1000, 2000, 500, 50_000, 256, 30_000) == int(700 * 2000 / 2 / 256)
-    assert (
-        G.iterations_for(1e9, 2000, 500, 50_000, 256, 30_000) == 30_000
-    )  # never beyond the paper's budget
-    assert (
-        G.iterations_for(222.5, 2000, 500, 50_000, 256, 30_000) == 1
-    )  # 0.25 s left: under one step of the pair
-    with pytest.raises(
-        A.UserError, match="at least --budget-s 244"
-    ):  # sampling alone needs 200 s of the 90%
-        G.iterations_for(220, 2000, 500, 50_000, 256, 30_000)
+JUDGE = (
+    Path(__file__).resolve().parent.parent / "shared" / "judge"
+)  # CI: a copy of shared/ beside the clone
+TRAIN_NPZ = JUDGE.parent / "data" / "cifar10_train_png4000.npz"
 
 
-def test_table1_runs_the_pair_and_scores_it_on_a_cpu(tmp_path, capsys):
-    """The whole command at toy size: both runs, their samples, eval_memorization.py's report, wall times."""
-    import json
+def test_the_budget_fits_setup_training_and_sampling_at_every_checkpoint():
+    """Three models train in turns at the measured rate, each sets up once, each samples at each
+    checkpoint; scoring gets a tenth of the budget."""
+    rates = G.Rates(train_ips=3000, sample_ips=500, setup_s=10)
+    # 900 s of 1,000; 50 spent, 3 x 10 s setup, 3 x 4 x 5,000 samples at 500/s = 120 s: 700 s left,
+    # a third each at 3,000 img/s
+    assert G.trio_iterations(1000, 50, rates, 5000, 4, 256, 30_000) == int(700 * 3000 / 3 / 256)
+    assert G.trio_iterations(1e9, 0, rates, 5000, 4, 256, 30_000) == 30_000  # the paper's at most
+    with pytest.raises(A.UserError, match="at least --budget-s 244"):  # 200 s fixed, over 0.9 * 220
+        G.trio_iterations(220, 50, rates, 5000, 4, 256, 30_000)
 
-    G.table1(
+
+def test_checkpoints_double_up_to_the_last_iteration():
+    assert G.checkpoint_schedule(4096, 6) == [128, 256, 512, 1024, 2048, 4096]
+    assert G.checkpoint_schedule(1000, 3) == [250, 500, 1000]
+    assert G.checkpoint_schedule(3, 6) == [
+        1,
+        2,
+        3,
+    ]  # 3/32, 3/16, 3/8 round to 0 and are raised to 1
+    assert G.checkpoint_schedule(1, 4) == [1]
+
+
+def small_judge(tmp_path):
+    """judge.py's module and network, 16 training and 8 held-out images as the judge reads them."""
+    images = np.load(TRAIN_NPZ)["images"]
+    np.savez(tmp_path / "ref.npz", images=images[-8:])
+    args = SimpleNamespace(judge=str(JUDGE), ref=str(tmp_path / "ref.npz"))
+    module, net, held_out = G.load_judge(args, A.Config(resolution=8), torch.device("cpu"))
+    return module, net, held_out, A.prepare(images[:16], 8)
+
+
+def test_the_judge_with_stored_features_scores_as_judge_score(tmp_path):
+    module, net, held_out, S = small_judge(tmp_path)
+    judge = G.judge_for((module, net, held_out), S)
+    samples = G.as_judged(S[:6] + 0.3 * torch.randn(6, 3, 8, 8, generator=gen(41)))
+    assert judge.score(samples) == module.score(G.as_judged(S), samples, held_out, net=net)
+    assert G.as_judged(S).shape == (16, 32, 32, 3)  # 8x8 upsampled (nearest) to the judge's 32x32
+
+
+def test_table1_trains_samples_and_scores_the_trio_at_each_checkpoint(tmp_path, capsys):
+    """The whole command at toy size on the CPU, within a budget, the judge included."""
+    np.savez(tmp_path / "ref.npz", images=np.load(TRAIN_NPZ)["images"][-8:])
+    out = tmp_path / "t1"
+    report = G.table1(
         [
             "--data",
-            "demo",
+            str(TRAIN_NPZ),
+            "--n",
+            "12",
             "--preset",
             "tiny",
             "--resolution",
             "8",
             "--batch",
-            "16",
+            "8",
             "--sample-batch",
-            "8",
+            "4",
             "--samples",
-            "8",
+            "4",
             "--iters",
             "2",
+            "--checkpoints",
+            "2",
+            "--steps",
+            "2",
             "--budget-s",
-            "600",
+            "3600",
+            "--measure-s",
+            "0.1",
             "--device",
             "cpu",
             "--out",
-            str(tmp_path),
+            str(out),
+            "--judge",
+            str(JUDGE),
+            "--ref",
+            str(tmp_path / "ref.npz"),
         ]
     )
-    report = json.loads((tmp_path / "table1.json").read_text())
-    assert report["plan"]["iters"] == 2 and report["plan"]["share"] == 32 / G.PAPER_IMAGES
+    printed = capsys.readouterr().out
+    assert "measuring speed" in printed and "s in all" in printed
+    assert [r["images"] for r in report["checkpoints"]] == [8, 16] and report["plan"]["iters"] == 2
+    for r in report["checkpoints"]:
+        assert set(r["models"]) == {"ddpm", "released", "x0"}
+        assert all(
+            np.isfinite(s["judge_fd_judge"]) and 0 <= s["judge_sim>0.95"] <= 1
+            for s in r["models"].values()
+        )
+    configs = {
+        m: json.loads((out / m / "config.json").read_text()) for m in ("ddpm", "released", "x0")
+    }
     assert (
-        set(report["scores"]["runs"]) == {"ddpm", "ambient-0.4"} and report["wall_s"]["total"] > 0
+        configs["ddpm"]["sigma_tn"] == 0
+        and configs["x0"]["sigma_tn"] == configs["released"]["sigma_tn"] == 0.4
     )
-    assert "% of the paper's" in capsys.readouterr().out and (tmp_path / "table1.md").is_file()
-    for run in ("ddpm", "ambient-0.4"):
-        assert json.loads((tmp_path / run / "config.json").read_text())["n"] == 300
+    assert (configs["released"]["ambient_weight"], configs["x0"]["ambient_weight"]) == (
+        "released",
+        "x0",
+    )
+    subsets = {(out / m / "indices.json").read_text() for m in configs}
+    assert len(subsets) == 1 and len(json.loads(subsets.pop())) == 12  # one subset for the three
+    for m in configs:
+        assert torch.load(out / m / "checkpoint.pt", weights_only=False)["step"] == 2
+        assert (out / m / "samples-000000008.npz").is_file() and (
+            out / m / "ema-000000016.pt"
+        ).is_file()
+    assert (out / "table1.png").is_file() and "fd_judge" in (out / "table1.md").read_text()
+
+
+def cli(argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        G.main(argv)
+    return exit_.value.code, capsys.readouterr()
+
+
+def test_the_command_line_edges(tmp_path, capsys, monkeypatch):
+    code, printed = cli(["--help"], capsys)
+    assert (
+        code == 0 and "repro_gpu.py train" in printed.out and "repro_gpu.py table1" in printed.out
+    )
+    monkeypatch.setattr(G, "measure", lambda *a: pytest.fail("measured before checking the input"))
+    for budget in ("-1", "0"):
+        code, printed = cli(["table1", "--budget-s", budget, "--device", "cpu"], capsys)
+        assert code == 2 and printed.err.count("\n") == 1 and "--budget-s" in printed.err
+    code, printed = cli(
+        ["table1", "--budget-s", "60", "--data", "missing.npz", "--device", "cpu"], capsys
+    )
+    assert code == 2 and "missing.npz" in printed.err and printed.err.count("\n") == 1
+    code, printed = cli(
+        ["table1", "--budget-s", "60", "--data", "demo", "--judge", "nowhere"], capsys
+    )
+    assert code == 2 and "judge.py" in printed.err
+    (tmp_path / "table1.json").write_text("{}")  # a finished trio is not overwritten
+    code, printed = cli(["table1", "--budget-s", "60", "--out", str(tmp_path)], capsys)
+    assert code == 2 and "already holds" in printed.err
+    monkeypatch.undo()  # a budget shorter than the measurement: refused before a training step
+    code, printed = cli(
+        [
+            "table1",
+            "--budget-s",
+            "0.01",
+            "--data",
+            "demo",
+            "--device",
+            "cpu",
+            "--preset",
+            "tiny",
+            "--resolution",
+            "8",
+            "--out",
+            str(tmp_path / "t"),
+        ],
+        capsys,
+    )
+    assert code == 2 and "measuring speed alone would take" in printed.err
