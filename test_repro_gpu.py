@@ -47,7 +47,7 @@ def test_two_process_ddp_step_equals_single_process_step(tmp_path):
                         "repro_gpu.py", "train", *args, "--out", str(tmp_path / "two")], capture_output=True, text=True,
                        cwd=Path(A.__file__).parent, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
-    one, two = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=False) for d in ("one", "two"))
+    one, two = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=True) for d in ("one", "two"))
     assert torch.equal(one["S_tn"], two["S_tn"]) and two["step"] == 3
     assert all(torch.allclose(one["net"][k], two["net"][k], rtol=1e-4, atol=1e-6) for k in one["net"])
 
