@@ -19,9 +19,12 @@ import copy
 import json
 import math
 import os
+import pickle
+import reprlib
 import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -298,6 +301,7 @@ def loss_weight(sigma_t, sigma_tn, kind="released"):
 # 4. Data: images as uint8 (N, H, W, 3) -> float tensors in [-1, 1], shape (N, 3, H, W).
 # ------------------------------------------------------------------------------------------------
 DEMO_FILE = Path(__file__).with_name("cifar10_demo.npz")
+DEFAULT_MAX = 64  # the largest side trained without --resolution: the paper's FFHQ and ImageNet
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 
 
@@ -315,18 +319,32 @@ def load_images(spec, data_dir="data"):
     if path.suffix == ".npz" and path.is_file():
         try:
             with np.load(path) as f:
+                check_memory(f.zip.getinfo("images.npy").file_size, path)  # read before unpacking
                 images = f["images"]
-                labels = f["labels"].astype(np.int64) if "labels" in f.files else None
+                labels = f["labels"] if "labels" in f.files else None
+        except UserError:
+            raise
         except Exception as e:  # not a zip archive, damaged, or no 'images' key
             raise UserError(
                 f"cannot read images from {path} ({type(e).__name__}): it must be a NumPy .npz "
                 "archive with a uint8 array 'images' of shape N x H x W x 3"
             ) from None
-        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        if (
+            images.dtype != np.uint8
+            or images.ndim != 4
+            or images.shape[3] != 3
+            or 0 in images.shape
+        ):
             raise UserError(
                 f"{path}: 'images' is {images.dtype} {images.shape}; expected uint8 N x H x W x 3"
             )
-        return images, labels
+        if labels is not None and (
+            labels.dtype.kind not in "iu" or labels.shape != images.shape[:1] or labels.min() < 0
+        ):
+            raise UserError(
+                f"{path}: 'labels' is {labels.dtype} {labels.shape}; expected an int >= 0 per image"
+            )
+        return images, None if labels is None else labels.astype(np.int64)
     if path.suffix or os.sep in spec:
         raise UserError(f"cannot read --data {spec}: no such .npz file or image folder")
     raise UserError(
@@ -357,21 +375,57 @@ def load_cifar10(data_dir):
     return np.asarray(ds.data), np.asarray(ds.targets, dtype=np.int64)
 
 
-def load_image_folder(path):
+def available_memory():  # Linux's MemAvailable (free and reclaimable); elsewhere no estimate
+    try:
+        return int(Path("/proc/meminfo").read_text().split("MemAvailable:")[1].split()[0]) * 1024
+    except (OSError, IndexError, ValueError):
+        return math.inf
+
+
+def check_memory(nbytes, source):
+    """Refuses, before reading them, uint8 images of nbytes that do not fit with a float32 copy."""
+    if 5 * nbytes > available_memory():
+        raise UserError(
+            f"{source} holds {nbytes / 1e9:.1f} GB of pixels, {5 * nbytes / 1e9:.1f} GB with their "
+            f"float32 copy, and {available_memory() / 1e9:.1f} GB of memory is free: use fewer or "
+            "smaller images"
+        )
+
+
+def open_image(file, read=False):
+    """An image's (width, height) from its header, or with read=True its RGB pixels. PIL's
+    decompression-bomb warning (over 89M pixels) is an error here, raised before any decoding."""
     from PIL import Image
 
-    files = sorted(
-        p for p in path.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".webp")
-    )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(file) as im:
+                return np.asarray(im.convert("RGB")) if read else im.size
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+        raise UserError(
+            f"{file} has more than {Image.MAX_IMAGE_PIXELS:,} pixels, PIL's decompression-bomb "
+            f"limit: downscale it first (the presets train at {DEFAULT_MAX}x{DEFAULT_MAX} or less)"
+        ) from None
+    except Exception as e:  # missing, empty, truncated, not an image: PIL raises many kinds
+        raise UserError(f"cannot read image {file} ({type(e).__name__}: {str(e)[:120]})") from None
+
+
+def load_image_folder(path):
+    """The folder's images, read one at a time into one array once their headers say it fits."""
+    suffixes = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+    files = sorted(p for p in path.iterdir() if p.suffix.lower() in suffixes)
     if not files:
         raise UserError(f"no .png/.jpg/.jpeg/.bmp/.webp images in folder {path}")
-    try:
-        images = [np.asarray(Image.open(f).convert("RGB")) for f in files]
-    except OSError as e:
-        raise UserError(f"cannot read image in {path}: {e}") from None
-    if len({im.shape for im in images}) > 1:
+    sizes = {open_image(f) for f in files}
+    if len(sizes) > 1:
         raise UserError(f"images in {path} differ in size; resize them to one size first")
-    return np.stack(images)
+    w, h = sizes.pop()
+    check_memory(len(files) * h * w * 3, path)
+    images = np.empty((len(files), h, w, 3), np.uint8)
+    for i, f in enumerate(files):
+        images[i] = open_image(f, read=True)
+    return images
 
 
 def prepare(images, resolution=None):
@@ -508,6 +562,8 @@ class Algorithm1:
             S_tn = saved["S_tn"]
         else:
             S_tn = make_noisy_copies(S.cpu(), vp_from_edm(self.cfg.sigma_tn), self.cfg.seed)
+        if S_tn.shape != S.shape:
+            raise UserError(f"--resume: the saved S_tn is {tuple(S_tn.shape)}, S {tuple(S.shape)}")
         self.S = S
         self.S_tn = S_tn.to(S.device)
 
@@ -629,6 +685,43 @@ def save_checkpoint(state, method, cfg, path):
     os.replace(str(path) + ".tmp", path)
 
 
+# what --resume reads, and its type
+RESUME_KEYS = dict(net=dict, ema=dict, opt=dict, step=int, rng=torch.Tensor, S_tn=torch.Tensor)
+
+
+def load_checkpoint(path, device="cpu", need=None, fix="restore it from a copy"):
+    """A checkpoint this project wrote: tensors and plain values only (weights_only), so that a
+    shared file runs no code; one that asks for any other Python object is refused unread.
+    `need`: the keys the caller reads, and their types (default: the EMA weights)."""
+    need = need or dict(ema=dict)
+    try:
+        with warnings.catch_warnings():  # torch warns of odd pickle protocols: a damaged file
+            warnings.simplefilter("ignore")
+            saved = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "GLOBAL" not in str(e):  # random bytes also fail the restricted unpickler
+            raise UserError(f"{path} is damaged (UnpicklingError); {fix}") from None
+        raise UserError(
+            f"{path} is not a checkpoint this project wrote: it holds Python objects beyond "
+            "tensors and plain values (which could run code), so it was not loaded"
+        ) from None
+    except Exception as e:  # truncated, empty, not a checkpoint, RecursionError: nested too deep
+        why = f"{type(e).__name__}: {str(e).strip()[:100]}"
+        raise UserError(f"{path} is damaged ({why}); {fix}") from None
+    saved = saved if isinstance(saved, dict) else {}
+    wrong = [k for k, kind in need.items() if not isinstance(saved.get(k), kind)]
+    values = [
+        v
+        for k in need
+        for v in (saved[k].values() if isinstance(saved.get(k), dict) else [saved.get(k)])
+    ]
+    finite = all(v.isfinite().all() for v in values if torch.is_tensor(v) and v.is_floating_point())
+    if wrong or not finite:
+        what = f"no {wrong[0]} {need[wrong[0]].__name__}" if wrong else "it holds NaN or inf"
+        raise UserError(f"{path} is not a checkpoint this project wrote ({what}); {fix}")
+    return saved
+
+
 def training_state(net, cfg, pixels, saved=None):
     """A fresh TrainState for `net`, or the one a checkpoint (`saved`) holds."""
     device = next(net.parameters()).device
@@ -639,7 +732,8 @@ def training_state(net, cfg, pixels, saved=None):
         torch.Generator(device).manual_seed(cfg.seed + 2),
     )
     if saved is not None:
-        if saved["rng"].numel() != state.gen.get_state().numel():
+        rng = saved["rng"]
+        if rng.dtype != torch.uint8 or rng.numel() != state.gen.get_state().numel():
             raise UserError(
                 "--resume: the checkpoint's random state is from another device type; resume on it"
             )
@@ -647,12 +741,12 @@ def training_state(net, cfg, pixels, saved=None):
             net.load_state_dict(saved["net"])
             state.ema.load_state_dict(saved["ema"])
             state.opt.load_state_dict(saved["opt"])
-        except (RuntimeError, ValueError):
+        except (RuntimeError, ValueError, KeyError, TypeError):
             raise UserError(
                 "--resume: the checkpoint holds another network; "
                 "resume it with the script that trained it"
             ) from None
-        state.gen.set_state(saved["rng"].cpu())
+        state.gen.set_state(rng.cpu())
         if "dropout_rng" in saved:  # runs before 763cef1 have none
             global_rng(device, saved["dropout_rng"])
         state.step = saved["step"]
@@ -919,9 +1013,28 @@ class Config:
     # What runs before 763cef1 used where their config.json lacks a key.
     LEGACY = dict(ambient_weight="x0", optimizer="adamw", dropout=0.0, lr_rampup=0.0)
     # The smallest value each number may take.
-    LOWEST = dict(iters=0, lr_rampup=0, n=2)
+    LOWEST = dict(iters=0, lr=0, lr_rampup=0, n=2)
     LOWEST.update(dict.fromkeys(["batch", "samples", "steps", "sample_batch", "resolution"], 1))
     LOWEST.update(log_every=1, ckpt_every=1)
+    KINDS = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
+
+    def __post_init__(self):
+        """Each setting has its type, whether from the command line or a config.json."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type is float and type(value) is int:
+                value = float(value)
+                setattr(self, f.name, value)
+            if value is None and f.default is None:
+                continue
+            number = f.type in (int, float)
+            # abs(value) < 2**31 is False for NaN, inf and numbers too large for any setting
+            if type(value) is not f.type or (number and not abs(value) < 2**31):
+                kind = self.KINDS.get(f.type, f.type.__name__) + " below 2^31" * number
+                raise UserError(f"{f.name} {reprlib.repr(value)} is not {kind}")
+            choices = f.metadata.get("choices")
+            if choices and value not in choices:
+                raise UserError(f"{f.name} {value!r} is not one of {', '.join(map(str, choices))}")
 
     def saved(self):
         return {
@@ -929,10 +1042,20 @@ class Config:
         }
 
     @classmethod
-    def from_saved(cls, saved):
-        """A run's config.json: unknown keys dropped, missing ones LEGACY's or the default."""
-        known = {f.name for f in fields(cls)}
-        return cls(**{**cls.LEGACY, **{k: v for k, v in saved.items() if k in known}})
+    def from_saved(cls, saved, file="config.json"):
+        """A run's config.json, typed and checked. Keys of other scripts' Configs are left out; a
+        missing key is LEGACY's or the default (older runs lack newer ones), except data and
+        resolution, which every run has written."""
+        known = {f.name for f in fields(cls) if f.metadata.get("saved", True)}
+        try:
+            missing = [k for k in ("data", "resolution") if saved.get(k) is None]
+            if missing:
+                raise UserError(f"it has no {missing[0]}")
+            cfg = cls(**{**cls.LEGACY, **{k: v for k, v in saved.items() if k in known}})
+            cfg.check()
+        except UserError as e:
+            raise UserError(f"{file}: {e}; restore the run's own config.json") from None
+        return cfg
 
     def differences(self, other):
         """The same_run keys that differ; a dataset is compared by its resolved path."""
@@ -1006,14 +1129,21 @@ def pick_device(name):
 
 
 def check_resolution(cfg, images):
-    """Fills in the config's resolution (default: the images') once it fits images and network."""
+    """Fills in the config's resolution (default: the images' side, up to DEFAULT_MAX) once it
+    fits the images and the network."""
     h, w = images.shape[1:3]
     step = 2 ** (len(PRESETS[cfg.preset]["mults"]) - 1)  # the U-Net halves the side this often
-    cfg.resolution = cfg.resolution or h
     if h != w:
         raise UserError(
             f"the images are {h}x{w}: the network takes square images; crop them to a square first"
         )
+    if cfg.resolution is None and h > DEFAULT_MAX:
+        raise UserError(
+            f"the images are {h}x{w}, larger than the {DEFAULT_MAX}x{DEFAULT_MAX} the presets were "
+            f"made for: pass --resolution {DEFAULT_MAX // step * step} to downsample them (or a "
+            "larger side)"
+        )
+    cfg.resolution = cfg.resolution or h
     if cfg.resolution > h or cfg.resolution % step:
         nearest = min(h // step, max(1, round(cfg.resolution / step))) * step
         raise UserError(
@@ -1023,13 +1153,20 @@ def check_resolution(cfg, images):
 
 
 def read_config(folder):
+    """A run's config.json as a dict (from_saved types and checks it)."""
+    file = Path(folder) / "config.json"
     try:
-        return json.loads((Path(folder) / "config.json").read_text())
-    except (OSError, ValueError) as e:
+        saved = json.loads(file.read_text())
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: nested too deep
         raise UserError(
-            f"cannot read {Path(folder) / 'config.json'} ({type(e).__name__}); "
-            "restore it, or start anew"
+            f"cannot read {file} ({type(e).__name__}): restore it or start anew"
         ) from None
+    if not isinstance(saved, dict):
+        raise UserError(
+            f"{file} holds {reprlib.repr(saved)}, not a JSON object of settings; restore it or "
+            "start anew"
+        )
+    return saved
 
 
 def open_run(cfg, out, device):
@@ -1044,7 +1181,7 @@ def open_run(cfg, out, device):
         raise UserError(
             f"--resume: no checkpoint at {out / 'checkpoint.pt'}; drop --resume to start fresh"
         )
-    saved = type(cfg).from_saved(read_config(out))
+    saved = type(cfg).from_saved(read_config(out), out / "config.json")
     if saved.differences(cfg):
         differences = ", ".join(
             f"{k}: {getattr(saved, k)!r} there, {getattr(cfg, k)!r} here"
@@ -1054,13 +1191,9 @@ def open_run(cfg, out, device):
             f"--resume: {out} was trained with a different config ({differences}); "
             "repeat the original flags or use another --out"
         )
-    try:
-        return torch.load(out / "checkpoint.pt", map_location=device, weights_only=False)
-    except Exception as e:  # truncated or empty: a failed copy or disk, not a run killed mid-write
-        raise UserError(
-            f"--resume: {out / 'checkpoint.pt'} is damaged ({type(e).__name__}); restore it from a "
-            "backup, or start again without --resume in another --out"
-        ) from None
+    # damaged: a copy or a disk that failed, not a run killed mid-write (checkpoints are atomic)
+    fix = "restore it from a backup, or start again without --resume in another --out"
+    return load_checkpoint(out / "checkpoint.pt", device, RESUME_KEYS, fix)
 
 
 def run(cfg, method, make_step=eager_step, main_process=True):

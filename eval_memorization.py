@@ -266,11 +266,11 @@ def find_dataset(path, cfg, args):
     "data" as written, from the current folder; else from each folder above the run (older runs wrote
     the path as typed, relative to where ambient.py ran)."""
     data_dir = args.data_dir or find_data_dir(path, cfg)
-    if args.train or cfg["data"] in ("cifar", "demo"):
-        return args.train or cfg["data"], data_dir
-    data = Path(cfg["data"])
+    if args.train or cfg.data in ("cifar", "demo"):
+        return args.train or cfg.data, data_dir
+    data = Path(cfg.data)
     places = (
-        ([Path(cfg["data_path"])] if cfg.get("data_path") else [])
+        ([Path(cfg.data_path)] if cfg.data_path else [])
         + [data]
         + [p / data for p in path.resolve().parents]
     )
@@ -278,7 +278,7 @@ def find_dataset(path, cfg, args):
         if place.exists():
             return str(place.resolve()), data_dir
     raise UserError(
-        f"{path} was trained on {cfg['data']}, which is not at {cfg.get('data_path') or cfg['data']} from "
+        f"{path} was trained on {cfg.data}, which is not at {cfg.data_path or cfg.data} from "
         f"{Path.cwd()} nor under a folder above {path.resolve()}; pass --train PATH (that .npz or image folder)"
     )
 
@@ -286,7 +286,7 @@ def find_dataset(path, cfg, args):
 def find_data_dir(path, cfg):
     """Where cifar lives for a run: its data_dir if that holds CIFAR-10 from here or from a folder above the
     run, else data_dir as written (ambient.py's loader then downloads there or says what to place)."""
-    data_dir = Path(cfg.get("data_dir", "data"))
+    data_dir = Path(cfg.data_dir)
     for place in [data_dir] + [p / data_dir for p in path.resolve().parents]:
         if (place / "cifar-10-batches-py").is_dir() or (
             place / A.CIFAR_URL.rsplit("/", 1)[1]
@@ -298,52 +298,70 @@ def find_data_dir(path, cfg):
 def read_json(file, what):
     try:
         return json.loads(file.read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read {file} ({first_line(e)}); {what}")
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: nested beyond reason
+        raise UserError(f"cannot read {file} ({first_line(e)[:120]}); {what}") from None
+
+
+def read_samples(file, resolution, fix):
+    """uint8 images N x resolution x resolution x 3 from an .npz ambient.py or eval wrote."""
+    try:
+        samples = A.load_images(str(file))[0]
+    except UserError as e:
+        raise UserError(f"{e}; {fix}") from None
+    if samples.shape[1:3] != (resolution, resolution):
+        raise UserError(
+            f"{file} holds {samples.shape[1]}x{samples.shape[2]} images and the run was trained at "
+            f"{resolution}x{resolution}; {fix}"
+        )
+    return samples
 
 
 def load_run(path, args, log):
     """A run folder -> training images, reference spec, config, and its samples ([-1, 1] tensors), or
     'generate', which draws them from the checkpoint once the networks are known to be there."""
-    cfg = read_json(path / "config.json", "ambient.py writes it when a run starts; restore it")
+    cfg = run_config(path)
     spec, data_dir = find_dataset(path, cfg, args)
     dataset = A.load_images(spec, data_dir)[0]
-    indices = read_json(path / "indices.json", f"is {path} a run folder from ambient.py?")
-    if max(indices, default=-1) >= len(dataset):
+    if cfg.resolution > dataset.shape[1]:
         raise UserError(
-            f"{path / 'indices.json'} points past the {len(dataset)} images of {spec}; "
-            "pass --train with the dataset the run was trained on"
+            f"{path} was trained at {cfg.resolution}x{cfg.resolution} and {spec} holds {dataset.shape[1]}x"
+            f"{dataset.shape[2]} images; pass --train with the dataset the run was trained on"
         )
-    samples, want = run_samples(path, args)
+    indices = read_json(path / "indices.json", f"is {path} a run folder from ambient.py?")
+    if not isinstance(indices, list) or not all(
+        type(i) is int and 0 <= i < len(dataset) for i in indices or [-1]
+    ):
+        raise UserError(
+            f"{path / 'indices.json'} is not a list of image numbers within the {len(dataset)} images of "
+            f"{spec}; pass --train with the dataset the run was trained on"
+        )
+    samples, want = run_samples(path, args, cfg.resolution)
     run = dict(
         samples=samples,
-        train=A.prepare(dataset[indices], cfg["resolution"]),
+        train=A.prepare(dataset[indices], cfg.resolution),
         ref_spec=args.ref or spec,
         ref_dir=data_dir,
-        resolution=cfg["resolution"],
+        resolution=cfg.resolution,
         indices=indices,
-        data=cfg["data"],
-        train_key=[spec, str(Path(data_dir).resolve()), cfg["resolution"], indices],
-        sigma_tn=cfg.get("sigma_tn"),
-        method=cfg.get("method", "algorithm1"),
-        mask_p=cfg.get("mask_p"),
+        data=cfg.data,
+        train_key=[spec, str(Path(data_dir).resolve()), cfg.resolution, indices],
+        sigma_tn=cfg.sigma_tn,
+        method=cfg.method,
+        mask_p=getattr(cfg, "mask_p", None),
     )
     if samples is None:
         run["generate"] = lambda: A.prepare(generate_for(path, cfg, want, args, log)[:want])
     return run
 
 
-def run_samples(path, args):
+def run_samples(path, args, resolution):
     """(samples.npz's first --samples images, how many are wanted); None when the checkpoint must make
     them, after checking now that it can, so that a damaged file is reported before any network loads."""
     samples = None
     if (path / "samples.npz").is_file():
-        try:
-            samples = np.load(path / "samples.npz")["images"]
-        except Exception as e:
-            raise UserError(
-                f"cannot read {path / 'samples.npz'} ({first_line(e)}); pass --samples N to draw N afresh"
-            )
+        samples = read_samples(
+            path / "samples.npz", resolution, "pass --samples N to draw N afresh"
+        )
     if samples is None and not args.samples:
         raise UserError(
             f"{path} has no samples.npz; pass --samples N to generate N from its checkpoint"
@@ -364,28 +382,42 @@ def checkpoint_weights(path, count, have=0):
         raise UserError(
             f"{path} has no checkpoint.pt to generate {count} samples from{instead or '; lower --samples'}"
         )
-    try:
-        return torch.load(checkpoint, map_location="cpu", weights_only=False)["ema"]
-    except Exception as e:  # truncated, empty, not a checkpoint: the same advice
-        raise UserError(
-            f"{checkpoint} is damaged ({type(e).__name__}: {first_line(e)[:120]}) and {count} samples "
-            f"need it; restore it from a copy or re-train the run{instead}"
-        )
+    return A.load_checkpoint(
+        checkpoint,
+        fix=f"{count} samples need it; restore it from a copy or re-train the run{instead}",
+    )["ema"]
 
 
-def method_of_run(path):
-    """The method object a run folder was trained with: Algorithm 1 (ambient.py), a baseline
-    (baselines.py) or the class-conditional model (conditional.py), from its config.json."""
+def run_config(path):
+    """A run folder's config.json, typed and checked by the Config of the script that wrote it:
+    ambient.py, baselines.py (a method other than algorithm1) or conditional.py (num_classes)."""
     import baselines
     import conditional
 
     saved = A.read_config(path)
-    if saved.get("method", "algorithm1") != "algorithm1":
-        cfg = baselines.Config.from_saved(saved)
+    kind = (
+        baselines.Config
+        if saved.get("method", "algorithm1") != "algorithm1"
+        else conditional.Config
+        if saved.get("num_classes")
+        else A.Config
+    )
+    return kind.from_saved(saved, path / "config.json")
+
+
+def method_of_run(path):
+    """The method object a run folder was trained with, from its config.json."""
+    import baselines
+    import conditional
+
+    cfg = run_config(path)
+    if isinstance(cfg, baselines.Config):
         return baselines.METHODS[cfg.method](cfg)
-    if saved.get("num_classes"):
-        return conditional.ClassConditional(conditional.Config.from_saved(saved))
-    return A.Algorithm1(A.Config.from_saved(saved))
+    return (
+        conditional.ClassConditional(cfg)
+        if isinstance(cfg, conditional.Config)
+        else A.Algorithm1(cfg)
+    )
 
 
 def generate_for(path, cfg, count, args, log):
@@ -393,7 +425,7 @@ def generate_for(path, cfg, count, args, log):
     run's sampler and steps (Heun with 40 steps, the authors' released setting, where config lacks them)."""
     out = path / f"eval-samples-{count}.npz"
     if out.is_file():
-        return np.load(out)["images"]
+        return read_samples(out, cfg.resolution, f"delete it to draw the {count} samples again")
     method = method_of_run(path)
     ema = method.network()  # a mask-aware network for masking runs, as config.json describes it
     try:
@@ -406,8 +438,8 @@ def generate_for(path, cfg, count, args, log):
     ema = ema.to(args.device).eval()
     log(f"{path.name}: generating {count} samples from its checkpoint")
     bf16 = (
-        cfg.get("precision") == "bf16"
-    )  # as the run sampled its own samples.npz (repro_gpu.py --precision)
+        A.read_config(path).get("precision") == "bf16"
+    )  # as the run sampled its samples.npz (repro_gpu.py --precision)
     with torch.autocast(args.device.type, torch.bfloat16, enabled=bf16):
         x = method.generate(ema, count, log)
     images = ((x + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()

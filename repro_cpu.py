@@ -149,9 +149,7 @@ def load_run(name):
     d = RUNS / name
     cfg = json.loads((d / "config.json").read_text())
     model = method_of_run(d).network()
-    model.load_state_dict(
-        torch.load(d / "checkpoint.pt", map_location="cpu", weights_only=False)["ema"]
-    )
+    model.load_state_dict(ambient.load_checkpoint(d / "checkpoint.pt")["ema"])
     return model.eval(), cfg, json.loads((d / "metrics.json").read_text())
 
 
@@ -374,8 +372,8 @@ def fig3(args):
         lines.append(f"| {s:g} | " + " | ".join(cells) + " |")
     # Closed-form optima for comparison: the empirical denoisers (DDPM's optimum) on 16 and on 800 images,
     # and Lemma 4.1's optimum of Eq. 6 on the 16 fixed noisy copies of the Algorithm 1 run (above sigma_tn).
-    S_tn = torch.load(
-        RUNS / run_name(DEMO_SIGMA_TN) / "checkpoint.pt", map_location="cpu", weights_only=False
+    S_tn = ambient.load_checkpoint(
+        RUNS / run_name(DEMO_SIGMA_TN) / "checkpoint.pt", need=dict(S_tn=torch.Tensor)
     )["S_tn"]
     optima = [
         (f"empirical, {N} images", ambient.empirical_denoiser(subset)),
@@ -534,8 +532,8 @@ def weights(args):
     train_missing([job], args.parallel)
     model, cfg, _ = load_run(run_name(*job))
     model.requires_grad_(True)
-    S_tn = torch.load(
-        RUNS / run_name(*job) / "checkpoint.pt", map_location="cpu", weights_only=False
+    S_tn = ambient.load_checkpoint(
+        RUNS / run_name(*job) / "checkpoint.pt", need=dict(S_tn=torch.Tensor)
     )["S_tn"]
     subset, s_n = data()[1], torch.tensor(ambient.vp_from_edm(DEMO_SIGMA_TN))
     lines = [
@@ -602,6 +600,10 @@ if __name__ == "__main__":
     )
     args = p.parse_args()
     torch.set_num_threads(2)
-    {"demo": demo, "sweep": sweep, "fig3": fig3, "table2": table2, "weights": weights}[
-        args.command
-    ](args)
+    try:
+        {"demo": demo, "sweep": sweep, "fig3": fig3, "table2": table2, "weights": weights}[
+            args.command
+        ](args)
+    except ambient.UserError as e:  # a damaged run or checkpoint in runs/cpu: one line
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

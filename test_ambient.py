@@ -545,7 +545,7 @@ def test_tiny_preset_trains_with_falling_loss_and_checkpoint_reproduces_samples(
     assert (fixed_batch_losses() < before).all()  # lower on every one of them
     x = A.sample(ema, A.initial_noise((4, 3, 16, 16), 5), steps=6)
     assert torch.isfinite(x).all() and x.abs().max() < 5  # data in [-1, 1]: no blow-up
-    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert state["step"] == 40 and torch.equal(state["S_tn"], S_tn)
     loaded = A.Denoiser(16, "tiny")
     loaded.load_state_dict(state["ema"])
@@ -635,7 +635,7 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path):
     A.main(TINY + ["--iters", "3", "--dropout", "0.2", "--out", str(tmp_path / "part")])
     A.main(TINY + ["--iters", "6", "--dropout", "0.2", "--out", str(tmp_path / "part"), "--resume"])
     full, part = (
-        torch.load(tmp_path / d / "checkpoint.pt", weights_only=False) for d in ("full", "part")
+        torch.load(tmp_path / d / "checkpoint.pt", weights_only=True) for d in ("full", "part")
     )
     assert part["step"] == 6 and torch.equal(full["S_tn"], part["S_tn"])
     for key in ("net", "ema"):  # the trained and the averaged weights, bit for bit
@@ -814,7 +814,7 @@ def test_a_non_finite_step_stops_the_run_and_keeps_the_last_good_checkpoint(
         capsys,
     )
     assert f"not finite from step {named} on" in err
-    state = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=False)
+    state = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)
     assert state["step"] == kept
     assert all(torch.isfinite(v).all() for part in ("net", "ema") for v in state[part].values())
 
@@ -865,7 +865,7 @@ def test_sigterm_keeps_the_checkpoint_and_says_how_to_resume(tmp_path):
     p.send_signal(signal.SIGTERM)
     err = p.communicate(timeout=60)[1]
     assert p.returncode != 0 and "continue with --resume" in err and "Traceback" not in err
-    assert torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=False)["step"] >= 1
+    assert torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)["step"] >= 1
 
 
 def test_cli_error_has_no_traceback_in_a_real_process():
@@ -891,5 +891,5 @@ def test_every_flag_is_explained_in_help():
 def test_first_training_step_leaves_the_ema_equal_to_the_network(tmp_path):
     """The EMA's half-life counts images seen before a step, as in EDM: zero at the first step."""
     A.main(TINY + ["--iters", "1", "--samples", "1", "--out", str(tmp_path / "r")])
-    state = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=False)
+    state = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)
     assert all(torch.equal(state["ema"][k], state["net"][k]) for k in state["net"])

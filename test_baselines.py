@@ -258,7 +258,7 @@ def test_masking_runs_from_the_command_line(tmp_path, capsys):
     )
     cfg = json.loads((tmp_path / "r" / "config.json").read_text())
     assert (cfg["mask_p"], cfg["mask_delta"], cfg["sigma_tn"]) == (0.4, 0.1, 0.0)
-    state = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=False)
+    state = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)
     assert torch.equal(state["masks"], B.make_masks((16, 3, 16, 16), 0.4, seed=3))
     # the run stored no hidden pixel
     assert torch.equal(state["S_tn"], state["S_tn"] * state["masks"])

@@ -72,7 +72,7 @@ def test_two_process_ddp_step_equals_single_process_step(tmp_path):
     )
     assert r.returncode == 0, r.stderr[-2000:]
     one, two = (
-        torch.load(tmp_path / d / "checkpoint.pt", weights_only=False) for d in ("one", "two")
+        torch.load(tmp_path / d / "checkpoint.pt", weights_only=True) for d in ("one", "two")
     )
     assert torch.equal(one["S_tn"], two["S_tn"]) and two["step"] == 3
     assert all(

@@ -1,0 +1,419 @@
+"""Inputs from elsewhere: a shared checkpoint runs no code, config.json is read through the typed
+Config, image sizes are bounded, and generated damaged files give one line and exit code 2 at every
+entry point (ambient.py, baselines.py, conditional.py, repro_gpu.py train, eval_memorization.py;
+repro_cpu.py's checkpoint reading), writing nothing. FUZZ_EXAMPLES=500 runs the fuzz longer."""
+
+import json
+import os
+import shlex
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import array_shapes, arrays
+from PIL import Image
+
+import ambient as A
+import baselines
+import conditional
+import eval_memorization as E
+import repro_cpu
+import repro_gpu
+
+TINY = [
+    "--data",
+    "demo",
+    "--n",
+    "16",
+    "--preset",
+    "tiny",
+    "--resolution",
+    "8",
+    "--batch",
+    "8",
+    "--samples",
+    "4",
+    "--iters",
+    "1",
+    "--device",
+    "cpu",
+]
+TRAINERS = {  # each entry point that trains, with the flags that make its config valid
+    "ambient": A.main,
+    "baselines": lambda argv: baselines.main(argv + ["--method", "masking", "--mask-p", "0.4"]),
+    "conditional": conditional.main,
+    "repro_gpu": lambda argv: repro_gpu.main(["train"] + argv),
+}
+FUZZ = settings(
+    max_examples=int(os.environ.get("FUZZ_EXAMPLES", 12)),
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=list(HealthCheck),
+)
+
+
+def files_in(folder):
+    return {p: p.lstat().st_mtime_ns for p in Path(folder).rglob("*")}
+
+
+def one_line(main, argv, capsys, folder):
+    """main(argv) exits with code 2 and one line on stderr, and writes nothing under folder."""
+    before = files_in(folder)
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert files_in(folder) == before, err
+    return err
+
+
+# ---------------------------------------------------------------------------------------------
+# A checkpoint is loaded as weights only: a pickled callable is refused and never runs
+# ---------------------------------------------------------------------------------------------
+class Planted:
+    """Unpickling this calls os.system: what full unpickling (weights_only=False) would run."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {shlex.quote(str(self.marker))}",)
+
+
+def run_folder(folder, config, checkpoint):
+    """A run folder as ambient.py writes it: config.json, indices.json, 4 samples, checkpoint.pt."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config.saved()))
+    (folder / "indices.json").write_text(json.dumps(list(range(16))))
+    np.savez(folder / "samples.npz", images=np.zeros((4, 8, 8, 3), np.uint8))
+    torch.save(checkpoint, folder / "checkpoint.pt")
+    return folder
+
+
+def config_of(argv, kind=A.Config):
+    cfg = kind(**vars(A.build_parser(kind).parse_args(argv)))
+    cfg.check()
+    return cfg
+
+
+def eval_argv(run, tmp):
+    return [
+        str(run),
+        "--train",
+        "demo",
+        "--samples",
+        "6",
+        "--pixels-only",
+        "--out",
+        str(tmp / "out"),
+        "--cache-dir",
+        str(tmp / "cache"),
+        "--device",
+        "cpu",
+    ]
+
+
+@pytest.mark.parametrize(
+    "entry", ["ambient", "baselines", "conditional", "repro_gpu", "eval", "repro_cpu"]
+)
+def test_a_checkpoint_holding_a_pickled_callable_is_refused_and_the_callable_never_runs(
+    entry, tmp_path, capsys, monkeypatch
+):
+    marker = tmp_path / "ran"
+    Planted(marker).__reduce__()[0]("true")  # the call itself works here: only the loading stops it
+    kind = dict(
+        baselines=baselines.Config, conditional=conditional.Config, repro_gpu=repro_gpu.Config
+    )
+    extra = ["--method", "masking", "--mask-p", "0.4"] if entry == "baselines" else []
+    cfg = config_of(TINY + extra, kind.get(entry, A.Config))
+    net = A.Denoiser(8, "tiny").state_dict()
+    run = run_folder(tmp_path / "r", cfg, dict(net=net, ema=net, step=0, planted=Planted(marker)))
+    if entry == "repro_cpu":  # it reads the runs it trained, in runs/cpu
+        monkeypatch.setattr(repro_cpu, "RUNS", tmp_path)
+        with pytest.raises(A.UserError, match="not a checkpoint this project wrote"):
+            repro_cpu.load_run("r")
+    elif entry == "eval":
+        assert "not a checkpoint this project wrote" in one_line(
+            E.main, eval_argv(run, tmp_path), capsys, tmp_path
+        )
+    else:
+        err = one_line(TRAINERS[entry], TINY + ["--out", str(run), "--resume"], capsys, tmp_path)
+        assert "not a checkpoint this project wrote" in err and "could run code" in err
+    assert not marker.exists()
+
+
+def test_the_projects_own_checkpoints_load_as_weights_only(tmp_path):
+    """Everything a checkpoint holds (state dicts, step, RNG states, config, S_tn, masks) is a
+    tensor or a plain value: --resume and eval read it with weights_only=True."""
+    cfg = config_of(
+        TINY + ["--method", "masking", "--mask-p", "0.4", "--iters", "0"], baselines.Config
+    )
+    method = baselines.Masking(cfg)
+    S = A.prepare(np.load(A.DEMO_FILE)["images"][:16], 8)
+    method.use_data(S)
+    net = method.network()
+    state = A.training_state(net, cfg, S[0].numel())
+    A.train(method, state, cfg, tmp_path, log=lambda m: None)
+    saved = A.load_checkpoint(
+        tmp_path / "checkpoint.pt", need={**A.RESUME_KEYS, "masks": torch.Tensor}
+    )
+    assert saved["config"] == cfg.saved() and torch.equal(saved["masks"], method.masks)
+    A.training_state(method.network(), cfg, S[0].numel(), saved)  # --resume's use of it
+
+
+# ---------------------------------------------------------------------------------------------
+# config.json through the typed Config
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "change, named",
+    [
+        (dict(steps="forty"), "steps 'forty' is not an integer"),
+        (dict(sampler="rk4"), "sampler 'rk4' is not one of heun, euler"),
+        (dict(sigma_tn=float("nan")), "sigma_tn nan is not a number"),
+        (
+            dict(resolution=10**30),
+            "resolution 1000000000000000000000000000000 is not an integer below 2^31",
+        ),
+        (dict(flip="yes"), "flip 'yes' is not true or false"),
+        (dict(n=True), "n True is not an integer"),
+        (dict(batch=0), "--batch 0 must be at least 1"),
+        (dict(data=None), "it has no data"),
+        (dict(resolution=None), "it has no resolution"),
+    ],
+)
+def test_a_bad_setting_in_config_json_is_one_line_naming_key_and_file(change, named, tmp_path):
+    saved = {**config_of(TINY).saved(), **change}
+    with pytest.raises(A.UserError) as e:
+        A.Config.from_saved(saved, tmp_path / "config.json")
+    assert str(e.value).startswith(f"{tmp_path / 'config.json'}: {named}")
+
+
+def test_config_json_keys_missing_take_the_legacy_or_default_and_unknown_ones_are_left_out():
+    saved = {
+        "data": "demo",
+        "resolution": 8,
+        "steps": 18,
+        "num_classes": 10,
+    }  # num_classes: conditional.py's
+    cfg = A.Config.from_saved(saved)
+    assert (cfg.steps, cfg.sampler, cfg.ambient_weight, cfg.sigma_tn) == (18, "heun", "x0", 0.4)
+    assert isinstance(
+        A.Config.from_saved({**saved, "sigma_tn": 1}).sigma_tn, float
+    )  # JSON's 1 for 1.0
+
+
+@pytest.mark.parametrize(
+    "name, text, named",
+    [
+        ("config.json", json.dumps({**config_of(TINY).saved(), "steps": "forty"}), "steps 'forty'"),
+        (
+            "indices.json",
+            "[3, -1]",
+            "not a list of image numbers",
+        ),  # numpy would take -1 from the end
+        ("indices.json", "[800]", "within the 800 images"),
+        ("indices.json", '{"0": 1}', "not a list"),
+    ],
+)
+def test_a_hand_edited_run_file_stops_eval_with_one_line_naming_it(
+    name, text, named, tmp_path, capsys
+):
+    run = run_folder(tmp_path / "r", config_of(TINY), {"step": 0})
+    (run / name).write_text(text)
+    err = one_line(E.main, eval_argv(run, tmp_path), capsys, tmp_path)
+    assert str(run / name) in err and named in err
+
+
+# ---------------------------------------------------------------------------------------------
+# Image sizes: a bounded default resolution, PIL's bomb check, a memory estimate before reading
+# ---------------------------------------------------------------------------------------------
+def test_images_larger_than_the_presets_need_an_explicit_resolution_and_the_named_one_fits():
+    for preset in A.PRESETS:
+        cfg = A.Config(preset=preset)
+        A.check_resolution(cfg, np.zeros((1, A.DEFAULT_MAX, A.DEFAULT_MAX, 3), np.uint8))
+        assert cfg.resolution == A.DEFAULT_MAX  # up to the bound, the images' own side
+        big = np.zeros((1, 1000, 1000, 3), np.uint8)
+        with pytest.raises(A.UserError, match=r"pass --resolution (\d+)") as e:
+            A.check_resolution(A.Config(preset=preset), big)
+        named = A.Config(
+            preset=preset, resolution=int(e.value.args[0].split("--resolution ")[1].split()[0])
+        )
+        A.check_resolution(named, big)  # the fix it names works
+
+
+def test_a_decompression_bomb_is_one_error_before_any_pixel_is_decoded(tmp_path, monkeypatch):
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "a.png")
+    monkeypatch.setattr(
+        Image, "MAX_IMAGE_PIXELS", 200
+    )  # 256 pixels: PIL warns (past 200), errs only past 400
+    monkeypatch.setattr(Image.Image, "convert", lambda *a: pytest.fail("decoded"))
+    with pytest.raises(A.UserError, match="decompression-bomb"):
+        A.load_images(str(tmp_path))
+
+
+def test_images_that_would_not_fit_in_memory_are_refused_from_their_headers(tmp_path, monkeypatch):
+    for i in range(2):
+        Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / f"{i}.png")
+    np.savez(tmp_path / "d.npz", images=np.zeros((2, 16, 16, 3), np.uint8))
+    monkeypatch.setattr(A, "available_memory", lambda: 5 * 2 * 16 * 16 * 3 - 1)  # one byte short
+    monkeypatch.setattr(Image.Image, "convert", lambda *a: pytest.fail("decoded"))
+    for spec in (tmp_path, tmp_path / "d.npz"):
+        with pytest.raises(A.UserError, match="GB of pixels"):
+            A.load_images(str(spec))
+    monkeypatch.undo()
+    monkeypatch.setattr(
+        A, "available_memory", lambda: 5 * 2 * 16 * 16 * 3
+    )  # the estimate for a folder is exact
+    assert A.load_images(str(tmp_path))[0].shape == (2, 16, 16, 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Generated damaged inputs at every entry point
+# ---------------------------------------------------------------------------------------------
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+float_arrays = arrays(
+    st.sampled_from([np.float32, np.float64]),
+    array_shapes(min_dims=0, max_dims=5, max_side=4),
+    elements=st.floats(allow_nan=True, allow_infinity=True, width=32),
+)
+other_arrays = arrays(
+    st.sampled_from([np.uint8, np.int16, np.bool_, np.complex64]),
+    array_shapes(min_dims=0, max_dims=5, min_side=0, max_side=4),
+)
+bad_images = (float_arrays | other_arrays).filter(  # not uint8 N x H x W x 3 with sides of 1 to 4
+    lambda a: not (a.dtype == np.uint8 and a.ndim == 4 and a.shape[-1] == 3 and 0 not in a.shape)
+)
+bad_labels = (float_arrays | other_arrays).filter(
+    lambda a: not (a.dtype.kind in "iu" and a.shape == (4,) and a.min() >= 0)
+)
+
+
+@st.composite
+def damaged_file(draw, intact):
+    """(bytes, or None for a symlink to nowhere) made from a file's intact bytes."""
+    how = draw(st.sampled_from(["truncated", "random", "empty", "dangling"]))
+    if how == "truncated":
+        return intact[: draw(st.integers(0, len(intact) - 1))]
+    return (
+        draw(st.binary(min_size=1, max_size=300))
+        if how == "random"
+        else b""
+        if how == "empty"
+        else None
+    )
+
+
+def write(path, content):
+    path.unlink(missing_ok=True)
+    if content is None:
+        path.symlink_to(path.with_name("nowhere"))
+    else:
+        path.write_bytes(content)
+
+
+def npz_bytes(**arrays_):
+    with tempfile.TemporaryDirectory() as tmp:
+        np.savez(Path(tmp) / "a.npz", **arrays_)
+        return (Path(tmp) / "a.npz").read_bytes()
+
+
+GOOD_NPZ = npz_bytes(images=np.zeros((4, 8, 8, 3), np.uint8), labels=np.arange(4))
+datasets = st.one_of(
+    damaged_file(GOOD_NPZ),
+    st.builds(
+        lambda a: npz_bytes(images=a), bad_images
+    ),  # wrong dtype or shape, NaN, inf, no image
+    st.builds(lambda a: npz_bytes(images=np.zeros((4, 8, 8, 3), np.uint8), labels=a), bad_labels),
+    st.builds(lambda a: npz_bytes(pictures=a), other_arrays),
+)
+GOOD_PNG = tempfile.SpooledTemporaryFile()
+Image.fromarray(np.random.default_rng(0).integers(0, 256, (8, 8, 3), np.uint8)).save(
+    GOOD_PNG, "png"
+)
+GOOD_PNG.seek(0)
+PNG_PIXELS_CUT = GOOD_PNG.read()[:-30]  # without the tail (IEND, checksums) that PIL can do without
+
+
+@FUZZ
+@given(kind=st.sampled_from(["npz", "png"]), data=st.data())
+@example(kind="empty folder", data=None)
+def test_damaged_training_data_gives_one_line_at_every_entry_point(kind, data, capsys):
+    """--data: a damaged .npz, or a folder whose one .png is damaged; eval: the same, as samples or
+    as --train."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        (tmp / "data").mkdir()
+        if kind != "empty folder":
+            file = tmp / "data" / "x.png" if kind == "png" else tmp / "d.npz"
+            write(
+                file,
+                data.draw(damaged_file(PNG_PIXELS_CUT) | datasets if kind == "png" else datasets),
+            )
+        spec = str(tmp / "d.npz" if kind == "npz" else tmp / "data")
+        np.savez(tmp / "good.npz", images=np.zeros((4, 8, 8, 3), np.uint8))
+        for main in TRAINERS.values():
+            one_line(main, TINY[2:] + ["--data", spec, "--out", str(tmp / "r")], capsys, tmp)
+        common = [
+            "--pixels-only",
+            "--out",
+            str(tmp / "out"),
+            "--cache-dir",
+            str(tmp / "cache"),
+            "--device",
+            "cpu",
+        ]
+        one_line(E.main, [spec, "--train", "demo"] + common, capsys, tmp)
+        one_line(E.main, [str(tmp / "good.npz"), "--train", spec] + common, capsys, tmp)
+
+
+def torch_bytes(obj):
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save(obj, Path(tmp) / "c.pt")
+        return (Path(tmp) / "c.pt").read_bytes()
+
+
+BASE = config_of(TINY).saved()
+json_bytes = st.builds(
+    lambda v: json.dumps(v).encode(), json_values
+)  # any JSON at all, NaN included
+RUN_DAMAGE = {  # what each file of a run folder may become
+    "config.json": st.one_of(
+        damaged_file(json.dumps(BASE).encode()),
+        json_bytes,
+        st.builds(  # one key changed or added
+            lambda k, v: json.dumps({**BASE, k: v}).encode(),
+            st.sampled_from(sorted(BASE)) | st.text(max_size=6),
+            json_values,
+        ),
+    ),
+    "indices.json": damaged_file(json.dumps(list(range(16))).encode()) | json_bytes,
+    "samples.npz": datasets,
+    "checkpoint.pt": damaged_file(torch_bytes({"step": 0}))
+    | st.builds(lambda a: torch_bytes(dict(ema=dict(w=torch.from_numpy(a)))), float_arrays),
+}
+
+
+@FUZZ
+@given(name=st.sampled_from(sorted(RUN_DAMAGE)), data=st.data())
+@example(name="config.json", data=b"[" * 100_000).via("JSON nested beyond Python's recursion limit")
+def test_a_damaged_run_folder_gives_one_line_when_resumed_or_scored(name, data, capsys):
+    """One of a run folder's files damaged; its checkpoint holds no weights, so that whatever else
+    passes, --resume and eval stop at it rather than train or score."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        run = run_folder(tmp / "r", config_of(TINY), {"step": 0})
+        write(run / name, data if isinstance(data, bytes) else data.draw(RUN_DAMAGE[name]))
+        for main in TRAINERS.values():
+            one_line(main, TINY + ["--out", str(run), "--resume"], capsys, tmp)
+        one_line(E.main, eval_argv(run, tmp), capsys, tmp)
