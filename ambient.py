@@ -1169,8 +1169,9 @@ def read_config(folder):
     return saved
 
 
-def open_run(cfg, out, device):
-    """The checkpoint that --resume continues, or None for a fresh run."""
+def open_run(cfg, out, device, need=RESUME_KEYS):
+    """The checkpoint that --resume continues (with the keys and types in `need`), or None for a
+    fresh run."""
     if not cfg.resume:
         if (out / "checkpoint.pt").exists():
             raise UserError(
@@ -1193,7 +1194,7 @@ def open_run(cfg, out, device):
         )
     # damaged: a copy or a disk that failed, not a run killed mid-write (checkpoints are atomic)
     fix = "restore it from a backup, or start again without --resume in another --out"
-    return load_checkpoint(out / "checkpoint.pt", device, RESUME_KEYS, fix)
+    return load_checkpoint(out / "checkpoint.pt", device, need, fix)
 
 
 def run(cfg, method, make_step=eager_step, main_process=True):

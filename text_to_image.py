@@ -358,7 +358,9 @@ def cached_latents(models, pairs, cfg, out, device, log):
     """out/latents.pt holds the latents for this folder and resolution, computed only once."""
     path, files = Path(out) / "latents.pt", [str(p) for p, _ in pairs]
     if path.is_file():
-        cache = torch.load(path, weights_only=False)
+        # weights_only: a cache copied from elsewhere runs no code (one that needs more is refused)
+        need = dict(latents=torch.Tensor, files=list, resolution=int)
+        cache = A.load_checkpoint(path, need=need, fix="delete it to encode the images again")
         if cache["files"] == files and cache["resolution"] == cfg.resolution:
             return cache["latents"]
         log(f"{path} is for other images or another resolution: encoding again")
@@ -684,7 +686,9 @@ def run(cfg):
     models = load_models(cfg)
     check_model(cfg, models)
     out = Path(cfg.out or Path("runs") / f"t2i-{Path(cfg.data_path).name}-tn{cfg.tn}")
-    saved = A.open_run(cfg, out, device)
+    tensor = torch.Tensor
+    need = dict(unet=dict, opt=dict, step=int, rng=tensor, noise_rng=tensor, x_tn=tensor)
+    saved = A.open_run(cfg, out, device, need)
     out.mkdir(parents=True, exist_ok=True)
     logfile = open(out / "log.txt", "a")
 
