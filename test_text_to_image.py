@@ -4,6 +4,8 @@ latent above t_n, fixed noisy latents, the mitigations, and a tiny model trained
 sampled on CPU."""
 
 import json
+import os
+import types
 
 import numpy as np
 import pytest
@@ -350,3 +352,23 @@ def test_bad_input_gives_one_clear_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(diffusers.StableDiffusionPipeline, "from_pretrained", offline)
     err = error_of(pre + ["stabilityai/stable-diffusion-2"], capsys, main)
     assert "cannot load a Stable Diffusion pipeline (OSError)" in err and "--local-dir" in err
+
+
+class Planted:
+    """Unpickling this calls os.system: what full unpickling (weights_only=False) would run."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch '{self.marker}'",)
+
+
+def test_a_latents_cache_holding_a_pickled_callable_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "ran"
+    planted = dict(latents=torch.zeros(1), files=[], resolution=8, code=Planted(marker))
+    torch.save(planted, tmp_path / "latents.pt")
+    cfg = types.SimpleNamespace(resolution=8)
+    with pytest.raises(A.UserError, match="not a checkpoint this project wrote"):
+        T.cached_latents(None, [], cfg, tmp_path, "cpu", print)
+    assert not marker.exists()
