@@ -1,22 +1,26 @@
-"""Quality and memorization of ambient.py runs, measured as in the paper (Table 1, Tables 3-4, Figure 2).
+"""Quality and memorization of ambient.py runs, measured as in the paper (Table 1, Tables 3-4,
+Figure 2).
 
-    python eval_memorization.py runs/ddpm runs/ambient-0.4                 # run folders from ambient.py
-    python eval_memorization.py samples.npz --train cifar --samples 50000  # any images, training set by flag
+    # run folders from ambient.py
+    python eval_memorization.py runs/ddpm runs/ambient-0.4
+    # any images, training set by flag
+    python eval_memorization.py samples.npz --train cifar --samples 50000
 
-Quality is FID with pytorch-fid's Inception-v3 (the TF 2015-12-05 weights that pytorch-fid and EDM use),
-its input resized to 299 as EDM's fid.py does (TF1's legacy bilinear; --fid-resize pytorch-fid for
-pytorch-fid's), against reference statistics over the whole dataset, cached to a file; KID and
+Quality is FID with pytorch-fid's Inception-v3 (the TF 2015-12-05 weights that pytorch-fid and EDM
+use), its input resized to 299 as EDM's fid.py does (TF1's legacy bilinear; --fid-resize pytorch-fid
+for pytorch-fid's), against reference statistics over the whole dataset, cached to a file; KID and
 precision/recall from the same features, as torch-fidelity computes them. FD_DINOv2 follows dgm-eval
 (Stein et al. 2023): ViT-L/14, bicubic resize to 224, ImageNet normalisation, the CLS token.
-Memorization is the top-1 cosine of each sample's DINOv2 CLS embedding to the training set, following
-the authors' released recipe: ViT-g/14, images in [0, 1], reflect-padded to a multiple of 14, no resize,
-no ImageNet normalisation. The report names each metric's recipe.
+Memorization is the top-1 cosine of each sample's DINOv2 CLS embedding to the training set,
+following the authors' released recipe: ViT-g/14, images in [0, 1], reflect-padded to a multiple of
+14, no resize, no ImageNet normalisation. The report names each metric's recipe.
 
-Weights are never downloaded behind your back into an unexpected place and never replaced by another
-network: each file is looked up by its original name in --*-weights, $AMBIENT_WEIGHTS, then the torch
-hub cache, and only then downloaded there. Without them the report falls back to ambient.py's pixel
-metrics and says so. Output: a Markdown table on stdout, report.json, report.md, PNGs and
-per_sample_<run>.npz (each sample's similarity, nearest training image and pixel d1/d2) in --out.
+Weights are never downloaded behind your back into an unexpected place and never replaced by
+another network: each file is looked up by its original name in --*-weights, $AMBIENT_WEIGHTS, then
+the torch hub cache, and only then downloaded there. Without them the report falls back to
+ambient.py's pixel metrics and says so. Output: a Markdown table on stdout, report.json, report.md,
+PNGs and per_sample_<run>.npz (each sample's similarity, nearest training image and pixel d1/d2)
+in --out.
 """
 
 import argparse
@@ -80,7 +84,8 @@ def statistics(feats):
 
 def above_round_off(eigenvalues):
     """Eigenvalues of a PSD matrix with the round-off noise (|e| < n eps max e) set to 0: the square
-    root would blow 1e-16 up to 1e-8, once per missing dimension when samples are fewer than features."""
+    root would blow 1e-16 up to 1e-8, once per missing dimension when samples are fewer than
+    features."""
     return np.where(
         eigenvalues > len(eigenvalues) * np.finfo(np.float64).eps * eigenvalues.max(),
         eigenvalues,
@@ -105,7 +110,8 @@ def frechet_distance(mu1, cov1, mu2, cov2):
 def frechet_distance_to(feats, mu2, cov2):
     """The Frechet distance of a feature set to (mu2, cov2). With fewer samples than features, C1 =
     X^T X / (n - 1) for the centred X, and C1^1/2 C2 C1^1/2 has the nonzero eigenvalues of the n x n
-    X C2 X^T / (n - 1): the same number for a fraction of the work of two d x d eigen-decompositions."""
+    X C2 X^T / (n - 1): the same number for a fraction of the work of two d x d
+    eigen-decompositions."""
     mu1, cov1 = statistics(feats)
     if len(feats) > feats.shape[1]:
         return frechet_distance(mu1, cov1, mu2, cov2)
@@ -124,8 +130,8 @@ KID_SUBSETS, KID_SUBSET_SIZE, KID_SEED = (
 
 def kid_recipe(subsets, size):
     return (
-        f"Inception-v3 pool3 as for FID; k(x, y) = (x.y / d + 1)^3, unbiased MMD^2, mean +- std over {subsets} "
-        f"subsets of {size} (torch-fidelity)"
+        "Inception-v3 pool3 as for FID; k(x, y) = (x.y / d + 1)^3, unbiased MMD^2, "
+        f"mean +- std over {subsets} subsets of {size} (torch-fidelity)"
     )
 
 
@@ -144,8 +150,9 @@ def mmd2_unbiased(X, Y):
 
 
 def kid(gen, ref, subsets=KID_SUBSETS, subset_size=KID_SUBSET_SIZE, seed=KID_SEED, device="cpu"):
-    """KID: mean and (population) std of mmd2_unbiased over random subsets drawn without replacement,
-    generated first, as torch-fidelity draws them. Sets smaller than subset_size: the smaller set's size."""
+    """KID: mean and (population) std of mmd2_unbiased over random subsets drawn without
+    replacement, generated first, as torch-fidelity draws them. Sets smaller than subset_size: the
+    smaller set's size."""
     m = min(subset_size, len(gen), len(ref))
     if m < 2:
         return {"kid": None, "kid_unavailable": f"KID needs 2 samples or more, not {m}"}
@@ -168,7 +175,8 @@ PR_NEIGHBOURS = 3  # Kynkaanniemi et al. 2019 and torch-fidelity
 
 
 def knn_radii(feats, k, chunk=4096):
-    """Each point's distance to its k-th nearest other point of the same set (the k+1-th with itself)."""
+    """Each point's distance to its k-th nearest other point of the same set (the k+1-th with
+    itself)."""
     return torch.cat(
         [torch.cdist(part, feats).kthvalue(k + 1, dim=1).values for part in feats.split(chunk)]
     )
@@ -181,8 +189,9 @@ def share_inside(points, centres, radii, chunk=4096):
 
 
 def precision_recall(gen, ref, k=PR_NEIGHBOURS, device="cpu"):
-    """Improved precision (generated samples inside the reference manifold) and recall (reference images
-    inside the generated one), each manifold the union of balls to every point's k-th neighbour."""
+    """Improved precision (generated samples inside the reference manifold) and recall (reference
+    images inside the generated one), each manifold the union of balls to every point's k-th
+    neighbour."""
     if min(len(gen), len(ref)) <= k:
         return {"precision": None, "recall": None}
     X, Y = (torch.as_tensor(np.asarray(f), dtype=torch.float32, device=device) for f in (gen, ref))
@@ -195,12 +204,14 @@ def precision_recall(gen, ref, k=PR_NEIGHBOURS, device="cpu"):
 
 
 def top1_cosine(samples, train, chunk=4096):
-    """Each sample's best cosine to the training features and its index (the embeddings L2-normalised)."""
+    """Each sample's best cosine to the training features and its index (the embeddings
+    L2-normalised)."""
     t = F.normalize(torch.as_tensor(train, dtype=torch.float64), dim=1)
     sims, idx = [], []
     for s in torch.as_tensor(samples, dtype=torch.float64).split(chunk):
         best = (F.normalize(s, dim=1) @ t.T).max(1)
-        sims.append(best.values), idx.append(best.indices)
+        sims.append(best.values)
+        idx.append(best.indices)
     return torch.cat(sims).numpy(), torch.cat(idx).numpy()
 
 
@@ -263,8 +274,8 @@ def thresholds_for(data_spec):
 def find_dataset(path, cfg, args):
     """(spec, data_dir) of a run's training set, so that a run folder can be scored from any folder:
     --train; else config.json's data_path (absolute, written by newer ambient.py) if it exists; else
-    "data" as written, from the current folder; else from each folder above the run (older runs wrote
-    the path as typed, relative to where ambient.py ran)."""
+    "data" as written, from the current folder; else from each folder above the run (older runs
+    wrote the path as typed, relative to where ambient.py ran)."""
     data_dir = args.data_dir or find_data_dir(path, cfg)
     if args.train or cfg.data in ("cifar", "demo"):
         return args.train or cfg.data, data_dir
@@ -279,13 +290,15 @@ def find_dataset(path, cfg, args):
             return str(place.resolve()), data_dir
     raise UserError(
         f"{path} was trained on {cfg.data}, which is not at {cfg.data_path or cfg.data} from "
-        f"{Path.cwd()} nor under a folder above {path.resolve()}; pass --train PATH (that .npz or image folder)"
+        f"{Path.cwd()} nor under a folder above {path.resolve()}; "
+        "pass --train PATH (that .npz or image folder)"
     )
 
 
 def find_data_dir(path, cfg):
-    """Where cifar lives for a run: its data_dir if that holds CIFAR-10 from here or from a folder above the
-    run, else data_dir as written (ambient.py's loader then downloads there or says what to place)."""
+    """Where cifar lives for a run: its data_dir if that holds CIFAR-10 from here or from a folder
+    above the run, else data_dir as written (ambient.py's loader then downloads there or says what
+    to place)."""
     data_dir = Path(cfg.data_dir)
     for place in [data_dir] + [p / data_dir for p in path.resolve().parents]:
         if (place / "cifar-10-batches-py").is_dir() or (
@@ -317,23 +330,24 @@ def read_samples(file, resolution, fix):
 
 
 def load_run(path, args, log):
-    """A run folder -> training images, reference spec, config, and its samples ([-1, 1] tensors), or
-    'generate', which draws them from the checkpoint once the networks are known to be there."""
+    """A run folder -> training images, reference spec, config, and its samples ([-1, 1] tensors),
+    or 'generate', which draws them from the checkpoint once the networks are known to be there."""
     cfg = run_config(path)
     spec, data_dir = find_dataset(path, cfg, args)
     dataset = A.load_images(spec, data_dir)[0]
     if cfg.resolution > dataset.shape[1]:
         raise UserError(
-            f"{path} was trained at {cfg.resolution}x{cfg.resolution} and {spec} holds {dataset.shape[1]}x"
-            f"{dataset.shape[2]} images; pass --train with the dataset the run was trained on"
+            f"{path} was trained at {cfg.resolution}x{cfg.resolution} and {spec} holds "
+            f"{dataset.shape[1]}x{dataset.shape[2]} images; "
+            "pass --train with the dataset the run was trained on"
         )
     indices = read_json(path / "indices.json", f"is {path} a run folder from ambient.py?")
     if not isinstance(indices, list) or not all(
         type(i) is int and 0 <= i < len(dataset) for i in indices or [-1]
     ):
         raise UserError(
-            f"{path / 'indices.json'} is not a list of image numbers within the {len(dataset)} images of "
-            f"{spec}; pass --train with the dataset the run was trained on"
+            f"{path / 'indices.json'} is not a list of image numbers within the {len(dataset)} "
+            f"images of {spec}; pass --train with the dataset the run was trained on"
         )
     samples, want = run_samples(path, args, cfg.resolution)
     run = dict(
@@ -355,8 +369,9 @@ def load_run(path, args, log):
 
 
 def run_samples(path, args, resolution):
-    """(samples.npz's first --samples images, how many are wanted); None when the checkpoint must make
-    them, after checking now that it can, so that a damaged file is reported before any network loads."""
+    """(samples.npz's first --samples images, how many are wanted); None when the checkpoint must
+    make them, after checking now that it can, so that a damaged file is reported before any network
+    loads."""
     samples = None
     if (path / "samples.npz").is_file():
         samples = read_samples(
@@ -380,7 +395,8 @@ def checkpoint_weights(path, count, have=0):
     instead = f", or pass --samples {have} (what samples.npz holds)" if have else ""
     if not checkpoint.is_file():
         raise UserError(
-            f"{path} has no checkpoint.pt to generate {count} samples from{instead or '; lower --samples'}"
+            f"{path} has no checkpoint.pt to generate {count} samples from"
+            f"{instead or '; lower --samples'}"
         )
     return A.load_checkpoint(
         checkpoint,
@@ -421,8 +437,9 @@ def method_of_run(path):
 
 
 def generate_for(path, cfg, count, args, log):
-    """More samples than samples.npz holds: draw them from the checkpoint's EMA weights, once, with the
-    run's sampler and steps (Heun with 40 steps, the authors' released setting, where config lacks them)."""
+    """More samples than samples.npz holds: draw them from the checkpoint's EMA weights, once, with
+    the run's sampler and steps (Heun with 40 steps, the authors' released setting, where config
+    lacks them)."""
     out = path / f"eval-samples-{count}.npz"
     if out.is_file():
         return read_samples(out, cfg.resolution, f"delete it to draw the {count} samples again")
@@ -432,9 +449,9 @@ def generate_for(path, cfg, count, args, log):
         ema.load_state_dict(checkpoint_weights(path, count))
     except RuntimeError as e:
         raise UserError(
-            f"{path / 'checkpoint.pt'} does not fit {path / 'config.json'} ({first_line(e)[:120]}); "
-            "restore the run's own config.json"
-        )
+            f"{path / 'checkpoint.pt'} does not fit {path / 'config.json'} "
+            f"({first_line(e)[:120]}); restore the run's own config.json"
+        ) from None
     ema = ema.to(args.device).eval()
     log(f"{path.name}: generating {count} samples from its checkpoint")
     bf16 = (
@@ -486,8 +503,9 @@ def load_input(spec, args, log):
     found = [f for f in RUN_FILES if (path / f).is_file()]
     if path.is_dir() and found:
         raise UserError(
-            f"{spec} holds {', '.join(found)} but no config.json, which ambient.py writes when a run "
-            f"starts: restore it, or score its samples as images: {path / 'samples.npz'} --train DATA"
+            f"{spec} holds {', '.join(found)} but no config.json, which ambient.py writes when a "
+            "run starts: restore it, or score its samples as images: "
+            f"{path / 'samples.npz'} --train DATA"
         )
     if path.is_dir() or (path.suffix == ".npz" and path.is_file()):
         return with_reference(load_images_input(path, args))
@@ -497,8 +515,8 @@ def load_input(spec, args, log):
 
 
 def with_reference(run):
-    """Adds the reference set of FID and FD_DINOv2: the whole dataset at the run's resolution, read on
-    the first cache miss only and then kept for the other metric."""
+    """Adds the reference set of FID and FD_DINOv2: the whole dataset at the run's resolution, read
+    on the first cache miss only and then kept for the other metric."""
     loaded = []
 
     def reference():
@@ -529,7 +547,8 @@ SERVES = {
 
 
 def wanted_networks(args):
-    """name -> (weight file, its URL, the flag's path, build(path) -> network, network -> forward)."""
+    """name -> (weight file, its URL, the flag's path, build(path) -> network,
+    network -> forward)."""
 
     def dinov2(size, explicit, forward):
         return (
@@ -565,7 +584,7 @@ def networks(args, log):
             path = find_weights(filename, url, explicit, not args.no_download)
         except WeightsMissing as e:
             if args.require_weights:
-                raise UserError(f"{name} weights missing: {e}")
+                raise UserError(f"{name} weights missing: {e}") from None
             nets[name]["reason"] = str(e)
             log(f"note: {e.short}; skipping {SERVES[name]}")
             continue
@@ -581,12 +600,14 @@ def net_features(nets, name, images, args, log, label):
 
 
 def net_key(nets, name, *recipe):
-    """The part of a cache key that names the network, its weights file and how its input is prepared."""
+    """The part of a cache key that names the network, its weights file and how its input is
+    prepared."""
     return [name, *recipe, Path(nets[name]["file"]).name]
 
 
 def reference_statistics(feats):
-    """What FID and KID need of the reference set: mean, covariance and (for KID's subsets) the features."""
+    """What FID and KID need of the reference set: mean, covariance and (for KID's subsets) the
+    features."""
     mu, cov = statistics(feats)
     return {"mu": mu, "cov": cov, "features": np.asarray(feats, np.float32)}
 
@@ -634,6 +655,7 @@ def fd_dinov2_metrics(run, nets, args, log, name):
                 statistics(
                     net_features(nets, "fd_dinov2", run["reference"](), args, log, "reference")
                 ),
+                strict=True,
             )
         ),
         log,
@@ -646,8 +668,9 @@ def fd_dinov2_metrics(run, nets, args, log, name):
 
 
 def similarity(run, nets, args, log, name, pixel_nn):
-    """Each sample's top-1 similarity to the training set and its index, with the row entries naming it:
-    DINOv2 with the authors' recipe, or ambient.py's centred pixel cosine without its weights."""
+    """Each sample's top-1 similarity to the training set and its index, with the row entries naming
+    it: DINOv2 with the authors' recipe, or ambient.py's centred pixel cosine without its
+    weights."""
     if nets["dinov2"]["forward"] is None:
         return (
             pixel_nn["cosine"].numpy(),
@@ -655,7 +678,9 @@ def similarity(run, nets, args, log, name, pixel_nn):
             {
                 "similarity_space": "pixels, centred cosine",
                 "similarity_unavailable": nets["dinov2"]["reason"],
-                "similarity_recipe": "ambient.py's pixel fallback: cosine of mean-centred pixels (not the paper's)",
+                "similarity_recipe": (
+                    "ambient.py's pixel fallback: cosine of mean-centred pixels (not the paper's)"
+                ),
             },
         )
     key = run["train_key"] + net_key(nets, "dinov2", args.dinov2, "paper")
@@ -708,9 +733,9 @@ def evaluate_run(run, nets, args, log, name):
 
 
 def per_sample(run, sims, idx, pixel_nn, space):
-    """Each sample's numbers for plots of one's own: the top-1 similarity and its training image (an index
-    into the run's training subset, and into the whole dataset through indices.json), and the pixel
-    d1/d2 with the L2-nearest training image."""
+    """Each sample's numbers for plots of one's own: the top-1 similarity and its training image (an
+    index into the run's training subset, and into the whole dataset through indices.json), and the
+    pixel d1/d2 with the L2-nearest training image."""
     to_dataset = np.asarray(
         run["indices"] if run.get("indices") is not None else np.arange(len(run["train"]))
     )
@@ -729,15 +754,19 @@ def per_sample(run, sims, idx, pixel_nn, space):
 # ------------------------------------------------------------------------------------------------
 # 5. Report: Markdown on stdout, JSON, PNGs.
 # ------------------------------------------------------------------------------------------------
-PIXEL_COPY_RECIPE = "ambient.py: L2 distance to the nearest training image over the second nearest's (Gu et al. 2023)"
+PIXEL_COPY_RECIPE = (
+    "ambient.py: L2 distance to the nearest training image over the second nearest's "
+    "(Gu et al. 2023)"
+)
 ROUGHNESS_RECIPE = (
-    "ambient.py: mean |difference| of neighbouring pixels, samples over training images; 1 = as the data, "
-    "white noise 2-3"
+    "ambient.py: mean |difference| of neighbouring pixels, samples over training images; "
+    "1 = as the data, white noise 2-3"
 )
 LEGEND = (
-    "lower is better for FID, KID and FD_DINOv2, higher for precision and recall; the similarity rows and the copy "
-    "rate measure copying (lower = fewer copies; the paper seeks them low at an equal or better FID); a copy "
-    "rate near 0 means nothing unless the quality rows (or roughness near 1) say the model learned the data"
+    "lower is better for FID, KID and FD_DINOv2, higher for precision and recall; the similarity "
+    "rows and the copy rate measure copying (lower = fewer copies; the paper seeks them low at an "
+    "equal or better FID); a copy rate near 0 means nothing unless the quality rows (or roughness "
+    "near 1) say the model learned the data"
 )
 UNAVAILABLE = {
     "fid_unavailable": "FID, KID, precision and recall",
@@ -791,8 +820,8 @@ def markdown(rows):
 
 def report_notes(rows):
     notes = [LEGEND] + [
-        f"{name}: the samples are {r['roughness_vs_train']:.1f}x as rough as the training images, as "
-        "noise is: the model has not learned the data, so its copy rate says nothing"
+        f"{name}: the samples are {r['roughness_vs_train']:.1f}x as rough as the training images, "
+        "as noise is: the model has not learned the data, so its copy rate says nothing"
         for name, r in rows.items()
         if r.get("roughness_vs_train", 0) > 1.5
     ]
@@ -820,7 +849,8 @@ def save_plots(rows, sims, out, log):
         import matplotlib.pyplot as plt
     except ImportError:
         log(
-            "note: matplotlib is not installed (pip install matplotlib); skipped the histogram and Pareto plot"
+            "note: matplotlib is not installed (pip install matplotlib); "
+            "skipped the histogram and Pareto plot"
         )
         return []
     space = next(iter(rows.values()))["similarity_space"]
@@ -837,7 +867,9 @@ def save_plots(rows, sims, out, log):
         ax.axvline(th, color="k", lw=0.8, ls="--")
     ax.set(xlabel=f"top-1 similarity to the training set ({space})", ylabel="samples")
     ax.legend()
-    fig.tight_layout(), fig.savefig(out / "similarity_histogram.png", dpi=120), plt.close(fig)
+    fig.tight_layout()
+    fig.savefig(out / "similarity_histogram.png", dpi=120)
+    plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(5, 4))
     th = next(iter(rows.values()))["thresholds"][1]
@@ -856,9 +888,11 @@ def save_plots(rows, sims, out, log):
         )
     xs = ax.lines[0].get_xdata()
     ys = ax.lines[0].get_ydata()
-    for name, x, y in zip(rows, xs, ys):
+    for name, x, y in zip(rows, xs, ys, strict=True):
         ax.annotate(name, (x, y), fontsize=7)
-    fig.tight_layout(), fig.savefig(out / "pareto.png", dpi=120), plt.close(fig)
+    fig.tight_layout()
+    fig.savefig(out / "pareto.png", dpi=120)
+    plt.close(fig)
     return ["similarity_histogram.png", "pareto.png"]
 
 
@@ -882,8 +916,9 @@ def build_parser():
     )
     a(
         "--train",
-        help="the training set: cifar, demo, a .npz or a folder; needed for image inputs, and for run "
-        "folders it replaces the dataset their config.json names (indices.json still picks the subset)",
+        help="the training set: cifar, demo, a .npz or a folder; needed for image inputs, and for "
+        "run folders it replaces the dataset their config.json names (indices.json still picks the "
+        "subset)",
     )
     a(
         "--ref",
@@ -920,7 +955,8 @@ def build_parser():
         choices=FID_RESIZES,
         default="tf1",
         help="how FID images reach 299 x 299: tf1 = EDM's fid.py and "
-        "the paper (TF1 legacy bilinear on uint8, the default), pytorch-fid = pytorch-fid's half-pixel bilinear",
+        "the paper (TF1 legacy bilinear on uint8, the default), "
+        "pytorch-fid = pytorch-fid's half-pixel bilinear",
     )
     a(
         "--thresholds",
@@ -971,15 +1007,20 @@ def check_args(args):
             raise UserError(f"--{flag} {getattr(args, flag)} must be positive")
     if args.thresholds and not all(0 < t < 1 for t in args.thresholds):
         raise UserError(
-            f"--thresholds {args.thresholds}: cosine thresholds lie between 0 and 1, e.g. 0.9 0.925 0.95"
+            f"--thresholds {args.thresholds}: cosine thresholds lie between 0 and 1, "
+            "e.g. 0.9 0.925 0.95"
         )
 
 
 def run(args):
     check_args(args)
     args.device = A.pick_device(args.device)
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)
-    runs = {}  # every input is read and checked first: a bad one is reported alone, before the networks load
+
+    def log(msg):
+        print(msg, file=sys.stderr, flush=True)
+
+    # every input is read and checked first: a bad one is reported alone, before the networks load
+    runs = {}
     for spec in args.inputs:
         name = Path(spec).stem if Path(spec).suffix == ".npz" else Path(spec).resolve().name
         runs[name if name not in runs else f"{name}-{len(runs)}"] = load_input(spec, args, log)
