@@ -893,3 +893,13 @@ def test_first_training_step_leaves_the_ema_equal_to_the_network(tmp_path):
     A.main(TINY + ["--iters", "1", "--samples", "1", "--out", str(tmp_path / "r")])
     state = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)
     assert all(torch.equal(state["ema"][k], state["net"][k]) for k in state["net"])
+
+
+def test_every_python_file_is_formatted_and_lint_clean():
+    """ruff format and ruff's E, F, W and B rules at 100 columns (ruff.toml), over every file."""
+    root = Path(__file__).parent
+    ruff = [sys.executable, "-m", "ruff"]
+    formatted = subprocess.run(ruff + ["format", "--check", "."], cwd=root, capture_output=True)
+    assert formatted.returncode == 0, formatted.stdout.decode() + formatted.stderr.decode()
+    lint = subprocess.run(ruff + ["check", "."], cwd=root, capture_output=True)
+    assert lint.returncode == 0, lint.stdout.decode() + lint.stderr.decode()
