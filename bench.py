@@ -146,8 +146,8 @@ PAPER_ROWS = [
 def gpu_rows(args, device):
     """Each GPU row in one run, printed as it finishes: PAPER_ROWS (the eager one also samples, as
     the baseline), Heun-40 sampling at --sample-batch and the edm preset, each with the options of
-    the fastest paper row before it. A row that fails prints its error and the run goes on; rows that would start
-    after --max-s are skipped."""
+    the fastest paper row before it. A row that fails prints its error and the run goes on; rows
+    that would start after --max-s are skipped."""
     t0, done = time.time(), []
     base = dict(preset="paper", resolution=32, batch=args.batch or 256, steps=args.steps)
     rows = [(name, dict(base, **o), dict(sample=name == "eager")) for name, o in PAPER_ROWS]

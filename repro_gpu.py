@@ -60,7 +60,8 @@ class Config(A.Config):
 
 
 def distributed(backend="gloo"):
-    """(rank, world size). Under torchrun (WORLD_SIZE > 1) the first call joins the process group."""
+    """(rank, world size). Under torchrun (WORLD_SIZE > 1) the first call joins the process
+    group."""
     if int(os.environ.get("WORLD_SIZE", 1)) == 1:
         return 0, 1
     import torch.distributed as dist
@@ -75,9 +76,9 @@ def autocast(device, precision):
 
 
 def compiled(module, mode="none", replay=True):
-    """torch.compile fuses the network's elementwise work; `cudagraphs` (reduce-overhead) also replays its
-    calls as CUDA graphs. replay=False (sampling): guidance reads two outputs of one step, and a replay
-    would overwrite the first with the second."""
+    """torch.compile fuses the network's elementwise work; `cudagraphs` (reduce-overhead) also
+    replays its calls as CUDA graphs. replay=False (sampling): guidance reads two outputs of one
+    step, and a replay would overwrite the first with the second."""
     if mode == "none":
         return module
     limit = (
@@ -85,9 +86,8 @@ def compiled(module, mode="none", replay=True):
         if hasattr(torch._dynamo.config, "recompile_limit")
         else "cache_size_limit"
     )
-    setattr(
-        torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 64)
-    )  # table1: 6+ nets
+    # table1: 6+ nets
+    setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 64))
     return torch.compile(
         module, mode="reduce-overhead" if mode == "cudagraphs" and replay else "default"
     )
@@ -108,7 +108,8 @@ def compile_errors(active):
 
 
 def to_channels_last(net):
-    """NHWC weights, and NHWC inputs to the raw network (only then: a layout copy changes the rounding)."""
+    """NHWC weights, and NHWC inputs to the raw network (only then: a layout copy changes the
+    rounding)."""
     net.to(memory_format=torch.channels_last)
     net.net.register_forward_pre_hook(
         lambda m, args: (args[0].contiguous(memory_format=torch.channels_last), *args[1:])
@@ -119,22 +120,20 @@ def to_channels_last(net):
 # ------------------------------------------------------------------------------------------------
 # The whole training step as one CUDA graph. A graph replays recorded kernels with no host work, so
 # everything that changes from step to step must live on the device: the batch's random numbers come
-# from a generator registered with the graph, the learning rate and the EMA weight are device scalars
-# filled in before each replay, Adam is the fused kernel (which reads its step count and learning
-# rate on the device), and the EMA is foreach arithmetic on a device weight instead of lerp_ with a
-# Python number, which a graph would freeze at its captured value.
+# from a generator registered with the graph, the learning rate and the EMA weight are device
+# scalars filled in before each replay, Adam is the fused kernel (which reads its step count and
+# learning rate on the device), and the EMA is foreach arithmetic on a device weight instead of
+# lerp_ with a Python number, which a graph would freeze at its captured value.
 # ------------------------------------------------------------------------------------------------
 def graphed_step(state, method, cfg, capture=True):
-    """ambient.eager_step in the form a CUDA graph holds, held in one on CUDA after three warm-up steps
-    (on a side stream, as capture needs). capture=False, or a CPU, runs the same body eagerly: the
-    test compares that with eager_step."""
+    """ambient.eager_step in the form a CUDA graph holds, held in one on CUDA after three warm-up
+    steps (on a side stream, as capture needs). capture=False, or a CPU, runs the same body eagerly:
+    the test compares that with eager_step."""
     device = next(state.net.parameters()).device
     lr, ema_weight = torch.full((), cfg.lr, device=device), torch.zeros((), device=device)
     for group in state.opt.param_groups:  # capturable: Adam's own check before it may be captured
-        group["lr"], group["capturable"] = (
-            lr,
-            group["capturable"] or (capture and device.type == "cuda"),
-        )
+        group["lr"] = lr
+        group["capturable"] = group["capturable"] or (capture and device.type == "cuda")
     net_params, ema_params = list(state.net.parameters()), list(state.ema.parameters())
 
     def body():
@@ -159,9 +158,8 @@ def graphed_step(state, method, cfg, capture=True):
             with side_stream(device):
                 state.opt.zero_grad(set_to_none=True)
                 return body()
-        if (
-            graph is None
-        ):  # grads set to None: the captured backward writes them afresh at each replay
+        # grads set to None: the captured backward writes them afresh at each replay
+        if graph is None:
             state.opt.zero_grad(set_to_none=True)
             graph = torch.cuda.CUDAGraph()
             graph.register_generator_state(state.gen)
@@ -175,7 +173,8 @@ def graphed_step(state, method, cfg, capture=True):
 
 @contextlib.contextmanager
 def side_stream(device):
-    """CUDA: run the block on a fresh stream and wait for it (graph warm-up); elsewhere: do nothing."""
+    """CUDA: run the block on a fresh stream and wait for it (graph warm-up); elsewhere: do
+    nothing."""
     if device.type != "cuda":
         yield
         return
@@ -187,32 +186,27 @@ def side_stream(device):
 
 
 def graphed_sampler(method, h_theta, batch):
-    """method.sample_batch with a full batch's Heun (or Euler) integration captured once as a CUDA graph
-    and replayed: the starting noise (and the classes) are copied into the graph's input as the eager
-    sampler draws them, so the samples are the eager ones up to floating-point order. Guidance's two
-    network calls sit in one graph and cannot overwrite each other. Other methods (the baselines) and
-    partial batches sample eagerly."""
-    cfg, device, inner = (
-        method.cfg,
-        next(h_theta.parameters()).device,
-        getattr(method, "method", method),
-    )
+    """method.sample_batch with a full batch's Heun (or Euler) integration captured once as a CUDA
+    graph and replayed: the starting noise (and the classes) are copied into the graph's input as
+    the eager sampler draws them, so the samples are the eager ones up to floating-point order.
+    Guidance's two network calls sit in one graph and cannot overwrite each other. Other methods
+    (the baselines) and partial batches sample eagerly."""
+    cfg = method.cfg
+    device = next(h_theta.parameters()).device
+    inner = getattr(method, "method", method)
     if device.type != "cuda" or type(inner) not in (A.Algorithm1, C.ClassConditional):
         return lambda k, rows: method.sample_batch(h_theta, k, rows)
     side = h_theta.resolution
-    x_T, labels = (
-        torch.zeros(batch, 3, side, side, device=device),
-        torch.zeros(batch, dtype=torch.long, device=device),
-    )
+    x_T = torch.zeros(batch, 3, side, side, device=device)
+    labels = torch.zeros(batch, dtype=torch.long, device=device)
     h = (
         C.conditioned(h_theta, labels, cfg.guidance)
         if isinstance(inner, C.ClassConditional)
         else h_theta
     )
     with side_stream(device):
-        A.sample(
-            h, x_T, cfg.steps, cfg.sampler
-        )  # warm-up: cuDNN picks its kernels outside the capture
+        # warm-up: cuDNN picks its kernels outside the capture
+        A.sample(h, x_T, cfg.steps, cfg.sampler)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = A.sample(h, x_T, cfg.steps, cfg.sampler)
@@ -235,14 +229,12 @@ class Fast:
     graphs with --graph."""
 
     def __init__(self, method, cfg, rank=0, world=1):
-        self.method, self.cfg, self.rank, self.world, self.forward, self.samplers = (
-            method,
-            cfg,
-            rank,
-            world,
-            None,
-            {},
-        )
+        self.method = method
+        self.cfg = cfg
+        self.rank = rank
+        self.world = world
+        self.forward = None
+        self.samplers = {}
 
     def __getattr__(self, name):
         return getattr(self.method, name)
@@ -251,9 +243,8 @@ class Fast:
         net = self.method.network()
         return to_channels_last(net) if self.cfg.channels_last else net
 
-    def batch(
-        self, gen
-    ):  # every rank draws the same global batch and keeps its slice: DDP averages the gradients
+    # every rank draws the same global batch and keeps its slice: DDP averages the gradients
+    def batch(self, gen):
         b = self.method.batch(gen)
         return (
             b
@@ -282,10 +273,8 @@ class Fast:
             autocast(self.S.device, self.cfg.precision),
             compile_errors(self.cfg.compile != "none"),
         ):
-            if (
-                id(h_theta),
-                batch,
-            ) not in self.samplers:  # captured once per network and batch size
+            # captured once per network and batch size
+            if (id(h_theta), batch) not in self.samplers:
                 h = compiled(h_theta, "default" if self.cfg.compile != "none" else "none")
                 self.samplers[id(h_theta), batch] = graphed_sampler(self.method, h, batch)
             return A.generate(self.samplers[id(h_theta), batch], count, batch, log)
@@ -295,7 +284,8 @@ class Fast:
         self.forward = compiled(
             net, "default" if cfg.graph and cfg.compile != "none" else cfg.compile
         )
-        step, first = (graphed_step if cfg.graph else A.eager_step)(state, method, cfg), [True]
+        step = (graphed_step if cfg.graph else A.eager_step)(state, method, cfg)
+        first = [True]
 
         def guarded():
             with compile_errors(first.pop() if first else False):
@@ -307,8 +297,8 @@ class Fast:
 def check_device(cfg, device, world):
     if (cfg.compile == "cudagraphs" or cfg.graph) and device.type != "cuda":
         raise UserError(
-            f"{'--graph' if cfg.graph else '--compile cudagraphs'} replays CUDA graphs and needs a CUDA "
-            "device; drop it (on a CPU, --compile default still fuses kernels)"
+            f"{'--graph' if cfg.graph else '--compile cudagraphs'} replays CUDA graphs and needs a "
+            "CUDA device; drop it (on a CPU, --compile default still fuses kernels)"
         )
     if cfg.graph and world > 1:
         raise UserError("--graph captures one GPU's step; with torchrun use --compile instead")
@@ -318,8 +308,8 @@ def check_device(cfg, device, world):
         and not any(map(shutil.which, ("g++", "c++", "clang++")))
     ):
         raise UserError(
-            "--compile on CPU builds C++ kernels and no C++ compiler is installed; install g++ or drop "
-            "--compile"
+            "--compile on CPU builds C++ kernels and no C++ compiler is installed; install g++ or "
+            "drop --compile"
         )
 
 
@@ -404,7 +394,8 @@ class Rates:
 def measure(cfg, budget_s, train_s=None, log=print):
     """Rates of cfg's options, measured on a stand-in dataset. It says what it measures and for how
     long, and refuses when measuring alone would take more than half of budget_s."""
-    device, train_s = A.pick_device(cfg.device), train_s or min(5.0, budget_s / 200)
+    device = A.pick_device(cfg.device)
+    train_s = train_s or min(5.0, budget_s / 200)
     one, state, method = stand_in_training(cfg, device)
     x, s = method.S[:8], torch.full((8,), 0.5, device=device)
     with torch.no_grad():
@@ -558,9 +549,8 @@ def trio_config(args, rest):
     cfg = Config(**vars(A.build_parser(Config).parse_args(flags + rest)))
     cfg.sigma_tn, cfg.samples = args.sigma_tn, args.samples
     cfg.check()
-    if (
-        cfg.graph and cfg.samples % cfg.sample_batch
-    ):  # a partial batch would compile the network anew
+    # a partial batch would compile the network anew
+    if cfg.graph and cfg.samples % cfg.sample_batch:
         cfg.samples = args.samples = -(-cfg.samples // cfg.sample_batch) * cfg.sample_batch
         print(
             f"sampling {cfg.samples:,} images per checkpoint: whole batches of {cfg.sample_batch}"

@@ -1,5 +1,6 @@
-"""Facts about repro_gpu.py, the GPU speed machinery, checked on the CPU (and, for the captured step and
-sampler, on a GPU where one is present): each option computes what the plain eager step computes."""
+"""Facts about repro_gpu.py, the GPU speed machinery, checked on the CPU (and, for the captured step
+and sampler, on a GPU where one is present): each option computes what the plain eager step
+computes."""
 
 import json
 import subprocess
@@ -15,13 +16,13 @@ import ambient as A
 import repro_gpu as G
 from test_ambient import TINY, gen, plumbing_data
 
-DEVICES = ["cpu"] + (
-    ["cuda"] if torch.cuda.is_available() else []
-)  # CI has a CPU; `make gpu-check` runs both
+# CI has a CPU; `make gpu-check` runs both
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def test_channels_last_network_computes_the_same_function():
-    h, h_nhwc = A.Denoiser(16, "tiny"), G.to_channels_last(A.Denoiser(16, "tiny"))
+    h = A.Denoiser(16, "tiny")
+    h_nhwc = G.to_channels_last(A.Denoiser(16, "tiny"))
     with torch.no_grad():
         for p in h.parameters():
             if not p.any():
@@ -42,13 +43,13 @@ def test_bf16_autocast_loss_matches_fp32_to_bf16_precision():
     fp32 = A.algorithm1_loss(h, b).mean()
     with G.autocast(torch.device("cpu"), "bf16"):
         bf16 = A.algorithm1_loss(h, b).mean()
-    assert (
-        bf16.dtype == torch.float32 and abs(bf16.item() - fp32.item()) < 0.05 * fp32.item()
-    )  # 8-bit mantissa
+    # 8-bit mantissa
+    assert bf16.dtype == torch.float32 and abs(bf16.item() - fp32.item()) < 0.05 * fp32.item()
 
 
 def test_two_process_ddp_step_equals_single_process_step(tmp_path):
-    """torchrun with 2 CPU processes (gloo): same global batch, so the same weights as one process."""
+    """torchrun with 2 CPU processes (gloo): same global batch, so the same weights as one
+    process."""
     args = TINY + ["--iters", "3", "--sigma-tn", "0.4", "--flip"]
     A.main(args + ["--out", str(tmp_path / "one")])
     r = subprocess.run(
@@ -104,31 +105,33 @@ def graph_ready_pair(lr_rampup, device="cpu"):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_the_graph_ready_step_trains_as_the_eager_step(device, monkeypatch):
-    """The body repro_gpu.py captures as one CUDA graph (a learning rate and an EMA weight that live on the
-    device, Adam reading them there, the EMA as foreach arithmetic) gives the weights, the average and the
-    optimizer state of ambient.eager_step, step for step, with the warm-up and the EMA's ramp both at work:
-    run eagerly on a CPU, captured and replayed (after three warm-up steps) on a GPU."""
-    monkeypatch.setattr(
-        torch.backends.cudnn, "deterministic", True
-    )  # the same kernels in both runs
-    (m1, s1, cfg), (m2, s2, _) = graph_ready_pair(
-        0.0001, device
-    )  # 100 images: the rate rises over 7 steps
-    eager, graphed = A.eager_step(s1, m1, cfg), G.graphed_step(s2, m2, cfg)
+    """The body repro_gpu.py captures as one CUDA graph (a learning rate and an EMA weight that live
+    on the device, Adam reading them there, the EMA as foreach arithmetic) gives the weights, the
+    average and the optimizer state of ambient.eager_step, step for step, with the warm-up and the
+    EMA's ramp both at work: run eagerly on a CPU, captured and replayed (after three warm-up steps)
+    on a GPU."""
+    # the same kernels in both runs
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    # 100 images: the rate rises over 7 steps
+    (m1, s1, cfg), (m2, s2, _) = graph_ready_pair(0.0001, device)
+    eager = A.eager_step(s1, m1, cfg)
+    graphed = G.graphed_step(s2, m2, cfg)
     for _ in range(20):
-        loss1, loss2 = eager(), graphed()
+        loss1 = eager()
+        loss2 = graphed()
         s1.step += 1
         s2.step += 1
         assert torch.allclose(loss1, loss2, rtol=1e-5)
     for a, b in ((s1.net, s2.net), (s1.ema, s2.ema)):
         assert all(
             torch.allclose(p, q, rtol=1e-5, atol=1e-7)
-            for p, q in zip(a.parameters(), b.parameters())
+            for p, q in zip(a.parameters(), b.parameters(), strict=True)
         )
-    moved = max((p - q).abs().max() for p, q in zip(s1.net.parameters(), s1.ema.parameters()))
-    assert (
-        moved > 1e-4
-    )  # the average lags the weights by 100 times the tolerance above: the check has power
+    moved = max(
+        (p - q).abs().max() for p, q in zip(s1.net.parameters(), s1.ema.parameters(), strict=True)
+    )
+    # the average lags the weights by 100 times the tolerance above: the check has power
+    assert moved > 1e-4
     state1, state2 = s1.opt.state_dict()["state"], s2.opt.state_dict()["state"]
     assert all(
         torch.allclose(state1[k]["exp_avg_sq"], state2[k]["exp_avg_sq"], rtol=1e-5, atol=1e-12)
@@ -138,26 +141,25 @@ def test_the_graph_ready_step_trains_as_the_eager_step(device, monkeypatch):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_the_captured_sampler_gives_the_eager_samples(device):
-    """On a GPU, graphed_sampler replays one captured Heun integration per full batch with fresh noise
-    copied in; it must give what the eager sampler gives from the same seeds, batch after batch."""
+    """On a GPU, graphed_sampler replays one captured Heun integration per full batch with fresh
+    noise copied in; it must give what the eager sampler gives from the same seeds, batch after
+    batch."""
     cfg = A.Config(preset="tiny", resolution=8, steps=6, sample_batch=4, seed=9)
-    method, h = A.Algorithm1(cfg), A.Denoiser(8, "tiny")
-    torch.nn.init.normal_(
-        h.net.conv_out.weight, std=0.1, generator=gen(40)
-    )  # a non-trivial network output
+    method = A.Algorithm1(cfg)
+    h = A.Denoiser(8, "tiny")
+    # a non-trivial network output
+    torch.nn.init.normal_(h.net.conv_out.weight, std=0.1, generator=gen(40))
     h = h.to(device)
     eager = [method.sample_batch(h, k, range(4 * k, 4 * k + 4)) for k in range(3)]
     replayed = G.graphed_sampler(method, h, 4)
     for k in range(3):
         assert torch.allclose(replayed(k, range(4 * k, 4 * k + 4)), eager[k], rtol=1e-4, atol=1e-4)
-    assert not torch.allclose(
-        eager[0], eager[1], atol=0.1
-    )  # the batches differ: a stale input would show
+    # the batches differ: a stale input would show
+    assert not torch.allclose(eager[0], eager[1], atol=0.1)
 
 
-JUDGE = (
-    Path(__file__).resolve().parent.parent / "shared" / "judge"
-)  # CI: a copy of shared/ beside the clone
+# CI: a copy of shared/ beside the clone
+JUDGE = Path(__file__).resolve().parent.parent / "shared" / "judge"
 TRAIN_NPZ = JUDGE.parent / "data" / "cifar10_train_png4000.npz"
 
 
@@ -176,11 +178,8 @@ def test_the_budget_fits_setup_training_and_sampling_at_every_checkpoint():
 def test_checkpoints_double_up_to_the_last_iteration():
     assert G.checkpoint_schedule(4096, 6) == [128, 256, 512, 1024, 2048, 4096]
     assert G.checkpoint_schedule(1000, 3) == [250, 500, 1000]
-    assert G.checkpoint_schedule(3, 6) == [
-        1,
-        2,
-        3,
-    ]  # 3/32, 3/16, 3/8 round to 0 and are raised to 1
+    # 3/32, 3/16, 3/8 round to 0 and are raised to 1
+    assert G.checkpoint_schedule(3, 6) == [1, 2, 3]
     assert G.checkpoint_schedule(1, 4) == [1]
 
 
