@@ -643,10 +643,10 @@ def onset_figure(curves, judged):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     panels = [("copy rate (d1/d2 < 1/3)", lambda r: r["copy"]),
-              ("held-out denoising loss, all 10 levels (lower better)", lambda r: band(r, SIGMAS))]
+              ("held-out loss, mean of 10 levels (lower better)", lambda r: band(r, SIGMAS))]
     if judged:
         panels.append(("fd_judge vs test images (lower better)", lambda r: r["fd_judge"]))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.2))
     colour = {"ddpm": "C3", "released": "C0", "x0": "C2"}
     for ax, (label, get) in zip(axes, panels, strict=True):
         for (n, method), done in curves.items():
