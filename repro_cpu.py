@@ -657,7 +657,7 @@ def onset_figure(curves, judged):
         ax.set(xscale="log", xlabel="images seen", ylabel=label)
         ax.grid(alpha=0.3)
     axes[0].axhline(0.5, color="grey", lw=0.8)
-    axes[0].legend(fontsize=7)
+    axes[1].legend(fontsize=7, loc="upper left")  # the copy-rate panel has no free corner
     fig.suptitle(f"Onset of copying: DDPM and Algorithm 1 (sigma_tn = {DEMO_SIGMA_TN:g}), "
                  f"CIFAR-10 at {RES}x{RES}, tiny preset, batch {BATCH}", fontsize=9)
     fig.tight_layout()
