@@ -5,6 +5,7 @@
     python repro_cpu.py fig3    # Figure 3: denoised estimates at high noise + train/held-out loss gap
     python repro_cpu.py table2  # Table 2: Algorithm 1 against the noisy-only and masking baselines, 2 seeds
     python repro_cpu.py weights # per-sample gradient size just above sigma_tn under the two loss weights
+    python repro_cpu.py onset [--judge ../shared/judge]  # copy rate and quality against images seen
 
 Each command trains the runs it lacks with ambient.py, or baselines.py for Table 2's baselines (the exact
 command lines are printed and logged),
@@ -591,6 +592,11 @@ def plateau(images, values):
 
 def onset(args):
     """Trains the missing checkpoints (unless --no-train), then scores those there are."""
+    ref = Path(args.judge or ".").parent / "data" / JUDGE_REF
+    if args.judge and not ((Path(args.judge) / "judge.py").is_file() and ref.is_file()):
+        print(f"error: --judge {args.judge}: needs judge.py there and {ref}; pass the shared "
+              "judge folder (../shared/judge) or leave --judge out", file=sys.stderr)
+        sys.exit(2)
     if not args.no_train:
         train_onset(args.parallel)
     curves, lines, summary, refs = {}, [], [], []
