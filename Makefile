@@ -18,19 +18,24 @@ $(VENV)/.installed: requirements.txt requirements-t2i.txt
 	$(PY) -m pip install --quiet -r requirements.txt -r requirements-t2i.txt
 	touch $@
 
-# DDPM and Algorithm 1 under its two loss weights, side by side, on the bundled CIFAR-10 subset: tiny
-# preset, CPU, 133 s in a fresh clone at f4e53c8 on 2 quiet cores. The setting (16 images at 8x8, 64k images seen) is NOTES.md's CPU protocol;
-# everything else is ambient.py's default, the released method (log-normal split, Heun-40 sampling).
-DEMO := --data demo --n 16 --preset tiny --resolution 8 --iters 1000 --batch 64 --lr 1e-3 \
-        --samples 256 --device cpu --seed 0 --log-every 250
+# DDPM and Algorithm 1 (sigma_tn = 1) under its two loss weights on 16 bundled CIFAR-10 images at 8x8
+# (tiny preset, CPU), each scored after 32k and, resumed, after 96k images seen: how far each method
+# delays copying (NOTES.md, "Onset"). Everything else is ambient.py's default, the released method.
+DEMO := --data demo --n 16 --preset tiny --resolution 8 --batch 64 --lr 1e-3 \
+        --samples 256 --device cpu --seed 0 --log-every 500
+DEMO_RUNS := $(foreach m,ddpm released x0,runs/demo-$(m)-32k runs/demo-$(m)-96k)
 demo: $(VENV)/.installed
-	rm -rf runs/demo-ddpm runs/demo-ambient-1-released runs/demo-ambient-1-x0
-	$(PY) ambient.py $(DEMO) --sigma-tn 0 --out runs/demo-ddpm
-	$(PY) ambient.py $(DEMO) --sigma-tn 1 --ambient-weight released --out runs/demo-ambient-1-released
-	$(PY) ambient.py $(DEMO) --sigma-tn 1 --ambient-weight x0 --out runs/demo-ambient-1-x0
-	$(PY) eval_memorization.py runs/demo-ddpm runs/demo-ambient-1-released runs/demo-ambient-1-x0 --pixels-only --out runs/demo-eval
+	rm -rf runs/demo-*
+	for m in ddpm released x0; do \
+	  if [ $$m = ddpm ]; then flags="--sigma-tn 0"; else flags="--sigma-tn 1 --ambient-weight $$m"; fi; \
+	  $(PY) ambient.py $(DEMO) $$flags --iters 500 --out runs/demo-$$m-32k || exit 1; \
+	  cp -r runs/demo-$$m-32k runs/demo-$$m-96k; \
+	  $(PY) ambient.py $(DEMO) $$flags --iters 1500 --resume --out runs/demo-$$m-96k || exit 1; \
+	done
+	$(PY) eval_memorization.py $(DEMO_RUNS) --pixels-only --out runs/demo-eval
 	@echo "grids: runs/demo-*/neighbours.png (sample, then its nearest training image)"
-	@echo "The released weight fades out just above t_n, the x0 weight does not: NOTES.md, 'Which loss weight'"
+	@echo "At every length measured (8k to 1M images, NOTES.md 'Onset') the x0 weight copies no more than"
+	@echo "DDPM and the released weight, and more the longer it trains: it delays copying, it does not prevent it"
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q test_*.py
@@ -48,6 +53,13 @@ repro-cpu: $(VENV)/.installed
 	$(PY) repro_cpu.py sweep
 	$(PY) repro_cpu.py fig3
 	$(PY) repro_cpu.py table2
+
+# Copy rate and quality against images seen (NOTES.md, "Onset"): DDPM and Algorithm 1 under both
+# weights, trained once per setting and scored at log-spaced checkpoints; resumable (finished
+# checkpoints are reused). Wall time: NOTES.md. With ../shared/judge present it adds fd_judge.
+.PHONY: onset
+onset: $(VENV)/.installed
+	$(PY) repro_cpu.py onset $(if $(wildcard ../shared/judge/judge.py),--judge ../shared/judge)
 
 # Throughput table (training and sampling images/s, FLOPs, MFU): tiny on CPU; on a GPU each row of
 # the paper preset (eager, --graph, + --compile, + bf16, + channels_last), edm and Heun-40 sampling.

@@ -5,6 +5,7 @@
     python repro_cpu.py fig3    # Figure 3: denoised estimates at high noise + train/held-out loss gap
     python repro_cpu.py table2  # Table 2: Algorithm 1 against the noisy-only and masking baselines, 2 seeds
     python repro_cpu.py weights # per-sample gradient size just above sigma_tn under the two loss weights
+    python repro_cpu.py onset [--judge ../shared/judge]  # copy rate and quality against images seen
 
 Each command trains the runs it lacks with ambient.py, or baselines.py for Table 2's baselines (the exact
 command lines are printed and logged),
@@ -565,6 +566,320 @@ def weights(args):
     write("weights", "\n".join(lines))
 
 
+# ------------------------------------------------------------------------------------------------
+# Onset study (issue 17): copying and quality against images seen, each method trained once per
+# setting and scored at log-spaced checkpoints. A checkpoint is a `--resume` of the previous one
+# with a larger --iters in a folder of its own: ambient.py keeps the step, optimizer, EMA and
+# both random states in the checkpoint, and the lr and EMA schedules are functions of the step,
+# so a staged run is bit for bit the long run (checked here, 30 + 30 steps against 60, and by
+# test_killed_and_resumed_run_equals_uninterrupted_run).
+# Settings, checkpoints and measures were fixed before any onset run (NOTES.md, "Onset").
+# ------------------------------------------------------------------------------------------------
+ONSET_STEPS = (125, 250, 500, 1000, 2000, 4000, 8000, 16000)  # x 64: 8k to 1.02M images seen
+# (n, last step, last step required): (a) the demo's setting, to 1.02M images; (b) four times
+# the images at the same 8x8 and sigma_tn, so that only n moves; its 512k stage runs only if
+# time is left.
+ONSET_SETTINGS = ((N, 16000, 16000), (64, 8000, 4000))
+ONSET_METHODS = (
+    ("ddpm", 0, "released"),
+    ("released", DEMO_SIGMA_TN, "released"),
+    ("x0", DEMO_SIGMA_TN, "x0"),
+)
+
+
+def onset_dir(n, method, steps):
+    return RUNS / "onset" / f"n{n}-{method}" / f"{steps * BATCH // 1000:04d}k"
+
+
+def onset_chains():
+    """One chain per setting and method: (n, method, level, weight, required steps, all steps)."""
+    for n, last, required in ONSET_SETTINGS:
+        for method, level, weight in ONSET_METHODS:
+            steps = tuple(s for s in ONSET_STEPS if s <= last)
+            yield n, method, level, weight, required, steps
+
+
+def onset_command(chain, steps, previous):
+    n, method, level, weight = chain[:4]
+    cmd = command(level, n, "algorithm1", 0, weight)
+    cmd[cmd.index("--iters") + 1] = str(steps)
+    cmd[cmd.index("--out") + 1] = str(onset_dir(n, method, steps).relative_to(ROOT))
+    return cmd + (["--resume"] if previous else [])
+
+
+def start_stage(chain, steps, env):
+    """Starts one stage in a fresh folder seeded with the previous stage's checkpoint (an
+    unfinished one is redone)."""
+    n, method = chain[:2]
+    out, earlier = onset_dir(n, method, steps), [s for s in chain[5] if s < steps]
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    if earlier:
+        for f in ("checkpoint.pt", "config.json"):
+            shutil.copy(onset_dir(n, method, earlier[-1]) / f, out / f)
+    cmd = onset_command(chain, steps, bool(earlier))
+    print(
+        time.strftime("%H:%M:%S ")
+        + "$ "
+        + " ".join(Path(c).name if c == sys.executable else c for c in cmd),
+        flush=True,
+    )
+    log = open(out / "stdout.txt", "w")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    return proc, time.time(), out
+
+
+def next_stage(chain):
+    """The chain's first stage without metrics.json, or None when the chain is done."""
+    todo = [s for s in chain[5] if not (onset_dir(chain[0], chain[1], s) / "metrics.json").exists()]
+    return todo[0] if todo else None
+
+
+def train_onset(parallel=2):
+    """Trains every missing stage, `parallel` chains at a time (one thread each). Order: the stage
+    with the fewest images seen first, required stages before optional ones."""
+    chains = list(onset_chains())
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", "33554432")
+    env.setdefault("MALLOC_TRIM_THRESHOLD_", "1073741824")
+    running = {}
+    while True:
+        ready = [
+            (next_stage(c) > c[4], next_stage(c), i)
+            for i, c in enumerate(chains)
+            if i not in running and next_stage(c) is not None
+        ]
+        while ready and len(running) < parallel:
+            _, steps, i = min(ready)
+            ready.remove(min(ready))
+            running[i] = start_stage(chains[i], steps, env)
+        if not running:
+            return
+        time.sleep(2)
+        for i, (proc, t0, out) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            del running[i]
+            if proc.returncode:
+                sys.exit(f"{out} failed, see {out / 'stdout.txt'}")
+            (out / "wall_s.txt").write_text(f"{time.time() - t0:.0f}")
+            print(
+                time.strftime("%H:%M:%S ") + f"done {out.relative_to(RUNS)} in "
+                f"{time.time() - t0:.0f} s",
+                flush=True,
+            )
+
+
+# Fixed before any onset run. Bands of the held-out loss: below t_n = 1, around it, far above it.
+ONSET_BANDS = (("0.05-0.5", (0.05, 0.1, 0.2, 0.5)), ("1-2", (1, 2)), ("5-40", (5, 10, 20, 40)))
+JUDGE_REF = "cifar10_test_png1000.npz"  # 1000 CIFAR-10 test images, lossless
+PLATEAU = 0.05  # quality "arrives" at the first checkpoint within 5% of the method's best
+
+
+def judge_images(x):
+    """[-1, 1] images at RES -> uint8 NHWC at 32x32, upsampled nearest (the judge's README)."""
+    x = F.interpolate(x.float(), size=(32, 32), mode="nearest")
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+
+
+class OnsetData:
+    """What every checkpoint of one setting is scored against; the judge's sets pass through the
+    samples' own path (area-down to RES, nearest up to 32), so the judge compares like with like."""
+
+    def __init__(self, n, judge_dir=None, judge_ref=None):
+        train_all, _, self.test = data()
+        self.subset = train_all[ambient.choose_subset(len(train_all), n, 0)]
+        self.judge = None
+        if judge_dir:
+            sys.path.insert(0, str(Path(judge_dir).resolve()))
+            import judge
+
+            self.judge, self.net = judge, judge.load_judge(Path(judge_dir) / "cifar10_judge.pt")
+            if judge_ref is None:
+                # the judge's README: its held-out reference sits in ../data beside it
+                ref = judge.load_images(Path(judge_dir).parent / "data" / JUDGE_REF)
+                judge_ref = judge.features(self.net, judge_images(ambient.prepare(ref, RES)))
+            self.f_ref, self.f_train = judge_ref, self.features(self.subset)
+            g = torch.Generator().manual_seed(0)
+            generator = train_all[torch.randperm(len(train_all), generator=g)[:256]]
+            copier = self.subset[torch.randint(len(self.subset), (256,), generator=g)]
+            self.refs = {
+                k: self.fd(self.features(v))
+                for k, v in (("generator", generator), ("copier", copier))
+            }
+
+    def features(self, images):
+        return self.judge.features(self.net, judge_images(images))
+
+    def fd(self, features):
+        return self.judge.frechet(features, self.f_ref)
+
+
+def score_stage(out, od):
+    """Copying, roughness, held-out loss per level and (with the judge) fd_judge of one checkpoint;
+    cached in score.json."""
+    cache = out / "score.json"
+    if cache.exists():
+        cached = json.loads(cache.read_text())
+        if "fd_judge" in cached or od.judge is None:
+            return cached
+    m = json.loads((out / "metrics.json").read_text())
+    cfg = ambient.Config.from_saved(json.loads((out / "config.json").read_text()))
+    model = ambient.Algorithm1(cfg).network()
+    model.load_state_dict(
+        torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)["ema"]
+    )
+    model.eval()
+    r = dict(
+        copy=m["copy_rate"],
+        c95=m["cosine_above_0.95"],
+        rough=m["roughness_vs_train"],
+        loss={f"{s:g}": weighted_loss(model, od.test, s, 4) for s in SIGMAS},
+    )
+    if od.judge is not None:
+        f_gen = od.features(load_samples_at(out))
+        r["fd_judge"] = od.fd(f_gen)
+        r["sim_mean"] = float(od.judge.nn_cosine(f_gen, od.f_train)[0].mean())
+    cache.write_text(json.dumps(r, indent=1))
+    return r
+
+
+def load_samples_at(out):
+    return ambient.prepare(np.load(out / "samples.npz")["images"])
+
+
+def band(r, sigmas):
+    return float(np.mean([r["loss"][f"{s:g}"] for s in sigmas]))
+
+
+def crossing(images, values, level=0.5):
+    """Images seen at which `values` first reaches `level`, log-interpolated between checkpoints."""
+    for k, v in enumerate(values):
+        if v >= level:
+            if k == 0:
+                return f"<= {images[0] / 1e3:g}k"
+            lo, hi = np.log(images[k - 1]), np.log(images[k])
+            frac = (level - values[k - 1]) / (v - values[k - 1])
+            return f"{np.exp(lo + frac * (hi - lo)) / 1e3:.0f}k"
+    return f"> {images[-1] / 1e3:g}k (not reached)" if images else "-"
+
+
+def plateau(images, values):
+    """First checkpoint within PLATEAU of the best (lowest) value, and the best's checkpoint."""
+    best = min(values)
+    first = next(i for i, v in zip(images, values, strict=True) if v <= best * (1 + PLATEAU))
+    at = images[values.index(best)]
+    return f"{first / 1e3:g}k (best {best:.3f} at {at / 1e3:g}k)"
+
+
+def onset(args):
+    """Trains the missing checkpoints (unless --no-train), then scores those there are."""
+    ref = Path(args.judge or ".").parent / "data" / JUDGE_REF
+    if args.judge and not ((Path(args.judge) / "judge.py").is_file() and ref.is_file()):
+        print(
+            f"error: --judge {args.judge}: needs judge.py there and {ref}; pass the shared "
+            "judge folder (../shared/judge) or leave --judge out",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+    if not args.no_train:
+        train_onset(args.parallel)
+    curves, lines, summary, refs = {}, [], [], []
+    judged = args.judge is not None
+    head = (
+        "| setting | method | images seen | copy rate | cos > 0.95 | roughness / data's | "
+        + " | ".join(f"held-out, sigma {name}" for name, _ in ONSET_BANDS)
+        + " | held-out, all 10 levels"
+        + (" | fd_judge | judge sim mean" if judged else "")
+        + " |"
+    )
+    lines += [head, "|---" * (head.count(" | ") + 1) + "|"]
+    judge_ref = None
+    for n, _, _ in ONSET_SETTINGS:
+        od = OnsetData(n, args.judge, judge_ref)
+        judge_ref = od.f_ref if judged else None
+        if judged:
+            refs.append(
+                f"n = {n}: fd_judge of 256 random bundled training images (a perfect "
+                f"generator) {od.refs['generator']:.1f}, of 256 draws from the {n} "
+                f"training images (a perfect copier) {od.refs['copier']:.1f}"
+            )
+        for chain in (c for c in onset_chains() if c[0] == n):
+            method, done = chain[1], []
+            for steps in chain[5]:
+                out = onset_dir(n, method, steps)
+                if (out / "metrics.json").exists():
+                    done.append((steps * BATCH, score_stage(out, od)))
+            curves[(n, method)] = done
+            for images, r in done:
+                lines.append(
+                    f"| n = {n} | {method} | {images / 1e3:g}k | {r['copy']:.3f} | "
+                    f"{r['c95']:.3f} | {r['rough']:.2f} | "
+                    + " | ".join(f"{band(r, sig):.3f}" for _, sig in ONSET_BANDS)
+                    + f" | {band(r, SIGMAS):.3f}"
+                    + (f" | {r['fd_judge']:.1f} | {r['sim_mean']:.3f}" if judged else "")
+                    + " |"
+                )
+            missing = [f"{s * BATCH / 1e3:g}k" for s in chain[5] if s * BATCH not in dict(done)]
+            x = [i for i, _ in done]
+            summary.append(
+                f"| n = {n} | {method} | {crossing(x, [r['copy'] for _, r in done])} | "
+                + (plateau(x, [band(r, SIGMAS) for _, r in done]) if done else "-")
+                + (" | " + plateau(x, [r["fd_judge"] for _, r in done]) if judged and done else "")
+                + f" | {', '.join(missing) or 'none'} |"
+            )
+    summary = [
+        "| setting | method | 50% copies at | held-out loss arrives at (within 5% of "
+        "best) | " + ("fd_judge arrives at (within 5% of best) | " if judged else "") + "not run |",
+        "|---" * (5 + judged) + "|",
+    ] + summary
+    text = ("\n".join(summary) + "\n\n" + "\n".join(lines) + "\n\n" + "\n".join(refs)).strip()
+    write("onset", text)
+    onset_figure(curves, judged)
+
+
+def onset_figure(curves, judged):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [
+        ("copy rate (d1/d2 < 1/3)", lambda r: r["copy"]),
+        ("held-out loss, mean of 10 levels (lower better)", lambda r: band(r, SIGMAS)),
+    ]
+    if judged:
+        panels.append(("fd_judge vs test images (lower better)", lambda r: r["fd_judge"]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.2))
+    colour = {"ddpm": "C3", "released": "C0", "x0": "C2"}
+    for ax, (label, get) in zip(axes, panels, strict=True):
+        for (n, method), done in curves.items():
+            if done:
+                ax.plot(
+                    [i for i, _ in done],
+                    [get(r) for _, r in done],
+                    marker="o",
+                    ms=3,
+                    color=colour[method],
+                    ls="-" if n == N else "--",
+                    label=f"{'DDPM' if method == 'ddpm' else method + ' weight'}, n = {n}",
+                )
+        ax.set(xscale="log", xlabel="images seen", ylabel=label)
+        ax.grid(alpha=0.3)
+    axes[0].axhline(0.5, color="grey", lw=0.8)
+    axes[1].legend(fontsize=7, loc="upper left")  # the copy-rate panel has no free corner
+    fig.suptitle(
+        f"Onset of copying: DDPM and Algorithm 1 (sigma_tn = {DEMO_SIGMA_TN:g}), "
+        f"CIFAR-10 at {RES}x{RES}, tiny preset, batch {BATCH}",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    FIGS.mkdir(exist_ok=True)
+    fig.savefig(FIGS / "onset.png", dpi=90)
+    print(f"wrote {FIGS / 'onset.png'}")
+
+
 def grid_png(rows, labels, header, path, up=8, label_w=230, top=16):
     """Rows of images with a text label on the left of each row and a header above the columns."""
     from PIL import Image, ImageDraw
@@ -591,19 +906,26 @@ def grid_png(rows, labels, header, path, up=8, label_w=230, top=16):
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("command", choices=("demo", "sweep", "fig3", "table2", "weights"))
+    p.add_argument("command", choices=("demo", "sweep", "fig3", "table2", "weights", "onset"))
     p.add_argument(
         "--parallel", type=int, default=2, help="trainings at once, one thread each (default 2)"
     )
     p.add_argument(
         "--values", default=None, help="sweep: comma-separated sigma_tn values (default: all)"
     )
+    p.add_argument(
+        "--no-train", action="store_true", help="onset: score the checkpoints there are, train none"
+    )
+    p.add_argument(
+        "--judge", default=None, help="onset: the offline judge's folder (../shared/judge)"
+    )
     args = p.parse_args()
     torch.set_num_threads(2)
+    commands = dict(demo=demo, sweep=sweep, fig3=fig3, table2=table2, weights=weights, onset=onset)
     try:
-        {"demo": demo, "sweep": sweep, "fig3": fig3, "table2": table2, "weights": weights}[
-            args.command
-        ](args)
-    except ambient.UserError as e:  # a damaged run or checkpoint in runs/cpu: one line
+        commands[args.command](args)
+    except (
+        ambient.UserError
+    ) as e:  # a damaged run or checkpoint in runs/cpu: one line
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -363,6 +363,34 @@ def test_ddpm_empirical_optimum_ode_copies_training_points():
     assert torch.cdist(x, S).min(1).values.max() < 1e-5
 
 
+def algorithm1_optimum(S, S_tn, sigma_tn):
+    """The exact minimiser of Algorithm 1's objective on the finite set S (VP sigma_tn): Lemma 4.1's
+    ambient optimum on S_tn above t_n (Eq. 6), the empirical clean denoiser below it (Eq. 3)."""
+    noisy, clean = A.ambient_optimal_denoiser(S_tn, sigma_tn), A.empirical_denoiser(S)
+
+    def h(x_t, sigma_t):
+        sigma_t = torch.as_tensor(sigma_t, dtype=x_t.dtype).expand(x_t.shape[0])
+        above = bcast(sigma_t > sigma_tn, x_t)  # where() keeps the unused branch's NaN out
+        return torch.where(above, noisy(x_t, sigma_t), clean(x_t, sigma_t))
+
+    return h
+
+
+@pytest.mark.parametrize("sigma_tn", [0.4, 2.0])
+def test_algorithm1_objective_optimum_copies_the_clean_training_images(sigma_tn):
+    """Whatever sigma_tn > 0, the exact optimum of Algorithm 1's objective copies: below t_n the
+    clean empirical denoiser pulls every trajectory onto a training image. So Algorithm 1 can copy
+    less only where the network has not reached its optimum (NOTES.md, "Onset")."""
+    S = torch.randn(6, 12, generator=gen(9), dtype=f64)
+    s_tn = A.vp_from_edm(torch.tensor(sigma_tn, dtype=f64))
+    S_tn = A.make_noisy_copies(S, s_tn, seed=0)
+    x_T = A.initial_noise((32, 12), 3, dtype=f64)
+    x = A.sample(algorithm1_optimum(S, S_tn, s_tn), x_T, steps=40)
+    nearest = torch.cdist(x, S).min(1)
+    assert nearest.values.max() < 1e-6  # every sample on a clean training image
+    assert len(nearest.indices.unique()) > 1  # and not all on one
+
+
 # ---------------------------------------------------------------------------------------------
 # Sampler
 # ---------------------------------------------------------------------------------------------
