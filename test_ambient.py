@@ -514,28 +514,10 @@ def test_noisy_copies_are_fixed_and_flipped_with_their_image():
 # ---------------------------------------------------------------------------------------------
 # Training: smoke test, checkpoints, resume, determinism
 # ---------------------------------------------------------------------------------------------
-TINY = [
-    "--data",
-    "demo",
-    "--n",
-    "16",
-    "--preset",
-    "tiny",
-    "--resolution",
-    "16",
-    "--batch",
-    "8",
-    "--samples",
-    "8",
-    "--steps",
-    "4",
-    "--device",
-    "cpu",
-    "--log-every",
-    "1000",
-    "--seed",
-    "3",
-]
+TINY = (
+    "--data demo --n 16 --preset tiny --resolution 16 --batch 8 --samples 8 --steps 4 "
+    "--device cpu --log-every 1000 --seed 3"
+).split()
 
 
 def test_tiny_preset_trains_with_falling_loss_and_checkpoint_reproduces_samples(tmp_path):

@@ -24,24 +24,8 @@ import eval_memorization as E
 import repro_cpu
 import repro_gpu
 
-TINY = [
-    "--data",
-    "demo",
-    "--n",
-    "16",
-    "--preset",
-    "tiny",
-    "--resolution",
-    "8",
-    "--batch",
-    "8",
-    "--samples",
-    "4",
-    "--iters",
-    "1",
-    "--device",
-    "cpu",
-]
+TINY = "--data demo --n 16 --preset tiny --resolution 8 --batch 8 --samples 4 --iters 1".split()
+TINY += ["--device", "cpu"]
 TRAINERS = {  # each entry point that trains, with the flags that make its config valid
     "ambient": A.main,
     "baselines": lambda argv: baselines.main(argv + ["--method", "masking", "--mask-p", "0.4"]),
