@@ -1,35 +1,43 @@
-"""Produce the CPU tables and figures of NOTES.md ("Results"): the paper's phenomena at laptop scale.
+"""Produce the CPU tables and figures of NOTES.md ("Results"): the paper's phenomena at laptop
+scale.
 
-    python repro_cpu.py demo    # DDPM vs Algorithm 1 (sigma_tn = 1) under both loss weights, <= 10 min on 2 cores
-    python repro_cpu.py sweep   # sigma_tn sweep, both weights: table + Pareto plot (the shape of the paper's Figure 2)
-    python repro_cpu.py fig3    # Figure 3: denoised estimates at high noise + train/held-out loss gap
-    python repro_cpu.py table2  # Table 2: Algorithm 1 against the noisy-only and masking baselines, 2 seeds
-    python repro_cpu.py weights # per-sample gradient size just above sigma_tn under the two loss weights
+    python repro_cpu.py demo    # DDPM vs Algorithm 1 (sigma_tn = 1) under both loss weights,
+                                # <= 10 min on 2 cores
+    python repro_cpu.py sweep   # sigma_tn sweep, both weights: table + Pareto plot
+                                # (the shape of the paper's Figure 2)
+    python repro_cpu.py fig3    # Figure 3: denoised estimates at high noise
+                                # + train/held-out loss gap
+    python repro_cpu.py table2  # Table 2: Algorithm 1 against the noisy-only and masking
+                                # baselines, 2 seeds
+    python repro_cpu.py weights # per-sample gradient size just above sigma_tn under the two
+                                # loss weights
     python repro_cpu.py onset [--judge ../shared/judge]  # copy rate and quality against images seen
 
-Each command trains the runs it lacks with ambient.py, or baselines.py for Table 2's baselines (the exact
-command lines are printed and logged),
-reuses finished ones, and writes a Markdown table to runs/cpu/<command>.md and PNGs to figures/.
-The protocol below was fixed on a pilot of the DDPM baseline only, before any Algorithm 1 run (the pilot,
-the results and their reading: NOTES.md, Results). `sweep` needs matplotlib (pip install matplotlib).
-fig3 also prints closed-form optima and a "snapping" table, added after the first Algorithm 1 results
-to explain them; they change no protocol or metric.
+Each command trains the runs it lacks with ambient.py, or baselines.py for Table 2's baselines
+(the exact command lines are printed and logged), reuses finished ones, and writes a Markdown
+table to runs/cpu/<command>.md and PNGs to figures/.
+The protocol below was fixed on a pilot of the DDPM baseline only, before any Algorithm 1 run
+(the pilot, the results and their reading: NOTES.md, Results). `sweep` needs matplotlib
+(pip install matplotlib).
+fig3 also prints closed-form optima and a "snapping" table, added after the first Algorithm 1
+results to explain them; they change no protocol or metric.
 
 Protocol. n = 16 images of the bundled CIFAR-10 subset (seeded choice), area-downsampled to 8x8, the
-tiny preset (0.65M parameters), batch 64, lr 1e-3, ITERS iterations, EMA weights, 256 samples; all else
-is ambient.py's default, the released method: the log-normal noise split, the released loss weight
-(or --ambient-weight x0 where a run name ends in -x0), Adam, Heun-40 sampling. Until commit 828d68e
-the protocol sampled with 32 Euler steps and trained with AdamW and the x0 weight, then the defaults.
+tiny preset (0.65M parameters), batch 64, lr 1e-3, ITERS iterations, EMA weights, 256 samples; all
+else is ambient.py's default, the released method: the log-normal noise split, the released loss
+weight (or --ambient-weight x0 where a run name ends in -x0), Adam, Heun-40 sampling. Until commit
+828d68e the protocol sampled with 32 Euler steps and trained with AdamW and the x0 weight, then the
+defaults.
 Two runs train side by side with one thread each.
 
 Measures (none needs downloaded weights):
   memorization  ambient.py's pixel report against the n training images: copy rate (share of samples
                 with d1/d2 < 1/3) and the shares with centred cosine > 0.9 / 0.925 / 0.95.
   held-out loss EDM-weighted denoising error lambda(sigma) |h(x_t) - x_0|^2 on the 200 bundled test
-                images at each sigma in SIGMAS (4 fixed noise draws per image), averaged over SIGMAS.
-                It is the training objective evaluated on unseen images (with the ELBO's weighting
-                its integral would bound the held-out negative log-likelihood), so it scores the fit
-                to the data distribution rather than to the training set.
+                images at each sigma in SIGMAS (4 fixed noise draws per image), averaged over
+                SIGMAS. It is the training objective evaluated on unseen images (with the ELBO's
+                weighting its integral would bound the held-out negative log-likelihood), so it
+                scores the fit to the data distribution rather than to the training set.
   FD 4x4        Frechet distance between 256 samples and the 200 test images on 4x4 area-downsampled
                 pixels (48 numbers: layout and colour). Coarse, but estimable from 256 samples;
                 two references bracket it: 256 random bundled training images (a perfect generator)
@@ -57,16 +65,16 @@ ROOT = Path(__file__).resolve().parent
 RUNS, FIGS = ROOT / "runs" / "cpu", ROOT / "figures"
 N, RES, ITERS, BATCH, SCHEDULE = 16, 8, 1000, 64, "edm"
 COMMON = (
-    f"--data demo --n {N} --preset tiny --resolution {RES} --iters {ITERS} --batch {BATCH} --lr 1e-3 "
-    f"--schedule {SCHEDULE} --samples 256 --device cpu --seed 0 --log-every 250"
+    f"--data demo --n {N} --preset tiny --resolution {RES} --iters {ITERS} --batch {BATCH} "
+    f"--lr 1e-3 --schedule {SCHEDULE} --samples 256 --device cpu --seed 0 --log-every 250"
 ).split()
 WEIGHTS = ("released", "x0")
 DEMO_SIGMA_TN = 1.0
 SWEEP = (0, 0.1, 0.2, 0.4, 1, 2, 4, 20)  # 20: above the paper's range, expected to be too high
 SIGMAS = (0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 40)  # EDM units, for the held-out loss
 FIG3_SIGMAS = (1, 2, 5, 10, 20)
-# Table 2 at demo scale, fixed before its runs: the noisy-only baseline at Algorithm 1's sigma_tn, and
-# masking with the defaults of Ambient Diffusion's released eval.py (p = 0.4, delta = 0.1).
+# Table 2 at demo scale, fixed before its runs: the noisy-only baseline at Algorithm 1's sigma_tn,
+# and masking with the defaults of Ambient Diffusion's released eval.py (p = 0.4, delta = 0.1).
 MASK_P = 0.4
 TABLE2 = (
     (0, "algorithm1", "released"),
@@ -99,8 +107,8 @@ def command(level, n=N, method="algorithm1", seed=0, weight="released"):
 
 
 def train_missing(jobs, parallel=2):
-    """jobs: list of (level, n[, method, seed, weight]). Trains those without metrics.json, `parallel` at a time,
-    one thread each."""
+    """jobs: list of (level, n[, method, seed, weight]). Trains those without metrics.json,
+    `parallel` at a time, one thread each."""
     todo = [j for j in jobs if not (RUNS / run_name(*j) / "metrics.json").exists()]
     env = {**os.environ, "OMP_NUM_THREADS": "1" if min(parallel, len(todo)) > 1 else "2"}
     (
@@ -155,12 +163,12 @@ def load_run(name):
 
 
 def data():
-    """The bundled images at RES: all 800 training images, the n-image subset, the 200 test images."""
+    """The bundled images at RES: all 800 training images, the n-image subset, the 200 test
+    images."""
     f = np.load(ambient.DEMO_FILE)
     train_all = ambient.prepare(f["images"], RES)
-    subset = ambient.choose_subset(
-        len(train_all), N, 0
-    )  # the same seeded subset as ambient.py --n N --seed 0
+    # the same seeded subset as ambient.py --n N --seed 0
+    subset = ambient.choose_subset(len(train_all), N, 0)
     return train_all, train_all[subset], ambient.prepare(f["test_images"], RES)
 
 
@@ -175,7 +183,8 @@ def weighted_loss(model, x0, sigma, draws, seed=0):
 
 
 def fd44(a, b):
-    """Frechet distance of 4x4 area-downsampled pixels (48 features) between image sets in [-1, 1]."""
+    """Frechet distance of 4x4 area-downsampled pixels (48 features) between image sets in
+    [-1, 1]."""
     from scipy import linalg
 
     fa, fb = (
@@ -217,27 +226,30 @@ def table(rows, train_all, subset, test):
     ref_gen = fd44(train_all[torch.randperm(len(train_all), generator=g)[:256]], test)
     ref_copy = fd44(subset[torch.randint(len(subset), (256,), generator=g)], test)
     lines = [
-        "| sigma_tn | weight | copy rate (d1/d2 < 1/3) | cos > 0.9 | cos > 0.925 | cos > 0.95 | cos median | "
-        "d1/d2 median | held-out loss (lower better) | FD 4x4 (lower better) | wall s |",
+        "| sigma_tn | weight | copy rate (d1/d2 < 1/3) | cos > 0.9 | cos > 0.925 | cos > 0.95 | "
+        "cos median | d1/d2 median | held-out loss (lower better) | FD 4x4 (lower better) | "
+        "wall s |",
         "|---" * 11 + "|",
     ]
     for r in rows:
         weight = "-" if r["sigma_tn"] == 0 else r["weight"]
         lines.append(
-            f"| {r['sigma_tn']:g}{' (DDPM)' if r['sigma_tn'] == 0 else ''} | {weight} | {r['copy']:.3f} | {r['c90']:.3f} | "
-            f"{r['c925']:.3f} | {r['c95']:.3f} | {r['cmed']:.3f} | {r['rmed']:.3f} | {r['heldout']:.4f} | "
-            f"{r['fd']:.3f} | {r['wall']} |"
+            f"| {r['sigma_tn']:g}{' (DDPM)' if r['sigma_tn'] == 0 else ''} | {weight} | "
+            f"{r['copy']:.3f} | {r['c90']:.3f} | {r['c925']:.3f} | {r['c95']:.3f} | "
+            f"{r['cmed']:.3f} | {r['rmed']:.3f} | {r['heldout']:.4f} | {r['fd']:.3f} | "
+            f"{r['wall']} |"
         )
     lines.append(
-        f"\nFD 4x4 references: 256 random bundled training images {ref_gen:.3f} (a perfect generator); "
-        f"256 draws from the {N} training images {ref_copy:.3f} (a perfect copier)."
+        f"\nFD 4x4 references: 256 random bundled training images {ref_gen:.3f} "
+        f"(a perfect generator); 256 draws from the {N} training images {ref_copy:.3f} "
+        "(a perfect copier)."
     )
     return "\n".join(lines)
 
 
 def denoiser_of(model, cfg):
-    """The E[x_0 | x_t] a run samples with: the network, or for masking its fixed-mask form (one seeded
-    mask per image, drawn as in sampling)."""
+    """The E[x_0 | x_t] a run samples with: the network, or for masking its fixed-mask form (one
+    seeded mask per image, drawn as in sampling)."""
     if cfg.get("method") != "masking":
         return model
     keep = (1 - cfg["mask_p"]) * (1 - cfg["mask_delta"])
@@ -331,14 +343,15 @@ def sweep(args):
                 fontsize=8,
             )
         handles, labels = ax.get_legend_handles_labels()
-        unique = dict(zip(labels, handles))
+        unique = dict(zip(labels, handles, strict=True))
         ax.legend(unique.values(), unique.keys(), fontsize=7)
         ax.set(
             xlabel="copy rate (share of samples with d1/d2 < 1/3)", ylabel=label + " (lower better)"
         )
         ax.grid(alpha=0.3)
     fig.suptitle(
-        f"sigma_tn sweep: {N} CIFAR-10 images at {RES}x{RES}, {ITERS} x {BATCH} images seen, tiny preset",
+        f"sigma_tn sweep: {N} CIFAR-10 images at {RES}x{RES}, {ITERS} x {BATCH} images seen, "
+        "tiny preset",
         fontsize=9,
     )
     fig.tight_layout()
@@ -371,8 +384,9 @@ def fig3(args):
             tr, te = weighted_loss(net, subset, s, 16), weighted_loss(net, test, s, 4)
             cells.append(f"{tr:.3f} / {te:.3f} / {te - tr:+.3f}")
         lines.append(f"| {s:g} | " + " | ".join(cells) + " |")
-    # Closed-form optima for comparison: the empirical denoisers (DDPM's optimum) on 16 and on 800 images,
-    # and Lemma 4.1's optimum of Eq. 6 on the 16 fixed noisy copies of the Algorithm 1 run (above sigma_tn).
+    # Closed-form optima for comparison: the empirical denoisers (DDPM's optimum) on 16 and on 800
+    # images, and Lemma 4.1's optimum of Eq. 6 on the 16 fixed noisy copies of the Algorithm 1 run
+    # (above sigma_tn).
     S_tn = ambient.load_checkpoint(
         RUNS / run_name(DEMO_SIGMA_TN) / "checkpoint.pt", need=dict(S_tn=torch.Tensor)
     )["S_tn"]
@@ -404,11 +418,13 @@ def fig3(args):
             tr, te = weighted_loss(f, subset, s, 16), weighted_loss(f, test, s, 4)
             cells.append(f"{tr:.3f} / {te:.3f} / {te - tr:+.3f}")
         lines.append(f"| {s:g} | " + " | ".join(cells) + " |")
-    # Snapping: how often a model's estimate for a HELD-OUT x_t is a copy of one of the 16 training images.
+    # Snapping: how often a model's estimate for a HELD-OUT x_t is a copy of one of the 16 training
+    # images.
     lines += [
         "",
-        f"Held-out estimates that snap to a training image: share of the 200 test images whose E[x_0 | x_t] "
-        f"(one noise draw) has d1/d2 < 1/3 / centred cosine > 0.95 against the {N} training images:",
+        "Held-out estimates that snap to a training image: share of the 200 test images whose "
+        f"E[x_0 | x_t] (one noise draw) has d1/d2 < 1/3 / centred cosine > 0.95 against the {N} "
+        "training images:",
         "",
         "| sigma (EDM) | " + " | ".join(lab for _, lab in models) + " |",
         "|---" * (len(models) + 1) + "|",
@@ -420,11 +436,13 @@ def fig3(args):
             with torch.no_grad():
                 nn_ = ambient.nearest_neighbours(net(ambient.add_noise(test, s_t, z), s_t), subset)
             cells.append(
-                f"{(nn_['ratio'] < 1 / 3).float().mean():.3f} / {(nn_['cosine'] > 0.95).float().mean():.3f}"
+                f"{(nn_['ratio'] < 1 / 3).float().mean():.3f} / "
+                f"{(nn_['cosine'] > 0.95).float().mean():.3f}"
             )
         lines.append(f"| {s:g} | " + " | ".join(cells) + " |")
     write("fig3", "\n".join(lines))
-    # The picture: per image, a row of noisy inputs x_t (shown as x_t / alpha) then one row per model.
+    # The picture: per image, a row of noisy inputs x_t (shown as x_t / alpha) then one row per
+    # model.
     images = torch.cat([subset[:3], test[:3]])
     kinds = ["train"] * 3 + ["held-out"] * 3
     z = torch.randn(images.shape, generator=torch.Generator().manual_seed(1))
@@ -452,9 +470,10 @@ def fig3(args):
 
 
 def table2(args):
-    """Each method at demo scale, seeds 0 and 1 (another subset, noise, masks, initialisation and batches).
-    Held-out loss here: the mean over the SIGMAS at or above 2, above every method's t_n, because the
-    noisy-only model never trains below t_n; masking is scored with its fixed-mask denoiser."""
+    """Each method at demo scale, seeds 0 and 1 (another subset, noise, masks, initialisation and
+    batches). Held-out loss here: the mean over the SIGMAS at or above 2, above every method's t_n,
+    because the noisy-only model never trains below t_n; masking is scored with its fixed-mask
+    denoiser."""
     jobs = [(level, N, method, seed, weight) for seed in (0, 1) for level, method, weight in TABLE2]
     train_missing(jobs, args.parallel)
     train_all, subset, test = data()
@@ -480,16 +499,19 @@ def table2(args):
             else "?"
         )
         lines.append(
-            f"| {seed} | {'DDPM' if level == 0 else label[method].format(level, weight)} | {m['copy_rate']:.3f} | "
-            f"{m['cosine_above_0.95']:.3f} | {m['cosine_median']:.3f} | {m['ratio_median']:.3f} | "
-            f"{heldout:.4f} | {fd44(load_samples(name), test):.3f} | {wall} |"
+            f"| {seed} | {'DDPM' if level == 0 else label[method].format(level, weight)} | "
+            f"{m['copy_rate']:.3f} | {m['cosine_above_0.95']:.3f} | {m['cosine_median']:.3f} | "
+            f"{m['ratio_median']:.3f} | {heldout:.4f} | {fd44(load_samples(name), test):.3f} | "
+            f"{wall} |"
         )
     g = torch.Generator().manual_seed(0)
     ref_gen = fd44(train_all[torch.randperm(len(train_all), generator=g)[:256]], test)
     lines.append(
-        f"\nFD 4x4 reference: 256 random bundled training images {ref_gen:.3f} (a perfect generator)."
+        f"\nFD 4x4 reference: 256 random bundled training images {ref_gen:.3f} "
+        "(a perfect generator)."
     )
-    # Added after the first table, to explain the noisy-only row: the held-out loss at each level (seed 0).
+    # Added after the first table, to explain the noisy-only row: the held-out loss at each level
+    # (seed 0).
     lines += [
         "",
         "Held-out denoising loss per noise level, seed 0 (EDM sigma; rows as above):",
@@ -525,10 +547,11 @@ def mean_square_gradient(model, loss_of, x0, draws=8):
 
 
 def weights(args):
-    """Added for issue 10 (which weight the released code uses): the mean squared per-sample gradient of
-    Eq. 6 at noise levels just above sigma_tn, on the demo's trained Algorithm 1 network, under the
-    released weight and the x0 weight. Both scale the same per-sample gradient, so one pass serves
-    both. The clean-data loss at the same level with EDM's weight is the reference: what DDPM sees."""
+    """Added for issue 10 (which weight the released code uses): the mean squared per-sample
+    gradient of Eq. 6 at noise levels just above sigma_tn, on the demo's trained Algorithm 1
+    network, under the released weight and the x0 weight. Both scale the same per-sample gradient,
+    so one pass serves both. The clean-data loss at the same level with EDM's weight is the
+    reference: what DDPM sees."""
     job = DEMO_JOBS[1]
     train_missing([job], args.parallel)
     model, cfg, _ = load_run(run_name(*job))
@@ -546,7 +569,7 @@ def weights(args):
         s_t = torch.tensor(ambient.vp_from_edm(ratio * DEMO_SIGMA_TN))
         w = {k: ambient.loss_weight(s_t, s_n, k).item() for k in ambient.AMBIENT_WEIGHTS}
 
-        def eq6(m, x_tn, z):
+        def eq6(m, x_tn, z, s_t=s_t):
             x_t = ambient.noise_further(x_tn, s_n, s_t, z)
             return ambient.ambient_loss(m(x_t, s_t), x_t, x_tn, s_t, s_n)
 
@@ -554,14 +577,17 @@ def weights(args):
         clean_g2 = (
             mean_square_gradient(
                 model,
-                lambda m, x0, z: ambient.ddpm_loss(m(ambient.add_noise(x0, s_t, z), s_t), x0),
+                lambda m, x0, z, s_t=s_t: ambient.ddpm_loss(
+                    m(ambient.add_noise(x0, s_t, z), s_t), x0
+                ),
                 subset,
             )
             * ambient.loss_weight(s_t, 0.0).item() ** 2
         )
         lines.append(
-            f"| {ratio:g} | {ambient.ambient_coefficients(s_t, s_n)[0].item():.4f} | {w['released']:.3g} | "
-            f"{w['x0']:.3g} | {w['released'] ** 2 * ambient_g2:.3g} | {w['x0'] ** 2 * ambient_g2:.3g} | {clean_g2:.3g} |"
+            f"| {ratio:g} | {ambient.ambient_coefficients(s_t, s_n)[0].item():.4f} | "
+            f"{w['released']:.3g} | {w['x0']:.3g} | {w['released'] ** 2 * ambient_g2:.3g} | "
+            f"{w['x0'] ** 2 * ambient_g2:.3g} | {clean_g2:.3g} |"
         )
     write("weights", "\n".join(lines))
 
@@ -890,7 +916,7 @@ def grid_png(rows, labels, header, path, up=8, label_w=230, top=16):
     draw = ImageDraw.Draw(canvas)
     for c, text in enumerate(header):
         draw.text((label_w + c * (tile + pad) + 2, 2), text, fill="black")
-    for r, (cells, lab) in enumerate(zip(rows, labels)):
+    for r, (cells, lab) in enumerate(zip(rows, labels, strict=True)):
         y = top + r * (tile + pad)
         draw.text((4, y + tile // 2 - 6), lab, fill="black")
         for c, x in enumerate(cells):
@@ -924,8 +950,6 @@ if __name__ == "__main__":
     commands = dict(demo=demo, sweep=sweep, fig3=fig3, table2=table2, weights=weights, onset=onset)
     try:
         commands[args.command](args)
-    except (
-        ambient.UserError
-    ) as e:  # a damaged run or checkpoint in runs/cpu: one line
+    except ambient.UserError as e:  # a damaged run or checkpoint in runs/cpu: one line
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
