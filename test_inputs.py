@@ -85,21 +85,14 @@ def config_of(argv, kind=A.Config):
     return cfg
 
 
+def eval_outputs(tmp):
+    """eval_memorization.py's pixel-only flags, writing only under tmp."""
+    folders = ["--out", str(tmp / "out"), "--cache-dir", str(tmp / "cache")]
+    return ["--pixels-only", *folders, "--device", "cpu"]
+
+
 def eval_argv(run, tmp):
-    return [
-        str(run),
-        "--train",
-        "demo",
-        "--samples",
-        "6",
-        "--pixels-only",
-        "--out",
-        str(tmp / "out"),
-        "--cache-dir",
-        str(tmp / "cache"),
-        "--device",
-        "cpu",
-    ]
+    return [str(run), "--train", "demo", "--samples", "6"] + eval_outputs(tmp)
 
 
 @pytest.mark.parametrize(
@@ -348,15 +341,7 @@ def test_damaged_training_data_gives_one_line_at_every_entry_point(kind, data, c
         np.savez(tmp / "good.npz", images=np.zeros((4, 8, 8, 3), np.uint8))
         for main in TRAINERS.values():
             one_line(main, TINY[2:] + ["--data", spec, "--out", str(tmp / "r")], capsys, tmp)
-        common = [
-            "--pixels-only",
-            "--out",
-            str(tmp / "out"),
-            "--cache-dir",
-            str(tmp / "cache"),
-            "--device",
-            "cpu",
-        ]
+        common = eval_outputs(tmp)
         one_line(E.main, [spec, "--train", "demo"] + common, capsys, tmp)
         one_line(E.main, [str(tmp / "good.npz"), "--train", spec] + common, capsys, tmp)
 
