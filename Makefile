@@ -62,7 +62,7 @@ onset: $(VENV)/.installed
 	$(PY) repro_cpu.py onset $(if $(wildcard ../shared/judge/judge.py),--judge ../shared/judge)
 
 # Throughput table (training and sampling images/s, FLOPs, MFU): tiny on CPU; on a GPU each row of
-# the paper preset (eager, --graph, + --compile, + bf16, + channels_last), edm and Heun-40 sampling.
+# the small preset (eager, --graph, + --compile, + bf16, + channels_last), edm and Heun-40 sampling.
 bench: $(VENV)/.installed
 	$(PY) bench.py
 

@@ -101,8 +101,8 @@ def noise_further(x_tn, sigma_tn, sigma_t, z):
 PRESETS = {
     # CPU: 0.69M parameters at 16x16
     "tiny": dict(channels=16, mults=(1, 2, 4), blocks=1, attn_at=(4,), dropout=0.0),
-    # GPU: 6.47M at 32x32
-    "paper": dict(channels=64, mults=(1, 2, 2), blocks=2, attn_at=(16,), dropout=0.05),
+    # GPU: 6.47M at 32x32, named "paper" before issue 24 (it is not the paper's network: edm is)
+    "small": dict(channels=64, mults=(1, 2, 2), blocks=2, attn_at=(16,), dropout=0.05),
     # EDM's DDPM++ CIFAR-10 layout (the released train.py's default; train.sh names NCSN++):
     # 53.6M here, 55.7M in EDM
     "edm": dict(channels=128, mults=(2, 2, 2), blocks=4, attn_at=(16,), dropout=0.05),
@@ -973,7 +973,9 @@ class Config:
         "released", "Eq. 6's weight: released, or x0 (NOTES.md)", choices=AMBIENT_WEIGHTS
     )
     preset: str = fixed(
-        "paper", "paper (6.5M), edm (DDPM++, 54M) or tiny (0.7M, CPU)", choices=tuple(PRESETS)
+        "small",
+        "small (6.5M), edm (EDM's DDPM++, 54M, the paper's network) or tiny (0.7M, CPU)",
+        choices=(*PRESETS, "paper"),  # "paper": the old name of small, refused with the new one
     )
     dropout: float = fixed(
         None, "dropout (default: the preset's; released train.sh: 0.05)", type=float
@@ -1035,6 +1037,8 @@ class Config:
             choices = f.metadata.get("choices")
             if choices and value not in choices:
                 raise UserError(f"{f.name} {value!r} is not one of {', '.join(map(str, choices))}")
+            if f.name == "preset" and value == "paper":
+                raise UserError("preset 'paper' is now named 'small' (the paper's network is edm)")
 
     def saved(self):
         return {
@@ -1047,6 +1051,8 @@ class Config:
         missing key is LEGACY's or the default (older runs lack newer ones), except data and
         resolution, which every run has written."""
         known = {f.name for f in fields(cls) if f.metadata.get("saved", True)}
+        if saved.get("preset") == "paper":  # small's name before issue 24
+            saved = {**saved, "preset": "small"}
         try:
             missing = [k for k in ("data", "resolution") if saved.get(k) is None]
             if missing:

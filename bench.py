@@ -2,7 +2,7 @@
 
     python bench.py                      # tiny preset on CPU; on a GPU the GPU rows (--rows gpu)
     python bench.py --rows gpu --best-flags runs/best-flags.txt      # as make gpu-check runs it
-    python bench.py --preset paper --batch 256 --dtype bf16 --device cuda --graph --compile default
+    python bench.py --preset small --batch 256 --dtype bf16 --device cuda --graph --compile default
 
 Each case times the training step ambient.py's loop runs (ambient.eager_step through repro_gpu.py's
 wrapper for the options: Algorithm 1 batch, forward, backward, Adam, EMA) and Heun sampling
@@ -132,7 +132,7 @@ HEADER = [
     "| h_theta GFLOP/img | MFU train | MFU sample | peak TFLOP/s (measured) |",
     "|---|---|---|---|---|---|---|---|---|---|---|",
 ]
-# The GPU rows, paper preset at batch 256, each beside the eager baseline: the captured step, the
+# The GPU rows, small preset at batch 256, each beside the eager baseline: the captured step, the
 # compiled network inside it, then bf16 autocast and channels_last on top.
 PAPER_ROWS = [
     ("eager", {}),
@@ -146,10 +146,10 @@ PAPER_ROWS = [
 def gpu_rows(args, device):
     """Each GPU row in one run, printed as it finishes: PAPER_ROWS (the eager one also samples, as
     the baseline), Heun-40 sampling at --sample-batch and the edm preset, each with the options of
-    the fastest paper row before it. A row that fails prints its error and the run goes on; rows
+    the fastest small row before it. A row that fails prints its error and the run goes on; rows
     that would start after --max-s are skipped."""
     t0, done = time.time(), []
-    base = dict(preset="paper", resolution=32, batch=args.batch or 256, steps=args.steps)
+    base = dict(preset="small", resolution=32, batch=args.batch or 256, steps=args.steps)
     rows = [(name, dict(base, **o), dict(sample=name == "eager")) for name, o in PAPER_ROWS]
     sampling = f"Heun-{args.steps} sampling at batch {args.sample_batch}"
     # in order of need, should --max-s cut the list: sampling with the fastest options so far
@@ -164,11 +164,11 @@ def gpu_rows(args, device):
             continue
         trained = [r for r in done if r.get("train_ips")]
         if opts is None and not trained:
-            print(f"| {name}: skipped, no paper row trained |", flush=True)
+            print(f"| {name}: skipped, no small row trained |", flush=True)
             continue
-        if opts is None:  # the fastest paper row's options
+        if opts is None:  # the fastest small row's options
             best = max(trained, key=lambda r: r["train_ips"])
-            opts = dict(base, **best["opts"], preset="edm" if name == "edm" else "paper")
+            opts = dict(base, **best["opts"], preset="edm" if name == "edm" else "small")
             what = dict(sample=False) if name == "edm" else what
         cfg = G.Config(**opts, sample_batch=args.sample_batch)
         try:
@@ -189,9 +189,9 @@ def gpu_rows(args, device):
 
 
 def best_flags(rows):
-    """repro_gpu.py's flags of the fastest paper-preset training row."""
-    paper = [r for r in rows if r["preset"] == "paper" and r.get("train_ips")]
-    return max(paper, key=lambda r: r["train_ips"])["flags"] if paper else []
+    """repro_gpu.py's flags of the fastest small-preset training row."""
+    small = [r for r in rows if r["preset"] == "small" and r.get("train_ips")]
+    return max(small, key=lambda r: r["train_ips"])["flags"] if small else []
 
 
 def parse():
@@ -206,8 +206,8 @@ def parse():
         "--rows",
         choices=("cpu", "gpu"),
         help="cpu: the tiny preset at batch 32 and 256; "
-        "gpu: the paper preset eager, --graph, + --compile, + bf16, + channels_last, the edm "
-        "preset and Heun-40 sampling, the last two with the fastest paper row's options "
+        "gpu: the small preset eager, --graph, + --compile, + bf16, + channels_last, the edm "
+        "preset and Heun-40 sampling, the last two with the fastest small row's options "
         "(default: gpu where there is a GPU, else cpu)",
     )
     p.add_argument("--resolution", type=int, help="image side (default: 16 for tiny, 32 otherwise)")
@@ -250,7 +250,7 @@ def parse():
     p.add_argument(
         "--best-flags",
         metavar="FILE",
-        help="GPU rows: write the fastest paper row's "
+        help="GPU rows: write the fastest small row's "
         "repro_gpu.py flags to FILE (make gpu-check passes them to table1)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON result instead of the table")
@@ -339,7 +339,7 @@ def main():
         if args.best_flags:
             Path(args.best_flags).parent.mkdir(parents=True, exist_ok=True)
             Path(args.best_flags).write_text(" ".join(best_flags(rows)) + "\n")
-            print(f"fastest paper row's flags: {' '.join(best_flags(rows)) or '(eager)'}")
+            print(f"fastest small row's flags: {' '.join(best_flags(rows)) or '(eager)'}")
         return
     # Default on CPU: the tiny preset at the batch of the tests (32) and a large one (256), where
     # glibc's malloc settings matter.

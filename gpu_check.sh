@@ -2,7 +2,7 @@
 # The one-call GPU check of NOTES.md's GPU section, at most about 9 minutes on an H200:
 #     bash gpu_check.sh [RESULTS_DIR]        (or: make gpu-check RESULTS=DIR)
 # The CUDA cases of the graph tests; bench.py's GPU rows (no row starts after 150 s); then the
-# n = 300 trio with the fastest paper row's flags, within what is left of 530 s. Each step runs under
+# n = 300 trio with the fastest small row's flags, within what is left of 530 s. Each step runs under
 # a timeout, so a slow one cannot take the rest with it. RESULTS_DIR receives the log, the flags and
 # table1.md/.json/.png. It needs gpu-data/ (make gpu-data, run where ../shared exists), carried to
 # the GPU machine, and uses that machine's own python3 (PYTHON=...), which holds PyTorch.

@@ -40,7 +40,7 @@ class Config(A.Config):
     precision: str = option(
         "fp32",
         "bf16: the network under bfloat16 autocast; weights, optimizer and losses stay "
-        "float32 (measured slower than TF32 on an H200 for the paper preset: NOTES.md)",
+        "float32 (measured slower than TF32 on an H200 for the small preset: NOTES.md)",
         choices=("fp32", "bf16"),
     )
     channels_last: bool = option(

@@ -156,7 +156,7 @@ def test_preset_sizes_match_the_documented_budget():
         return sum(p.numel() for p in m.parameters())
 
     assert count(A.Denoiser(16, "tiny")) <= 1_000_000
-    assert 2_000_000 <= count(A.Denoiser(32, "paper")) <= 50_000_000
+    assert 2_000_000 <= count(A.Denoiser(32, "small")) <= 50_000_000
     with torch.device("meta"):  # EDM's DDPM++ network for CIFAR-10 has 55.7M parameters
         assert abs(count(A.Denoiser(32, "edm")) / 55.7e6 - 1) < 0.05
 
