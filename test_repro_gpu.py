@@ -273,12 +273,32 @@ TRIO_ARGS = (
 ).split()
 
 
+def watch_steps(monkeypatch, each=lambda count, losses: losses):
+    """table1's trio_step wrapped: after the trio's n-th step, each(n, losses) gives its losses.
+    Returns the list of the steps taken."""
+    real, taken = G.trio_step, []
+
+    def wrapped(members, cfg):
+        step = real(members, cfg)
+
+        def stepping():
+            losses = step()
+            taken.append(len(taken) + 1)
+            return each(len(taken), losses)
+
+        return stepping
+
+    monkeypatch.setattr(G, "trio_step", wrapped)
+    return taken
+
+
 def test_table1_trains_samples_and_scores_the_trio_at_each_checkpoint(
     tmp_path, capsys, monkeypatch
 ):
     """The whole command within a budget, the judge included: the measurement's steps are the
     run's first (1 set-up, 1, then 2 timed: 4 of 8), progress lines on time."""
     monkeypatch.setattr(G, "PROGRESS_S", 0.0)  # a progress line at every step
+    taken = watch_steps(monkeypatch)
     out = tmp_path / "t1"
     argv = TRIO_ARGS + ["--iters", "8", "--checkpoints", "2", "--budget-s", "3600"]
     report = G.table1(argv + ["--measure-s", "1e-6", "--out", str(out), *stand_in_judge(tmp_path)])
@@ -286,7 +306,7 @@ def test_table1_trains_samples_and_scores_the_trio_at_each_checkpoint(
     assert "measuring speed on the trio" in printed and "measured:" in printed
     assert "img/s over the trio, eta" in printed and "64 of 64 images per model" in printed
     assert [r["images"] for r in report["checkpoints"]] == [32, 64]
-    assert report["plan"]["iters"] == 8
+    assert report["plan"]["iters"] == 8 and len(taken) == 8
     for r in report["checkpoints"]:
         assert set(r["models"]) == {"ddpm", "released", "x0"}
         assert all(
@@ -329,19 +349,12 @@ def test_a_stopped_trio_resumes_to_the_uninterrupted_one(tmp_path, capsys, monke
     whole = G.table1(argv + ["--out", str(tmp_path / "whole")])
     real = G.trio_step
 
-    def stopped_after_three(members, cfg):
-        step, calls = real(members, cfg), []
+    def stop_after_three(n, losses):
+        if n == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return losses
 
-        def stepping():
-            losses = step()
-            calls.append(1)
-            if len(calls) == 3:
-                os.kill(os.getpid(), signal.SIGTERM)
-            return losses
-
-        return stepping
-
-    monkeypatch.setattr(G, "trio_step", stopped_after_three)
+    watch_steps(monkeypatch, stop_after_three)
     cut = tmp_path / "cut"
     code, printed = cli(["table1", *argv, "--out", str(cut)], capsys)
     assert code == 130 and printed.err.count("\n") == 1 and "--resume" in printed.err
@@ -373,24 +386,18 @@ def test_a_stopped_trio_resumes_to_the_uninterrupted_one(tmp_path, capsys, monke
     assert code == 2 and "would not extend" in printed.err  # finished: nothing left to train
 
 
-def test_a_non_finite_step_stops_the_trio_naming_model_and_step(tmp_path, monkeypatch):
+@pytest.mark.parametrize("stopped", [False, True])
+def test_a_non_finite_step_stops_the_trio_naming_model_and_step(tmp_path, monkeypatch, stopped):
     """A NaN loss of one member at step 3 (checkpoints at 2 and 4): one line naming the model and
-    the step, and the trio's checkpoint at step 2 is kept."""
-    real = G.trio_step
+    the step, and the trio's checkpoint at step 2 is kept, also when a stop (which saves) comes
+    right after that step."""
 
-    def nan_at_three(members, cfg):
-        step, calls = real(members, cfg), []
+    def nan_at_three(n, losses):
+        if n == 3 and stopped:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return [x * float("nan") if n == 3 and i == 1 else x for i, x in enumerate(losses)]
 
-        def stepping():
-            losses = step()
-            calls.append(1)
-            return [
-                x * float("nan") if len(calls) == 3 and i == 1 else x for i, x in enumerate(losses)
-            ]
-
-        return stepping
-
-    monkeypatch.setattr(G, "trio_step", nan_at_three)
+    watch_steps(monkeypatch, nan_at_three)
     monkeypatch.setattr(G, "figure", lambda *a: None)
     out = tmp_path / "t"
     with pytest.raises(A.UserError, match="released: training is not finite from step 3 on"):
