@@ -524,13 +524,17 @@ def checkpoint_schedule(iters, count):
 
 def extend_schedule(schedule, target, count):
     """The checkpoints of a trio to `target`: a fresh one's checkpoint_schedule; a resumed one
-    keeps its own below target and continues their doubling beyond the last, then ends at target."""
+    keeps its own below target and continues their doubling beyond the last, then ends at target
+    (which takes the place of a doubling less than a quarter below it: two samplings so close
+    would show nothing new)."""
     if not schedule:
         return checkpoint_schedule(target, count)
     kept, point = [p for p in schedule if p < target], schedule[-1]
     while 2 * point < target:
         point *= 2
         kept.append(point)
+    if kept and kept[-1] > schedule[-1] and 4 * kept[-1] > 3 * target:
+        kept.pop()
     return kept + [target]
 
 
@@ -821,11 +825,15 @@ class Trio:
     def check_finite(self):
         for m, bad in zip(self.members, self.bad, strict=True):
             if bad.item() or not A.weights_finite(m.state.net):
+                kept = (
+                    f"the trio's last checkpoint, at step {self.record['step']}, is kept"
+                    if (self.out / TRIO_FILE).exists()
+                    else "no checkpoint had been saved"
+                )
                 raise UserError(
                     f"{m.name}: training is not finite from step {bad.item() or self.step} on (a "
-                    "finite loss can still give infinite gradients); the trio's last checkpoint, "
-                    f"at step {self.record['step']}, is kept. Lower --lr in a new --out, or check "
-                    "the data"
+                    f"finite loss can still give infinite gradients); {kept}. Lower --lr in a new "
+                    "--out, or check the data"
                 )
 
     def train_to(self, target, final, rates):
@@ -1256,11 +1264,14 @@ def markdown(plan, rows, judged):
 def figure(rows, judged, path):
     """Copy share and fd_judge against images seen, and copy share against fd_judge (matched
     quality: DDPM's best fd_judge dashed); without the judge, the pixel copy share alone."""
-    import matplotlib
+    try:
+        import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # a GPU machine's own python may lack it: the tables still come
+        path.with_suffix(".png.txt").write_text("no table1.png: matplotlib is not installed\n")
+        return
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     seen = [r["images"] for r in rows]
     copy = copy_key(judged)

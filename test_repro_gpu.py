@@ -252,6 +252,9 @@ def test_checkpoints_double_up_to_the_last_iteration_and_a_resume_doubles_on():
     assert G.extend_schedule(first, 30_000, 6) == first + [30_000]  # the paper's 7.68M
     assert G.extend_schedule(first, 100_000, 6) == first + [30_000, 60_000, 100_000]
     assert G.extend_schedule(first, 20_000, 6) == first + [20_000]
+    # 2 x 14,873 = 29,746 is within a quarter of 30,000: one sampling, at 30,000
+    assert G.extend_schedule([14_873], 30_000, 6) == [14_873, 30_000]
+    assert G.extend_schedule([14_873], 40_000, 6) == [14_873, 29_746, 40_000]
     assert G.extend_schedule([], 4096, 6) == G.checkpoint_schedule(4096, 6)
 
 
@@ -419,7 +422,7 @@ def rows_of(images, **columns):
     ]
 
 
-def test_the_report_reads_the_trio_at_matched_quality():
+def test_the_report_reads_the_trio_at_matched_quality(tmp_path, monkeypatch):
     """DDPM's best fd_judge is 40 (at 400 images, copying 20%). released first reaches 40 between
     200 images (fd 70, copying 0%) and 400 (fd 30, 10%), (70 - 40) / (70 - 30) = 3/4 of the way:
     0 + 3/4 x 10% = 7.5%. x0 never reaches 40 (its best: 45 at 800 images, 2%). A weight already
@@ -438,6 +441,10 @@ def test_the_report_reads_the_trio_at_matched_quality():
     assert "by its first checkpoint (100 images), copying 5.0%" in "\n".join(
         G.matched_quality_lines(early, judged=True)
     )
+    G.figure(rows, True, tmp_path / "table1.png")  # the third panel: copy share on fd_judge
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # a GPU machine's python without it
+    G.figure(rows, True, tmp_path / "none.png")
+    assert (tmp_path / "table1.png").is_file() and (tmp_path / "none.png.txt").is_file()
 
 
 def test_the_command_line_edges(tmp_path, capsys, monkeypatch):
