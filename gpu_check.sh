@@ -2,7 +2,7 @@
 # The one-call GPU check of NOTES.md's GPU section, within one 600 s device command on an H200:
 #     bash gpu_check.sh [RESULTS_DIR]          (or: make gpu-check RESULTS=DIR)
 #     bash gpu_check.sh [RESULTS_DIR] resume   (or: make gpu-check RESULTS=DIR MODE=resume)
-# First the n = 300 trio (repro_gpu.py table1, --budget-s $TRIO_BUDGET_S, default 520 of the 600):
+# First the n = 300 trio (repro_gpu.py table1, --budget-s $TRIO_BUDGET_S, default 530 of the 600):
 # 6 log-spaced checkpoints, 5,120 samples each (5 whole batches of 1,024), judged, into
 # runs/gpu-check/table1. Then, with what is left of 585 s, the CUDA cases of the GPU tests and
 # bench.py's GPU rows. Each step runs under a timeout, so a slow one cannot take the rest with it.
@@ -17,7 +17,7 @@ results=${1:-runs/gpu-check}
 mode=${2:-first}
 # the fastest small-preset row measured on the H200 at b3d7c3e (NOTES.md): 11,964 img/s alone
 TRIO_FLAGS=${TRIO_FLAGS:---graph --compile default --precision bf16}
-TRIO_BUDGET_S=${TRIO_BUDGET_S:-520}
+TRIO_BUDGET_S=${TRIO_BUDGET_S:-530}
 if [ ! -f gpu-data/judge/judge.py ]; then
     echo "error: no gpu-data/: run make gpu-data where ../shared exists, and carry gpu-data" >&2
     exit 2
