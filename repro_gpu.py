@@ -1148,7 +1148,7 @@ def add_row(trio, row, t0, judged):
 
 
 METRICS = [
-    ("judge_sim>0.95", "judge: share with similarity > 0.95 (to the 300 training images)", True),
+    ("judge_sim>0.95", "judge: share with similarity > 0.95 (to the n training images)", True),
     ("judge_sim>0.9", "judge: share with similarity > 0.9", True),
     ("judge_fd_judge", "judge: fd_judge against the held-out images (lower is better)", False),
     ("pixel_cosine_above_0_95", "pixels: share with centred cosine > 0.95", True),
@@ -1207,7 +1207,13 @@ def matched_quality_lines(rows, judged):
     lines = [
         f"At matched quality (copy share: judge similarity > 0.95; quality: fd_judge). DDPM's best "
         f"fd_judge is {m['fd']:.2f}, at {m['images']:,} images, where it copies "
-        f"{100 * m['copy']:.1f}%: early-stopped DDPM, the baseline the paper leaves out.",
+        f"{100 * m['copy']:.1f}%: early-stopped DDPM, the baseline the paper leaves out."
+        + (
+            " It is DDPM's last checkpoint: its quality was still improving, so this reading is "
+            "provisional."
+            if m["images"] == rows[-1]["images"]
+            else ""
+        ),
         "",
     ]
     for name, hit in m["weights"].items():
@@ -1236,9 +1242,10 @@ def matched_quality_lines(rows, judged):
 def markdown(plan, rows, judged):
     names = list(rows[0]["models"])
     lines = [
-        f"Table 1's CIFAR-10 trio at n = 300: {plan['images']:,} images seen per model at the "
-        f"end ({100 * plan['share']:.2f}% of the paper's 7.68M), {plan['samples']:,} Heun samples "
-        "per model and checkpoint, the same subset, seed and batches for the three.",
+        f"Table 1's CIFAR-10 trio at n = {plan['config']['n']}: {plan['images']:,} images seen per "
+        f"model at the end ({100 * plan['share']:.2f}% of the paper's 7.68M), "
+        f"{plan['samples']:,} Heun samples per model and checkpoint, the same subset, seed and "
+        "batches for the three.",
         "",
     ]
     if not judged:

@@ -435,12 +435,13 @@ def test_the_report_reads_the_trio_at_matched_quality(tmp_path, monkeypatch):
     )
     text = "\n".join(G.matched_quality_lines(rows, judged=True))
     assert "DDPM's best fd_judge is 40.00, at 400 images, where it copies 20.0%" in text
+    assert "provisional" not in text  # DDPM's best is before its last checkpoint
     assert "released: first reaches fd_judge 40.00 between 200 and 400 images, copying 7.5%" in text
     assert "x0: never reaches fd_judge 40.00 within the run (its own best is 45.00 at 800" in text
     early = rows_of([100, 200], ddpm=([50, 40], [0, 0.3]), x0=([39, 20], [0.05, 0.4]))
-    assert "by its first checkpoint (100 images), copying 5.0%" in "\n".join(
-        G.matched_quality_lines(early, judged=True)
-    )
+    text = "\n".join(G.matched_quality_lines(early, judged=True))
+    assert "by its first checkpoint (100 images), copying 5.0%" in text
+    assert "still improving, so this reading is provisional" in text  # DDPM's best is its last
     G.figure(rows, True, tmp_path / "table1.png")  # the third panel: copy share on fd_judge
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # a GPU machine's python without it
     G.figure(rows, True, tmp_path / "none.png")
