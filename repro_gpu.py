@@ -611,7 +611,9 @@ def check_table1_args(args, rest):
             "may take, e.g. --budget-s 480"
         )
     if args.measure_s is not None and not 0 < args.measure_s <= MEASURE_MAX_S:
-        raise UserError(f"--measure-s {args.measure_s:g} must be above 0 and at most 30")
+        raise UserError(
+            f"--measure-s {args.measure_s:g} must be above 0 and at most {MEASURE_MAX_S:g}"
+        )
     for key in ("samples", "checkpoints"):
         if getattr(args, key) < 1:
             raise UserError(f"--{key} {getattr(args, key)} must be at least 1")
@@ -619,6 +621,8 @@ def check_table1_args(args, rest):
         if any(a == flag or a.startswith(flag + "=") for a in rest):
             raise UserError(f"table1 sets {flag} itself (the trio: DDPM, released, x0); drop it")
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; name a folder for the trio")
     older = (out / "table1.json").exists() or any(next((out / n).glob("*.pt"), 0) for n in TRIO)
     if (out / TRIO_FILE).exists():
         if not args.resume:
@@ -646,8 +650,11 @@ def trio_config(args, rest):
         flags += [] if "--graph" in rest else ["--graph"]
         flags += [] if "--sample-batch" in rest else ["--sample-batch", "1024"]
     cfg = Config(**vars(A.build_parser(Config).parse_args(flags + rest)))
-    cfg.sigma_tn, cfg.samples = args.sigma_tn, args.samples
+    # replace: Config's own checks of each value's type and range
+    cfg = dataclasses.replace(cfg, sigma_tn=args.sigma_tn, samples=args.samples)
     cfg.check()
+    if cfg.iters < 1:
+        raise UserError(f"--iters {cfg.iters}: the trio needs at least one iteration")
     cfg.data_path = str(Path(cfg.data).resolve()) if cfg.data not in ("demo", "cifar") else None
     # a partial batch would compile the network anew
     if cfg.graph and cfg.samples % cfg.sample_batch:
@@ -1016,7 +1023,7 @@ def first_target(trio, args, rest):
     target = cfg.iters if explicit or not record["schedule"] or args.budget_s else None
     target = record["schedule"][-1] if target is None else target
     done = {r["iters"] for r in record["rows"]}
-    if target < trio.step or (target == trio.step and trio.step in done | {0}):
+    if target < trio.step or (target == trio.step and trio.step in done):
         images = trio.step * cfg.batch
         raise UserError(
             f"--resume: the trio in {trio.out} has trained to {images:,} images per model and "

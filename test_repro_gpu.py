@@ -459,6 +459,13 @@ def test_the_command_line_edges(tmp_path, capsys, monkeypatch):
     for flags in (["--budget-s", "-1"], ["--budget-s", "0"], ["--measure-s", "31"]):
         code, printed = cli(["table1", *flags, "--device", "cpu"], capsys)
         assert code == 2 and printed.err.count("\n") == 1 and flags[0] in printed.err
+    for flags, why in (
+        (["--out", __file__], "is a file"),
+        (["--iters", "0"], "--iters 0"),
+        (["--samples", str(2**40)], "samples"),
+    ):
+        code, printed = cli(["table1", *TRIO_ARGS, *flags], capsys)
+        assert code == 2 and printed.err.count("\n") == 1 and why in printed.err
     code, printed = cli(
         ["table1", "--budget-s", "60", "--data", "missing.npz", "--device", "cpu"], capsys
     )
