@@ -36,13 +36,13 @@ table1=("$PYTHON" repro_gpu.py table1 $TRIO_FLAGS --checkpoints 6 --samples 5120
     --data gpu-data/data/cifar10_train_png4000.npz --judge gpu-data/judge --out "$trio")
 {
     if [ "$mode" = resume ]; then
-        echo "table1 --resume: --budget-s 555, toward 7.68M images per model"
-        timeout -k 15 570 "${table1[@]}" --resume --budget-s 555 --iters 30000
+        echo "table1 --resume: --budget-s 540, toward 7.68M images per model"
+        timeout -k 10 580 "${table1[@]}" --resume --budget-s 540 --iters 30000
         echo "table1 exit status $?"
     else
         echo "table1: --budget-s $TRIO_BUDGET_S"
         rm -rf "$trio"  # a first call starts a fresh trio (the second one resumes it)
-        timeout -k 15 $((TRIO_BUDGET_S + 25)) "${table1[@]}" --budget-s "$TRIO_BUDGET_S"
+        timeout -k 10 $((TRIO_BUDGET_S + 40)) "${table1[@]}" --budget-s "$TRIO_BUDGET_S"
         echo "table1 exit status $?"
         if [ "$(left)" -gt 90 ]; then
             timeout $(($(left) - 60)) "$PYTHON" -m pytest -q test_repro_gpu.py \
