@@ -66,11 +66,12 @@ onset: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) bench.py
 
-# Table 1's CIFAR-10 trio (n = 300: DDPM, released, x0) at the paper's budget, as curves against
-# images seen, sampled and judged at each checkpoint: a GPU job. BUDGET=480 scales the images seen to
-# fit about that many seconds. It reads gpu-data/ (make gpu-data).
+# Table 1's CIFAR-10 trio (n = 300: DDPM, released, x0) stepped together to the paper's budget, as
+# curves against images seen, sampled and judged at each checkpoint: a GPU job. BUDGET=480 scales the
+# images seen to fit about that many seconds; RESUME=1 continues (or extends) the trio in runs/table1.
+# It reads gpu-data/ (make gpu-data).
 repro-gpu: $(VENV)/.installed
-	$(PY) repro_gpu.py table1 $(if $(BUDGET),--budget-s $(BUDGET)) $(GPU_TABLE1)
+	$(PY) repro_gpu.py table1 $(if $(BUDGET),--budget-s $(BUDGET)) $(if $(RESUME),--resume) $(GPU_TABLE1)
 
 # The GPU machine has no ../shared and no internet: the CIFAR-10 subsets and the offline judge are
 # copied into gpu-data/ (git-ignored), which a device call carries. Run here, where ../shared is.
@@ -82,7 +83,9 @@ gpu-data:
 	cp ../shared/data/cifar10_train_png4000.npz ../shared/data/cifar10_test_png1000.npz $(GPU_DATA)/data/
 	cp ../shared/judge/judge.py ../shared/judge/cifar10_judge.pt ../shared/judge/README.md $(GPU_DATA)/judge/
 
-# The one-call GPU check (at most about 9 min on an H200; NOTES.md's GPU section): gpu_check.sh,
-# which runs without make too. RESULTS=DIR receives the log, the flags and table1.md/.json/.png.
+# The one-call GPU check (within one 600 s call on an H200; NOTES.md's GPU section): gpu_check.sh,
+# which runs without make too: the trio first, then the CUDA tests and bench rows with what is left.
+# MODE=resume: a second call continues the trio toward 7.68M images. RESULTS=DIR receives the logs,
+# table1.md/.json/.png and trio.json.
 gpu-check:
-	PYTHON=$(PYTHON) bash gpu_check.sh $(RESULTS)
+	PYTHON=$(PYTHON) bash gpu_check.sh $(or $(RESULTS),runs/gpu-check) $(MODE)

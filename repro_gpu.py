@@ -15,12 +15,14 @@ judge's fd_judge and similarity. The `--` keeps torchrun from reading --n as its
 ambient.py knows nothing of this file.
 """
 
-import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import os
+import shlex
 import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -336,11 +338,34 @@ def train(argv=None):
 
 
 # ------------------------------------------------------------------------------------------------
+# Three models stepped together (placeholder; A1's version replaces it). table1 reaches the trio's
+# speed through these two functions only; here each member steps and samples on its own, in turn.
+# ------------------------------------------------------------------------------------------------
+def trio_step(members, cfg):
+    """-> step(): advances every member one training step; returns a list of their loss tensors
+    (device, no sync). members have .state (ambient.TrainState), .method (Fast), .cfg (member
+    Config). The caller increments each member.state.step after step() returns."""
+    steps = [m.method.make_step(m.state, m.method, m.cfg) for m in members]
+
+    def step():
+        return [one() for one in steps]
+
+    return step
+
+
+def trio_generate(members, count, log=print):
+    """-> list of sample tensors, one per member, each equal to
+    member.method.generate(member.state.ema, count, log)."""
+    return [m.method.generate(m.state.ema, count, log) for m in members]
+
+
+# ------------------------------------------------------------------------------------------------
 # Table 1's CIFAR-10 trio in one command: DDPM and Algorithm 1 under both loss weights at n = 300,
-# the same subset, seed, initialisation and batches, trained in turns on one device to log-spaced
-# checkpoints; at each checkpoint each model samples with Heun-40 and is scored, so the report is a
-# curve of copying and quality against images seen. --budget-s scales the images seen so that the
-# whole command fits; the report says what share of the paper's budget that was.
+# the same subset, seed, initialisation and batches, stepped together (trio_step) to log-spaced
+# checkpoints; at each checkpoint the trio's state is saved, each model samples with Heun-40 and is
+# scored, so the report is a curve of copying and quality against images seen, and a reading of
+# the two at matched quality. --budget-s measures the trio's own first steps and plans the images
+# seen that fit; a stop saves the trio and --resume continues it, or extends its curve.
 # ------------------------------------------------------------------------------------------------
 PAPER_IMAGES = 30_000 * 256  # the paper: 30k iterations at batch 256
 TRIO = {
@@ -348,6 +373,15 @@ TRIO = {
     "released": dict(ambient_weight="released"),
     "x0": dict(ambient_weight="x0"),
 }
+TRIO_FILE = "trio.json"  # the trio's record: its settings, schedule, saved step and scored rows
+PROGRESS_S = 30.0  # while training, a progress line at least this often (seconds of wall time)
+MEASURE_MAX_S = 30.0  # the longest timed training --measure-s may ask for
+# what table1 calls in a --judge folder's judge.py
+JUDGE_API = ("load_judge", "features", "nn_cosine", "pixel_ratio", "frechet")
+
+
+class Stopped(Exception):  # SIGINT or SIGTERM, the trio saved: one line, exit 130
+    pass
 
 
 def stand_in_training(cfg, device):
@@ -386,103 +420,145 @@ def timed(fn, device):
 
 @dataclass
 class Rates:
-    train_ips: float  # one model's training images/s
-    sample_ips: float  # one model's sampling images/s (Heun, full batches of cfg.sample_batch)
-    setup_s: float  # first step and first sampling batch beyond their timed cost: compile, capture
+    train_ips: float  # training images/s of the three models together (the sum over the trio)
+    sample_ips: float  # sampling images/s of the three together (Heun, whole sampling batches)
+    setup_s: float  # first steps and sampling batches beyond their timed cost: compile, capture
 
 
-def measure(cfg, budget_s, train_s=None, log=print):
-    """Rates of cfg's options, measured on a stand-in dataset. It says what it measures and for how
-    long, and refuses when measuring alone would take more than half of budget_s."""
-    device = A.pick_device(cfg.device)
-    train_s = train_s or min(5.0, budget_s / 200)
-    one, state, method = stand_in_training(cfg, device)
-    x, s = method.S[:8], torch.full((8,), 0.5, device=device)
-    with torch.no_grad():
-        state.net(x, s)  # the first call allocates
-        call_s = timed(lambda: state.net(x, s), device) / 8  # one image's forward pass
-    fresh = cfg.graph or cfg.compile != "none"  # the first step and batch compile and capture
-    step_guess = 3 * call_s * cfg.batch  # forward and backward: about three forward passes
-    sampling = (2 * cfg.steps - 1) * call_s * cfg.sample_batch  # Heun's network calls
-    training = (7 if device.type == "cuda" else 2) * step_guess + train_s  # warm-up steps and timed
-    guess = training + (1 + fresh) * sampling
-    log(
-        f"measuring speed ({cfg.preset} preset, batch {cfg.batch}, on {device}): training steps "
-        f"for about {training:.0f} s and {1 + fresh} sampling batch(es) of "
-        f"{cfg.sample_batch}, about {guess:.0f} s in all" + (" plus compilation" if fresh else "")
+class Stops:
+    """SIGINT and SIGTERM, noted when they come and raised as KeyboardInterrupt at the next safe
+    point (`check`): after a whole training step and its count, between sampling batches, after a
+    line of the log. There the three models' state is whole and no file is half written."""
+
+    def __init__(self):
+        self.pending = False
+
+    def __call__(self, signum, frame):
+        self.pending = True
+
+    def check(self):
+        if self.pending:
+            self.pending = False
+            raise KeyboardInterrupt
+
+
+def measure(trio, measure_s, budget_s, t0):
+    """The trio's rates, measured on the trio itself: its first steps (the graphs' warm-up and
+    capture, the compilation: set-up), then measure_s seconds of timed steps, all of them the run's
+    own first steps; then two sampling batches per model, the first with its set-up, the second
+    timed. Refuses, naming what it measured, once the measurement alone has spent the budget."""
+    cfg, device = trio.cfg, trio.device
+    warm = 5 if device.type == "cuda" else 1  # a captured step: 3 warm-up steps, then the capture
+    trio.log(
+        f"measuring speed on the trio ({cfg.preset} preset, batch {cfg.batch} per model, on "
+        f"{device}): {warm} set-up step(s), about {measure_s:g} s of timed steps (the run's first "
+        f"steps), two sampling batches of {cfg.sample_batch} per model"
     )
-    if guess > budget_s / 2:
-        raise UserError(
-            f"measuring speed alone would take about {guess:.0f} s of --budget-s "
-            f"{budget_s:g}; raise --budget-s, or take a smaller --preset, --batch or "
-            "--sample-batch"
-        )
-    first_s = timed(one, device)
-    for _ in range(5 if device.type == "cuda" else 0):  # the graph's warm-up steps and its capture
-        one()
-    step_s = timed(one, device)
-    steps = max(3, int(train_s / max(step_s, 1e-6)))
-    train_ips = steps * cfg.batch / timed(lambda: [one() for _ in range(steps)], device)
+    first_s = timed(lambda: trio.advance(warm), device)
+    over_budget(budget_s, t0, f"{warm} set-up step(s) of the trio took {first_s:.1f} s")
+    step_s = timed(lambda: trio.advance(1), device)
+    steps = max(2, int(measure_s / max(step_s, 1e-6)))
+    train_ips = 3 * cfg.batch * steps / timed(lambda: trio.advance(steps), device)
 
     def batch():
-        method.generate(state.ema, cfg.sample_batch, log=lambda m: None)
+        trio_generate(trio.members, cfg.sample_batch, log=trio.quiet)
 
-    warm_s = timed(batch, device) if fresh else 0.0
+    warm_s = timed(batch, device)
+    over_budget(budget_s, t0, f"the first sampling batches took {warm_s:.1f} s")
     sample_s = timed(batch, device)
-    setup_s = first_s - cfg.batch / train_ips + max(warm_s - sample_s, 0.0) if warm_s else 0.0
-    log(
-        f"measured: {train_ips:.0f} training img/s, {cfg.sample_batch / sample_s:.0f} sampling "
-        f"img/s, {setup_s:.1f} s to set up a model"
+    setup_s = max(first_s - warm * 3 * cfg.batch / train_ips, 0.0) + max(warm_s - sample_s, 0.0)
+    rates = Rates(train_ips, 3 * cfg.sample_batch / sample_s, setup_s)
+    trio.log(
+        f"measured: {rates.train_ips:,.0f} training img/s over the trio, {rates.sample_ips:,.0f} "
+        f"sampling img/s over the trio, {setup_s:.1f} s of set-up (compile, capture)"
     )
-    return Rates(train_ips, cfg.sample_batch / sample_s, max(setup_s, 0.0))
+    return rates
 
 
-def trio_iterations(budget_s, spent_s, rates, samples, checkpoints, batch, max_iters, models=3):
-    """Training iterations per model so that the trio is set up, trained, sampled at each checkpoint
-    and scored in budget_s seconds, spent_s of which are gone: the models train in turns at the
-    measured rate, each sets up once, and scoring is given a tenth of the budget."""
-    sampling = models * checkpoints * samples / rates.sample_ips
-    fixed = spent_s + models * rates.setup_s + sampling
-    left = 0.9 * budget_s - fixed
-    if left <= 0:
+def over_budget(budget_s, t0, what):
+    spent = time.time() - t0
+    if spent > 0.9 * budget_s:
         raise UserError(
-            f"--budget-s {budget_s:g}: setting up and sampling {models} x {checkpoints} x "
-            f"{samples:,} images alone take about {fixed:.0f} s at the measured "
-            f"{rates.sample_ips:.0f} img/s; pass at least --budget-s "
-            f"{1.1 * fixed / 0.9:.0f}, or fewer --samples or --checkpoints"
+            f"--budget-s {budget_s:g}: {what}, {spent:.0f} s spent before training; pass a larger "
+            "--budget-s, or take a smaller --preset, --batch or --sample-batch"
         )
-    return int(max(1, min(max_iters, left * rates.train_ips / models / batch)))
+
+
+def plan_target(budget_s, spent_s, rates, first, last, cost_of_points, batch, models=3):
+    """The most iterations in [first, last] (first: the step the trio has reached) whose training
+    and whose checkpoints' sampling, at the measured rates, fit 90% of budget_s after the spent_s
+    already gone (scoring and saving: the other 10%). cost_of_points(T): the samples that the
+    checkpoints to T still need, per model. Refuses, naming the budget that fits, when the sampling
+    alone does not."""
+
+    def cost(target):
+        training = (target - first) * models * batch / rates.train_ips
+        return training + models * cost_of_points(target) / rates.sample_ips
+
+    left = 0.9 * budget_s - spent_s
+    sampling = models * cost_of_points(last) / rates.sample_ips
+    if sampling > left:
+        raise UserError(
+            f"--budget-s {budget_s:g}: sampling the checkpoints alone takes about {sampling:.0f} s "
+            f"at the measured {rates.sample_ips:,.0f} img/s, after {spent_s:.0f} s spent; pass at "
+            f"least --budget-s {1.1 * (spent_s + sampling) / 0.9:.0f}, or fewer --samples or "
+            "--checkpoints"
+        )
+    low, high = first, last  # the largest target whose cost fits (cost grows with the target)
+    while low < high:
+        mid = (low + high + 1) // 2
+        if cost(mid) <= left:
+            low = mid
+        else:
+            high = mid - 1
+    return low
 
 
 def checkpoint_schedule(iters, count):
     """`count` log-spaced iterations ending at iters, each twice the one before (fewer where the
-    early ones would round to the same iteration); never below 1."""
-    points = {max(1, round(iters / 2 ** (count - 1 - k))) for k in range(count)}
-    return sorted(points)
+    early ones would round to the same iteration, so never more than log2(iters) + 2); never
+    below 1."""
+    count = min(count, iters.bit_length() + 1)
+    return sorted({max(1, round(iters / 2 ** (count - 1 - k))) for k in range(count)})
+
+
+def extend_schedule(schedule, target, count):
+    """The checkpoints of a trio to `target`: a fresh one's checkpoint_schedule; a resumed one
+    keeps its own below target and continues their doubling beyond the last, then ends at target
+    (which takes the place of a doubling less than a quarter below it: two samplings so close
+    would show nothing new)."""
+    if not schedule:
+        return checkpoint_schedule(target, count)
+    kept, point = [p for p in schedule if p < target], schedule[-1]
+    while 2 * point < target:
+        point *= 2
+        kept.append(point)
+    if kept and kept[-1] > schedule[-1] and 4 * kept[-1] > 3 * target:
+        kept.pop()
+    return kept + [target]
 
 
 def table1_args(argv):
-    p = argparse.ArgumentParser(
+    p = A.Parser(
         prog="repro_gpu.py table1",
         description="Table 1's CIFAR-10 trio at n = 300 in one command: DDPM (sigma_tn 0) and "
-        "Algorithm 1 under the released and the x0 weight, trained to log-spaced checkpoints, "
-        "sampled (Heun) and scored at each. Other flags go to all three runs (ambient.py's and "
-        "`train`'s).",
+        "Algorithm 1 under the released and the x0 weight, stepped together to log-spaced "
+        "checkpoints, sampled (Heun) and scored at each. Other flags go to all three runs "
+        "(ambient.py's and `train`'s). SIGINT or SIGTERM saves the trio; --resume continues it.",
     )
     p.add_argument(
         "--budget-s",
         type=float,
         default=None,
-        help="fit the whole command in about this "
-        "many seconds by training on fewer images than the paper's 7.68M (default: the "
-        "paper's budget, --iters)",
+        help="fit the whole command in about this many seconds by training on fewer images than "
+        "the paper's 7.68M, planned from the trio's measured speed (default: --iters)",
     )
     p.add_argument(
         "--measure-s",
         type=float,
         default=None,
-        help="with --budget-s: seconds of timed "
-        "training steps when measuring speed (default: a 200th of the budget, at most 5)",
+        help="with --budget-s: seconds of timed training steps when measuring speed, at most "
+        f"{MEASURE_MAX_S:g} (default: a 200th of the budget, at most 5)",
     )
     p.add_argument(
         "--sigma-tn", type=float, default=0.4, help="Algorithm 1's sigma_tn (default 0.4)"
@@ -497,7 +573,8 @@ def table1_args(argv):
         "--checkpoints",
         type=int,
         default=6,
-        help="log-spaced checkpoints, each at twice the images of the one before (default 6)",
+        help="log-spaced checkpoints, each at twice the images of the one before (default 6; "
+        "at most log2(iterations) + 2 are distinct)",
     )
     p.add_argument(
         "--judge",
@@ -515,25 +592,51 @@ def table1_args(argv):
         default="runs/table1",
         help="folder for the runs and the report (default runs/table1)",
     )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the stopped or finished trio in --out with its settings; a larger --iters "
+        "or a --budget-s extends its curve, doubling beyond its last checkpoint",
+    )
     args, rest = p.parse_known_args(argv)
+    check_table1_args(args, rest)
+    return args, rest
+
+
+def check_table1_args(args, rest):
+    """The flags, and whether --out may take the trio, before anything loads."""
     if args.budget_s is not None and not args.budget_s > 0:
         raise UserError(
             f"--budget-s {args.budget_s:g} must be positive: the seconds the whole command "
             "may take, e.g. --budget-s 480"
         )
-    if args.measure_s is not None and not args.measure_s > 0:
-        raise UserError(f"--measure-s {args.measure_s:g} must be positive")
+    if args.measure_s is not None and not 0 < args.measure_s <= MEASURE_MAX_S:
+        raise UserError(
+            f"--measure-s {args.measure_s:g} must be above 0 and at most {MEASURE_MAX_S:g}"
+        )
     for key in ("samples", "checkpoints"):
         if getattr(args, key) < 1:
             raise UserError(f"--{key} {getattr(args, key)} must be at least 1")
-    if (Path(args.out) / "table1.json").exists():
-        raise UserError(
-            f"{args.out} already holds a trio's report; choose another --out or remove it"
-        )
-    for flag in ("--ambient-weight", "--resume", "--out"):
+    for flag in ("--ambient-weight", "--out"):
         if any(a == flag or a.startswith(flag + "=") for a in rest):
             raise UserError(f"table1 sets {flag} itself (the trio: DDPM, released, x0); drop it")
-    return args, rest
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; name a folder for the trio")
+    older = (out / "table1.json").exists() or any(next((out / n).glob("*.pt"), 0) for n in TRIO)
+    if (out / TRIO_FILE).exists():
+        if not args.resume:
+            raise UserError(
+                f"{out} holds a stopped or finished trio ({TRIO_FILE}); continue it with --resume "
+                "(a larger --iters or a --budget-s extends it), or choose another --out"
+            )
+    elif args.resume:
+        why = ", an older table1's, which cannot resume" if older else ""
+        raise UserError(f"--resume: no trio to continue in {out} (no {TRIO_FILE}{why}); drop it")
+    elif older:
+        raise UserError(
+            f"{out} holds an older table1's runs (no {TRIO_FILE}); choose another --out"
+        )
 
 
 def trio_config(args, rest):
@@ -547,8 +650,12 @@ def trio_config(args, rest):
         flags += [] if "--graph" in rest else ["--graph"]
         flags += [] if "--sample-batch" in rest else ["--sample-batch", "1024"]
     cfg = Config(**vars(A.build_parser(Config).parse_args(flags + rest)))
-    cfg.sigma_tn, cfg.samples = args.sigma_tn, args.samples
+    # replace: Config's own checks of each value's type and range
+    cfg = dataclasses.replace(cfg, sigma_tn=args.sigma_tn, samples=args.samples)
     cfg.check()
+    if cfg.iters < 1:
+        raise UserError(f"--iters {cfg.iters}: the trio needs at least one iteration")
+    cfg.data_path = str(Path(cfg.data).resolve()) if cfg.data not in ("demo", "cifar") else None
     # a partial batch would compile the network anew
     if cfg.graph and cfg.samples % cfg.sample_batch:
         cfg.samples = args.samples = -(-cfg.samples // cfg.sample_batch) * cfg.sample_batch
@@ -620,11 +727,17 @@ def load_judge(args, cfg, device):
     judge = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(judge)
-        net = judge.load_judge(device=device)
+        missing = [f for f in JUDGE_API if not callable(getattr(judge, f, None))]
+        net = None if missing else judge.load_judge(device=device)
     except Exception as e:
         raise UserError(
             f"--judge {folder}: cannot load the judge ({type(e).__name__}: {str(e).strip()[:120]})"
         ) from None
+    if missing:
+        raise UserError(
+            f"--judge {folder}: its judge.py has no {missing[0]}() (table1 calls "
+            f"{', '.join(JUDGE_API)}); pass the offline judge's folder (../shared/judge)"
+        )
     held_out, _ = A.load_images(str(ref))
     return judge, net, as_judged(A.prepare(held_out, cfg.resolution))
 
@@ -638,13 +751,12 @@ def judge_for(loaded, S):
 
 @dataclass
 class Member:
-    """One of the trio: its method object, training state, step and folder."""
+    """One of the trio: its method object, training state and folder."""
 
     name: str
     cfg: Config
     method: Fast
     state: A.TrainState
-    step: object
     folder: Path
 
     def log(self, msg):
@@ -652,27 +764,129 @@ class Member:
             f.write(msg + "\n")
 
 
-def trio_member(name, cfg, S, indices, out):
+def trio_member(name, cfg, S, indices, out, saved=None):
     """Set up as ambient.run sets up a run: the same seed before the network, so the three start
-    from the same weights and draw the same batches."""
+    from the same weights and draw the same batches; or from `saved`, its checkpoint."""
     folder = out / name
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     method = Fast(A.Algorithm1(cfg), cfg)
-    method.use_data(S)
-    state = A.training_state(method.network().to(S.device), cfg, S[0].numel())
-    (folder / "config.json").write_text(json.dumps(cfg.saved(), indent=1))
-    (folder / "indices.json").write_text(json.dumps(indices.tolist()))
-    return Member(name, cfg, method, state, method.make_step(state, method, cfg), folder)
+    method.use_data(S, saved)
+    state = A.training_state(method.network().to(S.device), cfg, S[0].numel(), saved)
+    if saved is None:
+        (folder / "config.json").write_text(json.dumps(cfg.saved(), indent=1))
+        (folder / "indices.json").write_text(json.dumps(indices.tolist()))
+        (folder / "log.txt").write_text("")
+    return Member(name, cfg, method, state, folder)
 
 
-def train_to(member, iters):
-    """Train on to `iters` in ambient.train's loop (its checks, checkpoint.pt); keep the EMA."""
-    cfg = dataclasses.replace(member.cfg, iters=iters, log_every=max(1, iters // 4))
-    A.train(member.method, member.state, cfg, member.folder, member.log, lambda *a: member.step)
-    path = member.folder / f"ema-{iters * cfg.batch:09d}.pt"
-    torch.save(member.state.ema.state_dict(), str(path) + ".tmp")
+def write_atomic(path, write):
+    """write(file object) to path.tmp, then rename: a stop mid-write keeps the previous file."""
+    with open(str(path) + ".tmp", "wb") as f:
+        write(f)
     os.replace(str(path) + ".tmp", path)
+
+
+class Trio:
+    """The three members stepped together, their record (TRIO_FILE) and the checks of
+    ambient.train: a non-finite loss or weights stop the run, naming the step and the model, and
+    the last checkpoint is kept."""
+
+    def __init__(self, members, cfg, out, record, stops):
+        self.members = members
+        self.cfg = cfg
+        self.out = out
+        self.record = record
+        self.stops = stops
+        self.device = next(members[0].state.net.parameters()).device
+        self.step_fn = None  # built at the first step: trio_step may compile and capture
+        self.bad = [torch.zeros((), dtype=torch.long, device=self.device) for _ in members]
+
+    @property
+    def step(self):
+        return self.members[0].state.step
+
+    def log(self, msg):
+        print(msg, flush=True)
+        self.quiet(msg)
+
+    def quiet(self, msg):
+        """The trio's log.txt; also the sampling's log, so a stop lands between batches."""
+        with open(self.out / "log.txt", "a") as f:
+            f.write(msg + "\n")
+        self.stops.check()
+
+    def advance(self, steps):
+        """`steps` steps of the three together; a stop lands after a step and its count."""
+        self.step_fn = self.step_fn or trio_step(self.members, self.cfg)
+        for _ in range(steps):
+            losses = self.step_fn()
+            for m in self.members:
+                m.state.step += 1
+            self.bad = [
+                torch.where(torch.isfinite(loss) | (bad > 0), bad, self.step)
+                for loss, bad in zip(losses, self.bad, strict=True)
+            ]
+            self.stops.check()
+
+    def check_finite(self):
+        for m, bad in zip(self.members, self.bad, strict=True):
+            if bad.item() or not A.weights_finite(m.state.net):
+                kept = (
+                    f"the trio's last checkpoint, at step {self.record['step']}, is kept"
+                    if (self.out / TRIO_FILE).exists()
+                    else "no checkpoint had been saved"
+                )
+                raise UserError(
+                    f"{m.name}: training is not finite from step {bad.item() or self.step} on (a "
+                    f"finite loss can still give infinite gradients); {kept}. Lower --lr in a new "
+                    "--out, or check the data"
+                )
+
+    def train_to(self, target, final, rates):
+        """Steps to `target`, a progress line at least every PROGRESS_S seconds."""
+        t_start, first, shown = time.time(), self.step, time.time()
+        while self.step < target:
+            self.advance(1)
+            if time.time() - shown >= PROGRESS_S:
+                self.check_finite()  # also waits for the queued steps: the rate is true
+                shown = time.time()
+                self.log(progress(self, final, (self.step - first) / (shown - t_start), rates))
+        self.check_finite()
+
+    def save(self):
+        """Each member's training state (ambient.save_checkpoint: atomic), then the record that
+        names the step: a trio resumes only at a step that all three saved."""
+        self.check_finite()
+        name = f"checkpoint-{self.step * self.cfg.batch:09d}.pt"
+        for m in self.members:
+            A.save_checkpoint(m.state, m.method, m.cfg, m.folder / name)
+        self.record["step"] = self.step
+        self.write_record()
+        for m in self.members:
+            for old in m.folder.glob("checkpoint-*.pt"):
+                if old.name != name:
+                    old.unlink()
+
+    def write_record(self):
+        text = json.dumps(self.record, indent=1).encode()
+        write_atomic(self.out / TRIO_FILE, lambda f: f.write(text))
+
+
+def progress(trio, final, steps_per_s, rates):
+    """One line: images seen, the trio's training images/s, and the time left to train (and, with
+    measured rates, to sample the checkpoints still ahead)."""
+    batch = trio.cfg.batch
+    eta = (final - trio.step) / max(steps_per_s, 1e-9)
+    ahead = [p for p in trio.record["schedule"] if p > trio.step]
+    if rates:
+        eta += len(ahead) * 3 * trio.cfg.samples / rates.sample_ips
+    return (
+        f"{trio.step * batch:,} of {final * batch:,} images per model "
+        f"({100 * trio.step * batch / PAPER_IMAGES:.1f}% of the paper's 7.68M), "
+        f"{3 * batch * steps_per_s:,.0f} img/s over the trio, eta {eta / 60:.1f} min"
+        + ("" if rates else " of training")
+    )
 
 
 def score_samples(samples, S, judged):
@@ -691,79 +905,257 @@ def score_samples(samples, S, judged):
     return scores
 
 
-def sample_and_score(member, iters, judged, S):
-    samples = member.method.generate(member.state.ema, member.cfg.samples, log=member.log)
-    images = ((samples + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
-    np.savez(member.folder / f"samples-{iters * member.cfg.batch:09d}.npz", images=images)
-    return score_samples(samples, S, judged)
+def score_checkpoint(trio, judged, S):
+    """At a checkpoint: each member's EMA weights and samples kept, the samples scored."""
+    images = trio.step * trio.cfg.batch
+    row = dict(iters=trio.step, images=images, models={})
+    samples = trio_generate(trio.members, trio.cfg.samples, log=trio.quiet)
+    for m, x in zip(trio.members, samples, strict=True):
+        ema = m.state.ema.state_dict()
+        write_atomic(m.folder / f"ema-{images:09d}.pt", functools.partial(torch.save, ema))
+        uint8 = ((x + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+        write_atomic(
+            m.folder / f"samples-{images:09d}.npz", functools.partial(np.savez, images=uint8)
+        )
+        row["models"][m.name] = score_samples(x, S, judged)
+    return row
+
+
+def trio_settings(cfg, judged):
+    """What defines a trio's curves, which a --resume must repeat: ambient.py's same-run settings,
+    the data file, the sampling, the precision, and whether the judge scores them."""
+    keys = [f.name for f in dataclasses.fields(cfg) if f.metadata.get("same_run")]
+    keys += ["samples", "steps", "sampler", "sample_batch", "precision"]
+    return {
+        **{k: getattr(cfg, k) for k in keys},
+        "data": cfg.data_path or cfg.data,
+        "judged": judged,
+    }
+
+
+def read_record(out):
+    """A trio's TRIO_FILE, checked: settings, schedule, saved step, scored rows."""
+    file = out / TRIO_FILE
+    fix = "the trio cannot be resumed; start it again in another --out"
+    try:
+        record = json.loads(file.read_text())
+    except (OSError, ValueError, RecursionError) as e:
+        raise UserError(f"cannot read {file} ({type(e).__name__}); {fix}") from None
+
+    def counts(xs):
+        return isinstance(xs, list) and all(type(x) is int and x > 0 for x in xs)
+
+    record = record if isinstance(record, dict) else {}
+    rows = record.get("rows")
+    ok = (
+        isinstance(record.get("settings"), dict)
+        and counts(record.get("schedule"))
+        and record["schedule"] == sorted(set(record["schedule"]))
+        and type(record.get("step")) is int
+        and record["step"] >= 0
+        and isinstance(rows, list)
+        and all(isinstance(r, dict) and r.get("iters") in record["schedule"] for r in rows)
+        and all(isinstance(r.get("models"), dict) and set(r["models"]) == set(TRIO) for r in rows)
+    )
+    if not ok:
+        raise UserError(f"{file} is not a trio record that table1 wrote; {fix}")
+    return record
+
+
+def resumed_members(cfg, record, S, indices, out):
+    """The three members from their checkpoints at the record's step, read through
+    ambient.load_checkpoint (tensors and plain values only, every entry checked)."""
+    fix = "the trio cannot be resumed; start it again in another --out"
+    name = f"checkpoint-{record['step'] * cfg.batch:09d}.pt"
+    members = []
+    for member, extra in TRIO.items():
+        path = out / member / name
+        if not path.is_file():
+            raise UserError(f"--resume: {path} is missing; {fix}")
+        saved = A.load_checkpoint(path, S.device, A.RESUME_KEYS, fix)
+        if saved["step"] != record["step"]:
+            raise UserError(f"--resume: {path} holds step {saved['step']}, not its record's; {fix}")
+        member_cfg = dataclasses.replace(cfg, **extra)
+        members.append(trio_member(member, member_cfg, S, indices, out, saved))
+    return members
+
+
+def open_record(args, cfg, out, judged):
+    """A fresh trio's record, or with --resume the saved one, whose settings these flags must
+    repeat: a trio's curves never mix two settings."""
+    settings = json.loads(json.dumps(trio_settings(cfg, judged)))  # as the record stores them
+    if not args.resume:
+        return dict(settings=settings, schedule=[], step=0, rows=[], plan=None)
+    record = read_record(out)
+    saved = record["settings"]
+    differ = [k for k in sorted(set(settings) | set(saved)) if settings.get(k) != saved.get(k)]
+    if differ:
+        listed = ", ".join(f"{k}: {saved.get(k)!r} there, {settings.get(k)!r} here" for k in differ)
+        raise UserError(
+            f"--resume: the trio in {out} was run with other settings ({listed}); repeat its "
+            "flags, or choose another --out"
+        )
+    return record
+
+
+def open_trio(args, cfg, record, S, indices, out, stops):
+    """The three members, fresh or from their checkpoints, and their Trio."""
+    out.mkdir(parents=True, exist_ok=True)
+    if args.resume:
+        members = resumed_members(cfg, record, S, indices, out)
+    else:
+        (out / "log.txt").write_text("")
+        members = [
+            trio_member(name, dataclasses.replace(cfg, **extra), S, indices, out)
+            for name, extra in TRIO.items()
+        ]
+    trio = Trio(members, cfg, out, record, stops)
+    if args.resume:
+        trio.log(f"resuming the trio in {out} at {trio.step * cfg.batch:,} images per model")
+    return trio
+
+
+def first_target(trio, args, rest):
+    """Without --budget-s: --iters, or a resumed trio's own last checkpoint when --iters is not
+    given. Refuses a target behind the trio, and a run with nothing left to do."""
+    record, cfg = trio.record, trio.cfg
+    explicit = any(a == "--iters" or a.startswith("--iters=") for a in rest)
+    target = cfg.iters if explicit or not record["schedule"] or args.budget_s else None
+    target = record["schedule"][-1] if target is None else target
+    done = {r["iters"] for r in record["rows"]}
+    if target < trio.step or (target == trio.step and trio.step in done):
+        images = trio.step * cfg.batch
+        raise UserError(
+            f"--resume: the trio in {trio.out} has trained to {images:,} images per model and "
+            f"--iters {target} would not extend it; pass --iters above {trio.step}"
+            + ("" if args.budget_s else " or a --budget-s")
+        )
+    return target
+
+
+def plan(trio, args, target, rates, t0):
+    """The checkpoints of this call (the record's schedule) and the plan it reports; with
+    --budget-s the target is what fits at the measured rates."""
+    record, cfg = trio.record, trio.cfg
+    done = {r["iters"] for r in record["rows"]}
+    step = trio.step
+
+    def samples_needed(target):
+        points = extend_schedule(record["schedule"], target, args.checkpoints)
+        return cfg.samples * sum(p >= step and p not in done for p in points)
+
+    if rates:
+        spent = time.time() - t0
+        target = plan_target(args.budget_s, spent, rates, step, target, samples_needed, cfg.batch)
+    schedule = extend_schedule(record["schedule"], target, args.checkpoints)
+    passed = [p for p in schedule if p < step and p not in done]
+    if passed:  # the measurement's steps went past them: a budget below the measurement's scale
+        trio.log(f"note: the measurement trained past {len(passed)} checkpoint(s); skipped")
+    if not record["schedule"] and len(schedule) < args.checkpoints:
+        trio.log(
+            f"--checkpoints {args.checkpoints}: {target} iterations hold {len(schedule)} distinct "
+            f"doubling checkpoints; using {len(schedule)}"
+        )
+    record["schedule"] = [p for p in schedule if p not in passed]
+    record["plan"] = dict(
+        iters=target,
+        images=target * cfg.batch,
+        share=target * cfg.batch / PAPER_IMAGES,
+        checkpoints_images=[p * cfg.batch for p in record["schedule"]],
+        samples=cfg.samples,
+        rates=dataclasses.asdict(rates) if rates else None,
+        judge=args.judge,
+        config=cfg.saved(),
+    )
+    ahead = [p * cfg.batch for p in record["schedule"] if p >= step and p not in done]
+    images = target * cfg.batch
+    trio.log(
+        f"training {images:,} images per model ({100 * images / PAPER_IMAGES:.2f}% of the "
+        f"paper's 7.68M){f', from {step * cfg.batch:,}' if step else ''}, checkpoints at "
+        f"{', '.join(f'{i:,}' for i in ahead)} images, {cfg.samples:,} samples each"
+    )
+    return target
 
 
 def table1(argv):
-    t0 = time.time()
+    """The command: its signal handlers for as long as it runs, then the ones it found."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # as Ctrl-C, until the trio opens
+    try:
+        return stoppable_table1(argv, time.time())
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+
+
+def stoppable_table1(argv, t0):
+    """Everything is checked before the trio opens; from then on a stop saves it."""
     args, rest = table1_args(argv)
     cfg = trio_config(args, rest)
     images, indices = trio_data(cfg)
     device = A.pick_device(cfg.device)
     check_device(cfg, device, 1)
-    judged = load_judge(args, cfg, device)
-    S = A.prepare(images[indices], cfg.resolution)
-    if args.budget_s:
-        rates = measure(cfg, args.budget_s, args.measure_s)
-        torch._dynamo.reset()  # the measurement's compiled code is not needed again
-        iters = trio_iterations(
-            args.budget_s,
-            time.time() - t0,
-            rates,
-            args.samples,
-            args.checkpoints,
-            cfg.batch,
-            cfg.iters,
-        )
-    else:
-        rates, iters = None, cfg.iters
-    judged = judge_for(judged, S) if judged else None  # the features of the fixed sets, once
-    schedule = checkpoint_schedule(iters, args.checkpoints)
-    plan = dict(
-        iters=iters,
-        images=iters * cfg.batch,
-        share=iters * cfg.batch / PAPER_IMAGES,
-        checkpoints_images=[k * cfg.batch for k in schedule],
-        samples=args.samples,
-        rates=dataclasses.asdict(rates) if rates else None,
-        judge=args.judge,
-        config=cfg.saved(),
-    )
-    print(
-        f"training {plan['images']:,} images per model ({100 * plan['share']:.2f}% of the paper's "
-        f"7.68M), checkpoints at {', '.join(f'{i:,}' for i in plan['checkpoints_images'])} images, "
-        f"{args.samples:,} samples each",
-        flush=True,
-    )
+    loaded = load_judge(args, cfg, device)
     out = Path(args.out)
-    members = [
-        trio_member(name, dataclasses.replace(cfg, **extra), S.to(device), indices, out)
-        for name, extra in TRIO.items()
-    ]
-    rows = []
-    for k in schedule:
-        row = dict(iters=k, images=k * cfg.batch, models={})
-        for m in members:
-            train_to(m, k)
-        for m in members:
-            row["models"][m.name] = sample_and_score(m, k, judged, S)
-        rows.append(row)
-        write_report(out, plan, rows, time.time() - t0, judged is not None)
-        print(
-            f"{row['images']:,} images seen: "
-            + "; ".join(f"{name} {summary(s)}" for name, s in row["models"].items()),
-            flush=True,
-        )
-    print((out / "table1.md").read_text())
-    return json.loads((out / "table1.json").read_text())
+    record = open_record(args, cfg, out, loaded is not None)
+    if device.type == "cuda":  # TF32, as ambient.run
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    S = A.prepare(images[indices], cfg.resolution)
+    stops = Stops()
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, stops)
+    trio = None
+    try:
+        trio = open_trio(args, cfg, record, S.to(device), indices, out, stops)
+        return run_trio(trio, args, rest, loaded, S, t0)
+    except KeyboardInterrupt:
+        if trio is None:
+            raise
+        trio.save()
+        again = [a for a in argv if a != "--resume"] + ["--resume"]
+        raise Stopped(
+            f"stopped (SIGINT or SIGTERM) at {trio.step * cfg.batch:,} images per model, the "
+            f"trio saved in {out}; continue it with: python repro_gpu.py table1 "
+            + " ".join(map(shlex.quote, again))
+        ) from None
+
+
+def run_trio(trio, args, rest, loaded, S, t0):
+    """Measure (with --budget-s), plan, then train to each checkpoint, save, sample and score."""
+    record = trio.record
+    judged = judge_for(loaded, S) if loaded else None  # the features of the fixed sets, once
+    target = first_target(trio, args, rest)
+    done = {r["iters"] for r in record["rows"]}
+    if trio.step in record["schedule"] and trio.step not in done:  # stopped while it sampled
+        add_row(trio, score_checkpoint(trio, judged, S), t0, judged)
+    rates = None
+    if args.budget_s:
+        measure_s = args.measure_s or min(5.0, args.budget_s / 200)
+        rates = measure(trio, measure_s, args.budget_s, t0)
+    target = plan(trio, args, target, rates, t0)
+    for point in record["schedule"]:
+        if point in {r["iters"] for r in record["rows"]}:
+            continue
+        trio.train_to(point, target, rates)
+        trio.save()
+        add_row(trio, score_checkpoint(trio, judged, S), t0, judged)
+    print((trio.out / "table1.md").read_text())
+    return json.loads((trio.out / "table1.json").read_text())
+
+
+def add_row(trio, row, t0, judged):
+    """A checkpoint's scores into the record and the report, and one line."""
+    trio.record["rows"] = sorted(trio.record["rows"] + [row], key=lambda r: r["iters"])
+    trio.write_record()
+    write_report(trio.out, trio.record, time.time() - t0, judged is not None)
+    trio.log(
+        f"{row['images']:,} images seen: "
+        + "; ".join(f"{name} {summary(s)}" for name, s in row["models"].items())
+    )
 
 
 METRICS = [
-    ("judge_sim>0.95", "judge: share with similarity > 0.95 (to the 300 training images)", True),
+    ("judge_sim>0.95", "judge: share with similarity > 0.95 (to the n training images)", True),
     ("judge_sim>0.9", "judge: share with similarity > 0.9", True),
     ("judge_fd_judge", "judge: fd_judge against the held-out images (lower is better)", False),
     ("pixel_cosine_above_0_95", "pixels: share with centred cosine > 0.95", True),
@@ -785,16 +1177,87 @@ def summary(scores):
     return f"pixel cosine>0.95 {100 * scores['pixel_cosine_above_0_95']:.1f}%"
 
 
+def copy_key(judged):
+    return "judge_sim>0.95" if judged else "pixel_cosine_above_0_95"
+
+
+def matched_quality(rows, copy, quality="judge_fd_judge"):
+    """The trio read at equal quality. DDPM's best (lowest) fd_judge, the images seen there and its
+    copy share there (early-stopped DDPM); for each ambient weight, where its fd_judge first
+    reaches that value: None if it never does, else (copy share there, the checkpoints' images
+    before and after the crossing), the share interpolated linearly in fd_judge between the two
+    checkpoints (before is None when the first checkpoint already reaches it)."""
+    fd = {n: [r["models"][n][quality] for r in rows] for n in rows[0]["models"]}
+    share = {n: [r["models"][n][copy] for r in rows] for n in rows[0]["models"]}
+    best = min(range(len(rows)), key=lambda i: fd["ddpm"][i])
+    target = fd["ddpm"][best]
+    weights = {}
+    for name in (n for n in fd if n != "ddpm"):
+        i = next((i for i, f in enumerate(fd[name]) if f <= target), None)
+        if i is None:
+            weights[name] = None
+        elif i == 0:
+            weights[name] = (share[name][0], None, rows[0]["images"])
+        else:
+            t = (fd[name][i - 1] - target) / (fd[name][i - 1] - fd[name][i])
+            interpolated = share[name][i - 1] + t * (share[name][i] - share[name][i - 1])
+            weights[name] = (interpolated, rows[i - 1]["images"], rows[i]["images"])
+    return dict(fd=target, images=rows[best]["images"], copy=share["ddpm"][best], weights=weights)
+
+
+def matched_quality_lines(rows, judged):
+    """table1.md's reading at matched quality: one sentence for DDPM, one per ambient weight."""
+    if not judged:
+        return ["At matched quality: needs fd_judge (--judge DIR); not read.", ""]
+    copy = copy_key(judged)
+    m = matched_quality(rows, copy)
+    lines = [
+        f"At matched quality (copy share: judge similarity > 0.95; quality: fd_judge). DDPM's best "
+        f"fd_judge is {m['fd']:.2f}, at {m['images']:,} images, where it copies "
+        f"{100 * m['copy']:.1f}%: early-stopped DDPM, the baseline the paper leaves out."
+        + (
+            " It is DDPM's last checkpoint: its quality was still improving, so this reading is "
+            "provisional."
+            if m["images"] == rows[-1]["images"]
+            else ""
+        ),
+        "",
+    ]
+    for name, hit in m["weights"].items():
+        fd = [r["models"][name]["judge_fd_judge"] for r in rows]
+        own = min(range(len(rows)), key=lambda i: fd[i])
+        at_best = (
+            f"its own best is {fd[own]:.2f} at {rows[own]['images']:,} images, copying "
+            f"{100 * rows[own]['models'][name][copy]:.1f}%"
+        )
+        if hit is None:
+            reads = f"never reaches fd_judge {m['fd']:.2f} within the run ({at_best})"
+        elif hit[1] is None:
+            reads = (
+                f"reaches fd_judge {m['fd']:.2f} by its first checkpoint ({hit[2]:,} images), "
+                f"copying {100 * hit[0]:.1f}% there ({at_best})"
+            )
+        else:
+            reads = (
+                f"first reaches fd_judge {m['fd']:.2f} between {hit[1]:,} and {hit[2]:,} images, "
+                f"copying {100 * hit[0]:.1f}% there (linear in fd_judge between the two; {at_best})"
+            )
+        lines += [f"- {name}: {reads}.", ""]
+    return lines
+
+
 def markdown(plan, rows, judged):
     names = list(rows[0]["models"])
     lines = [
-        f"Table 1's CIFAR-10 trio at n = 300: {plan['images']:,} images seen per model at the "
-        f"end ({100 * plan['share']:.2f}% of the paper's 7.68M), {plan['samples']:,} Heun samples "
-        "per model and checkpoint, the same subset, seed and batches for the three.",
+        f"Table 1's CIFAR-10 trio at n = {plan['config']['n']}: {plan['images']:,} images seen per "
+        f"model at the end ({100 * plan['share']:.2f}% of the paper's 7.68M), "
+        f"{plan['samples']:,} Heun samples per model and checkpoint, the same subset, seed and "
+        "batches for the three.",
         "",
     ]
     if not judged:
         lines += ["The judge was skipped (no --judge DIR): pixel metrics only.", ""]
+    lines += matched_quality_lines(rows, judged)
     for key, label, percent in METRICS:
         if key not in rows[0]["models"][names[0]]:
             continue
@@ -813,56 +1276,71 @@ def markdown(plan, rows, judged):
 
 
 def figure(rows, judged, path):
-    """Copy share and fd_judge (without the judge: the pixel copy share) against images seen."""
-    import matplotlib
+    """Copy share and fd_judge against images seen, and copy share against fd_judge (matched
+    quality: DDPM's best fd_judge dashed); without the judge, the pixel copy share alone."""
+    try:
+        import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # a GPU machine's own python may lack it: the tables still come
+        path.with_suffix(".png.txt").write_text("no table1.png: matplotlib is not installed\n")
+        return
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     seen = [r["images"] for r in rows]
-    copy_key = "judge_sim>0.95" if judged else "pixel_cosine_above_0_95"
+    copy = copy_key(judged)
     for name in rows[0]["models"]:
-        axes[0].plot(seen, [100 * r["models"][name][copy_key] for r in rows], "o-", label=name)
+        shares = [100 * r["models"][name][copy] for r in rows]
+        axes[0].plot(seen, shares, "o-", label=name)
         if judged:
-            axes[1].plot(
-                seen, [r["models"][name]["judge_fd_judge"] for r in rows], "o-", label=name
-            )
+            fd = [r["models"][name]["judge_fd_judge"] for r in rows]
+            axes[1].plot(seen, fd, "o-", label=name)
+            axes[2].plot(fd, shares, "o-", label=name)
     axes[0].set_ylabel(("judge similarity" if judged else "pixel cosine") + " > 0.95 (%)")
     axes[1].set_ylabel("fd_judge (lower is better)")
-    if not judged:
-        axes[1].text(
-            0.5, 0.5, "judge skipped (no --judge)", ha="center", transform=axes[1].transAxes
-        )
-    for ax in axes:
+    axes[2].set_ylabel(axes[0].get_ylabel())
+    axes[2].set_xlabel("fd_judge (lower is better), through the checkpoints")
+    for ax in axes[:2]:
         ax.set_xscale("log")
         ax.set_xlabel("images seen")
-        ax.legend() if judged or ax is axes[0] else None
+    if judged:
+        axes[2].axvline(matched_quality(rows, copy)["fd"], color="grey", ls="--", lw=1)
+        axes[2].invert_xaxis()  # better quality to the right, as training goes
+    for ax in axes[1:] if not judged else ():
+        ax.text(0.5, 0.5, "judge skipped (no --judge)", ha="center", transform=ax.transAxes)
+    for ax in axes if judged else axes[:1]:
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def write_report(out, plan, rows, wall_s, judged):
+def write_report(out, record, wall_s, judged):
     """table1.json, .md and .png, rewritten at each checkpoint: a run cut short keeps them."""
+    plan, rows = record["plan"], record["rows"]
     report = dict(plan=plan, checkpoints=rows, wall_s=wall_s, judge_skipped=not judged)
     for name, text in (
         ("table1.json", json.dumps(report, indent=1)),
-        ("table1.md", markdown(plan, rows, judged) + f"\nwall time {wall_s:.0f} s\n"),
+        ("table1.md", markdown(plan, rows, judged) + f"\nwall time of this call {wall_s:.0f} s\n"),
     ):
-        (out / (name + ".tmp")).write_text(text)
-        os.replace(out / (name + ".tmp"), out / name)
+        write_atomic(out / name, functools.partial(write_text, text))
     figure(rows, judged, out / "table1.png")
+
+
+def write_text(text, f):
+    f.write(text.encode())
 
 
 USAGE = """usage: python repro_gpu.py train [ambient.py's flags] [--graph] [--channels-last]
                            [--compile default|cudagraphs] [--precision bf16]
        python repro_gpu.py table1 [--budget-s S] [--judge DIR] [--samples N] [--checkpoints K]
-                           [--sigma-tn 0.4] [--out DIR] [flags for the three runs]
+                           [--sigma-tn 0.4] [--out DIR] [--resume] [flags for the three runs]
 
   train    ambient.py's run with GPU options (`python repro_gpu.py train --help`)
-  table1   the n = 300 trio, DDPM and Algorithm 1 under the released and the x0 weight, as curves
-           of copying and quality against images seen (`python repro_gpu.py table1 --help`)"""
+  table1   the n = 300 trio, DDPM and Algorithm 1 under the released and the x0 weight, stepped
+           together, as curves of copying and quality against images seen and a reading at
+           matched quality (`python repro_gpu.py table1 --help`); a stop saves the trio and
+           --resume continues it"""
 
 
 def main(argv):
@@ -874,6 +1352,15 @@ def main(argv):
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
+        except Stopped as e:
+            print(e, file=sys.stderr)
+            sys.exit(130)
+        except KeyboardInterrupt:
+            print(
+                "stopped (SIGINT or SIGTERM) before the trio was set up; nothing to save",
+                file=sys.stderr,
+            )
+            sys.exit(130)
     if argv[:1] in (["-h"], ["--help"]):
         print(USAGE)
         sys.exit(0)

@@ -3,6 +3,8 @@ and sampler, on a GPU where one is present): each option computes what the plain
 computes."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -158,100 +160,163 @@ def test_the_captured_sampler_gives_the_eager_samples(device):
     assert not torch.allclose(eager[0], eager[1], atol=0.1)
 
 
-# CI: a copy of shared/ beside the clone
-JUDGE = Path(__file__).resolve().parent.parent / "shared" / "judge"
-TRAIN_NPZ = JUDGE.parent / "data" / "cifar10_train_png4000.npz"
+# A judge-shaped stand-in with the offline judge's interface (../shared/judge/judge.py, which no
+# test reads) and random weights: the tests check how table1 uses a judge, not the judge.
+JUDGE_PY = """
+import numpy as np
+import torch
 
 
-def test_the_budget_fits_setup_training_and_sampling_at_every_checkpoint():
-    """Three models train in turns at the measured rate, each sets up once, each samples at each
-    checkpoint; scoring gets a tenth of the budget."""
-    rates = G.Rates(train_ips=3000, sample_ips=500, setup_s=10)
-    # 900 s of 1,000; 50 spent, 3 x 10 s setup, 3 x 4 x 5,000 samples at 500/s = 120 s: 700 s left,
-    # a third each at 3,000 img/s
-    assert G.trio_iterations(1000, 50, rates, 5000, 4, 256, 30_000) == int(700 * 3000 / 3 / 256)
-    assert G.trio_iterations(1e9, 0, rates, 5000, 4, 256, 30_000) == 30_000  # the paper's at most
-    with pytest.raises(A.UserError, match="at least --budget-s 244"):  # 200 s fixed, over 0.9 * 220
-        G.trio_iterations(220, 50, rates, 5000, 4, 256, 30_000)
+def load_judge(device="cpu"):
+    torch.manual_seed(0)
+    layers = [torch.nn.Conv2d(3, 4, 8, stride=8), torch.nn.Tanh(), torch.nn.AdaptiveAvgPool2d(1)]
+    return torch.nn.Sequential(*layers, torch.nn.Flatten()).to(device).eval()
 
 
-def test_checkpoints_double_up_to_the_last_iteration():
+@torch.no_grad()
+def features(net, images):
+    x = torch.from_numpy(np.ascontiguousarray(images)).float().permute(0, 3, 1, 2) / 255
+    return net(x.to(next(net.parameters()).device)).double().cpu().numpy()
+
+
+def nn_cosine(f_gen, f_train):
+    centre = f_train.mean(0)
+    g, t = f_gen - centre, f_train - centre
+    g = g / np.linalg.norm(g, axis=1, keepdims=True)
+    sims = g @ (t / np.linalg.norm(t, axis=1, keepdims=True)).T
+    return sims.max(1), sims.argmax(1)
+
+
+def pixel_ratio(gen, train):
+    flat = train.reshape(len(train), -1).astype(float)
+    d = np.linalg.norm(gen.reshape(len(gen), 1, -1).astype(float) - flat[None], axis=2)
+    two = np.sort(d, axis=1)[:, :2]
+    return two[:, 0] / np.maximum(two[:, 1], 1e-12)
+
+
+def frechet(fa, fb):
+    from scipy import linalg
+
+    ca, cb = np.cov(fa, rowvar=False), np.cov(fb, rowvar=False)
+    cross = np.real(linalg.sqrtm(ca @ cb))
+    return float(((fa.mean(0) - fb.mean(0)) ** 2).sum() + np.trace(ca + cb - 2 * cross))
+
+
+def score(train, gen, ref=None, net=None):
+    net = net or load_judge()
+    f_gen = features(net, gen)
+    sim, _ = nn_cosine(f_gen, features(net, train))
+    res = dict(n_gen=len(gen), n_train=len(train), sim_mean=float(sim.mean()))
+    res["sim_median"] = float(np.median(sim))
+    res.update({f"sim>{th}": float((sim > th).mean()) for th in (0.8, 0.9, 0.95)})
+    res["copy_d1/d2<1/3"] = float((pixel_ratio(gen, train) < 1 / 3).mean())
+    if ref is not None:
+        res["fd_judge"] = frechet(f_gen, features(net, ref))
+    return res
+"""
+
+
+def stand_in_judge(tmp_path, source=JUDGE_PY):
+    """A judge folder (judge.py) and held-out images (the bundled demo's test images)."""
+    (tmp_path / "judge").mkdir()
+    (tmp_path / "judge" / "judge.py").write_text(source)
+    np.savez(tmp_path / "ref.npz", images=np.load(A.DEMO_FILE)["test_images"][:8])
+    return ["--judge", str(tmp_path / "judge"), "--ref", str(tmp_path / "ref.npz")]
+
+
+def test_the_budget_fits_training_and_sampling_at_every_checkpoint():
+    """The trio's measured rates (over the three models): at 3,000 training and 1,500 sampling
+    img/s, 1,000 s with 50 spent leave 850 s of the 90% share; 4 checkpoints of 3 x 5,000 samples
+    take 40 s, so 810 s train 810 * 3,000 / (3 * 256) iterations."""
+    rates = G.Rates(train_ips=3000, sample_ips=1500, setup_s=10)
+
+    def samples_needed(target):
+        return 5000 * len(G.checkpoint_schedule(target, 4))
+
+    assert G.plan_target(1000, 50, rates, 0, 30_000, samples_needed, 256) == 810 * 3000 // 768
+    assert G.plan_target(1e9, 50, rates, 0, 30_000, samples_needed, 256) == 30_000  # --iters
+    # from a resumed trio's step 1000, the images it has trained are not paid again
+    assert G.plan_target(1000, 50, rates, 1000, 30_000, samples_needed, 256) == 1000 + 3164
+    with pytest.raises(A.UserError, match="at least --budget-s 110"):  # 1.1 x (50 + 40) / 0.9
+        G.plan_target(60, 50, rates, 0, 30_000, samples_needed, 256)
+
+
+def test_checkpoints_double_up_to_the_last_iteration_and_a_resume_doubles_on():
     assert G.checkpoint_schedule(4096, 6) == [128, 256, 512, 1024, 2048, 4096]
     assert G.checkpoint_schedule(1000, 3) == [250, 500, 1000]
     # 3/32, 3/16, 3/8 round to 0 and are raised to 1
     assert G.checkpoint_schedule(3, 6) == [1, 2, 3]
     assert G.checkpoint_schedule(1, 4) == [1]
-
-
-def small_judge(tmp_path):
-    """judge.py's module and network, 16 training and 8 held-out images as the judge reads them."""
-    images = np.load(TRAIN_NPZ)["images"]
-    np.savez(tmp_path / "ref.npz", images=images[-8:])
-    args = SimpleNamespace(judge=str(JUDGE), ref=str(tmp_path / "ref.npz"))
-    module, net, held_out = G.load_judge(args, A.Config(resolution=8), torch.device("cpu"))
-    return module, net, held_out, A.prepare(images[:16], 8)
+    assert G.checkpoint_schedule(16, 100_000_000) == [1, 2, 4, 8, 16]  # bounded, at once
+    first = G.checkpoint_schedule(15_000, 6)
+    assert G.extend_schedule(first, 30_000, 6) == first + [30_000]  # the paper's 7.68M
+    assert G.extend_schedule(first, 100_000, 6) == first + [30_000, 60_000, 100_000]
+    assert G.extend_schedule(first, 20_000, 6) == first + [20_000]
+    # 2 x 14,873 = 29,746 is within a quarter of 30,000: one sampling, at 30,000
+    assert G.extend_schedule([14_873], 30_000, 6) == [14_873, 30_000]
+    assert G.extend_schedule([14_873], 40_000, 6) == [14_873, 29_746, 40_000]
+    assert G.extend_schedule([], 4096, 6) == G.checkpoint_schedule(4096, 6)
 
 
 def test_the_judge_with_stored_features_scores_as_judge_score(tmp_path):
-    module, net, held_out, S = small_judge(tmp_path)
+    stand_in_judge(tmp_path)
+    args = SimpleNamespace(judge=str(tmp_path / "judge"), ref=str(tmp_path / "ref.npz"))
+    module, net, held_out = G.load_judge(args, A.Config(resolution=8), torch.device("cpu"))
+    S = A.prepare(np.load(A.DEMO_FILE)["images"][:16], 8)
     judge = G.judge_for((module, net, held_out), S)
     samples = G.as_judged(S[:6] + 0.3 * torch.randn(6, 3, 8, 8, generator=gen(41)))
     assert judge.score(samples) == module.score(G.as_judged(S), samples, held_out, net=net)
     assert G.as_judged(S).shape == (16, 32, 32, 3)  # 8x8 upsampled (nearest) to the judge's 32x32
 
 
-def test_table1_trains_samples_and_scores_the_trio_at_each_checkpoint(tmp_path, capsys):
-    """The whole command at toy size on the CPU, within a budget, the judge included."""
-    np.savez(tmp_path / "ref.npz", images=np.load(TRAIN_NPZ)["images"][-8:])
+# the trio at toy size on the CPU: 12 demo images at 8x8, 4 samples of 2 Heun steps per checkpoint
+TRIO_ARGS = (
+    "--data demo --n 12 --preset tiny --resolution 8 --batch 8 --sample-batch 4 --samples 4 "
+    "--steps 2 --device cpu"
+).split()
+
+
+def watch_steps(monkeypatch, each=lambda count, losses: losses):
+    """table1's trio_step wrapped: after the trio's n-th step, each(n, losses) gives its losses.
+    Returns the list of the steps taken."""
+    real, taken = G.trio_step, []
+
+    def wrapped(members, cfg):
+        step = real(members, cfg)
+
+        def stepping():
+            losses = step()
+            taken.append(len(taken) + 1)
+            return each(len(taken), losses)
+
+        return stepping
+
+    monkeypatch.setattr(G, "trio_step", wrapped)
+    return taken
+
+
+def test_table1_trains_samples_and_scores_the_trio_at_each_checkpoint(
+    tmp_path, capsys, monkeypatch
+):
+    """The whole command within a budget, the judge included: the measurement's steps are the
+    run's first (1 set-up, 1, then 2 timed: 4 of 8), progress lines on time."""
+    monkeypatch.setattr(G, "PROGRESS_S", 0.0)  # a progress line at every step
+    taken = watch_steps(monkeypatch)
     out = tmp_path / "t1"
-    report = G.table1(
-        [
-            "--data",
-            str(TRAIN_NPZ),
-            "--n",
-            "12",
-            "--preset",
-            "tiny",
-            "--resolution",
-            "8",
-            "--batch",
-            "8",
-            "--sample-batch",
-            "4",
-            "--samples",
-            "4",
-            "--iters",
-            "2",
-            "--checkpoints",
-            "2",
-            "--steps",
-            "2",
-            "--budget-s",
-            "3600",
-            "--measure-s",
-            "0.1",
-            "--device",
-            "cpu",
-            "--out",
-            str(out),
-            "--judge",
-            str(JUDGE),
-            "--ref",
-            str(tmp_path / "ref.npz"),
-        ]
-    )
+    argv = TRIO_ARGS + ["--iters", "8", "--checkpoints", "2", "--budget-s", "3600"]
+    report = G.table1(argv + ["--measure-s", "1e-6", "--out", str(out), *stand_in_judge(tmp_path)])
     printed = capsys.readouterr().out
-    assert "measuring speed" in printed and "s in all" in printed
-    assert [r["images"] for r in report["checkpoints"]] == [8, 16] and report["plan"]["iters"] == 2
+    assert "measuring speed on the trio" in printed and "measured:" in printed
+    assert "img/s over the trio, eta" in printed and "64 of 64 images per model" in printed
+    assert [r["images"] for r in report["checkpoints"]] == [32, 64]
+    assert report["plan"]["iters"] == 8 and len(taken) == 8
     for r in report["checkpoints"]:
         assert set(r["models"]) == {"ddpm", "released", "x0"}
         assert all(
             np.isfinite(s["judge_fd_judge"]) and 0 <= s["judge_sim>0.95"] <= 1
             for s in r["models"].values()
         )
-    configs = {
-        m: json.loads((out / m / "config.json").read_text()) for m in ("ddpm", "released", "x0")
-    }
+    configs = {m: json.loads((out / m / "config.json").read_text()) for m in G.TRIO}
     assert (
         configs["ddpm"]["sigma_tn"] == 0
         and configs["x0"]["sigma_tn"] == configs["released"]["sigma_tn"] == 0.4
@@ -263,11 +328,12 @@ def test_table1_trains_samples_and_scores_the_trio_at_each_checkpoint(tmp_path, 
     subsets = {(out / m / "indices.json").read_text() for m in configs}
     assert len(subsets) == 1 and len(json.loads(subsets.pop())) == 12  # one subset for the three
     for m in configs:
-        assert torch.load(out / m / "checkpoint.pt", weights_only=False)["step"] == 2
-        assert (out / m / "samples-000000008.npz").is_file() and (
-            out / m / "ema-000000016.pt"
-        ).is_file()
-    assert (out / "table1.png").is_file() and "fd_judge" in (out / "table1.md").read_text()
+        saved = A.load_checkpoint(out / m / "checkpoint-000000064.pt", need=A.RESUME_KEYS)
+        assert saved["step"] == 8 and not list((out / m).glob("checkpoint-000000032.pt"))
+        assert (out / m / "samples-000000032.npz").is_file()
+        assert (out / m / "ema-000000064.pt").is_file()
+    md = (out / "table1.md").read_text()
+    assert (out / "table1.png").is_file() and "fd_judge" in md and "DDPM's best fd_judge" in md
 
 
 def cli(argv, capsys):
@@ -276,15 +342,130 @@ def cli(argv, capsys):
     return exit_.value.code, capsys.readouterr()
 
 
+def test_a_stopped_trio_resumes_to_the_uninterrupted_one(tmp_path, capsys, monkeypatch):
+    """SIGTERM after the 3rd step of 4 (checkpoints at 2 and 4): the stop waits for the step to be
+    counted, saves the trio, says so in one line, exit 130; --resume then gives the weights, EMA,
+    Adam state and scores of the run that was never stopped. The stopped --out is refused without
+    --resume, with other settings, and with an --iters it has passed."""
+    monkeypatch.setattr(G, "figure", lambda *a: None)  # the figure: the test above
+    argv = TRIO_ARGS + ["--iters", "4", "--checkpoints", "2"]
+    whole = G.table1(argv + ["--out", str(tmp_path / "whole")])
+    real = G.trio_step
+
+    def stop_after_three(n, losses):
+        if n == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return losses
+
+    watch_steps(monkeypatch, stop_after_three)
+    cut = tmp_path / "cut"
+    code, printed = cli(["table1", *argv, "--out", str(cut)], capsys)
+    assert code == 130 and printed.err.count("\n") == 1 and "--resume" in printed.err
+    monkeypatch.setattr(G, "trio_step", real)
+    record = json.loads((cut / "trio.json").read_text())
+    assert record["step"] == 3 and [r["iters"] for r in record["rows"]] == [2]
+    refusals = [
+        (["--out", str(cut)], "--resume"),
+        (["--out", str(cut), "--resume", "--samples", "8"], "other settings"),
+        (["--out", str(cut), "--resume", "--iters", "2"], "would not extend"),
+    ]
+    for extra, why in refusals:
+        code, printed = cli(["table1", *argv, *extra], capsys)
+        assert code == 2 and printed.err.count("\n") == 1 and why in printed.err, printed.err
+    resumed = G.table1(argv + ["--out", str(cut), "--resume"])
+    assert resumed["checkpoints"] == whole["checkpoints"]
+    for m in G.TRIO:
+        a, b = (
+            A.load_checkpoint(tmp_path / run / m / "checkpoint-000000032.pt", need=A.RESUME_KEYS)
+            for run in ("whole", "cut")
+        )
+        assert all(torch.equal(a[k][p], b[k][p]) for k in ("net", "ema") for p in a[k])
+        assert all(
+            torch.equal(x[key], y[key])
+            for x, y in zip(a["opt"]["state"].values(), b["opt"]["state"].values(), strict=True)
+            for key in ("exp_avg", "exp_avg_sq")
+        )
+    code, printed = cli(["table1", *argv, "--out", str(cut), "--resume"], capsys)
+    assert code == 2 and "would not extend" in printed.err  # finished: nothing left to train
+
+
+@pytest.mark.parametrize("stopped", [False, True])
+def test_a_non_finite_step_stops_the_trio_naming_model_and_step(tmp_path, monkeypatch, stopped):
+    """A NaN loss of one member at step 3 (checkpoints at 2 and 4): one line naming the model and
+    the step, and the trio's checkpoint at step 2 is kept, also when a stop (which saves) comes
+    right after that step."""
+
+    def nan_at_three(n, losses):
+        if n == 3 and stopped:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return [x * float("nan") if n == 3 and i == 1 else x for i, x in enumerate(losses)]
+
+    watch_steps(monkeypatch, nan_at_three)
+    monkeypatch.setattr(G, "figure", lambda *a: None)
+    out = tmp_path / "t"
+    with pytest.raises(A.UserError, match="released: training is not finite from step 3 on"):
+        G.table1(TRIO_ARGS + ["--iters", "4", "--checkpoints", "2", "--out", str(out)])
+    assert json.loads((out / "trio.json").read_text())["step"] == 2
+
+
+def rows_of(images, **columns):
+    """Synthetic checkpoints: columns name=(fd_judge list, copy share list)."""
+    return [
+        dict(
+            images=seen,
+            models={
+                n: {"judge_fd_judge": fd[i], "judge_sim>0.95": share[i]}
+                for n, (fd, share) in columns.items()
+            },
+        )
+        for i, seen in enumerate(images)
+    ]
+
+
+def test_the_report_reads_the_trio_at_matched_quality(tmp_path, monkeypatch):
+    """DDPM's best fd_judge is 40 (at 400 images, copying 20%). released first reaches 40 between
+    200 images (fd 70, copying 0%) and 400 (fd 30, 10%), (70 - 40) / (70 - 30) = 3/4 of the way:
+    0 + 3/4 x 10% = 7.5%. x0 never reaches 40 (its best: 45 at 800 images, 2%). A weight already
+    below 40 at its first checkpoint is read there."""
+    rows = rows_of(
+        [100, 200, 400, 800],
+        ddpm=([100, 60, 40, 50], [0, 0.1, 0.2, 0.5]),
+        released=([110, 70, 30, 35], [0, 0, 0.1, 0.2]),
+        x0=([120, 90, 80, 45], [0, 0, 0.01, 0.02]),
+    )
+    text = "\n".join(G.matched_quality_lines(rows, judged=True))
+    assert "DDPM's best fd_judge is 40.00, at 400 images, where it copies 20.0%" in text
+    assert "provisional" not in text  # DDPM's best is before its last checkpoint
+    assert "released: first reaches fd_judge 40.00 between 200 and 400 images, copying 7.5%" in text
+    assert "x0: never reaches fd_judge 40.00 within the run (its own best is 45.00 at 800" in text
+    early = rows_of([100, 200], ddpm=([50, 40], [0, 0.3]), x0=([39, 20], [0.05, 0.4]))
+    text = "\n".join(G.matched_quality_lines(early, judged=True))
+    assert "by its first checkpoint (100 images), copying 5.0%" in text
+    assert "still improving, so this reading is provisional" in text  # DDPM's best is its last
+    G.figure(rows, True, tmp_path / "table1.png")  # the third panel: copy share on fd_judge
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # a GPU machine's python without it
+    G.figure(rows, True, tmp_path / "none.png")
+    assert (tmp_path / "table1.png").is_file() and (tmp_path / "none.png.txt").is_file()
+
+
 def test_the_command_line_edges(tmp_path, capsys, monkeypatch):
     code, printed = cli(["--help"], capsys)
     assert (
         code == 0 and "repro_gpu.py train" in printed.out and "repro_gpu.py table1" in printed.out
     )
+    code, printed = cli(["table1", "--help"], capsys)
+    assert code == 0 and "--resume" in printed.out
     monkeypatch.setattr(G, "measure", lambda *a: pytest.fail("measured before checking the input"))
-    for budget in ("-1", "0"):
-        code, printed = cli(["table1", "--budget-s", budget, "--device", "cpu"], capsys)
-        assert code == 2 and printed.err.count("\n") == 1 and "--budget-s" in printed.err
+    for flags in (["--budget-s", "-1"], ["--budget-s", "0"], ["--measure-s", "31"]):
+        code, printed = cli(["table1", *flags, "--device", "cpu"], capsys)
+        assert code == 2 and printed.err.count("\n") == 1 and flags[0] in printed.err
+    for flags, why in (
+        (["--out", __file__], "is a file"),
+        (["--iters", "0"], "--iters 0"),
+        (["--samples", str(2**40)], "samples"),
+    ):
+        code, printed = cli(["table1", *TRIO_ARGS, *flags], capsys)
+        assert code == 2 and printed.err.count("\n") == 1 and why in printed.err
     code, printed = cli(
         ["table1", "--budget-s", "60", "--data", "missing.npz", "--device", "cpu"], capsys
     )
@@ -293,26 +474,17 @@ def test_the_command_line_edges(tmp_path, capsys, monkeypatch):
         ["table1", "--budget-s", "60", "--data", "demo", "--judge", "nowhere"], capsys
     )
     assert code == 2 and "judge.py" in printed.err
-    (tmp_path / "table1.json").write_text("{}")  # a finished trio is not overwritten
+    # a judge.py without features(), which table1 calls: refused before the measurement
+    judge = stand_in_judge(tmp_path, JUDGE_PY.replace("def features(", "def features_of("))
+    code, printed = cli(["table1", *TRIO_ARGS, "--budget-s", "60", *judge], capsys)
+    assert code == 2 and printed.err.count("\n") == 1 and "no features()" in printed.err
+    (tmp_path / "table1.json").write_text("{}")  # an older table1's report is not overwritten
     code, printed = cli(["table1", "--budget-s", "60", "--out", str(tmp_path)], capsys)
-    assert code == 2 and "already holds" in printed.err
-    monkeypatch.undo()  # a budget shorter than the measurement: refused before a training step
+    assert code == 2 and "older table1" in printed.err
+    code, printed = cli(["table1", "--resume", "--out", str(tmp_path / "none")], capsys)
+    assert code == 2 and "no trio to continue" in printed.err
+    monkeypatch.undo()  # a budget the measurement overruns: refused before the training
     code, printed = cli(
-        [
-            "table1",
-            "--budget-s",
-            "0.01",
-            "--data",
-            "demo",
-            "--device",
-            "cpu",
-            "--preset",
-            "tiny",
-            "--resolution",
-            "8",
-            "--out",
-            str(tmp_path / "t"),
-        ],
-        capsys,
+        ["table1", *TRIO_ARGS, "--budget-s", "0.01", "--out", str(tmp_path / "t")], capsys
     )
-    assert code == 2 and "measuring speed alone would take" in printed.err
+    assert code == 2 and "spent before training" in printed.err and printed.err.count("\n") == 1
