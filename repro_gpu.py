@@ -125,16 +125,22 @@ def to_channels_last(net):
 # learning rate on the device), and the EMA is foreach arithmetic on a device weight instead of
 # lerp_ with a Python number, which a graph would freeze at its captured value.
 # ------------------------------------------------------------------------------------------------
-def graphed_step(state, method, cfg, capture=True):
-    """ambient.eager_step in the form a CUDA graph holds, held in one on CUDA after three warm-up
-    steps (on a side stream, as capture needs). capture=False, or a CPU, runs the same body eagerly:
-    the test compares that with eager_step."""
+def step_body(state, method, cfg, capturable):
+    """ambient.eager_step split in the two parts a CUDA graph needs: fill() writes this step's
+    learning rate and EMA weight into the device scalars, from state.step, and body() runs the step
+    (batch, loss, backward, Adam, EMA), reading them there. The gradients must be None before body:
+    it writes them afresh."""
     device = next(state.net.parameters()).device
     lr, ema_weight = torch.full((), cfg.lr, device=device), torch.zeros((), device=device)
     for group in state.opt.param_groups:  # capturable: Adam's own check before it may be captured
         group["lr"] = lr
-        group["capturable"] = group["capturable"] or (capture and device.type == "cuda")
+        group["capturable"] = group["capturable"] or capturable
     net_params, ema_params = list(state.net.parameters()), list(state.ema.parameters())
+
+    def fill():
+        seen = state.step * cfg.batch  # ambient.learning_rate and ambient.ema_update's half-life
+        lr.fill_(A.learning_rate(cfg, seen))
+        ema_weight.fill_(1 - 0.5 ** (cfg.batch / max(min(500_000, 0.05 * seen), 1e-8)))
 
     def body():
         loss = method.loss(state.net, method.batch(state.gen)).mean()
@@ -146,15 +152,23 @@ def graphed_step(state, method, cfg, capture=True):
             torch._foreach_add_(ema_params, change)
         return loss.detach()
 
+    return fill, body
+
+
+def graphed_step(state, method, cfg, capture=True):
+    """ambient.eager_step in the form a CUDA graph holds, held in one on CUDA after three warm-up
+    steps (on a side stream, as capture needs). capture=False, or a CPU, runs the same body eagerly:
+    the test compares that with eager_step."""
+    device = next(state.net.parameters()).device
+    capture = capture and device.type == "cuda"
+    fill, body = step_body(state, method, cfg, capture)
     graph, out, warm_up = None, None, 3
 
     def step():
         nonlocal graph, out, warm_up
-        seen = state.step * cfg.batch  # ambient.learning_rate and ambient.ema_update's half-life
-        lr.fill_(A.learning_rate(cfg, seen))
-        ema_weight.fill_(1 - 0.5 ** (cfg.batch / max(min(500_000, 0.05 * seen), 1e-8)))
-        if not capture or device.type != "cuda" or warm_up:
-            warm_up -= device.type == "cuda" and capture
+        fill()
+        if not capture or warm_up:
+            warm_up -= capture
             with side_stream(device):
                 state.opt.zero_grad(set_to_none=True)
                 return body()
@@ -279,11 +293,16 @@ class Fast:
                 self.samplers[id(h_theta), batch] = graphed_sampler(self.method, h, batch)
             return A.generate(self.samplers[id(h_theta), batch], count, batch, log)
 
-    def make_step(self, state, method, cfg):
-        net = nn.parallel.DistributedDataParallel(state.net) if self.world > 1 else state.net
+    def use_network(self, net, cfg):
+        """The network the loss calls: DDP across processes, compiled as cfg says (inside a
+        captured step: the default mode, whose kernels a graph can hold)."""
+        net = nn.parallel.DistributedDataParallel(net) if self.world > 1 else net
         self.forward = compiled(
             net, "default" if cfg.graph and cfg.compile != "none" else cfg.compile
         )
+
+    def make_step(self, state, method, cfg):
+        self.use_network(state.net, cfg)
         step = (graphed_step if cfg.graph else A.eager_step)(state, method, cfg)
         first = [True]
 
