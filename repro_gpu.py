@@ -355,6 +355,82 @@ def train(argv=None):
 
 
 # ------------------------------------------------------------------------------------------------
+# Three models stepped together. One small-preset model at batch 256 keeps an H200 only partly busy
+# (16% MFU with --graph --compile default --precision bf16), so table1's trio steps as one CUDA
+# graph that holds the three members' step bodies, each captured on a stream of its own that forks
+# from the capture stream and joins back into it: one replay runs the three concurrently. Each
+# member keeps its own batch generator (registered with the graph), device scalars, fused Adam and
+# EMA, so each takes exactly the step it takes alone. Without --graph the members take turns; on a
+# CPU the bodies run in turn.
+# ------------------------------------------------------------------------------------------------
+def forked(fns, streams):
+    """Each fn() on its own stream, forked from the current one and joined back into it; inside a
+    capture the graph holds them side by side. -> their results."""
+    fork = torch.cuda.current_stream()
+    results = []
+    for fn, stream in zip(fns, streams, strict=True):
+        stream.wait_stream(fork)
+        with torch.cuda.stream(stream):
+            results.append(fn())
+    for stream in streams:
+        fork.wait_stream(stream)
+    return results
+
+
+def capture_together(fns, device, generators=()):
+    """One CUDA graph holding each fn() on its own stream (forked), with `generators` registered so
+    that each replay draws fresh numbers from them. -> (graph, the fns' outputs)."""
+    graph = torch.cuda.CUDAGraph()
+    for gen in generators:
+        graph.register_generator_state(gen)
+    streams = [torch.cuda.Stream(device) for _ in fns]
+    with torch.cuda.graph(graph):
+        outs = forked(fns, streams)
+    return graph, outs
+
+
+def trio_step(members, cfg):
+    """-> step(): every member one training step, the list of their losses (on the device). Each
+    member's step is its own (ambient.eager_step through Fast, or graphed_step's body): its own
+    batch generator, learning rate and EMA from its own Config and state.step. With cfg.graph on
+    CUDA the bodies run as one graph (three warm-up steps on side streams first, as graphed_step);
+    without --graph the members' own steps take turns. The caller adds 1 to each state.step."""
+    if not cfg.graph:
+        steps = [m.method.make_step(m.state, m.method, m.cfg) for m in members]
+        return lambda: [step() for step in steps]
+    device = next(members[0].state.net.parameters()).device
+    capture = device.type == "cuda"
+    for m in members:
+        m.method.use_network(m.state.net, m.cfg)
+    parts = [step_body(m.state, m.method, m.cfg, capture) for m in members]
+    graph, outs, warm_up, first = None, None, 3, True
+
+    def in_turn(state, body):
+        with side_stream(device):
+            state.opt.zero_grad(set_to_none=True)  # the body writes the gradients afresh
+            return body()
+
+    def step():
+        nonlocal graph, outs, warm_up, first
+        with compile_errors(first and cfg.compile != "none"):  # the first call compiles
+            first = False
+            for fill, _ in parts:
+                fill()
+            if not capture or warm_up:
+                warm_up -= capture
+                return [in_turn(m.state, body) for m, (_, body) in zip(members, parts, strict=True)]
+            if graph is None:
+                for m in members:
+                    m.state.opt.zero_grad(set_to_none=True)
+                bodies = [body for _, body in parts]
+                graph, outs = capture_together(bodies, device, [m.state.gen for m in members])
+            graph.replay()
+            return list(outs)
+
+    return step
+
+
+# ------------------------------------------------------------------------------------------------
 # Table 1's CIFAR-10 trio in one command: DDPM and Algorithm 1 under both loss weights at n = 300,
 # the same subset, seed, initialisation and batches, trained in turns on one device to log-spaced
 # checkpoints; at each checkpoint each model samples with Heun-40 and is scored, so the report is a
