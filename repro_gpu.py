@@ -24,6 +24,7 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -360,8 +361,8 @@ def train(argv=None):
 # graph that holds the three members' step bodies, each captured on a stream of its own that forks
 # from the capture stream and joins back into it: one replay runs the three concurrently. Each
 # member keeps its own batch generator (registered with the graph), device scalars, fused Adam and
-# EMA, so each takes exactly the step it takes alone. Without --graph the members take turns; on a
-# CPU the bodies run in turn.
+# EMA, so each takes exactly the step it takes alone. Sampling does the same with the three EMAs'
+# Heun integrations. Without --graph the members take turns; on a CPU the bodies run in turn.
 # ------------------------------------------------------------------------------------------------
 def forked(fns, streams):
     """Each fn() on its own stream, forked from the current one and joined back into it; inside a
@@ -428,6 +429,67 @@ def trio_step(members, cfg):
             return list(outs)
 
     return step
+
+
+def trio_sampler(members, batch):
+    """-> sample_batches(k, rows): each member's batch k of samples (numbers `rows`), from its EMA
+    and its own noise (seed + k), as a list. With --graph, full batches run one graph that holds
+    the members' Heun integrations side by side (CUDA; on a CPU the same in turn), their starting
+    noise copied into its inputs; the last, partial batch samples eagerly."""
+    cfg = members[0].cfg
+    device = next(members[0].state.ema.parameters()).device
+    capture = device.type == "cuda"
+    nets = [compiled(m.state.ema, "none" if cfg.compile == "none" else "default") for m in members]
+    side = members[0].state.ema.resolution
+    x_T = [torch.zeros(batch, 3, side, side, device=device) for _ in members]
+
+    def integrations():
+        return [
+            partial(A.sample, h, x, m.cfg.steps, m.cfg.sampler)
+            for m, h, x in zip(members, nets, x_T, strict=True)
+        ]
+
+    graph, outs = None, None
+    if capture:
+        with side_stream(device):  # warm-up: compilation and cuDNN's choices, outside the capture
+            for run in integrations():
+                run()
+        graph, outs = capture_together(integrations(), device)
+
+    def sample_batches(k, rows):
+        if len(rows) < batch:
+            return [m.method.sample_batch(h, k, rows) for m, h in zip(members, nets, strict=True)]
+        for m, h, x in zip(members, nets, x_T, strict=True):
+            x.copy_(m.method.noise(h, k, rows))
+        if graph is None:
+            return [run() for run in integrations()]
+        graph.replay()
+        return [out.clone() for out in outs]
+
+    return sample_batches
+
+
+def trio_generate(members, count, log=print):
+    """-> each member's `count` samples (in [-1, 1], NCHW), what member.method.generate(
+    member.state.ema, count, log) gives: with --graph the three EMAs sample together (trio_sampler,
+    captured once per batch size), without it in turn."""
+    cfg = members[0].cfg
+    if not cfg.graph:
+        return [m.method.generate(m.state.ema, count, log) for m in members]
+    batch = min(cfg.sample_batch, count)
+    device = next(members[0].state.ema.parameters()).device
+    cache = members[0].method.samplers  # captured once per trio of networks and batch size
+    key = (*(id(m.state.ema) for m in members), batch)
+    with autocast(device, cfg.precision), compile_errors(cfg.compile != "none"):
+        if key not in cache:
+            cache[key] = trio_sampler(members, batch)
+        samples = [[] for _ in members]
+        for k, start in enumerate(range(0, count, batch)):
+            rows = range(start, min(count, start + batch))
+            for kept, x in zip(samples, cache[key](k, rows), strict=True):
+                kept.append(x.clamp(-1, 1).cpu())  # as ambient.generate keeps them
+            log(f"sampled {rows.stop}/{count} per model")
+    return [torch.cat(kept) for kept in samples]
 
 
 # ------------------------------------------------------------------------------------------------
