@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -490,6 +491,34 @@ def trio_generate(members, count, log=print):
                 kept.append(x.clamp(-1, 1).cpu())  # as ambient.generate keeps them
             log(f"sampled {rows.stop}/{count} per model")
     return [torch.cat(kept) for kept in samples]
+
+
+def stand_in_trio(cfg, device):
+    """table1's three members (TRIO's settings over cfg, one seed: the same initial weights) on
+    random stand-in images, for timing in bench.py: (one trio_step that also counts it, the
+    members). TF32 on CUDA, as ambient.run."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    side = cfg.resolution
+    torch.manual_seed(0)
+    images = torch.randn(max(cfg.batch, 64), 3, side, side, device=device)
+    members = []
+    for name, extra in TRIO.items():
+        member_cfg = dataclasses.replace(cfg, **extra)
+        torch.manual_seed(0)
+        method = Fast(A.Algorithm1(member_cfg), member_cfg)
+        method.use_data(images)
+        state = A.training_state(method.network().to(device), member_cfg, 3 * side**2)
+        members.append(SimpleNamespace(name=name, cfg=member_cfg, method=method, state=state))
+    step = trio_step(members, cfg)
+
+    def one():
+        losses = step()
+        for m in members:
+            m.state.step += 1
+        return losses
+
+    return one, members
 
 
 # ------------------------------------------------------------------------------------------------
