@@ -326,10 +326,10 @@ def trio_members(device, graph, precision="fp32"):
     trio = (dict(sigma_tn=0.0), dict(), dict(ambient_weight="x0"))
     for seed, extra in zip((4, 5, 6), trio, strict=True):
         settings = {**dict(sigma_tn=1.0, lr=1e-3 * seed / 4, lr_rampup=0.0001, seed=seed), **extra}
+        speed = dict(graph=graph, precision=precision)
         cfg = G.Config(
-            preset="tiny", resolution=8, batch=8, steps=3, sample_batch=4, graph=graph,
-            precision=precision, **settings,
-        )  # fmt: skip
+            preset="tiny", resolution=8, batch=8, steps=3, sample_batch=4, **speed, **settings
+        )
         method = G.Fast(A.Algorithm1(cfg), cfg)
         method.use_data(A.prepare(np.load(A.DEMO_FILE)["images"][:16], 8).to(device))
         torch.manual_seed(seed)
