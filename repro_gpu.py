@@ -26,7 +26,9 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -127,16 +129,22 @@ def to_channels_last(net):
 # learning rate on the device), and the EMA is foreach arithmetic on a device weight instead of
 # lerp_ with a Python number, which a graph would freeze at its captured value.
 # ------------------------------------------------------------------------------------------------
-def graphed_step(state, method, cfg, capture=True):
-    """ambient.eager_step in the form a CUDA graph holds, held in one on CUDA after three warm-up
-    steps (on a side stream, as capture needs). capture=False, or a CPU, runs the same body eagerly:
-    the test compares that with eager_step."""
+def step_body(state, method, cfg, capturable):
+    """ambient.eager_step split in the two parts a CUDA graph needs: fill() writes this step's
+    learning rate and EMA weight into the device scalars, from state.step, and body() runs the step
+    (batch, loss, backward, Adam, EMA), reading them there. The gradients must be None before body:
+    it writes them afresh."""
     device = next(state.net.parameters()).device
     lr, ema_weight = torch.full((), cfg.lr, device=device), torch.zeros((), device=device)
     for group in state.opt.param_groups:  # capturable: Adam's own check before it may be captured
         group["lr"] = lr
-        group["capturable"] = group["capturable"] or (capture and device.type == "cuda")
+        group["capturable"] = group["capturable"] or capturable
     net_params, ema_params = list(state.net.parameters()), list(state.ema.parameters())
+
+    def fill():
+        seen = state.step * cfg.batch  # ambient.learning_rate and ambient.ema_update's half-life
+        lr.fill_(A.learning_rate(cfg, seen))
+        ema_weight.fill_(1 - 0.5 ** (cfg.batch / max(min(500_000, 0.05 * seen), 1e-8)))
 
     def body():
         loss = method.loss(state.net, method.batch(state.gen)).mean()
@@ -148,15 +156,23 @@ def graphed_step(state, method, cfg, capture=True):
             torch._foreach_add_(ema_params, change)
         return loss.detach()
 
+    return fill, body
+
+
+def graphed_step(state, method, cfg, capture=True):
+    """ambient.eager_step in the form a CUDA graph holds, held in one on CUDA after three warm-up
+    steps (on a side stream, as capture needs). capture=False, or a CPU, runs the same body eagerly:
+    the test compares that with eager_step."""
+    device = next(state.net.parameters()).device
+    capture = capture and device.type == "cuda"
+    fill, body = step_body(state, method, cfg, capture)
     graph, out, warm_up = None, None, 3
 
     def step():
         nonlocal graph, out, warm_up
-        seen = state.step * cfg.batch  # ambient.learning_rate and ambient.ema_update's half-life
-        lr.fill_(A.learning_rate(cfg, seen))
-        ema_weight.fill_(1 - 0.5 ** (cfg.batch / max(min(500_000, 0.05 * seen), 1e-8)))
-        if not capture or device.type != "cuda" or warm_up:
-            warm_up -= device.type == "cuda" and capture
+        fill()
+        if not capture or warm_up:
+            warm_up -= capture
             with side_stream(device):
                 state.opt.zero_grad(set_to_none=True)
                 return body()
@@ -281,11 +297,16 @@ class Fast:
                 self.samplers[id(h_theta), batch] = graphed_sampler(self.method, h, batch)
             return A.generate(self.samplers[id(h_theta), batch], count, batch, log)
 
-    def make_step(self, state, method, cfg):
-        net = nn.parallel.DistributedDataParallel(state.net) if self.world > 1 else state.net
+    def use_network(self, net, cfg):
+        """The network the loss calls: DDP across processes, compiled as cfg says (inside a
+        captured step: the default mode, whose kernels a graph can hold)."""
+        net = nn.parallel.DistributedDataParallel(net) if self.world > 1 else net
         self.forward = compiled(
             net, "default" if cfg.graph and cfg.compile != "none" else cfg.compile
         )
+
+    def make_step(self, state, method, cfg):
+        self.use_network(state.net, cfg)
         step = (graphed_step if cfg.graph else A.eager_step)(state, method, cfg)
         first = [True]
 
@@ -338,25 +359,168 @@ def train(argv=None):
 
 
 # ------------------------------------------------------------------------------------------------
-# Three models stepped together (placeholder; A1's version replaces it). table1 reaches the trio's
-# speed through these two functions only; here each member steps and samples on its own, in turn.
+# Three models stepped together. One small-preset model at batch 256 keeps an H200 only partly busy
+# (16% MFU with --graph --compile default --precision bf16), so table1's trio steps as one CUDA
+# graph that holds the three members' step bodies, each captured on a stream of its own that forks
+# from the capture stream and joins back into it: one replay runs the three concurrently. Each
+# member keeps its own batch generator (registered with the graph), device scalars, fused Adam and
+# EMA, so each takes exactly the step it takes alone. Sampling does the same with the three EMAs'
+# Heun integrations. Without --graph the members take turns; on a CPU the bodies run in turn.
 # ------------------------------------------------------------------------------------------------
+def forked(fns, streams):
+    """Each fn() on its own stream, forked from the current one and joined back into it; inside a
+    capture the graph holds them side by side. -> their results."""
+    fork = torch.cuda.current_stream()
+    results = []
+    for fn, stream in zip(fns, streams, strict=True):
+        stream.wait_stream(fork)
+        with torch.cuda.stream(stream):
+            results.append(fn())
+    for stream in streams:
+        fork.wait_stream(stream)
+    return results
+
+
+def capture_together(fns, device, generators=()):
+    """One CUDA graph holding each fn() on its own stream (forked), with `generators` registered so
+    that each replay draws fresh numbers from them. -> (graph, the fns' outputs)."""
+    graph = torch.cuda.CUDAGraph()
+    for gen in generators:
+        graph.register_generator_state(gen)
+    streams = [torch.cuda.Stream(device) for _ in fns]
+    with torch.cuda.graph(graph):
+        outs = forked(fns, streams)
+    return graph, outs
+
+
 def trio_step(members, cfg):
-    """-> step(): advances every member one training step; returns a list of their loss tensors
-    (device, no sync). members have .state (ambient.TrainState), .method (Fast), .cfg (member
-    Config). The caller increments each member.state.step after step() returns."""
-    steps = [m.method.make_step(m.state, m.method, m.cfg) for m in members]
+    """-> step(): every member one training step, the list of their losses (on the device). Each
+    member's step is its own (ambient.eager_step through Fast, or graphed_step's body): its own
+    batch generator, learning rate and EMA from its own Config and state.step. With cfg.graph on
+    CUDA the bodies run as one graph (three warm-up steps on side streams first, as graphed_step);
+    without --graph the members' own steps take turns. The caller adds 1 to each state.step."""
+    if not cfg.graph:
+        steps = [m.method.make_step(m.state, m.method, m.cfg) for m in members]
+        return lambda: [step() for step in steps]
+    device = next(members[0].state.net.parameters()).device
+    capture = device.type == "cuda"
+    for m in members:
+        m.method.use_network(m.state.net, m.cfg)
+    parts = [step_body(m.state, m.method, m.cfg, capture) for m in members]
+    graph, outs, warm_up, first = None, None, 3, True
+
+    def in_turn(state, body):
+        with side_stream(device):
+            state.opt.zero_grad(set_to_none=True)  # the body writes the gradients afresh
+            return body()
 
     def step():
-        return [one() for one in steps]
+        nonlocal graph, outs, warm_up, first
+        with compile_errors(first and cfg.compile != "none"):  # the first call compiles
+            first = False
+            for fill, _ in parts:
+                fill()
+            if not capture or warm_up:
+                warm_up -= capture
+                return [in_turn(m.state, body) for m, (_, body) in zip(members, parts, strict=True)]
+            if graph is None:
+                for m in members:
+                    m.state.opt.zero_grad(set_to_none=True)
+                bodies = [body for _, body in parts]
+                graph, outs = capture_together(bodies, device, [m.state.gen for m in members])
+            graph.replay()
+            return list(outs)
 
     return step
 
 
+def trio_sampler(members, batch):
+    """-> sample_batches(k, rows): each member's batch k of samples (numbers `rows`), from its EMA
+    and its own noise (seed + k), as a list. With --graph, full batches run one graph that holds
+    the members' Heun integrations side by side (CUDA; on a CPU the same in turn), their starting
+    noise copied into its inputs; the last, partial batch samples eagerly."""
+    cfg = members[0].cfg
+    device = next(members[0].state.ema.parameters()).device
+    capture = device.type == "cuda"
+    nets = [compiled(m.state.ema, "none" if cfg.compile == "none" else "default") for m in members]
+    side = members[0].state.ema.resolution
+    x_T = [torch.zeros(batch, 3, side, side, device=device) for _ in members]
+
+    def integrations():
+        return [
+            partial(A.sample, h, x, m.cfg.steps, m.cfg.sampler)
+            for m, h, x in zip(members, nets, x_T, strict=True)
+        ]
+
+    graph, outs = None, None
+    if capture:
+        with side_stream(device):  # warm-up: compilation and cuDNN's choices, outside the capture
+            for run in integrations():
+                run()
+        graph, outs = capture_together(integrations(), device)
+
+    def sample_batches(k, rows):
+        if len(rows) < batch:
+            return [m.method.sample_batch(h, k, rows) for m, h in zip(members, nets, strict=True)]
+        for m, h, x in zip(members, nets, x_T, strict=True):
+            x.copy_(m.method.noise(h, k, rows))
+        if graph is None:
+            return [run() for run in integrations()]
+        graph.replay()
+        return [out.clone() for out in outs]
+
+    return sample_batches
+
+
 def trio_generate(members, count, log=print):
-    """-> list of sample tensors, one per member, each equal to
-    member.method.generate(member.state.ema, count, log)."""
-    return [m.method.generate(m.state.ema, count, log) for m in members]
+    """-> each member's `count` samples (in [-1, 1], NCHW), what member.method.generate(
+    member.state.ema, count, log) gives: with --graph the three EMAs sample together (trio_sampler,
+    captured once per batch size), without it in turn."""
+    cfg = members[0].cfg
+    if not cfg.graph:
+        return [m.method.generate(m.state.ema, count, log) for m in members]
+    batch = min(cfg.sample_batch, count)
+    device = next(members[0].state.ema.parameters()).device
+    cache = members[0].method.samplers  # captured once per trio of networks and batch size
+    key = (*(id(m.state.ema) for m in members), batch)
+    with autocast(device, cfg.precision), compile_errors(cfg.compile != "none"):
+        if key not in cache:
+            cache[key] = trio_sampler(members, batch)
+        samples = [[] for _ in members]
+        for k, start in enumerate(range(0, count, batch)):
+            rows = range(start, min(count, start + batch))
+            for kept, x in zip(samples, cache[key](k, rows), strict=True):
+                kept.append(x.clamp(-1, 1).cpu())  # as ambient.generate keeps them
+            log(f"sampled {rows.stop}/{count} per model")
+    return [torch.cat(kept) for kept in samples]
+
+
+def stand_in_trio(cfg, device):
+    """table1's three members (TRIO's settings over cfg, one seed: the same initial weights) on
+    random stand-in images, for timing in bench.py: (one trio_step that also counts it, the
+    members). TF32 on CUDA, as ambient.run."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    side = cfg.resolution
+    torch.manual_seed(0)
+    images = torch.randn(max(cfg.batch, 64), 3, side, side, device=device)
+    members = []
+    for name, extra in TRIO.items():
+        member_cfg = dataclasses.replace(cfg, **extra)
+        torch.manual_seed(0)
+        method = Fast(A.Algorithm1(member_cfg), member_cfg)
+        method.use_data(images)
+        state = A.training_state(method.network().to(device), member_cfg, 3 * side**2)
+        members.append(SimpleNamespace(name=name, cfg=member_cfg, method=method, state=state))
+    step = trio_step(members, cfg)
+
+    def one():
+        losses = step()
+        for m in members:
+            m.state.step += 1
+        return losses
+
+    return one, members
 
 
 # ------------------------------------------------------------------------------------------------

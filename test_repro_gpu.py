@@ -488,3 +488,85 @@ def test_the_command_line_edges(tmp_path, capsys, monkeypatch):
         ["table1", *TRIO_ARGS, "--budget-s", "0.01", "--out", str(tmp_path / "t")], capsys
     )
     assert code == 2 and "spent before training" in printed.err and printed.err.count("\n") == 1
+
+
+def trio_members(device, graph, precision="fp32"):
+    """Three tiny members as table1's trio is made of (DDPM, the released and the x0 weight), each
+    with a seed and a learning rate of its own, so that a member given another's batch, generator,
+    rate or EMA ends elsewhere; the EMA's output layer made non-trivial, for the samples."""
+    members = []
+    trio = (dict(sigma_tn=0.0), dict(), dict(ambient_weight="x0"))
+    for seed, extra in zip((4, 5, 6), trio, strict=True):
+        settings = {**dict(sigma_tn=1.0, lr=1e-3 * seed / 4, lr_rampup=0.0001, seed=seed), **extra}
+        speed = dict(graph=graph, precision=precision)
+        cfg = G.Config(
+            preset="tiny", resolution=8, batch=8, steps=3, sample_batch=4, **speed, **settings
+        )
+        method = G.Fast(A.Algorithm1(cfg), cfg)
+        method.use_data(A.prepare(np.load(A.DEMO_FILE)["images"][:16], 8).to(device))
+        torch.manual_seed(seed)
+        state = A.training_state(method.network().to(device), cfg, 3 * 8 * 8)
+        torch.nn.init.normal_(state.ema.net.conv_out.weight, std=0.1, generator=gen(seed))
+        members.append(SimpleNamespace(cfg=cfg, method=method, state=state))
+    return members
+
+
+def tensors_of(state):
+    """A member's weights, EMA and Adam state, as one list."""
+    opt = state.opt.state_dict()["state"]
+    adam = [t for k in sorted(opt) for t in opt[k].values()]
+    return [*state.net.parameters(), *state.ema.parameters(), *adam]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_trio_stepped_together_in_one_graph_trains_each_as_alone(device, monkeypatch):
+    """trio_step with --graph leaves each member's weights, EMA and Adam state where the member's
+    own captured step (graphed_step, itself tested against ambient.eager_step above) leaves them
+    when it trains alone: over the warm-up, the capture and a replay on a GPU, with the learning
+    rate's warm-up and the EMA's ramp at work. On a CPU the same arithmetic runs in the same order:
+    equal bit for bit; on a GPU the three run on concurrent streams of one graph: rtol 1e-5, as
+    the one-model graph test."""
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    together, alone = trio_members(device, graph=True), trio_members(device, graph=True)
+    step = G.trio_step(together, together[0].cfg)
+    own = [m.method.make_step(m.state, m.method, m.cfg) for m in alone]
+    for _ in range(5):  # on a GPU: three warm-up steps, the capture and its replay, a replay
+        losses = step()
+        for m, one, loss in zip(alone, own, losses, strict=True):
+            assert torch.allclose(one(), loss, rtol=1e-5)
+            m.state.step += 1
+        for m in together:
+            m.state.step += 1
+    for a, b in zip(together, alone, strict=True):
+        pairs = list(zip(tensors_of(a.state), tensors_of(b.state), strict=True))
+        if device == "cpu":
+            assert all(torch.equal(p, q) for p, q in pairs)
+        else:
+            assert all(torch.allclose(p, q, rtol=1e-5, atol=1e-7) for p, q in pairs)
+    # the members differ from each other: a member that took another's step would show
+    first, second = (tensors_of(m.state)[0] for m in together[:2])
+    assert not torch.allclose(first, second, atol=1e-3)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_trio_captured_sampler_gives_each_members_samples(device, precision):
+    """trio_generate with --graph (the three EMAs' Heun integrations in one graph on a GPU, in turn
+    on a CPU) gives each member the samples its own method.generate gives, full batches and the
+    last, partial one: on a CPU bit for bit, on a GPU within 1e-4 (fp32; 1e-2 under bf16). In fp32
+    those are the plain eager sampler's (ambient.Algorithm1.generate); under bf16 they are not,
+    which shows that autocast is at work."""
+    members = trio_members(device, graph=True, precision=precision)
+    together = G.trio_generate(members, 6, log=lambda m: None)  # batches of 4 and 2
+    tol = dict(rtol=1e-4, atol=1e-4) if precision == "fp32" else dict(rtol=1e-2, atol=1e-2)
+
+    def same(a, b):
+        return torch.equal(a, b) if device == "cpu" else torch.allclose(a, b, **tol)
+
+    for m, samples in zip(members, together, strict=True):
+        assert samples.shape == (6, 3, 8, 8)
+        assert same(samples, m.method.generate(m.state.ema, 6, log=lambda m: None))
+        eager = m.method.method.generate(m.state.ema, 6, log=lambda m: None)
+        assert same(samples, eager) if precision == "fp32" else not torch.equal(samples, eager)
+    # the members' samples differ: one given another's EMA or noise would show
+    assert not torch.allclose(together[0], together[1], atol=0.1)
