@@ -176,21 +176,66 @@ def test_text_noise_changes_the_embedding_by_its_scale_and_nothing_else(tiny, mo
     assert abs(diff.mean()) < 0.05 and abs(diff.std() - 0.5) < 0.05
 
 
+def eps_from_v(sched, v, x_t, t):
+    """The noise prediction a v prediction implies: eps = sqrt(abar_t) v + sqrt(1 - abar_t) x_t."""
+    abar = sched.alphas_cumprod[t][:, None, None, None]
+    return abar.sqrt() * v + (1 - abar).sqrt() * x_t
+
+
+def text_conditional_parts(models, b, ids):
+    """pred(x_t, caption) - pred(x_t, ""), in the model's units (here v) and in eps units."""
+    with torch.no_grad():
+        emb = models.text_encoder(ids)[0]
+        cond = models.unet(b["x_t"], b["t"], emb).sample
+        uncond = models.unet(b["x_t"], b["t"], models.empty_emb.expand(len(ids), -1, -1)).sample
+    eps = [eps_from_v(models.scheduler, p, b["x_t"], b["t"]) for p in (cond, uncond)]
+    return cond, (cond - uncond).flatten(1).norm(dim=1), (eps[0] - eps[1]).flatten(1).norm(dim=1)
+
+
 def test_w24_leaves_out_exactly_the_samples_with_a_large_text_conditional_prediction(tiny):
     b, ids = tiny_step_inputs(tiny)
-    with torch.no_grad():
-        emb = tiny.text_encoder(ids)[0]
-        cond = tiny.unet(b["x_t"], b["t"], emb).sample
-        uncond = tiny.unet(b["x_t"], b["t"], tiny.empty_emb.expand(len(ids), -1, -1)).sample
-    norms = (cond - uncond).flatten(1).norm(dim=1)
+    cond, _, norms = text_conditional_parts(tiny, b, ids)
     per_sample = (cond - b["target"]).square().flatten(1).mean(1) * T.loss_weight(b, "released")
-    threshold = norms.median().item()
+    low, high = norms.sort().values[3:5]
+    threshold = ((low + high) / 2).item()  # halfway between two samples: no rounding decides
     with torch.no_grad():
         loss, keep = T.training_loss(tiny, b, ids, cfg_for(w24_threshold=threshold), None)
         full, keep_all = T.training_loss(tiny, b, ids, cfg_for(), None)
     assert torch.equal(keep, norms < threshold) and 0 < keep.sum() < len(keep)
     assert torch.allclose(loss, per_sample[keep].mean(), rtol=1e-5)
     assert keep_all.all() and torch.allclose(full, per_sample.mean(), rtol=1e-5)
+
+
+def test_w24_thresholds_a_v_model_in_noise_units(tiny):
+    """Wen et al.'s rule is on the noise prediction. At t = 999 a v model's eps difference is
+    sqrt(abar_999) = 1/14.6 of its v difference; at t = 0 the two are within 0.05%. A threshold
+    between a t = 999 sample's eps and v norms keeps it (a rule on raw v would drop it), and one
+    below a t = 0 sample's norm drops that one."""
+    ids = T.tokenize(tiny.tokenizer, ["caption 0", "caption 1"])
+    latents = torch.randn(2, 4, 8, 8, generator=gen(21))
+    b = T.noisy_batch(tiny.scheduler, latents, latents, torch.tensor([999, 0]), 0, gen(22))
+    _, v_norms, eps_norms = text_conditional_parts(tiny, b, ids)
+    assert eps_norms[0] < v_norms[0] / 14 and eps_norms[0] < eps_norms[1]
+    threshold = (eps_norms[0] + min(v_norms[0], eps_norms[1])).item() / 2
+    with torch.no_grad():
+        _, keep = T.training_loss(tiny, b, ids, cfg_for(w24_threshold=threshold), None)
+    assert keep.tolist() == [True, False] and v_norms[0] > threshold
+
+
+def test_eps_per_output_is_the_noise_predictions_change_for_each_prediction_type():
+    """eps from v: sqrt(abar) v + sqrt(1 - abar) x_t; from x_0: (x_t - sqrt(abar) x_0) /
+    sqrt(1 - abar); for two predictions at one x_t the eps difference is the factor times theirs."""
+    abar = torch.tensor([0.9, 0.3, 0.005], dtype=f64)[:, None]
+    x_t, p, q = (torch.randn(3, 5, generator=gen(k), dtype=f64) for k in (23, 24, 25))
+    to_eps = dict(
+        epsilon=lambda out: out,
+        v_prediction=lambda out: abar.sqrt() * out + (1 - abar).sqrt() * x_t,
+        sample=lambda out: (x_t - abar.sqrt() * out) / (1 - abar).sqrt(),
+    )
+    for kind, eps in to_eps.items():
+        want = (eps(p) - eps(q)).norm(dim=1)
+        got = T.eps_per_output(kind, abar[:, 0]) * (p - q).norm(dim=1)
+        assert torch.allclose(got, want, rtol=1e-12), kind
 
 
 def tiny_data(models):

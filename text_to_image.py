@@ -137,15 +137,33 @@ def add_text_noise(emb, scale, gen):
     return emb + scale * torch.randn(emb.shape, generator=gen, device=emb.device, dtype=emb.dtype)
 
 
-def w24_keep(pred, unet, x_t, t, empty_emb, threshold):
+def eps_per_output(prediction_type, abar):
+    """How far eps moves per unit of the model's output at fixed x_t: 1 for eps; sqrt(abar_t) for
+    v, from eps = sqrt(abar_t) v + sqrt(1 - abar_t) x_t; sqrt(abar_t / (1 - abar_t)) for x_0 (its
+    sign dropped), from eps = (x_t - sqrt(abar_t) x_0) / sqrt(1 - abar_t)."""
+    if prediction_type == "epsilon":
+        return torch.ones_like(abar)
+    if prediction_type == "v_prediction":
+        return abar.sqrt()
+    if prediction_type == "sample":
+        return (abar / (1 - abar)).sqrt()
+    raise UserError(f"prediction_type {prediction_type!r}: W24 knows epsilon, v_prediction, sample")
+
+
+def w24_keep(pred, unet, b, empty_emb, threshold, scheduler):
     """Wen et al. 2024 (YuxinWenRick/diffusion_memorization, train_text_to_image.py's
-    hard_threshold): the text-conditional part |pred(c) - pred(empty)|_2 of each sample, without
-    gradient; samples at or above the threshold leave the loss. None: keep all."""
+    hard_threshold): the text-conditional part |eps(c) - eps(empty)|_2 of each sample, without
+    gradient; samples at or above the threshold leave the loss. None: keep all. Their rule is on the
+    noise prediction (their model predicts eps), so another model's output difference is mapped to
+    eps units first: for v, sqrt(abar_t) times the v difference (1/14.6 at t = 999 for SD)."""
     if threshold is None:
         return torch.ones(len(pred), dtype=torch.bool, device=pred.device)
+    x_t, t = b["x_t"], b["t"]
     with torch.no_grad():
         uncond = unet(x_t, t, empty_emb.expand(len(x_t), -1, -1)).sample
-    return (pred.detach() - uncond).flatten(1).norm(dim=1) < threshold
+    abar = scheduler.alphas_cumprod.to(torch.float64)[t.cpu()].to(pred.device)
+    scale = eps_per_output(scheduler.config.prediction_type, abar)
+    return (pred.detach() - uncond).float().flatten(1).norm(dim=1) * scale < threshold
 
 
 def training_loss(models, b, ids, cfg, noise_gen):
@@ -156,7 +174,7 @@ def training_loss(models, b, ids, cfg, noise_gen):
     pred = models.unet(b["x_t"], b["t"], emb).sample
     per_sample = (pred.float() - b["target"].float()).square().flatten(1).mean(1)
     per_sample = per_sample * loss_weight(b, cfg.ambient_weight).to(pred.device)
-    keep = w24_keep(pred, models.unet, b["x_t"], b["t"], models.empty_emb, cfg.w24_threshold)
+    keep = w24_keep(pred, models.unet, b, models.empty_emb, cfg.w24_threshold, models.scheduler)
     return (per_sample * keep).sum() / keep.sum().clamp_min(1), keep
 
 
