@@ -104,6 +104,25 @@ def test_no_clean_latent_reaches_a_sample_above_tn():
     assert torch.allclose(b["x_t"][hi], want.float(), atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_tn_itself_is_clean_and_tn_plus_one_is_noisy(kind):
+    """The split at t_n exactly: t = t_n takes the clean latent and the usual target (there
+    sigma_t = sigma_tn, so Lemma C.2's c_h is 0 and its target 0/0); t = t_n + 1 starts from x_tn
+    (line 10 with abar_t / abar_tn) and its target is finite."""
+    sched, tn = sd_scheduler(kind), 100
+    x0 = torch.randn(2, 4, 8, 8, generator=gen(26))
+    x_tn = T.make_noisy_latents(x0, sched, tn, seed=0)
+    t = torch.tensor([tn, tn + 1])
+    b = T.noisy_batch(sched, x0, x_tn, t, tn, gen(27))
+    z = b["noise"]
+    assert b["noisy"].tolist() == [False, True] and b["target"].isfinite().all()
+    assert torch.equal(b["x_t"][0], sched.add_noise(x0, z, t)[0])
+    assert torch.equal(b["target"][0], T.usual_target(sched, x0, z, t)[0])
+    ratio = sched.alphas_cumprod.to(f64)[tn + 1] / sched.alphas_cumprod.to(f64)[tn]
+    want = ratio.sqrt() * x_tn[1] + (1 - ratio).sqrt() * z[1]
+    assert torch.allclose(b["x_t"][1], want.float(), atol=1e-6)
+
+
 def test_noisy_latents_are_one_seeded_draw_at_tn():
     sched, tn = sd_scheduler("epsilon"), 50
     latents = torch.randn(500, 4, 4, 4, generator=gen(8))
