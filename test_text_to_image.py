@@ -417,7 +417,39 @@ def test_bad_input_gives_one_clear_line(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(diffusers.StableDiffusionPipeline, "from_pretrained", offline)
     err = error_of(pre + ["stabilityai/stable-diffusion-2"], capsys, main)
-    assert "cannot load a Stable Diffusion pipeline (OSError)" in err and "--local-dir" in err
+    assert "cannot load a Stable Diffusion pipeline (OSError: We couldn't connect" in err
+    assert "--local-dir" in err
+
+
+def test_pretrained_failures_name_their_cause(tmp_path, capsys, monkeypatch):
+    """The cause comes from the exception's message, through the chain that diffusers raises (a
+    gated model's Hub error under an OSError that points at the traceback), in one line."""
+    import diffusers
+
+    pre = ["--data", str(caption_folder(tmp_path)), "--device", "cpu", "--pretrained"]
+    (tmp_path / "empty").mkdir()
+    err = error_of(pre + [str(tmp_path / "empty")], capsys, T.main)  # diffusers' own failure
+    assert "no file named model_index.json" in err and "holds a diffusers pipeline" in err
+    gated = RuntimeError(
+        "401 Client Error. Cannot access gated repo for url https://huggingface.co/x/y.\n"
+        "Access to model x/y is restricted. You must have access to it and be authenticated."
+    )
+    failures = dict(gated=gated, missing=ModuleNotFoundError("No module named 'ftfy'", name="ftfy"))
+
+    def load(*args, **kwargs):
+        if failures["now"] is gated:
+            raise OSError(
+                "Cannot load model x/y: see the root cause in the stacktrace above"
+            ) from gated
+        raise failures["now"]
+
+    monkeypatch.setattr(diffusers.StableDiffusionPipeline, "from_pretrained", load)
+    failures["now"] = gated
+    err = error_of(pre + ["x/y"], capsys, T.main)
+    assert "RuntimeError: 401 Client Error. Cannot access gated repo" in err
+    assert "huggingface-cli login" in err
+    failures["now"] = failures["missing"]
+    assert "pip install ftfy" in error_of(pre + ["x/y"], capsys, T.main)
 
 
 class Planted:

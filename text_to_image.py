@@ -288,13 +288,47 @@ def load_pretrained(name):
             str(Path(name).expanduser()) if looks_local else name, safety_checker=None
         )
     except Exception as err:  # offline, a missing repo, a gated one: all end here
+        cause, fix = load_failure(err)
         raise UserError(
-            f"--pretrained {name}: cannot load a Stable Diffusion pipeline "
-            f"({type(err).__name__}); on an offline machine download it elsewhere "
-            "(huggingface-cli download stabilityai/stable-diffusion-2 --local-dir sd2) "
-            "and pass the folder"
+            f"--pretrained {name}: cannot load a Stable Diffusion pipeline ({cause}); {fix}"
         ) from None
     return Models(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler)
+
+
+def load_failure(err):
+    """(the cause in one line, its fix) for a failed from_pretrained. diffusers re-raises a Hub
+    error (gated, missing, offline) as an OSError that points at the traceback, so the chain of
+    causes is read, as Python prints it."""
+    chain = [err]
+    while len(chain) < 8:
+        last = chain[-1]
+        nxt = last.__cause__ or (None if last.__suppress_context__ else last.__context__)
+        if nxt is None:
+            break
+        chain.append(nxt)
+    names = {type(e).__name__ for e in chain}
+    text = " ".join(str(e) for e in chain).lower()
+    missing = next((e for e in chain if isinstance(e, ImportError)), None)
+    offline = "huggingface-cli download stabilityai/stable-diffusion-2 --local-dir sd2"
+    if "GatedRepoError" in names or "gated" in text:
+        fix = (
+            "the model is gated: accept its terms on its huggingface.co page, then run "
+            "`huggingface-cli login` (or download it where you can and pass the folder)"
+        )
+    elif missing is not None:
+        fix = f"a package is missing: pip install {missing.name or 'it'}"
+    elif "RepositoryNotFoundError" in names or "repository not found" in text:
+        fix = "no such model on the Hub (or it is private): check the name"
+    elif "model_index.json" in text:
+        fix = "pass a folder that holds a diffusers pipeline (its model_index.json)"
+    elif any(w in text for w in ("connect", "offline", "cached", "resolve", "timed out")):
+        fix = f"on an offline machine download it elsewhere ({offline}) and pass the folder"
+    else:
+        fix = "pass a Stable Diffusion pipeline's folder or Hub name, or tiny"
+    root = chain[-1]
+    message = " ".join(str(root).split())
+    message = message[:200] + "..." if len(message) > 200 else message
+    return f"{type(root).__name__}: {message}" if message else type(root).__name__, fix
 
 
 def load_models(cfg):
