@@ -172,7 +172,7 @@ def tiny_step_inputs(models, seed=11, batch=8):
     x_tn = T.make_noisy_latents(latents, models.scheduler, 100, seed)
     b = T.algorithm1_batch(models.scheduler, latents, x_tn, 100, batch, gen(seed))
     ids = T.tokenize(models.tokenizer, [f"caption {i}" for i in range(batch)])
-    return b, ids
+    return dict(b, ids=ids), ids
 
 
 def cfg_for(**kw):
@@ -180,13 +180,14 @@ def cfg_for(**kw):
 
 
 def test_text_noise_changes_the_embedding_by_its_scale_and_nothing_else(tiny, monkeypatch):
-    b, ids = tiny_step_inputs(tiny)
+    data = tiny_data(tiny)
     rec = Recorder(tiny.unet)
     monkeypatch.setattr(tiny, "unet", rec)
     runs = {}
     for scale in (0.0, 0.5):
-        noise_gen = gen(12)
-        loss, _ = T.training_loss(tiny, b, ids, cfg_for(text_noise=scale), noise_gen)
+        cfg = cfg_for(text_noise=scale, batch=8, tn=50)
+        b = T.global_batch(tiny, data, T.training_state(rec.unet, cfg, "cpu"), cfg)
+        loss, _ = T.training_loss(tiny, b, cfg)
         runs[scale] = (rec.calls[-1], loss)
     (x0, t0, e0), plain = runs[0.0]
     (x1, t1, e1), noised = runs[0.5]
@@ -218,11 +219,11 @@ def test_w24_leaves_out_exactly_the_samples_with_a_large_text_conditional_predic
     low, high = norms.sort().values[3:5]
     threshold = ((low + high) / 2).item()  # halfway between two samples: no rounding decides
     with torch.no_grad():
-        loss, keep = T.training_loss(tiny, b, ids, cfg_for(w24_threshold=threshold), None)
-        full, keep_all = T.training_loss(tiny, b, ids, cfg_for(), None)
+        loss, keep = T.training_loss(tiny, b, cfg_for(w24_threshold=threshold))
+        full, keep_all = T.training_loss(tiny, b, cfg_for())
     assert torch.equal(keep, norms < threshold) and 0 < keep.sum() < len(keep)
-    assert torch.allclose(loss, per_sample[keep].mean(), rtol=1e-5)
-    assert keep_all.all() and torch.allclose(full, per_sample.mean(), rtol=1e-5)
+    assert torch.allclose(loss, per_sample[keep].sum(), rtol=1e-5)
+    assert keep_all.all() and torch.allclose(full, per_sample.sum(), rtol=1e-5)
 
 
 def test_w24_thresholds_a_v_model_in_noise_units(tiny):
@@ -233,11 +234,12 @@ def test_w24_thresholds_a_v_model_in_noise_units(tiny):
     ids = T.tokenize(tiny.tokenizer, ["caption 0", "caption 1"])
     latents = torch.randn(2, 4, 8, 8, generator=gen(21))
     b = T.noisy_batch(tiny.scheduler, latents, latents, torch.tensor([999, 0]), 0, gen(22))
+    b["ids"] = ids
     _, v_norms, eps_norms = text_conditional_parts(tiny, b, ids)
     assert eps_norms[0] < v_norms[0] / 14 and eps_norms[0] < eps_norms[1]
     threshold = (eps_norms[0] + min(v_norms[0], eps_norms[1])).item() / 2
     with torch.no_grad():
-        _, keep = T.training_loss(tiny, b, ids, cfg_for(w24_threshold=threshold), None)
+        _, keep = T.training_loss(tiny, b, cfg_for(w24_threshold=threshold))
     assert keep.tolist() == [True, False] and v_norms[0] > threshold
 
 

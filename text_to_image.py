@@ -18,6 +18,7 @@ al. 2024: samples whose text-conditional prediction is large are left out of the
 holds images and captions: a .txt beside each image, or diffusers' metadata.jsonl.
 """
 
+import contextlib
 import json
 import os
 import time
@@ -111,7 +112,7 @@ def loss_weight(b, kind):
 
 
 # ------------------------------------------------------------------------------------------------
-# 2. Text conditioning and the two mitigations Table 5 combines with Algorithm 1.
+# 2. Text conditioning and the mitigations Table 5 combines with Algorithm 1.
 # ------------------------------------------------------------------------------------------------
 def tokenize(tokenizer, captions):
     return tokenizer(
@@ -129,12 +130,61 @@ def drop_captions(ids, empty_ids, p, gen):
     return torch.where(drop[:, None], empty_ids.to(ids.device), ids)
 
 
-def add_text_noise(emb, scale, gen):
+def draw_text_noise(scale, shape, gen, device):
     """Somepalli et al. 2023 (somepago/DCR, diff_train.py's rand_noise_lam): e + scale * N(0, I)
-    on the text encoder's hidden states, at every training step; their code's default is 0 (off)."""
+    on the text encoder's hidden states, at every training step; their code's default is 0 (off).
+    Drawn for the whole batch at once (None when off), so each sample's noise is the same however
+    the batch is split over processes and micro-batches."""
     if not scale:
-        return emb
-    return emb + scale * torch.randn(emb.shape, generator=gen, device=emb.device, dtype=emb.dtype)
+        return None
+    return scale * torch.randn(shape, generator=gen, device=device)
+
+
+CAPTION_AUGS = ("none", "rand_word_add", "rand_word_repeat", "rand_numb_add")
+
+
+def augment_caption(caption, kind, words, tokenizer, gen):
+    """Somepalli et al. 2023's caption-side mitigations, as DCR's code writes them (datasets.py's
+    insert_rand_word, sd_mitigation.py's prompt_augmentation; Wen et al.'s optim_utils.py has the
+    same): `words` times a word goes into a uniformly drawn gap between the caption's
+    space-separated words, either end included. rand_word_add: a random vocabulary entry (DCR
+    draws a token id below 49400 and decodes it; special tokens are left out here);
+    rand_word_repeat: one of the caption's own words; rand_numb_add: an integer below 100000.
+    Each draw comes from `gen`: the word, then the gap."""
+
+    def draw(n):
+        return int(torch.randint(n, (), generator=gen))
+
+    own = caption.split(" ")
+    out = list(own)
+    for _ in range(words):
+        if kind == "rand_word_add":
+            token = draw(min(49400, len(tokenizer)))
+            while token in tokenizer.all_special_ids:  # CLIP's lie above 49400; drawn again
+                token = draw(min(49400, len(tokenizer)))
+            word = tokenizer.decode([token]).strip()
+        elif kind == "rand_word_repeat":
+            word = own[draw(len(own))]
+        else:
+            word = str(draw(100000))
+        out.insert(draw(len(out) + 1), word)
+    return " ".join(out)
+
+
+def caption_ids(tokenizer, data, idx, cfg, gen):
+    """The batch's tokenized captions; with --caption-aug each is augmented anew at every step
+    with probability --caption-aug-prob (one draw per caption, made at any probability)."""
+    if cfg.caption_aug == "none":
+        return data.ids[idx]
+    captions = []
+    for i in idx.tolist():
+        caption = data.captions[i]
+        if float(torch.rand((), generator=gen)) < cfg.caption_aug_prob:
+            caption = augment_caption(
+                caption, cfg.caption_aug, cfg.caption_aug_words, tokenizer, gen
+            )
+        captions.append(caption)
+    return tokenize(tokenizer, captions).to(data.ids.device)
 
 
 def eps_per_output(prediction_type, abar):
@@ -163,24 +213,45 @@ def w24_keep(pred, unet, b, empty_emb, threshold, scheduler):
         uncond = unet(x_t, t, empty_emb.expand(len(x_t), -1, -1)).sample
     abar = scheduler.alphas_cumprod.to(torch.float64)[t.cpu()].to(pred.device)
     scale = eps_per_output(scheduler.config.prediction_type, abar)
-    return (pred.detach() - uncond).float().flatten(1).norm(dim=1) * scale < threshold
+    diff = pred.detach().float() - uncond.float()  # in float32 under autocast too
+    return diff.flatten(1).norm(dim=1) * scale < threshold
 
 
-def training_loss(models, b, ids, cfg, noise_gen):
-    """Line 11 with the mitigations: the mean over kept samples and how many were kept."""
+def autocast_dtype(setting, device_type):
+    """--mixed-precision: auto is bf16 on CUDA and full float32 elsewhere; None = no autocast."""
+    if setting == "auto":
+        setting = "bf16" if device_type == "cuda" else "no"
+    return dict(bf16=torch.bfloat16, fp16=torch.float16).get(setting)
+
+
+def training_loss(models, b, cfg, forward=None):
+    """Line 11 with the mitigations for the samples in b, whose captions' ids are b["ids"] and
+    text noise b.get("text_noise"): the sum of the kept samples' weighted losses, and which were
+    kept. The UNet runs under autocast (--mixed-precision) with float32 weights; the loss is
+    float32. forward: the UNet or its DistributedDataParallel wrapper."""
+    forward = forward or models.unet
     with torch.no_grad():
-        emb = models.text_encoder(ids)[0]
-    emb = add_text_noise(emb, cfg.text_noise, noise_gen)
-    pred = models.unet(b["x_t"], b["t"], emb).sample
+        emb = models.text_encoder(b["ids"])[0]
+    if b.get("text_noise") is not None:
+        emb = emb + b["text_noise"]
+    dtype = autocast_dtype(cfg.mixed_precision, b["x_t"].device.type)
+    with torch.autocast(b["x_t"].device.type, dtype or torch.bfloat16, enabled=dtype is not None):
+        pred = forward(b["x_t"], b["t"], emb).sample
+        keep = w24_keep(pred, models.unet, b, models.empty_emb, cfg.w24_threshold, models.scheduler)
     per_sample = (pred.float() - b["target"].float()).square().flatten(1).mean(1)
     per_sample = per_sample * loss_weight(b, cfg.ambient_weight).to(pred.device)
-    keep = w24_keep(pred, models.unet, b, models.empty_emb, cfg.w24_threshold, models.scheduler)
-    return (per_sample * keep).sum() / keep.sum().clamp_min(1), keep
+    return (per_sample * keep).sum(), keep
 
 
 # ------------------------------------------------------------------------------------------------
 # 3. Models: a Stable Diffusion 2 pipeline's parts, or a tiny random one for CPU checks and tests.
 # ------------------------------------------------------------------------------------------------
+# --grad-checkpointing auto: on for UNets above this many parameters (NOTES.md). Stable Diffusion's
+# UNets (SD-1/2: 865M, SDXL: 2.6B) are far above it; the tiny CPU model (0.05M) and small UNets
+# whose activations fit without it are below.
+CHECKPOINTING_ABOVE = 100e6
+
+
 class Models:
     """unet, vae, text_encoder, tokenizer and a DDPM scheduler for training, on one device."""
 
@@ -439,6 +510,7 @@ class TrainData:
     empty_ids: (
         torch.Tensor
     )  # the empty prompt: caption dropout's and guidance's unconditional input
+    captions: list = None  # each image's caption, for --caption-aug
 
 
 @dataclass
@@ -447,16 +519,32 @@ class TrainState:
     opt: torch.optim.Optimizer
     gen: torch.Generator  # batches, timesteps, noise and caption dropout
     noise_gen: torch.Generator  # --text-noise only, so that it leaves every other draw in place
+    caption_gen: torch.Generator = None  # --caption-aug only, on the CPU, likewise
+    scaler: torch.amp.GradScaler = None  # fp16's loss scale; a no-op otherwise
+    forward: torch.nn.Module = None  # the UNet, or its DistributedDataParallel wrapper
+    rank: int = 0  # this process and the number of processes (torchrun)
+    world: int = 1
     step: int = 0
 
 
-def training_state(unet, cfg, device, saved=None):
+def training_state(unet, cfg, device, saved=None, rank=0, world=1):
+    device = torch.device(device)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=1e-2)
+    fp16 = autocast_dtype(cfg.mixed_precision, device.type) == torch.float16
+    forward = unet
+    if world > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        forward = torch.nn.parallel.DistributedDataParallel(unet, device_ids=ids)
     state = TrainState(
         unet,
         opt,
         torch.Generator(device).manual_seed(cfg.seed + 2),
         torch.Generator(device).manual_seed(cfg.seed + 3),
+        torch.Generator().manual_seed(cfg.seed + 4),
+        torch.amp.GradScaler(device.type, enabled=fp16),
+        forward,
+        rank,
+        world,
     )
     if saved is not None:
         try:
@@ -464,7 +552,11 @@ def training_state(unet, cfg, device, saved=None):
             opt.load_state_dict(saved["opt"])
             state.gen.set_state(saved["rng"].cpu())
             state.noise_gen.set_state(saved["noise_rng"].cpu())
-        except (RuntimeError, ValueError, KeyError) as err:
+            if torch.is_tensor(saved.get("caption_rng")):  # runs before --caption-aug lack it
+                state.caption_gen.set_state(saved["caption_rng"])
+            if fp16 and saved.get("scaler"):  # an fp16 run's loss scale; {} in other runs
+                state.scaler.load_state_dict(saved["scaler"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as err:
             raise UserError(
                 f"--resume: the checkpoint does not fit this model or device "
                 f"({type(err).__name__}); "
@@ -483,6 +575,8 @@ def save_checkpoint(state, data, cfg, path):
             step=state.step,
             rng=state.gen.get_state(),
             noise_rng=state.noise_gen.get_state(),
+            caption_rng=state.caption_gen.get_state(),
+            scaler=state.scaler.state_dict(),
             x_tn=data.x_tn.cpu(),
             config=cfg.saved(),
         ),
@@ -491,17 +585,55 @@ def save_checkpoint(state, data, cfg, path):
     os.replace(str(path) + ".tmp", path)
 
 
-def train_step(models, data, state, cfg):
-    """One update; Wen et al.'s code makes none when the threshold leaves no sample in the batch."""
+def global_batch(models, data, state, cfg):
+    """Every draw of one optimizer step, for the whole batch of cfg.batch: images, timesteps and
+    noise (lines 3-10), the captions (--caption-aug on its own generator), caption dropout, the
+    text noise (its own generator). Every process makes all of them from generators seeded alike,
+    so all hold the same batch, whatever the number of processes and micro-batches."""
     b = algorithm1_batch(models.scheduler, data.latents, data.x_tn, cfg.tn, cfg.batch, state.gen)
-    ids = drop_captions(data.ids[b["idx"]], data.empty_ids, cfg.caption_dropout, state.gen)
-    loss, keep = training_loss(models, b, ids, cfg, state.noise_gen)
+    ids = caption_ids(models.tokenizer, data, b["idx"], cfg, state.caption_gen)
+    b["ids"] = drop_captions(ids, data.empty_ids, cfg.caption_dropout, state.gen)
+    shape = (cfg.batch, *models.empty_emb.shape[1:])
+    b["text_noise"] = draw_text_noise(cfg.text_noise, shape, state.noise_gen, data.latents.device)
+    return b
+
+
+def micro_batches(b, rank, world, accumulate):
+    """This process's slice of the global batch (rank r of w: its r-th w-th), in `accumulate`
+    consecutive micro-batches."""
+    mine = {k: v.chunk(world)[rank] for k, v in b.items() if v is not None}
+    return [{k: v.chunk(accumulate)[i] for k, v in mine.items()} for i in range(accumulate)]
+
+
+def train_step(models, data, state, cfg):
+    """One optimizer step on the global batch, in this process's micro-batches: the gradient of the
+    mean loss over the samples W24 kept in the whole batch, as one process with the whole batch in
+    one piece computes it (DDP averages the processes' gradients). Wen et al.'s code makes no update
+    when the threshold leaves no sample."""
+    b = global_batch(models, data, state, cfg)
+    share = cfg.batch / state.world  # each process's loss sum over its share of the batch
+    totals = torch.zeros(2, device=b["x_t"].device)  # loss sum, samples kept
     state.opt.zero_grad(set_to_none=True)
-    if keep.any():
-        loss.backward()
+    parts = micro_batches(b, state.rank, state.world, cfg.accumulate)
+    for i, part in enumerate(parts):
+        sync = state.world == 1 or i == len(parts) - 1  # DDP reduces on the last one only
+        with contextlib.nullcontext() if sync else state.forward.no_sync():
+            loss_sum, keep = training_loss(models, part, cfg, state.forward)
+            state.scaler.scale(loss_sum / share).backward()
+        totals += torch.stack([loss_sum.detach(), keep.sum().to(totals.dtype)])
+    if state.world > 1:
+        torch.distributed.all_reduce(totals)
+    kept = int(totals[1])
+    if kept:
+        state.scaler.unscale_(state.opt)
+        if kept < cfg.batch:  # a mean over the kept samples, not the whole batch
+            for p in state.unet.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(cfg.batch / kept)
         torch.nn.utils.clip_grad_norm_(state.unet.parameters(), cfg.max_grad_norm)
-        state.opt.step()
-    return loss.detach(), int(keep.sum())
+        state.scaler.step(state.opt)
+        state.scaler.update()
+    return totals[0] / max(kept, 1), kept
 
 
 def train(models, data, state, cfg, out=None, log=print):
@@ -655,7 +787,39 @@ class Config:
         type=float,
         same_run=True,
     )
+    caption_aug: str = option(
+        "none",
+        "Somepalli et al. 2023's caption augmentation, drawn anew each step (NOTES.md): "
+        "rand_word_add, rand_word_repeat or rand_numb_add",
+        choices=CAPTION_AUGS,
+        same_run=True,
+    )
+    caption_aug_words: int = option(
+        1,
+        "words inserted per augmented caption (Wen et al.'s training: 1; DCR's: 2)",
+        same_run=True,
+    )
+    caption_aug_prob: float = option(
+        1.0,
+        "share of captions augmented at each step (Wen et al.'s training: 1; DCR's: 0.1)",
+        same_run=True,
+    )
     seed: int = option(0, "seeds the noisy latents, batches and sampling", same_run=True)
+    mixed_precision: str = option(
+        "auto",
+        "autocast for the UNet, float32 weights and optimizer: bf16, fp16 (with a loss scale) or "
+        "no; auto = bf16 on CUDA, no (float32) on CPU",
+        choices=("auto", "bf16", "fp16", "no"),
+    )
+    grad_checkpointing: str = option(
+        "auto",
+        "recompute the UNet's activations in the backward pass (less memory, about a third more "
+        f"time): on, off, or auto = on above {CHECKPOINTING_ABOVE / 1e6:.0f}M parameters",
+        choices=("auto", "on", "off"),
+    )
+    accumulate: int = option(
+        1, "micro-batches per step: each process runs its share of --batch in this many pieces"
+    )
     prompts: str = option(None, "text file, one prompt a line, sampled after training", type=str)
     samples_per_prompt: int = option(1, "images per prompt")
     steps: int = option(50, "DDIM steps for sampling")
@@ -663,6 +827,13 @@ class Config:
     log_every: int = option(100, "progress line every this many steps")
     ckpt_every: int = option(1000, "checkpoint every this many steps")
     out: str = option(None, "run folder (default: runs/t2i-<data>-tn<tn>)", type=str, saved=False)
+    export: str = option(
+        None,
+        "after training, write the UNet (the weights sampling uses) to this folder with "
+        "save_pretrained, for UNet2DConditionModel.from_pretrained",
+        type=str,
+        saved=False,
+    )
     resume: bool = option(
         False, "continue the checkpoint in --out; the config must match", saved=False
     )
@@ -699,6 +870,13 @@ class Config:
             raise UserError("--text-noise must be at least 0 and --w24-threshold above 0")
         if self.lr <= 0 or self.max_grad_norm <= 0:
             raise UserError("--lr and --max-grad-norm must be above 0")
+        if not 1 <= self.accumulate <= self.batch or self.batch % self.accumulate:
+            raise UserError(
+                f"--accumulate {self.accumulate} must divide --batch {self.batch} into "
+                "micro-batches of one size"
+            )
+        if not 1 <= self.caption_aug_words <= 64 or not 0 <= self.caption_aug_prob <= 1:
+            raise UserError("--caption-aug-words must be 1 to 64 and --caption-aug-prob in [0, 1]")
 
 
 def check_model(cfg, models):
@@ -725,13 +903,57 @@ def prepare_data(models, pairs, cfg, out, saved, device, log):
         if saved
         else make_noisy_latents(latents.cpu(), models.scheduler, cfg.tn, cfg.seed)
     )
-    ids = tokenize(models.tokenizer, [c for _, c in pairs]).to(device)
-    return TrainData(latents, x_tn.to(device), ids, tokenize(models.tokenizer, [""]).to(device))
+    captions = [c for _, c in pairs]
+    ids = tokenize(models.tokenizer, captions).to(device)
+    empty = tokenize(models.tokenizer, [""]).to(device)
+    return TrainData(latents, x_tn.to(device), ids, empty, captions)
+
+
+def distributed(device):
+    """(rank, world size, this process's device). Under torchrun (WORLD_SIZE > 1) the first call
+    joins the process group: nccl with one GPU a process (LOCAL_RANK) on CUDA, gloo on a CPU."""
+    if int(os.environ.get("WORLD_SIZE", 1)) == 1:
+        return 0, 1, device
+    import torch.distributed as dist
+
+    if device.type == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        if local >= torch.cuda.device_count():
+            raise UserError(
+                f"process {local} of torchrun has no GPU of its own ({torch.cuda.device_count()} "
+                "here); pass --nproc_per_node at most the number of GPUs"
+            )
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def use_checkpointing(setting, unet):
+    """--grad-checkpointing auto: on above CHECKPOINTING_ABOVE parameters (NOTES.md)."""
+    if setting == "auto":
+        return sum(p.numel() for p in unet.parameters()) > CHECKPOINTING_ABOVE
+    return setting == "on"
+
+
+def export_unet(unet, folder):
+    """The UNet in diffusers' format (config.json and safetensors weights), for
+    UNet2DConditionModel.from_pretrained or a pipeline's unet=."""
+    unet.save_pretrained(folder)
 
 
 def run(cfg):
-    """Fine-tune as cfg says, then sample the prompts; returns the run folder."""
-    device = A.pick_device(cfg.device)
+    """Fine-tune as cfg says, then sample the prompts; returns the run folder. Under torchrun each
+    process trains on its share of every batch and only the first writes (checkpoints, samples)."""
+    rank, world, device = distributed(A.pick_device(cfg.device))
+    if cfg.batch % (world * cfg.accumulate):
+        raise UserError(
+            f"--batch {cfg.batch} does not split into {world} processes x {cfg.accumulate} "
+            f"micro-batches (--accumulate); use a multiple of {world * cfg.accumulate}"
+        )
+    if cfg.export and Path(cfg.export).is_file():
+        raise UserError(f"--export {cfg.export} is a file; pass a folder for the UNet")
     pairs = read_captions(cfg.data)
     prompts = read_prompts(cfg.prompts) if cfg.prompts else None
     cfg.data_path = str(Path(cfg.data).resolve())
@@ -742,26 +964,43 @@ def run(cfg):
     need = dict(unet=dict, opt=dict, step=int, rng=tensor, noise_rng=tensor, x_tn=tensor)
     saved = A.open_run(cfg, out, device, need)
     out.mkdir(parents=True, exist_ok=True)
-    logfile = open(out / "log.txt", "a")
+    logfile = open(out / "log.txt", "a") if rank == 0 else None
 
     def log(msg):
-        print(msg, flush=True)
-        logfile.write(msg + "\n")
-        logfile.flush()
+        if logfile:
+            print(msg, flush=True)
+            logfile.write(msg + "\n")
+            logfile.flush()
 
     models.to(device)
+    checkpointing = use_checkpointing(cfg.grad_checkpointing, models.unet)
+    if checkpointing:
+        models.unet.enable_gradient_checkpointing()
+    if rank > 0:  # the first process encodes and caches the latents; the others then read them
+        torch.distributed.barrier()
     data = prepare_data(models, pairs, cfg, out, saved, device, log)
-    (out / "config.json").write_text(json.dumps(cfg.saved(), indent=1))
+    if rank == 0 and world > 1:
+        torch.distributed.barrier()
+    if rank == 0:
+        (out / "config.json").write_text(json.dumps(cfg.saved(), indent=1))
     sigma_tn = float(sigma_of(models.scheduler, cfg.tn)) if cfg.tn else 0.0
+    precision = autocast_dtype(cfg.mixed_precision, device.type)
     log(
         f"{'resuming' if saved else 'training'} {out}: {len(pairs)} images at {cfg.resolution}px, "
         f"{models.scheduler.config.prediction_type}, t_n {cfg.tn} (VP sigma {sigma_tn:.4f}) "
-        f"on {device}"
+        f"on {device}" + (f" x {world} processes" if world > 1 else "") + ", autocast "
+        f"{str(precision).replace('torch.', '') if precision else 'off'}, gradient checkpointing "
+        f"{'on' if checkpointing else 'off'}, {cfg.accumulate} micro-batch(es) a step"
     )
-    state = training_state(models.unet, cfg, device, saved)
-    train(models, data, state, cfg, out, log)
-    if prompts:
+    state = training_state(models.unet, cfg, device, saved, rank, world)
+    train(models, data, state, cfg, out if rank == 0 else None, log)
+    if prompts and rank == 0:
         generate(models, prompts, cfg, out, log)
+    if cfg.export and rank == 0:
+        export_unet(models.unet, cfg.export)
+        log(f"wrote the UNet to {cfg.export} (UNet2DConditionModel.from_pretrained reads it)")
+    if world > 1:
+        torch.distributed.destroy_process_group()
     return out
 
 
