@@ -299,6 +299,142 @@ def test_w24_with_no_sample_kept_makes_no_update():
     assert not all(torch.equal(p, q) for p, q in zip(before, models.unet.parameters(), strict=True))
 
 
+def all_close(xs, ys, **tolerance):
+    return all(torch.allclose(x, y, **tolerance) for x, y in zip(xs, ys, strict=True))
+
+
+def micro_step(k, **kw):
+    """One train_step of a fresh tiny model in k micro-batches: how many samples were kept, and the
+    clipped gradient."""
+    models = T.tiny_models("v_prediction", seed=0).to("cpu")
+    cfg = cfg_for(batch=4, tn=50, accumulate=k, text_noise=0.1, caption_dropout=0.5, **kw)
+    state = T.training_state(models.unet, cfg, "cpu")
+    _, kept = T.train_step(models, tiny_data(models), state, cfg)
+    return kept, [p.grad.clone() for p in models.unet.parameters()]
+
+
+def test_accumulated_micro_batches_make_the_one_batch_step():
+    """--accumulate 2: the step draws one global batch (the same draws as K = 1, in the same order)
+    and sums the micro-batches' gradients of the loss over the samples W24 kept in the whole
+    batch: the gradient that AdamW then steps with is K = 1's to float32 rounding (relative to each
+    tensor's largest entry). No clipping (max-grad-norm 1e9): it would hide a factor."""
+    (kept, one), (kept_two, two) = (
+        micro_step(k, w24_threshold=0.05, max_grad_norm=1e9) for k in (1, 2)
+    )
+    assert kept == kept_two and 0 < kept < 4  # some samples left out, in the halves' total
+    assert all((g - h).abs().max() <= 1e-4 * g.abs().max() for g, h in zip(one, two, strict=True))
+
+
+def test_gradient_checkpointing_recomputes_and_leaves_the_loss_and_gradients_unchanged():
+    """diffusers' checkpointing runs each block again in the backward pass (a ResNet block is called
+    twice a step) and gives the same loss and gradients; auto turns it on above 100M parameters."""
+    models = T.tiny_models("v_prediction", seed=0).to("cpu")
+    b, _ = tiny_step_inputs(models)
+    calls = []
+    # a pre-hook: the recomputation stops once it has what the backward pass needs, before the end
+    models.unet.down_blocks[0].resnets[0].register_forward_pre_hook(lambda *a: calls.append(1))
+    runs = []
+    for on in (False, True):
+        if on:
+            models.unet.enable_gradient_checkpointing()
+        models.unet.train().zero_grad()
+        calls.clear()
+        loss, _ = T.training_loss(models, b, cfg_for())
+        loss.backward()
+        runs.append((len(calls), loss, [p.grad.clone() for p in models.unet.parameters()]))
+    (calls_off, loss_off, grads_off), (calls_on, loss_on, grads_on) = runs
+    assert (calls_off, calls_on) == (1, 2) and torch.equal(loss_off, loss_on)
+    assert all_close(grads_off, grads_on, rtol=1e-6, atol=1e-10)
+    big = torch.nn.Linear(10_000, 10_001, device="meta")  # 100.02M parameters, no memory
+    assert T.use_checkpointing("auto", big) and not T.use_checkpointing("auto", models.unet)
+    assert T.use_checkpointing("on", models.unet) and not T.use_checkpointing("off", big)
+
+
+def test_bf16_autocast_moves_the_loss_by_at_most_two_percent(tiny):
+    """bf16 keeps 8 significant bits: one rounding moves a value by at most 2^-9 (0.2%); the tiny
+    UNet has about five layers in sequence, and a relative error e in the residuals moves a mean of
+    squares by about 2e, so 2% bounds the loss's change. The weights stay float32 and so does the
+    loss; the loss does change (autocast ran)."""
+    b, _ = tiny_step_inputs(tiny)
+    with torch.no_grad():
+        fp32, _ = T.training_loss(tiny, b, cfg_for(mixed_precision="no"))
+        bf16, _ = T.training_loss(tiny, b, cfg_for(mixed_precision="bf16"))
+    assert bf16.dtype == torch.float32 and next(tiny.unet.parameters()).dtype == torch.float32
+    assert bf16 != fp32 and abs(bf16 - fp32) <= 0.02 * fp32
+
+
+def test_fp16_loss_scale_goes_into_the_checkpoint_and_comes_back_on_resume(tmp_path):
+    models = T.tiny_models("v_prediction", seed=0).to("cpu")
+    data, cfg = tiny_data(models), cfg_for(batch=2, tn=50, mixed_precision="fp16")
+    state = T.training_state(models.unet, cfg, "cpu")
+    assert state.scaler.is_enabled()
+    T.train_step(models, data, state, cfg)
+    state.scaler.update(1024.0)  # a scale the fresh scaler (65536) does not start from
+    T.save_checkpoint(state, data, cfg, tmp_path / "c.pt")
+    saved = torch.load(tmp_path / "c.pt", weights_only=True)
+    assert saved["scaler"]["scale"] == 1024.0
+    resumed = T.training_state(T.tiny_models("v_prediction", seed=1).unet, cfg, "cpu", saved)
+    assert resumed.scaler.get_scale() == 1024.0
+    plain = T.training_state(models.unet, cfg_for(mixed_precision="no"), "cpu")
+    assert not plain.scaler.is_enabled()
+
+
+def test_caption_augmentations_insert_their_words_into_the_caption(tiny):
+    tok, caption = tiny.tokenizer, "a photo of the cat"
+    words = caption.split(" ")
+    vocabulary = {tok.decode([i]).strip() for i in range(len(tok)) if i not in tok.all_special_ids}
+
+    def inserted(out):  # the caption's words keep their order; what else is there, in order
+        rest, extra = list(words), []
+        for w in out.split(" "):
+            if rest and w == rest[0]:
+                rest.pop(0)
+            else:
+                extra.append(w)
+        assert not rest
+        return extra
+
+    for seed in range(20):
+        add = inserted(T.augment_caption(caption, "rand_word_add", 3, tok, gen(seed)))
+        repeat = inserted(T.augment_caption(caption, "rand_word_repeat", 3, tok, gen(seed)))
+        number = inserted(T.augment_caption(caption, "rand_numb_add", 3, tok, gen(seed)))
+        assert len(add) == 3 and set(add) <= vocabulary
+        assert len(repeat) == 3 and set(repeat) <= set(words)
+        assert len(number) == 3 and all(w.isdigit() and int(w) < 100_000 for w in number)
+    # one number into two-word captions: each of the three gaps, either end included, a third
+    gaps = [
+        T.augment_caption("x y", "rand_numb_add", 1, tok, gen(s)).split(" ") for s in range(600)
+    ]
+    shares = [np.mean([g[k].isdigit() for g in gaps]) for k in range(3)]
+    assert all(abs(share - 1 / 3) < 0.07 for share in shares), shares
+
+
+def test_caption_augmentation_is_seeded_on_a_generator_of_its_own(tiny):
+    """The same seed gives the same augmented captions; the batches, timesteps, noise and caption
+    dropout are drawn as without it; --caption-aug-prob 0 leaves every caption as it is."""
+    data = tiny_data(tiny)
+    data.captions = ["a red fox", "two cats on a mat", "the sea at night"]
+    data.ids = T.tokenize(tiny.tokenizer, data.captions)
+    batches = {}
+    for name, kw in dict(
+        none={}, add=dict(caption_aug="rand_word_add"), never=dict(caption_aug="rand_word_add")
+    ).items():
+        cfg = cfg_for(batch=4, tn=50, caption_dropout=0.0, caption_aug_words=2, **kw)
+        cfg.caption_aug_prob = 0.0 if name == "never" else 1.0
+        runs = []
+        for _ in range(2):
+            state = T.training_state(tiny.unet, cfg, "cpu")
+            runs.append((T.global_batch(tiny, data, state, cfg), state))
+        (b, state), (again, _) = runs
+        assert torch.equal(b["ids"], again["ids"])
+        batches[name] = (b, state)
+    none, add, never = (batches[k] for k in ("none", "add", "never"))
+    assert torch.equal(none[1].gen.get_state(), add[1].gen.get_state())
+    assert torch.equal(none[0]["x_t"], add[0]["x_t"]) and torch.equal(none[0]["idx"], add[0]["idx"])
+    assert not torch.equal(none[0]["ids"], add[0]["ids"])
+    assert torch.equal(never[0]["ids"], none[0]["ids"])
+
+
 def test_caption_dropout_replaces_captions_by_the_empty_prompt_at_its_rate():
     ids = torch.arange(20_000 * 3).reshape(20_000, 3)
     empty = torch.full((1, 3), -1)
