@@ -435,6 +435,38 @@ def test_caption_augmentation_is_seeded_on_a_generator_of_its_own(tiny):
     assert torch.equal(never[0]["ids"], none[0]["ids"])
 
 
+def test_an_exported_unet_samples_in_a_diffusers_pipeline_as_the_model_in_memory(tmp_path):
+    """--export's save_pretrained folder loads with UNet2DConditionModel.from_pretrained; in a
+    StableDiffusionPipeline built from the tiny model's parts it gives the images of the trained
+    UNet in memory, bit for bit."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    models = T.tiny_models("v_prediction", seed=0).to("cpu")
+    cfg = cfg_for(batch=2, tn=50, lr=1e-2)
+    T.train_step(models, tiny_data(models), T.training_state(models.unet, cfg, "cpu"), cfg)
+    T.export_unet(models.unet, tmp_path / "unet")
+    loaded = UNet2DConditionModel.from_pretrained(tmp_path / "unet")
+    fresh = T.tiny_models("v_prediction", seed=0).unet  # the weights before the step
+    images = []
+    for unet in (models.unet, loaded, fresh):
+        pipe = StableDiffusionPipeline(
+            vae=models.vae,
+            text_encoder=models.text_encoder,
+            tokenizer=models.tokenizer,
+            unet=unet.eval(),
+            scheduler=DDIMScheduler.from_config(
+                models.scheduler.config, steps_offset=1, clip_sample=False
+            ),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        out = pipe("a photo", num_inference_steps=2, generator=gen(0), output_type="np")
+        images.append(out.images)
+    assert images[0].shape == (1, 16, 16, 3) and np.array_equal(images[0], images[1])
+    assert not np.array_equal(images[0], images[2])
+
+
 def test_caption_dropout_replaces_captions_by_the_empty_prompt_at_its_rate():
     ids = torch.arange(20_000 * 3).reshape(20_000, 3)
     empty = torch.full((1, 3), -1)
@@ -511,10 +543,16 @@ def test_train_resume_and_sample_end_to_end_with_fixed_noisy_latents(tmp_path):
             "2",
             "--samples-per-prompt",
             "2",
+            "--export",
+            str(tmp_path / "unet"),
         ]
     )
     resumed = torch.load(out / "checkpoint.pt", weights_only=False)
     assert resumed["step"] == 5 and torch.equal(resumed["x_tn"], ckpt["x_tn"])
+    from diffusers import UNet2DConditionModel
+
+    exported = UNet2DConditionModel.from_pretrained(tmp_path / "unet").state_dict()
+    assert all(torch.equal(v, exported[k]) for k, v in resumed["unet"].items())
     with np.load(out / "samples.npz") as f:
         assert f["images"].shape == (4, 16, 16, 3) and list(f["prompts"][::2]) == [
             "a photo",
