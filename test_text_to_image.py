@@ -561,6 +561,52 @@ def test_train_resume_and_sample_end_to_end_with_fixed_noisy_latents(tmp_path):
     assert len(list((out / "samples").glob("*.png"))) == 4
 
 
+def ddp_process(rank, port, argv):
+    """What torchrun gives each of two processes on one machine, then the command line."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)  # a forked child runs no OpenMP team: the parent's does not exist
+    T.main(argv)
+
+
+def test_two_process_ddp_step_equals_the_one_process_step(tmp_path):
+    """Two processes (gloo), each with two micro-batches of its half of the batch: every process
+    draws the whole batch (captions augmented, text noise, W24 leaving samples out in the total),
+    so after one step the weights are the one process's; only the first process writes. The
+    processes are forked from this one (as torchrun's would run, without its 8 s of imports)."""
+    import multiprocessing
+    import socket
+
+    argv = ["--pretrained", "tiny", "--data", str(caption_folder(tmp_path)), "--device", "cpu"]
+    argv += ["--batch", "4", "--iters", "1", "--tn", "50", "--text-noise", "0.1"]
+    argv += ["--caption-aug", "rand_word_add", "--w24-threshold", "0.4", "--caption-dropout", "0"]
+    argv += ["--max-grad-norm", "1e9"]  # clipping would hide a gradient off by a factor
+    T.main(argv + ["--out", str(tmp_path / "one")])
+    with socket.socket() as sock:  # a free port for the processes' rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    two = argv + ["--out", str(tmp_path / "two"), "--accumulate", "2"]
+    fork = multiprocessing.get_context("fork")
+    procs = [fork.Process(target=ddp_process, args=(rank, port, two)) for rank in range(2)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(120)
+        proc.kill()
+    assert [proc.exitcode for proc in procs] == [0, 0]
+    one, both = (
+        torch.load(tmp_path / d / "checkpoint.pt", weights_only=True) for d in ("one", "two")
+    )
+    log = (tmp_path / "two" / "log.txt").read_text()
+    kept = float(log.split("kept ")[-1].split()[0])
+    assert 0 < kept < 1 and log.count("step 1/1") == 1  # one process logs
+    assert both["step"] == 1 and torch.equal(one["x_tn"], both["x_tn"])
+    # the step's gradient: AdamW's first moment after one step is 0.1 times it. (The weights move
+    # by lr g / (|g| + 1e-8): where |g| is near 1e-8, the sum's rounding moves them.)
+    moments = [[s["exp_avg"] for s in c["opt"]["state"].values()] for c in (one, both)]
+    assert all((g - h).abs().max() <= 1e-4 * g.abs().max() for g, h in zip(*moments, strict=True))
+
+
 def test_bad_input_gives_one_clear_line(tmp_path, capsys, monkeypatch):
     folder = caption_folder(tmp_path)
     base = [
