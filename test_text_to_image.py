@@ -607,6 +607,26 @@ def test_two_process_ddp_step_equals_the_one_process_step(tmp_path):
     assert all((g - h).abs().max() <= 1e-4 * g.abs().max() for g, h in zip(*moments, strict=True))
 
 
+def test_gpu_check_runs_the_training_step_on_the_tiny_model(tmp_path, capsys):
+    """gpu-check --tiny: the GPU check's path (models, data, train_step, report) on a CPU; without
+    --tiny a CPU is refused in one line. SD2_UNET builds a UNet of the size Stability-AI's
+    stablediffusion README gives SD-2's ("an 865M UNet")."""
+    out = tmp_path / "check"
+    argv = ["gpu-check", "--tiny", "--device", "cpu", "--iters", "2", "--out", str(out)]
+    T.main(argv + ["--grad-checkpointing", "on", "--accumulate", "2"])
+    report = json.loads((out / "gpu-check.json").read_text())
+    assert report["steps"] == 2 and len(report["step_seconds"]) == 2 and report["batch"] == 16
+    assert report["gradient_checkpointing"] and report["latents"] == [8, 8]
+    assert report["peak_allocated_gb"] is None and np.isfinite(report["loss"])
+    assert "gpu-check tiny" in capsys.readouterr().out
+    assert "needs a CUDA device" in error_of(["gpu-check", "--device", "cpu"], capsys, T.main)
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):  # shapes without memory
+        unet = UNet2DConditionModel(**T.SD2_UNET)
+    assert 865e6 <= sum(p.numel() for p in unet.parameters()) < 866e6
+
+
 def test_bad_input_gives_one_clear_line(tmp_path, capsys, monkeypatch):
     folder = caption_folder(tmp_path)
     base = [

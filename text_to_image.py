@@ -3,6 +3,8 @@
     python text_to_image.py --pretrained stabilityai/stable-diffusion-2 --data laion10k/ --tn 100 \
         --prompts prompts.txt                                   # Table 5's setting, a GPU job
     python text_to_image.py --pretrained tiny --data folder/ --iters 20 --device cpu   # a CPU check
+    torchrun --nproc_per_node=4 -- text_to_image.py --data laion10k/ --tn 100 ...   # 4 GPUs, DDP
+    python text_to_image.py gpu-check            # SD-2's step at 768 px, batch 16: memory, img/s
 
 Stable Diffusion works in a VAE's latent space with the DDPM schedule x_t = sqrt(abar_t) x_0
 + sqrt(1 - abar_t) eps over integer timesteps t, and its network predicts eps or v. Algorithm 1
@@ -21,6 +23,7 @@ holds images and captions: a .txt beside each image, or diffusers' metadata.json
 import contextlib
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -641,7 +644,10 @@ def train(models, data, state, cfg, out=None, log=print):
     models.unet.train()
     t0, first, kept = time.time(), state.step, 0
     while state.step < cfg.iters:
-        loss, k = train_step(models, data, state, cfg)
+        try:
+            loss, k = train_step(models, data, state, cfg)
+        except torch.cuda.OutOfMemoryError:
+            raise UserError(out_of_memory(cfg, state.step + 1)) from None
         state.step, kept = state.step + 1, kept + k
         if not torch.isfinite(loss):
             raise UserError(
@@ -937,6 +943,22 @@ def use_checkpointing(setting, unet):
     return setting == "on"
 
 
+def prepare_unet(unet, cfg):
+    """Gradient checkpointing as --grad-checkpointing says; whether it is on."""
+    if use_checkpointing(cfg.grad_checkpointing, unet):
+        unet.enable_gradient_checkpointing()
+    return unet.is_gradient_checkpointing
+
+
+def out_of_memory(cfg, step):
+    return (
+        f"out of GPU memory at step {step} (batch {cfg.batch}, --accumulate {cfg.accumulate}, "
+        f"--mixed-precision {cfg.mixed_precision}, --grad-checkpointing "
+        f"{cfg.grad_checkpointing}); raise --accumulate, or pass --grad-checkpointing on or "
+        "--mixed-precision bf16 (python text_to_image.py gpu-check measures a setting)"
+    )
+
+
 def export_unet(unet, folder):
     """The UNet in diffusers' format (config.json and safetensors weights), for
     UNet2DConditionModel.from_pretrained or a pipeline's unet=."""
@@ -973,9 +995,7 @@ def run(cfg):
             logfile.flush()
 
     models.to(device)
-    checkpointing = use_checkpointing(cfg.grad_checkpointing, models.unet)
-    if checkpointing:
-        models.unet.enable_gradient_checkpointing()
+    checkpointing = prepare_unet(models.unet, cfg)
     if rank > 0:  # the first process encodes and caches the latents; the others then read them
         torch.distributed.barrier()
     data = prepare_data(models, pairs, cfg, out, saved, device, log)
@@ -1004,7 +1024,171 @@ def run(cfg):
     return out
 
 
+# ------------------------------------------------------------------------------------------------
+# 8. gpu-check: memory and speed of Table 5's training step on SD-2's architecture at 768 px, with
+# random weights (nothing is downloaded), for the one GPU call a change gets.
+# ------------------------------------------------------------------------------------------------
+# stabilityai/stable-diffusion-2's unet/, text_encoder/ and vae/config.json (the 768 px v model)
+SD2_UNET = dict(
+    sample_size=96,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    cross_attention_dim=1024,
+    attention_head_dim=(5, 10, 20, 20),
+    use_linear_projection=True,
+    norm_num_groups=32,
+    norm_eps=1e-5,
+    act_fn="silu",
+    downsample_padding=1,
+    flip_sin_to_cos=True,
+    freq_shift=0,
+    center_input_sample=False,
+    mid_block_scale_factor=1,
+    dual_cross_attention=False,
+    only_cross_attention=False,
+)
+SD2_TEXT = dict(
+    vocab_size=49408,
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_attention_heads=16,
+    num_hidden_layers=23,
+    max_position_embeddings=77,
+    hidden_act="gelu",
+    projection_dim=512,
+)
+SD2_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    latent_channels=4,
+    layers_per_block=2,
+    block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    norm_num_groups=32,
+    sample_size=768,
+    scaling_factor=0.18215,
+)
+
+
+def sd2_random_models(device):
+    """SD-2's UNet, text encoder and VAE with random weights, built on `device`; a byte-level
+    tokenizer (77 tokens) stands in for OpenCLIP's. The scheduler is SD-2's (v-prediction)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tok = tiny_tokenizer(max_length=77)
+    special = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    with torch.device(device):
+        unet = UNet2DConditionModel(**SD2_UNET)
+        text = CLIPTextModel(CLIPTextConfig(**SD2_TEXT, pad_token_id=tok.pad_token_id, **special))
+        vae = AutoencoderKL(**SD2_VAE)
+    sched = DDPMScheduler(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        prediction_type="v_prediction",
+    )
+    return Models(unet, vae, text, tok, sched)
+
+
+@dataclass
+class GpuCheck(Config):
+    data: str = option("random", "not read: random latents stand in for the images", type=str)
+    iters: int = option(3, "training steps; img/s is over all but the first (warm-up)")
+    tiny: bool = option(False, "the tiny model instead of SD-2's: this path on a CPU, in seconds")
+
+
+def gpu_check(cfg, log=print):
+    """cfg.iters training steps (train_step, as a run takes them) of SD-2 at 768 px (96x96
+    latents), batch 16 by default, random weights; logs and returns peak memory and img/s. The
+    peak counts everything on the GPU from the start: weights, AdamW's state, text encoder, VAE."""
+    device = A.pick_device(cfg.device)
+    cuda = device.type == "cuda"
+    if not (cuda or cfg.tiny):
+        raise UserError(
+            "gpu-check trains SD-2's 866M-parameter UNet and needs a CUDA device; on a CPU "
+            "pass --tiny (the same path on the tiny model)"
+        )
+    if cfg.iters < 1:
+        raise UserError(f"--iters {cfg.iters}: gpu-check needs at least 1 step")
+    if cfg.batch % cfg.accumulate:
+        raise UserError(f"--accumulate {cfg.accumulate} must divide --batch {cfg.batch}")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    torch.manual_seed(cfg.seed)
+    models = tiny_models(cfg.tiny_prediction, cfg.seed) if cfg.tiny else sd2_random_models(device)
+    check_model(cfg, models)
+    models.to(device)
+    checkpointing = prepare_unet(models.unet, cfg)
+    side = cfg.resolution // models.vae_factor
+    shape = (4 * cfg.batch, models.unet.config.in_channels, side, side)
+    latents = torch.randn(shape, generator=torch.Generator().manual_seed(cfg.seed))
+    captions = [f"a photo of thing {i}" for i in range(len(latents))]
+    x_tn = make_noisy_latents(latents, models.scheduler, cfg.tn, cfg.seed)
+    empty = tokenize(models.tokenizer, [""]).to(device)
+    ids = tokenize(models.tokenizer, captions).to(device)
+    data = TrainData(latents.to(device), x_tn.to(device), ids, empty, captions)
+    state = training_state(models.unet, cfg, device)
+    models.unet.train()
+    seconds = []
+    for step in range(cfg.iters):
+        start = time.perf_counter()
+        try:
+            loss, kept = train_step(models, data, state, cfg)
+            if cuda:
+                torch.cuda.synchronize(device)
+        except torch.cuda.OutOfMemoryError:
+            raise UserError(out_of_memory(cfg, step + 1)) from None
+        seconds.append(time.perf_counter() - start)
+    timed = seconds[1:] or seconds
+    dtype = autocast_dtype(cfg.mixed_precision, device.type)
+    gb = 1e9
+    report = dict(
+        model="tiny" if cfg.tiny else "SD-2 (random weights)",
+        unet_parameters=sum(p.numel() for p in models.unet.parameters()),
+        device=torch.cuda.get_device_name(device) if cuda else str(device),
+        latents=[side, side],
+        batch=cfg.batch,
+        accumulate=cfg.accumulate,
+        autocast=str(dtype).replace("torch.", "") if dtype else "off",
+        gradient_checkpointing=checkpointing,
+        steps=cfg.iters,
+        step_seconds=seconds,
+        img_per_s=cfg.batch * len(timed) / sum(timed),
+        peak_allocated_gb=torch.cuda.max_memory_allocated(device) / gb if cuda else None,
+        peak_reserved_gb=torch.cuda.max_memory_reserved(device) / gb if cuda else None,
+        loss=float(loss),
+        kept=kept,
+    )
+    peak = (
+        f"peak {report['peak_allocated_gb']:.1f} GB allocated (torch.cuda.max_memory_allocated), "
+        f"{report['peak_reserved_gb']:.1f} GB reserved"
+        if cuda
+        else "peak memory not measured (no GPU)"
+    )
+    log(
+        f"gpu-check {report['model']}: UNet {report['unet_parameters'] / 1e6:.1f}M parameters, "
+        f"{side}x{side} latents, batch {cfg.batch} in {cfg.accumulate} micro-batch(es), autocast "
+        f"{report['autocast']}, gradient checkpointing {'on' if checkpointing else 'off'}, on "
+        f"{report['device']}: {peak}; {report['img_per_s']:.2f} img/s over steps "
+        f"{cfg.iters - len(timed) + 1}-{cfg.iters}"
+    )
+    if cfg.out:
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.out) / "gpu-check.json").write_text(json.dumps(report, indent=1))
+    return report
+
+
 def main(argv=None):
+    """python text_to_image.py [flags] trains; python text_to_image.py gpu-check [flags]."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["gpu-check"]:
+        return A.main(argv[1:], GpuCheck, gpu_check)
     return A.main(argv, Config, run)
 
 
