@@ -644,6 +644,17 @@ def test_bad_input_gives_one_clear_line(tmp_path, capsys, monkeypatch):
     assert "timesteps 0 to 999" in error_of(base + ["--tn", "1000"], capsys, main)
     assert "at least 0" in error_of(base + ["--tn", "-1"], capsys, main)
     assert "caption-dropout" in error_of(base + ["--caption-dropout", "1"], capsys, main)
+    assert "must divide --batch 16" in error_of(base + ["--accumulate", "3"], capsys, main)
+    assert "caption-aug-prob" in error_of(base + ["--caption-aug-prob", "2"], capsys, main)
+    assert "--export" in error_of(base + ["--export", str(folder / "im0.png")], capsys, main)
+
+    def out_of_memory(*args):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(T, "train_step", out_of_memory)
+    err = error_of(base + ["--out", str(tmp_path / "oom")], capsys, main)
+    assert "out of GPU memory at step 1" in err and "--accumulate" in err
+    monkeypatch.undo()
     assert "multiple of 4" in error_of(base + ["--resolution", "18"], capsys, main)
     (tmp_path / "empty.txt").write_text("\n")
     assert "no prompt" in error_of(base + ["--prompts", str(tmp_path / "empty.txt")], capsys, main)
