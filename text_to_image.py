@@ -14,10 +14,13 @@ from the clean latent, and regresses onto Lemma C.2's target, the Eq. 6 x_0-targ
 (x_tn - c_x x_t) / c_h mapped to eps or v; at or below t_n it is the usual fine-tuning step.
 --tn 0 is plain fine-tuning.
 
-Two text-side mitigations that Table 5 combines with it are options: --text-noise (Somepalli et
-al. 2023: Gaussian noise on the text encoder's output during training) and --w24-threshold (Wen et
-al. 2024: samples whose text-conditional prediction is large are left out of the loss). The folder
-holds images and captions: a .txt beside each image, or diffusers' metadata.jsonl.
+Two text-side mitigations that Table 5 combines with it are options: Somepalli et al. 2023
+(--text-noise: Gaussian noise on the text encoder's output during training; --caption-aug: random
+words or numbers inserted into the captions) and --w24-threshold (Wen et al. 2024: samples whose
+text-conditional noise prediction is large are left out of the loss). The folder holds images and
+captions: a .txt beside each image, or diffusers' metadata.jsonl. --mixed-precision,
+--grad-checkpointing and --accumulate fit SD-2 at 768 px and batch 16 on one GPU; torchrun spreads
+each batch over several.
 """
 
 import contextlib
@@ -556,7 +559,7 @@ def training_state(unet, cfg, device, saved=None, rank=0, world=1):
             state.gen.set_state(saved["rng"].cpu())
             state.noise_gen.set_state(saved["noise_rng"].cpu())
             if torch.is_tensor(saved.get("caption_rng")):  # runs before --caption-aug lack it
-                state.caption_gen.set_state(saved["caption_rng"])
+                state.caption_gen.set_state(saved["caption_rng"].cpu())
             if fp16 and saved.get("scaler"):  # an fp16 run's loss scale; {} in other runs
                 state.scaler.load_state_dict(saved["scaler"])
         except (RuntimeError, ValueError, KeyError, TypeError) as err:
