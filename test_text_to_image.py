@@ -104,6 +104,25 @@ def test_no_clean_latent_reaches_a_sample_above_tn():
     assert torch.allclose(b["x_t"][hi], want.float(), atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_tn_itself_is_clean_and_tn_plus_one_is_noisy(kind):
+    """The split at t_n exactly: t = t_n takes the clean latent and the usual target (there
+    sigma_t = sigma_tn, so Lemma C.2's c_h is 0 and its target 0/0); t = t_n + 1 starts from x_tn
+    (line 10 with abar_t / abar_tn) and its target is finite."""
+    sched, tn = sd_scheduler(kind), 100
+    x0 = torch.randn(2, 4, 8, 8, generator=gen(26))
+    x_tn = T.make_noisy_latents(x0, sched, tn, seed=0)
+    t = torch.tensor([tn, tn + 1])
+    b = T.noisy_batch(sched, x0, x_tn, t, tn, gen(27))
+    z = b["noise"]
+    assert b["noisy"].tolist() == [False, True] and b["target"].isfinite().all()
+    assert torch.equal(b["x_t"][0], sched.add_noise(x0, z, t)[0])
+    assert torch.equal(b["target"][0], T.usual_target(sched, x0, z, t)[0])
+    ratio = sched.alphas_cumprod.to(f64)[tn + 1] / sched.alphas_cumprod.to(f64)[tn]
+    want = ratio.sqrt() * x_tn[1] + (1 - ratio).sqrt() * z[1]
+    assert torch.allclose(b["x_t"][1], want.float(), atol=1e-6)
+
+
 def test_noisy_latents_are_one_seeded_draw_at_tn():
     sched, tn = sd_scheduler("epsilon"), 50
     latents = torch.randn(500, 4, 4, 4, generator=gen(8))
@@ -153,7 +172,7 @@ def tiny_step_inputs(models, seed=11, batch=8):
     x_tn = T.make_noisy_latents(latents, models.scheduler, 100, seed)
     b = T.algorithm1_batch(models.scheduler, latents, x_tn, 100, batch, gen(seed))
     ids = T.tokenize(models.tokenizer, [f"caption {i}" for i in range(batch)])
-    return b, ids
+    return dict(b, ids=ids), ids
 
 
 def cfg_for(**kw):
@@ -161,13 +180,14 @@ def cfg_for(**kw):
 
 
 def test_text_noise_changes_the_embedding_by_its_scale_and_nothing_else(tiny, monkeypatch):
-    b, ids = tiny_step_inputs(tiny)
+    data = tiny_data(tiny)
     rec = Recorder(tiny.unet)
     monkeypatch.setattr(tiny, "unet", rec)
     runs = {}
     for scale in (0.0, 0.5):
-        noise_gen = gen(12)
-        loss, _ = T.training_loss(tiny, b, ids, cfg_for(text_noise=scale), noise_gen)
+        cfg = cfg_for(text_noise=scale, batch=8, tn=50)
+        b = T.global_batch(tiny, data, T.training_state(rec.unet, cfg, "cpu"), cfg)
+        loss, _ = T.training_loss(tiny, b, cfg)
         runs[scale] = (rec.calls[-1], loss)
     (x0, t0, e0), plain = runs[0.0]
     (x1, t1, e1), noised = runs[0.5]
@@ -176,21 +196,67 @@ def test_text_noise_changes_the_embedding_by_its_scale_and_nothing_else(tiny, mo
     assert abs(diff.mean()) < 0.05 and abs(diff.std() - 0.5) < 0.05
 
 
+def eps_from_v(sched, v, x_t, t):
+    """The noise prediction a v prediction implies: eps = sqrt(abar_t) v + sqrt(1 - abar_t) x_t."""
+    abar = sched.alphas_cumprod[t][:, None, None, None]
+    return abar.sqrt() * v + (1 - abar).sqrt() * x_t
+
+
+def text_conditional_parts(models, b, ids):
+    """pred(x_t, caption) - pred(x_t, ""), in the model's units (here v) and in eps units."""
+    with torch.no_grad():
+        emb = models.text_encoder(ids)[0]
+        cond = models.unet(b["x_t"], b["t"], emb).sample
+        uncond = models.unet(b["x_t"], b["t"], models.empty_emb.expand(len(ids), -1, -1)).sample
+    eps = [eps_from_v(models.scheduler, p, b["x_t"], b["t"]) for p in (cond, uncond)]
+    return cond, (cond - uncond).flatten(1).norm(dim=1), (eps[0] - eps[1]).flatten(1).norm(dim=1)
+
+
 def test_w24_leaves_out_exactly_the_samples_with_a_large_text_conditional_prediction(tiny):
     b, ids = tiny_step_inputs(tiny)
-    with torch.no_grad():
-        emb = tiny.text_encoder(ids)[0]
-        cond = tiny.unet(b["x_t"], b["t"], emb).sample
-        uncond = tiny.unet(b["x_t"], b["t"], tiny.empty_emb.expand(len(ids), -1, -1)).sample
-    norms = (cond - uncond).flatten(1).norm(dim=1)
+    cond, _, norms = text_conditional_parts(tiny, b, ids)
     per_sample = (cond - b["target"]).square().flatten(1).mean(1) * T.loss_weight(b, "released")
-    threshold = norms.median().item()
+    low, high = norms.sort().values[3:5]
+    threshold = ((low + high) / 2).item()  # halfway between two samples: no rounding decides
     with torch.no_grad():
-        loss, keep = T.training_loss(tiny, b, ids, cfg_for(w24_threshold=threshold), None)
-        full, keep_all = T.training_loss(tiny, b, ids, cfg_for(), None)
+        loss, keep = T.training_loss(tiny, b, cfg_for(w24_threshold=threshold))
+        full, keep_all = T.training_loss(tiny, b, cfg_for())
     assert torch.equal(keep, norms < threshold) and 0 < keep.sum() < len(keep)
-    assert torch.allclose(loss, per_sample[keep].mean(), rtol=1e-5)
-    assert keep_all.all() and torch.allclose(full, per_sample.mean(), rtol=1e-5)
+    assert torch.allclose(loss, per_sample[keep].sum(), rtol=1e-5)
+    assert keep_all.all() and torch.allclose(full, per_sample.sum(), rtol=1e-5)
+
+
+def test_w24_thresholds_a_v_model_in_noise_units(tiny):
+    """Wen et al.'s rule is on the noise prediction. At t = 999 a v model's eps difference is
+    sqrt(abar_999) = 1/14.6 of its v difference; at t = 0 the two are within 0.05%. A threshold
+    between a t = 999 sample's eps and v norms keeps it (a rule on raw v would drop it), and one
+    below a t = 0 sample's norm drops that one."""
+    ids = T.tokenize(tiny.tokenizer, ["caption 0", "caption 1"])
+    latents = torch.randn(2, 4, 8, 8, generator=gen(21))
+    b = T.noisy_batch(tiny.scheduler, latents, latents, torch.tensor([999, 0]), 0, gen(22))
+    b["ids"] = ids
+    _, v_norms, eps_norms = text_conditional_parts(tiny, b, ids)
+    assert eps_norms[0] < v_norms[0] / 14 and eps_norms[0] < eps_norms[1]
+    threshold = (eps_norms[0] + min(v_norms[0], eps_norms[1])).item() / 2
+    with torch.no_grad():
+        _, keep = T.training_loss(tiny, b, cfg_for(w24_threshold=threshold))
+    assert keep.tolist() == [True, False] and v_norms[0] > threshold
+
+
+def test_eps_per_output_is_the_noise_predictions_change_for_each_prediction_type():
+    """eps from v: sqrt(abar) v + sqrt(1 - abar) x_t; from x_0: (x_t - sqrt(abar) x_0) /
+    sqrt(1 - abar); for two predictions at one x_t the eps difference is the factor times theirs."""
+    abar = torch.tensor([0.9, 0.3, 0.005], dtype=f64)[:, None]
+    x_t, p, q = (torch.randn(3, 5, generator=gen(k), dtype=f64) for k in (23, 24, 25))
+    to_eps = dict(
+        epsilon=lambda out: out,
+        v_prediction=lambda out: abar.sqrt() * out + (1 - abar).sqrt() * x_t,
+        sample=lambda out: (x_t - abar.sqrt() * out) / (1 - abar).sqrt(),
+    )
+    for kind, eps in to_eps.items():
+        want = (eps(p) - eps(q)).norm(dim=1)
+        got = T.eps_per_output(kind, abar[:, 0]) * (p - q).norm(dim=1)
+        assert torch.allclose(got, want, rtol=1e-12), kind
 
 
 def tiny_data(models):
@@ -217,9 +283,11 @@ def test_text_noise_leaves_the_batches_of_later_steps_in_place(tiny):
 
 
 def test_w24_with_no_sample_kept_makes_no_update():
+    """No caption dropout: a dropped caption is the empty prompt, whose text-conditional difference
+    is exactly 0 and below any threshold, so which samples are kept would hang on the draw."""
     models = T.tiny_models("epsilon", seed=1).to("cpu")
     data = tiny_data(models)
-    cfg = cfg_for(w24_threshold=1e-9, batch=4, tn=50)
+    cfg = cfg_for(w24_threshold=1e-9, batch=4, tn=50, caption_dropout=0.0)
     state = T.training_state(models.unet, cfg, "cpu")
     before = [p.clone() for p in models.unet.parameters()]
     _, kept = T.train_step(models, data, state, cfg)
@@ -229,6 +297,174 @@ def test_w24_with_no_sample_kept_makes_no_update():
     cfg.w24_threshold = None
     T.train_step(models, data, state, cfg)
     assert not all(torch.equal(p, q) for p, q in zip(before, models.unet.parameters(), strict=True))
+
+
+def all_close(xs, ys, **tolerance):
+    return all(torch.allclose(x, y, **tolerance) for x, y in zip(xs, ys, strict=True))
+
+
+def micro_step(k, **kw):
+    """One train_step of a fresh tiny model in k micro-batches: how many samples were kept, and the
+    clipped gradient."""
+    models = T.tiny_models("v_prediction", seed=0).to("cpu")
+    cfg = cfg_for(batch=4, tn=50, accumulate=k, text_noise=0.1, caption_dropout=0.5, **kw)
+    state = T.training_state(models.unet, cfg, "cpu")
+    _, kept = T.train_step(models, tiny_data(models), state, cfg)
+    return kept, [p.grad.clone() for p in models.unet.parameters()]
+
+
+def test_accumulated_micro_batches_make_the_one_batch_step():
+    """--accumulate 2: the step draws one global batch (the same draws as K = 1, in the same order)
+    and sums the micro-batches' gradients of the loss over the samples W24 kept in the whole
+    batch: the gradient that AdamW then steps with is K = 1's to float32 rounding (relative to each
+    tensor's largest entry). No clipping (max-grad-norm 1e9): it would hide a factor."""
+    (kept, one), (kept_two, two) = (
+        micro_step(k, w24_threshold=0.05, max_grad_norm=1e9) for k in (1, 2)
+    )
+    assert kept == kept_two and 0 < kept < 4  # some samples left out, in the halves' total
+    assert all((g - h).abs().max() <= 1e-4 * g.abs().max() for g, h in zip(one, two, strict=True))
+
+
+def test_gradient_checkpointing_recomputes_and_leaves_the_loss_and_gradients_unchanged():
+    """diffusers' checkpointing runs each block again in the backward pass (a ResNet block is called
+    twice a step) and gives the same loss and gradients; auto turns it on above 100M parameters."""
+    models = T.tiny_models("v_prediction", seed=0).to("cpu")
+    b, _ = tiny_step_inputs(models)
+    calls = []
+    # a pre-hook: the recomputation stops once it has what the backward pass needs, before the end
+    models.unet.down_blocks[0].resnets[0].register_forward_pre_hook(lambda *a: calls.append(1))
+    runs = []
+    for on in (False, True):
+        if on:
+            models.unet.enable_gradient_checkpointing()
+        models.unet.train().zero_grad()
+        calls.clear()
+        loss, _ = T.training_loss(models, b, cfg_for())
+        loss.backward()
+        runs.append((len(calls), loss, [p.grad.clone() for p in models.unet.parameters()]))
+    (calls_off, loss_off, grads_off), (calls_on, loss_on, grads_on) = runs
+    assert (calls_off, calls_on) == (1, 2) and torch.equal(loss_off, loss_on)
+    assert all_close(grads_off, grads_on, rtol=1e-6, atol=1e-10)
+    big = torch.nn.Linear(10_000, 10_001, device="meta")  # 100.02M parameters, no memory
+    assert T.use_checkpointing("auto", big) and not T.use_checkpointing("auto", models.unet)
+    assert T.use_checkpointing("on", models.unet) and not T.use_checkpointing("off", big)
+
+
+def test_bf16_autocast_moves_the_loss_by_at_most_two_percent(tiny):
+    """bf16 keeps 8 significant bits: one rounding moves a value by at most 2^-9 (0.2%); the tiny
+    UNet has about five layers in sequence, and a relative error e in the residuals moves a mean of
+    squares by about 2e, so 2% bounds the loss's change. The weights stay float32 and so does the
+    loss; the loss does change (autocast ran)."""
+    b, _ = tiny_step_inputs(tiny)
+    with torch.no_grad():
+        fp32, _ = T.training_loss(tiny, b, cfg_for(mixed_precision="no"))
+        bf16, _ = T.training_loss(tiny, b, cfg_for(mixed_precision="bf16"))
+    assert bf16.dtype == torch.float32 and next(tiny.unet.parameters()).dtype == torch.float32
+    assert bf16 != fp32 and abs(bf16 - fp32) <= 0.02 * fp32
+
+
+def test_fp16_loss_scale_goes_into_the_checkpoint_and_comes_back_on_resume(tmp_path):
+    models = T.tiny_models("v_prediction", seed=0).to("cpu")
+    data, cfg = tiny_data(models), cfg_for(batch=2, tn=50, mixed_precision="fp16")
+    state = T.training_state(models.unet, cfg, "cpu")
+    assert state.scaler.is_enabled()
+    T.train_step(models, data, state, cfg)
+    state.scaler.update(1024.0)  # a scale the fresh scaler (65536) does not start from
+    T.save_checkpoint(state, data, cfg, tmp_path / "c.pt")
+    saved = torch.load(tmp_path / "c.pt", weights_only=True)
+    assert saved["scaler"]["scale"] == 1024.0
+    resumed = T.training_state(T.tiny_models("v_prediction", seed=1).unet, cfg, "cpu", saved)
+    assert resumed.scaler.get_scale() == 1024.0
+    plain = T.training_state(models.unet, cfg_for(mixed_precision="no"), "cpu")
+    assert not plain.scaler.is_enabled()
+
+
+def test_caption_augmentations_insert_their_words_into_the_caption(tiny):
+    tok, caption = tiny.tokenizer, "a photo of the cat"
+    words = caption.split(" ")
+    vocabulary = {tok.decode([i]).strip() for i in range(len(tok)) if i not in tok.all_special_ids}
+
+    def inserted(out):  # the caption's words keep their order; what else is there, in order
+        rest, extra = list(words), []
+        for w in out.split(" "):
+            if rest and w == rest[0]:
+                rest.pop(0)
+            else:
+                extra.append(w)
+        assert not rest
+        return extra
+
+    for seed in range(20):
+        add = inserted(T.augment_caption(caption, "rand_word_add", 3, tok, gen(seed)))
+        repeat = inserted(T.augment_caption(caption, "rand_word_repeat", 3, tok, gen(seed)))
+        number = inserted(T.augment_caption(caption, "rand_numb_add", 3, tok, gen(seed)))
+        assert len(add) == 3 and set(add) <= vocabulary
+        assert len(repeat) == 3 and set(repeat) <= set(words)
+        assert len(number) == 3 and all(w.isdigit() and int(w) < 100_000 for w in number)
+    # one number into two-word captions: each of the three gaps, either end included, a third
+    gaps = [
+        T.augment_caption("x y", "rand_numb_add", 1, tok, gen(s)).split(" ") for s in range(600)
+    ]
+    shares = [np.mean([g[k].isdigit() for g in gaps]) for k in range(3)]
+    assert all(abs(share - 1 / 3) < 0.07 for share in shares), shares
+
+
+def test_caption_augmentation_is_seeded_on_a_generator_of_its_own(tiny):
+    """The same seed gives the same augmented captions; the batches, timesteps, noise and caption
+    dropout are drawn as without it; --caption-aug-prob 0 leaves every caption as it is."""
+    data = tiny_data(tiny)
+    data.captions = ["a red fox", "two cats on a mat", "the sea at night"]
+    data.ids = T.tokenize(tiny.tokenizer, data.captions)
+    batches = {}
+    for name, kw in dict(
+        none={}, add=dict(caption_aug="rand_word_add"), never=dict(caption_aug="rand_word_add")
+    ).items():
+        cfg = cfg_for(batch=4, tn=50, caption_dropout=0.0, caption_aug_words=2, **kw)
+        cfg.caption_aug_prob = 0.0 if name == "never" else 1.0
+        runs = []
+        for _ in range(2):
+            state = T.training_state(tiny.unet, cfg, "cpu")
+            runs.append((T.global_batch(tiny, data, state, cfg), state))
+        (b, state), (again, _) = runs
+        assert torch.equal(b["ids"], again["ids"])
+        batches[name] = (b, state)
+    none, add, never = (batches[k] for k in ("none", "add", "never"))
+    assert torch.equal(none[1].gen.get_state(), add[1].gen.get_state())
+    assert torch.equal(none[0]["x_t"], add[0]["x_t"]) and torch.equal(none[0]["idx"], add[0]["idx"])
+    assert not torch.equal(none[0]["ids"], add[0]["ids"])
+    assert torch.equal(never[0]["ids"], none[0]["ids"])
+
+
+def test_an_exported_unet_samples_in_a_diffusers_pipeline_as_the_model_in_memory(tmp_path):
+    """--export's save_pretrained folder loads with UNet2DConditionModel.from_pretrained; in a
+    StableDiffusionPipeline built from the tiny model's parts it gives the images of the trained
+    UNet in memory, bit for bit."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    models = T.tiny_models("v_prediction", seed=0).to("cpu")
+    cfg = cfg_for(batch=2, tn=50, lr=1e-2)
+    T.train_step(models, tiny_data(models), T.training_state(models.unet, cfg, "cpu"), cfg)
+    T.export_unet(models.unet, tmp_path / "unet")
+    loaded = UNet2DConditionModel.from_pretrained(tmp_path / "unet")
+    fresh = T.tiny_models("v_prediction", seed=0).unet  # the weights before the step
+    images = []
+    for unet in (models.unet, loaded, fresh):
+        pipe = StableDiffusionPipeline(
+            vae=models.vae,
+            text_encoder=models.text_encoder,
+            tokenizer=models.tokenizer,
+            unet=unet.eval(),
+            scheduler=DDIMScheduler.from_config(
+                models.scheduler.config, steps_offset=1, clip_sample=False
+            ),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        out = pipe("a photo", num_inference_steps=2, generator=gen(0), output_type="np")
+        images.append(out.images)
+    assert images[0].shape == (1, 16, 16, 3) and np.array_equal(images[0], images[1])
+    assert not np.array_equal(images[0], images[2])
 
 
 def test_caption_dropout_replaces_captions_by_the_empty_prompt_at_its_rate():
@@ -307,16 +543,88 @@ def test_train_resume_and_sample_end_to_end_with_fixed_noisy_latents(tmp_path):
             "2",
             "--samples-per-prompt",
             "2",
+            "--export",
+            str(tmp_path / "unet"),
         ]
     )
     resumed = torch.load(out / "checkpoint.pt", weights_only=False)
     assert resumed["step"] == 5 and torch.equal(resumed["x_tn"], ckpt["x_tn"])
+    from diffusers import UNet2DConditionModel
+
+    exported = UNet2DConditionModel.from_pretrained(tmp_path / "unet").state_dict()
+    assert all(torch.equal(v, exported[k]) for k, v in resumed["unet"].items())
     with np.load(out / "samples.npz") as f:
         assert f["images"].shape == (4, 16, 16, 3) and list(f["prompts"][::2]) == [
             "a photo",
             "another one",
         ]
     assert len(list((out / "samples").glob("*.png"))) == 4
+
+
+def ddp_process(rank, port, argv):
+    """What torchrun gives each of two processes on one machine, then the command line."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)  # a forked child runs no OpenMP team: the parent's does not exist
+    T.main(argv)
+
+
+def test_two_process_ddp_step_equals_the_one_process_step(tmp_path):
+    """Two processes (gloo), each with two micro-batches of its half of the batch: every process
+    draws the whole batch (captions augmented, text noise, W24 leaving samples out in the total),
+    so after one step the weights are the one process's; only the first process writes. The
+    processes are forked from this one (as torchrun's would run, without its 8 s of imports)."""
+    import multiprocessing
+    import socket
+
+    argv = ["--pretrained", "tiny", "--data", str(caption_folder(tmp_path)), "--device", "cpu"]
+    argv += ["--batch", "4", "--iters", "1", "--tn", "50", "--text-noise", "0.1"]
+    argv += ["--caption-aug", "rand_word_add", "--w24-threshold", "0.4", "--caption-dropout", "0"]
+    argv += ["--max-grad-norm", "1e9"]  # clipping would hide a gradient off by a factor
+    T.main(argv + ["--out", str(tmp_path / "one")])
+    with socket.socket() as sock:  # a free port for the processes' rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    two = argv + ["--out", str(tmp_path / "two"), "--accumulate", "2"]
+    fork = multiprocessing.get_context("fork")
+    procs = [fork.Process(target=ddp_process, args=(rank, port, two)) for rank in range(2)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(120)
+        proc.kill()
+    assert [proc.exitcode for proc in procs] == [0, 0]
+    one, both = (
+        torch.load(tmp_path / d / "checkpoint.pt", weights_only=True) for d in ("one", "two")
+    )
+    log = (tmp_path / "two" / "log.txt").read_text()
+    kept = float(log.split("kept ")[-1].split()[0])
+    assert 0 < kept < 1 and log.count("step 1/1") == 1  # one process logs
+    assert both["step"] == 1 and torch.equal(one["x_tn"], both["x_tn"])
+    # the step's gradient: AdamW's first moment after one step is 0.1 times it. (The weights move
+    # by lr g / (|g| + 1e-8): where |g| is near 1e-8, the sum's rounding moves them.)
+    moments = [[s["exp_avg"] for s in c["opt"]["state"].values()] for c in (one, both)]
+    assert all((g - h).abs().max() <= 1e-4 * g.abs().max() for g, h in zip(*moments, strict=True))
+
+
+def test_gpu_check_runs_the_training_step_on_the_tiny_model(tmp_path, capsys):
+    """gpu-check --tiny: the GPU check's path (models, data, train_step, report) on a CPU; without
+    --tiny a CPU is refused in one line. SD2_UNET builds a UNet of the size Stability-AI's
+    stablediffusion README gives SD-2's ("an 865M UNet")."""
+    out = tmp_path / "check"
+    argv = ["gpu-check", "--tiny", "--device", "cpu", "--iters", "2", "--out", str(out)]
+    T.main(argv + ["--grad-checkpointing", "on", "--accumulate", "2"])
+    report = json.loads((out / "gpu-check.json").read_text())
+    assert report["steps"] == 2 and len(report["step_seconds"]) == 2 and report["batch"] == 16
+    assert report["gradient_checkpointing"] and report["latents"] == [8, 8]
+    assert report["peak_allocated_gb"] is None and np.isfinite(report["loss"])
+    assert "gpu-check tiny" in capsys.readouterr().out
+    assert "needs a CUDA device" in error_of(["gpu-check", "--device", "cpu"], capsys, T.main)
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):  # shapes without memory
+        unet = UNet2DConditionModel(**T.SD2_UNET)
+    assert 865e6 <= sum(p.numel() for p in unet.parameters()) < 866e6
 
 
 def test_bad_input_gives_one_clear_line(tmp_path, capsys, monkeypatch):
@@ -336,6 +644,17 @@ def test_bad_input_gives_one_clear_line(tmp_path, capsys, monkeypatch):
     assert "timesteps 0 to 999" in error_of(base + ["--tn", "1000"], capsys, main)
     assert "at least 0" in error_of(base + ["--tn", "-1"], capsys, main)
     assert "caption-dropout" in error_of(base + ["--caption-dropout", "1"], capsys, main)
+    assert "must divide --batch 16" in error_of(base + ["--accumulate", "3"], capsys, main)
+    assert "caption-aug-prob" in error_of(base + ["--caption-aug-prob", "2"], capsys, main)
+    assert "--export" in error_of(base + ["--export", str(folder / "im0.png")], capsys, main)
+
+    def out_of_memory(*args):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(T, "train_step", out_of_memory)
+    err = error_of(base + ["--out", str(tmp_path / "oom")], capsys, main)
+    assert "out of GPU memory at step 1" in err and "--accumulate" in err
+    monkeypatch.undo()
     assert "multiple of 4" in error_of(base + ["--resolution", "18"], capsys, main)
     (tmp_path / "empty.txt").write_text("\n")
     assert "no prompt" in error_of(base + ["--prompts", str(tmp_path / "empty.txt")], capsys, main)
@@ -351,7 +670,39 @@ def test_bad_input_gives_one_clear_line(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(diffusers.StableDiffusionPipeline, "from_pretrained", offline)
     err = error_of(pre + ["stabilityai/stable-diffusion-2"], capsys, main)
-    assert "cannot load a Stable Diffusion pipeline (OSError)" in err and "--local-dir" in err
+    assert "cannot load a Stable Diffusion pipeline (OSError: We couldn't connect" in err
+    assert "--local-dir" in err
+
+
+def test_pretrained_failures_name_their_cause(tmp_path, capsys, monkeypatch):
+    """The cause comes from the exception's message, through the chain that diffusers raises (a
+    gated model's Hub error under an OSError that points at the traceback), in one line."""
+    import diffusers
+
+    pre = ["--data", str(caption_folder(tmp_path)), "--device", "cpu", "--pretrained"]
+    (tmp_path / "empty").mkdir()
+    err = error_of(pre + [str(tmp_path / "empty")], capsys, T.main)  # diffusers' own failure
+    assert "no file named model_index.json" in err and "holds a diffusers pipeline" in err
+    gated = RuntimeError(
+        "401 Client Error. Cannot access gated repo for url https://huggingface.co/x/y.\n"
+        "Access to model x/y is restricted. You must have access to it and be authenticated."
+    )
+    failures = dict(gated=gated, missing=ModuleNotFoundError("No module named 'ftfy'", name="ftfy"))
+
+    def load(*args, **kwargs):
+        if failures["now"] is gated:
+            raise OSError(
+                "Cannot load model x/y: see the root cause in the stacktrace above"
+            ) from gated
+        raise failures["now"]
+
+    monkeypatch.setattr(diffusers.StableDiffusionPipeline, "from_pretrained", load)
+    failures["now"] = gated
+    err = error_of(pre + ["x/y"], capsys, T.main)
+    assert "RuntimeError: 401 Client Error. Cannot access gated repo" in err
+    assert "huggingface-cli login" in err
+    failures["now"] = failures["missing"]
+    assert "pip install ftfy" in error_of(pre + ["x/y"], capsys, T.main)
 
 
 class Planted:
