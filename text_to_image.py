@@ -802,7 +802,8 @@ def tiny_clip():
 class ScoreNetworks:
     similarity: object  # [-1, 1] images -> descriptors (DINOv2 or SSCD, each with its recipe)
     similarity_recipe: str
-    inception: object  # [-1, 1] images -> pool3 features, EDM's TF1 resize
+    inception: object  # [-1, 1] images -> pool3 features
+    fid_recipe: str
     clip: ClipScorer
     files: dict  # the weight files used
 
@@ -847,8 +848,8 @@ def score_networks(args):
         sim = N.dinov2_forward(N.dinov2_network(size, similarity).to(device))
         recipe = N.similarity_recipe(size)
     clip.model.to(device)
-    inception_net = N.inception_network(inception).to(device)
-    return ScoreNetworks(sim, recipe, N.inception_forward(inception_net, "tf1"), clip, files)
+    fid = N.inception_forward(N.inception_network(inception).to(device), args.fid_resize)
+    return ScoreNetworks(sim, recipe, fid, N.FID_RECIPES[args.fid_resize], clip, files)
 
 
 # The samples: which captions, and the .npz files that hold them, read as a stream.
@@ -1241,8 +1242,8 @@ def table5_markdown(rows, nets):
         f"95%: its 95th percentile. {nets.similarity_recipe}",
         "CLIP: 100 max(cos(image, caption), 0) averaged (torchmetrics' CLIPScore), "
         f"{nets.clip.name}",
-        "FID: Inception-v3 pool3, EDM's TF1 resize, samples against the training images "
-        "(fewer than 50,000 samples bias it upwards)",
+        f"FID of the samples against the training images: {nets.fid_recipe} (fewer than 50,000 "
+        "samples bias it upwards)",
         f"samples: one per training caption, seed {r['seed']} (caption i: seed + i), the same "
         f"captions and seeds for every run; DDIM {sampling(rows)}",
     ]
@@ -1266,7 +1267,12 @@ def write_table5(rows, numbers, nets, args, log):
     out.mkdir(parents=True, exist_ok=True)
     table = table5_markdown(rows, nets)
     (out / "table5.md").write_text(table)
-    recipes = dict(similarity=nets.similarity_recipe, clip_model=nets.clip.name, weights=nets.files)
+    recipes = dict(
+        similarity=nets.similarity_recipe,
+        clip_model=nets.clip.name,
+        fid=nets.fid_recipe,
+        weights=nets.files,
+    )
     (out / "table5.json").write_text(json.dumps(dict(runs=rows, **recipes), indent=1))
     for name, arrays in numbers.items():
         np.savez(out / f"per_sample_{name}.npz", **arrays)
@@ -1276,7 +1282,7 @@ def write_table5(rows, numbers, nets, args, log):
 
 
 def score_parser():
-    from feature_networks import DINOV2_SIZES, SSCD_FILE, SSCD_URL
+    from feature_networks import DINOV2_SIZES, FID_RESIZES, SSCD_FILE, SSCD_URL
 
     p = argparse.ArgumentParser(
         prog="text_to_image.py score",
@@ -1313,6 +1319,12 @@ def score_parser():
     )
     a("--dinov2-weights", metavar="FILE", help="local dinov2_<size>_pretrain.pth")
     a("--inception-weights", metavar="FILE", help="local pt_inception-2015-12-05-6726825d.pth")
+    a(
+        "--fid-resize",
+        choices=FID_RESIZES,
+        default="tf1",
+        help="how FID images reach 299 x 299: tf1 (EDM's fid.py, the default) or pytorch-fid",
+    )
     a(
         "--clip-model",
         default=CLIP_DEFAULT,
