@@ -183,7 +183,7 @@ def test_sscd_input_is_dcrs_resize_crop_and_half_normalisation():
     )
 
 
-def test_sscd_loads_either_layout_weights_only_and_gives_unit_descriptors(tmp_path):
+def test_sscd_loads_a_bare_torchvision_state_dict_weights_only_and_gives_unit_descriptors(tmp_path):
     """A bare torchvision ResNet's state dict loads into SSCD's Model layout (backbone.*) with the
     same output, 512-d and of norm 1; a file holding a pickled callable is refused and the callable
     never runs (torch.jit.load or full unpickling would run it)."""
