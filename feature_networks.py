@@ -1,7 +1,9 @@
-"""The feature networks of eval_memorization.py and where their weights come from.
+"""The feature networks of eval_memorization.py (and text_to_image.py's score) and where their
+weights come from.
 
     Inception-v3 (FID, KID, precision/recall)  pytorch-fid's FID network, TensorFlow's 2015 weights
     DINOv2 ViT/14 (FD_DINOv2, similarity)       facebookresearch/dinov2's model, its *_pretrain.pth
+    SSCD ResNet-50 (similarity, Table 5)        sscd-copy-detection's *.torchvision.pt
 
 Each network comes with the input recipe that its metric's published numbers used: the resize, the
 value range and the normalisation. Weight files are looked up by their original names (find_weights)
@@ -84,9 +86,11 @@ def first_line(error):
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def load_state_dict(net, path, what):
+def load_state_dict(net, path, what, rename=lambda state: state):
+    """A weights-only load (a file that asks for any Python object is refused unread); `rename`
+    maps a file's parameter names onto the network's."""
     try:
-        net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        net.load_state_dict(rename(torch.load(path, map_location="cpu", weights_only=True)))
     except Exception as e:  # truncated download, wrong model size, not a state dict
         raise UserError(
             f"{path} is not a {what} state dict ({first_line(e)[:200]}); "
@@ -407,3 +411,83 @@ def dinov2_network(size, weights_path=None):
     if weights_path is not None:
         load_state_dict(net, weights_path, f"DINOv2 {size}")
     return net.eval().requires_grad_(False)
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. SSCD (Pizzi et al. 2022), the copy detector whose similarity Somepalli et al. 2023 report for
+# Stable Diffusion fine-tuned on LAION-10k: torchvision's ResNet-50 with its average pool replaced
+# by GeM pooling (p = 3), its fc a 2048 -> 512 projection, and L2 normalisation, as
+# facebookresearch/sscd-copy-detection's Model("TV_RESNET50", 512, 3.0) builds it. Its
+# *.torchvision.pt files are plain state dicts and load weights-only; its TorchScript files are
+# never read, as torch.jit.load would run the code they hold.
+# ------------------------------------------------------------------------------------------------
+SSCD_FILE = "sscd_disc_mixup.torchvision.pt"  # SSCD's recommended default model
+SSCD_URL = "https://dl.fbaipublicfiles.com/sscd-copy-detection/" + SSCD_FILE
+SSCD_RESIZE, SSCD_CROP = 256, 224
+SSCD_RECIPE = (
+    "SSCD ResNet-50 (sscd_disc_mixup), GeM p = 3, 512-d, L2-normalised; uint8 images resized "
+    "(shorter side 256, PIL bilinear), centre-cropped to 224, (v / 255 - 0.5) / 0.5; top-1 cosine "
+    "(somepago/DCR's diff_retrieval.py)"
+)
+
+
+class GeM(nn.Module):
+    """Generalised mean pooling over the spatial positions: (mean of x^p)^(1/p), x clamped at 1e-6
+    (SSCD's GlobalGeMPool2d); p = 1 is average pooling, a large p tends to max pooling."""
+
+    def __init__(self, p=3.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        return x.clamp(min=1e-6).pow(self.p).mean(dim=(-2, -1)).pow(1 / self.p)
+
+
+class SSCD(nn.Module):
+    def __init__(self, dims=512, p=3.0):
+        super().__init__()
+        self.backbone = torchvision.models.resnet50(num_classes=dims)
+        self.backbone.avgpool = GeM(p)  # ResNet's forward flattens its (N, 2048) output, then fc
+
+    def forward(self, x):
+        return F.normalize(self.backbone(x), dim=1)
+
+
+def with_backbone_prefix(state):
+    """SSCD's Model keeps the ResNet under `backbone.`; a bare torchvision state dict has none."""
+    if not isinstance(state, dict) or any(k.startswith("backbone.") for k in state):
+        return state
+    return {f"backbone.{k}": v for k, v in state.items()}
+
+
+def sscd_network(weights_path=None):
+    net = SSCD()
+    if weights_path is not None:
+        load_state_dict(
+            net, weights_path, "SSCD ResNet-50 (*.torchvision.pt)", with_backbone_prefix
+        )
+    return net.eval().requires_grad_(False)
+
+
+def sscd_input(x):
+    """somepago/DCR's ret_transform (Somepalli et al.'s similarity, also Wen et al.'s): the uint8
+    image resized with PIL's bilinear so that its shorter side is 256 (torchvision's Resize(256)),
+    centre-cropped to 224 (CenterCrop), then ToTensor and Normalize(0.5, 0.5)."""
+    from PIL import Image
+
+    device, (h, w) = x.device, x.shape[-2:]
+    short, long = min(h, w), max(h, w)
+    size = (SSCD_RESIZE, int(SSCD_RESIZE * long / short))
+    height, width = size if h <= w else size[::-1]
+    top, left = round((height - SSCD_CROP) / 2), round((width - SSCD_CROP) / 2)
+    images = to_uint8_values(x).byte().permute(0, 2, 3, 1).cpu().numpy()
+    out = []
+    for im in images:
+        resized = Image.fromarray(im).resize((width, height), Image.Resampling.BILINEAR)
+        out.append(np.asarray(resized)[top : top + SSCD_CROP, left : left + SSCD_CROP])
+    x = torch.from_numpy(np.stack(out)).to(device).permute(0, 3, 1, 2).float() / 255
+    return (x - 0.5) / 0.5
+
+
+def sscd_forward(net):
+    return lambda x: net(sscd_input(x))

@@ -154,3 +154,64 @@ def test_fid_input_scales_uint8_values_by_v_minus_128_over_128_or_as_pytorch_fid
         flat = scale(values[:, 1:, :1, :1]).expand(2, 2, 299, 299)
         assert torch.allclose(got[:, 1:], flat, atol=1e-6), resize
     assert N.inception_input(x, "tf1")[0, 2, 0, 0] == 127 / 128  # 255 -> 0.9921875, not 1
+
+
+# ---------------------------------------------------------------------------------------------
+# SSCD: GeM pooling, DCR's input recipe, its weight files read weights-only in either layout
+# ---------------------------------------------------------------------------------------------
+def test_gem_pooling_is_the_generalised_mean_between_average_and_max():
+    """A channel holding 1 and 2 (and one holding 3 everywhere): p = 1 gives 1.5 and 3, p = 3 gives
+    ((1 + 8) / 2)^(1/3) and 3, and a large p approaches the max, 2."""
+    x = torch.tensor([[[[1.0, 2.0]], [[3.0, 3.0]]]], dtype=torch.float64)
+    assert torch.allclose(N.GeM(1.0)(x), torch.tensor([[1.5, 3.0]], dtype=torch.float64))
+    assert torch.allclose(N.GeM(3.0)(x), torch.tensor([[4.5 ** (1 / 3), 3.0]], dtype=torch.float64))
+    assert abs(N.GeM(200.0)(x)[0, 0] - 2) < 0.01
+
+
+def test_sscd_input_is_dcrs_resize_crop_and_half_normalisation():
+    """A 256 x 256 image is not resized, only cropped at offset 16: its pixel (16, 16) lands at
+    (0, 0); values v become (v / 255 - 0.5) / 0.5. A flat 300 x 400 image stays flat, 224 x 224."""
+    values = torch.zeros(1, 3, 256, 256)
+    values[0, :, 16, 16] = 255
+    values[0, :, 15, 15] = 51
+    got = N.sscd_input(values / 127.5 - 1)
+    assert got.shape == (1, 3, 224, 224) and torch.all(got[0, :, 0, 0] == 1)
+    assert (got == -1).sum() == 3 * (224 * 224 - 1)  # the pixel at 15 falls outside the crop
+    flat = N.sscd_input(torch.full((2, 3, 300, 400), 102 / 127.5 - 1))
+    assert flat.shape == (2, 3, 224, 224) and torch.allclose(
+        flat, torch.tensor(102 / 255 / 0.5 - 1)
+    )
+
+
+def test_sscd_loads_a_bare_torchvision_state_dict_weights_only_and_gives_unit_descriptors(tmp_path):
+    """A bare torchvision ResNet's state dict loads into SSCD's Model layout (backbone.*) with the
+    same output, 512-d and of norm 1; a file holding a pickled callable is refused and the callable
+    never runs (torch.jit.load or full unpickling would run it)."""
+    torch.manual_seed(4)
+    net = N.sscd_network()
+    torch.save(net.backbone.state_dict(), tmp_path / "bare.pt")
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        want = net(x)
+        for p in net.parameters():  # what the load must overwrite
+            p.add_(1)
+        N.load_state_dict(net, tmp_path / "bare.pt", "SSCD", N.with_backbone_prefix)
+        assert torch.equal(net(x), want)
+    assert want.shape == (1, 512) and torch.allclose(want.norm(dim=1), torch.ones(1))
+    marker = tmp_path / "ran"
+    torch.save({"fc.weight": Planted(marker)}, tmp_path / "planted.pt")
+    with pytest.raises(N.UserError, match="is not a SSCD"):
+        N.load_state_dict(net, tmp_path / "planted.pt", "SSCD", N.with_backbone_prefix)
+    assert not marker.exists()
+
+
+class Planted:
+    """Unpickling this calls os.system: what full unpickling (weights_only=False) would run."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch '{self.marker}'",)

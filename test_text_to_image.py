@@ -6,6 +6,7 @@ sampled on CPU."""
 import json
 import os
 import types
+import weakref
 
 import numpy as np
 import pytest
@@ -723,3 +724,192 @@ def test_a_latents_cache_holding_a_pickled_callable_is_refused_and_never_runs(tm
     with pytest.raises(A.UserError, match="not a checkpoint this project wrote"):
         T.cached_latents(None, [], cfg, tmp_path, "cpu", print)
     assert not marker.exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# score: Table 5's columns (Sim, 95%, CLIP, FID), the training images streamed in chunks.
+# ------------------------------------------------------------------------------------------------
+def test_clip_score_is_100_times_the_cosine_clipped_at_0():
+    """torchmetrics' convention: identical directions 100, orthogonal 0, opposite 0 (not -100),
+    cos 1/2 gives 50, whatever the embeddings' lengths."""
+    image = torch.tensor([[3.0, 0.0], [0.0, 2.0], [1.0, 0.0], [2.0, 0.0]])
+    text = torch.tensor([[0.5, 0.0], [1.0, 0.0], [-4.0, 0.0], [1.0, 3.0**0.5]])
+    assert torch.allclose(T.clip_score(image, text), torch.tensor([100.0, 0, 0, 50], dtype=f64))
+
+
+def test_clip_scorer_pairs_each_image_with_its_own_caption():
+    """Sample i's score is 100 max(cos, 0) of image i's and caption i's projected embeddings, as
+    CLIPModel's get_image_features and get_text_features give them."""
+    torch.manual_seed(1)
+    clip = T.tiny_clip()
+    images = np.random.default_rng(1).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
+    prompts = ["a red square", "noise", "a photo of 7"]
+    pixels = clip.image_processor(images=list(images), return_tensors="pt").pixel_values
+    with torch.no_grad():
+        image = clip.model.get_image_features(pixel_values=pixels).pooler_output
+        text = clip.model.get_text_features(input_ids=T.tokenize(clip.tokenizer, prompts))
+    cos = torch.nn.functional.cosine_similarity(image, text.pooler_output).double()
+    got = clip(images, prompts)
+    assert torch.allclose(got, 100 * cos.clamp(min=0), atol=1e-4)
+    assert (cos > 0).any() and (cos < 0).any()  # both sides of the clip are exercised
+
+
+def test_the_streamed_training_pass_equals_the_one_shot_pass():
+    """Chunks of 1, 3 or all 7 training images give eval_memorization's one-shot top-1 cosine
+    (value and index) and its mean and covariance of the features."""
+    from eval_memorization import statistics, top1_cosine
+
+    train = torch.randn(7, 3, 2, 2, generator=gen(20))
+    samples = torch.randn(5, 12, generator=gen(21)).double().numpy()
+    project = torch.randn(12, 4, generator=gen(22))
+    nets = types.SimpleNamespace(
+        similarity=lambda x: x.flatten(1), inception=lambda x: x.flatten(1) @ project
+    )
+    want_sims, want_idx = top1_cosine(samples, train.flatten(1).double().numpy())
+    want_mu, want_cov = statistics((train.flatten(1) @ project).double().numpy())
+    for chunk in (1, 3, 7):
+        chunks = ((i, train[i : i + chunk]) for i in range(0, 7, chunk))
+        best, (mu, cov) = T.scan_training(chunks, {"run": samples}, nets, 2, "cpu")
+        sims, idx = best["run"]
+        assert np.allclose(sims, want_sims, atol=1e-12) and np.array_equal(idx, want_idx), chunk
+        assert np.allclose(mu, want_mu, atol=1e-6) and np.allclose(cov, want_cov, atol=1e-6)
+    assert len(set(want_idx.tolist())) > 1  # the nearest images are in several chunks
+
+
+def test_image_archives_are_read_a_chunk_at_a_time_as_written(tmp_path):
+    images = np.random.default_rng(2).integers(0, 256, (7, 4, 5, 3), dtype=np.uint8)
+    for save in (np.savez, np.savez_compressed):
+        save(tmp_path / "s.npz", images=images, prompts=np.array(["a"] * 7))
+        chunks = list(T.npz_chunks(tmp_path / "s.npz", 3, "fix"))
+        assert [len(c) for c in chunks] == [3, 3, 1]
+        assert np.array_equal(np.concatenate(chunks), images)
+        assert T.npz_shape(tmp_path / "s.npz", "fix") == (7, 4, 5, 3)
+
+
+def fake_t2i_run(folder, data, **settings):
+    """A run folder as text_to_image.py writes it, without training: config.json alone."""
+    folder.mkdir(parents=True)
+    cfg = T.Config(data=str(data), pretrained="tiny", resolution=16, **settings)
+    cfg.data_path = str(data.resolve())
+    (folder / "config.json").write_text(json.dumps(cfg.saved()))
+    return folder
+
+
+def square_caption_folder(tmp_path, n=3):
+    """n 16 x 16 images with captions: load_image reads them unchanged."""
+    folder = tmp_path / "data"
+    folder.mkdir(parents=True)
+    images = np.random.default_rng(3).integers(0, 256, (n, 16, 16, 3), dtype=np.uint8)
+    for i, im in enumerate(images):
+        Image.fromarray(im).save(folder / f"im{i}.png")
+        (folder / f"im{i}.txt").write_text(f"photo {i}")
+    return folder, images
+
+
+def place_samples(run, images, prompts):
+    shard = run / T.SCORE_SAMPLES / "000000"
+    shard.mkdir(parents=True)
+    np.savez(shard / "samples.npz", images=images, prompts=np.array(prompts))
+
+
+SCORE_CPU = ["--random-weights", "--dinov2", "vits14", "--device", "cpu", "--batch", "4"]
+
+
+def test_score_writes_one_row_per_run_and_streams_the_training_images(tmp_path, monkeypatch):
+    """Two runs: one with a checkpoint and no samples (score draws them, one per training caption,
+    and stores them in the run), one without a checkpoint whose samples.npz holds its training
+    images for their captions (Sim and its 95th percentile are 1, each sample's nearest image its
+    own). One pass over the 3 training images
+    serves both runs, and at most a chunk (2) of them is ever alive."""
+    folder, images = square_caption_folder(tmp_path)
+    drawn = tmp_path / "drawn"
+    T.main(
+        ["--pretrained", "tiny", "--data", str(folder), "--out", str(drawn), "--tn", "0"]
+        + ["--iters", "0", "--steps", "2", "--device", "cpu"]
+    )
+    copies = fake_t2i_run(tmp_path / "copies", folder, tn=100, text_noise=0.1, w24_threshold=2.0)
+    captions = [f"photo {i}" for i in range(3)]
+    np.savez(copies / "samples.npz", images=images, prompts=np.array(captions))  # its --prompts
+    generated, live, loaded = [], [0], [0]
+    real_sample, real_load, real_chunks = T.sample, T.load_image, T.training_chunks
+
+    def spy_sample(models, prompt, *args):
+        generated.append(prompt)
+        return real_sample(models, prompt, *args)
+
+    def track(x, count):  # counts images alive, and their most, until the tensor is freed
+        live[0] += count
+        loaded[0] = max(loaded[0], live[0])
+        weakref.finalize(x, lambda: live.__setitem__(0, live[0] - count))
+
+    def spy_load(path, resolution):
+        x = real_load(path, resolution)
+        track(x, 1)
+        calls.append(path)
+        return x
+
+    def spy_chunks(pairs, resolution, chunk):
+        for start, x in real_chunks(pairs, resolution, chunk):
+            track(x, len(x))
+            yield start, x
+            del x
+
+    calls = []
+    monkeypatch.setattr(T, "sample", spy_sample)
+    monkeypatch.setattr(T, "load_image", spy_load)
+    monkeypatch.setattr(T, "training_chunks", spy_chunks)
+    out = tmp_path / "table5"
+    T.main(["score", str(drawn), str(copies), "--chunk", "2", "--out", str(out)] + SCORE_CPU)
+    assert generated == captions  # only the run without samples drew any
+    with np.load(drawn / T.SCORE_SAMPLES / "000000" / "samples.npz") as f:
+        assert f["images"].shape == (3, 16, 16, 3) and list(f["prompts"]) == captions
+    assert len(calls) == 3 and loaded[0] <= 2  # one pass, a chunk at a time
+    rows = json.loads((out / "table5.json").read_text())["runs"]
+    assert (rows["drawn"]["tn"], rows["drawn"]["text_noise"], rows["drawn"]["w24_threshold"]) == (
+        0,
+        0.0,
+        None,
+    )
+    assert (rows["copies"]["tn"], rows["copies"]["w24_threshold"]) == (100, 2.0)
+    assert abs(rows["copies"]["sim"] - 1) < 1e-9 and abs(rows["copies"]["sim_95"] - 1) < 1e-9
+    with np.load(out / "per_sample_copies.npz") as f:
+        assert np.array_equal(f["nearest_train"], np.arange(3))
+    assert all(0 <= r["clip"] <= 100 and r["fid"] >= 0 for r in rows.values())
+    table = (out / "table5.md").read_text()
+    assert "| copies | 100 | 0.1 | 2 | 1.000 | 1.000 |" in table and "RANDOM WEIGHTS" in table
+
+
+def test_score_bad_input_gives_one_clear_line(tmp_path, capsys, monkeypatch):
+    folder, images = square_caption_folder(tmp_path)
+    run = fake_t2i_run(tmp_path / "run", folder)
+    score = ["score", str(run), "--no-download"]
+
+    def err(argv):
+        return error_of(argv, capsys, T.main)
+
+    assert "no such run folder" in err(["score", str(tmp_path / "none")])
+    (tmp_path / "bare").mkdir()
+    assert "no config.json" in err(["score", str(tmp_path / "bare")])
+    assert "no checkpoint.pt to draw them" in err(score)
+    assert "--train" in err(score + ["--train", str(tmp_path / "missing")])
+    (tmp_path / "empty").mkdir()
+    assert "--train" in err(score + ["--train", str(tmp_path / "empty")])
+    assert "the training set has 3 captions" in err(score + ["--samples", "9"])
+    assert "must be at least 1" in err(score + ["--chunk", "0"])
+    captions = [f"photo {i}" for i in range(3)]
+    place_samples(run, images[:, :8, :8], captions)
+    assert "holds 3 images of 8x8, and the run needs 3 of 16x16" in err(score)
+    shard = run / T.SCORE_SAMPLES / "000000" / "samples.npz"
+    np.savez(shard, images=images, prompts=np.array(captions))
+    protocol = run / T.SCORE_SAMPLES / "protocol.json"
+    protocol.write_text(json.dumps(dict(seed=1, steps=50, guidance=7.5, captions=[0, 1, 2])))
+    assert "drawn with other settings (seed)" in err(score)
+    protocol.unlink()
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("AMBIENT_WEIGHTS", str(tmp_path / "weights"))
+    missing = err(score)
+    for name in ("pt_inception-2015-12-05", "dinov2_vitg14_pretrain.pth", T.CLIP_DEFAULT):
+        assert name in missing, name
+    shard.write_bytes(shard.read_bytes()[:300])
+    assert "delete" in err(score)

@@ -23,16 +23,21 @@ captions: a .txt beside each image, or diffusers' metadata.jsonl. --mixed-precis
 each batch over several.
 """
 
+import argparse
 import contextlib
 import json
 import os
+import shutil
+import signal
 import sys
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 import ambient as A
 from ambient import UserError, option
@@ -1187,11 +1192,667 @@ def gpu_check(cfg, log=print):
     return report
 
 
+# ------------------------------------------------------------------------------------------------
+# 9. Scoring (Table 5): Sim (the mean top-1 similarity of a sample to the training set), its 95th
+# percentile, the CLIP score and FID, for samples drawn from the training captions as Somepalli et
+# al. 2023 score theirs (somepago/DCR: diff_inference.py draws them, diff_retrieval.py scores them).
+# Each run's samples are scored first, a chunk at a time (what is kept is their features); then
+# one pass over the training images, read a chunk at a time and never held together, serves every
+# run trained on them.
+#
+#   python text_to_image.py score runs/t2i-laion10k-tn0 runs/t2i-laion10k-tn100 --train laion10k/
+# ------------------------------------------------------------------------------------------------
+SCORE_SAMPLES = "table5-samples"  # in the run folder: the samples score drew, in shards
+SHARD = 500  # prompts per shard: a stopped generation loses at most one shard
+CLIP_DEFAULT = "openai/clip-vit-large-patch14"  # torchmetrics' CLIPScore default
+COPY_THRESHOLD = 0.5  # DCR's sim_gt_05pc: the share of samples with a similarity above it
+
+
+def clip_score(image_emb, text_emb):
+    """Each pair's 100 max(cos(image, text), 0), torchmetrics' CLIPScore convention; the score
+    is their mean."""
+    cos = (F.normalize(image_emb.double(), dim=-1) * F.normalize(text_emb.double(), dim=-1)).sum(-1)
+    return 100 * cos.clamp(min=0)
+
+
+class ClipScorer:
+    """A CLIP model's image-text alignment: its processor resizes, crops and normalises the images,
+    and the captions are tokenized and truncated to the text model's length."""
+
+    def __init__(self, model, tokenizer, image_processor, name):
+        self.model, self.tokenizer, self.image_processor = model.eval(), tokenizer, image_processor
+        self.name = name
+
+    @torch.no_grad()
+    def __call__(self, images, prompts):
+        """uint8 images (N, H, W, 3) and their N prompts -> N scores."""
+        device = next(self.model.parameters()).device
+        pixels = self.image_processor(images=list(images), return_tensors="pt").pixel_values
+        ids = tokenize(self.tokenizer, prompts).to(device)
+        out = self.model(input_ids=ids, pixel_values=pixels.to(device))
+        return clip_score(out.image_embeds, out.text_embeds).cpu()
+
+
+def load_clip(name, download):
+    """A CLIP model and its processor from a local folder or the Hub (its cache first)."""
+    from feature_networks import WeightsMissing, first_line
+
+    try:
+        from transformers import CLIPModel, CLIPProcessor
+
+        model = CLIPModel.from_pretrained(name, local_files_only=not download)
+        processor = CLIPProcessor.from_pretrained(name, local_files_only=not download)
+    except Exception as err:  # offline, a wrong name, a folder without a CLIP model in it
+        raise WeightsMissing(
+            f"--clip-model {name} cannot be loaded ({first_line(err)[:150]}); download it where "
+            f"there is a network (huggingface-cli download {name} --local-dir clip) and pass "
+            "--clip-model clip"
+        ) from None
+    return ClipScorer(model, processor.tokenizer, processor.image_processor, name)
+
+
+def tiny_clip():
+    """A random CLIP for 16 x 16 images with the byte-level tokenizer: --random-weights' CLIP."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    tok = tiny_tokenizer()
+    common = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2)
+    text = dict(
+        common,
+        vocab_size=len(tok),
+        max_position_embeddings=tok.model_max_length,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    vision = dict(common, image_size=16, patch_size=8)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
+    pixels = CLIPImageProcessor(size=dict(shortest_edge=16), crop_size=dict(height=16, width=16))
+    return ClipScorer(model, tok, pixels, "tiny random CLIP (--random-weights)")
+
+
+@dataclass
+class ScoreNetworks:
+    similarity: object  # [-1, 1] images -> descriptors (DINOv2 or SSCD, each with its recipe)
+    similarity_recipe: str
+    inception: object  # [-1, 1] images -> pool3 features
+    fid_recipe: str
+    clip: ClipScorer
+    files: dict  # the weight files used
+
+
+def score_networks(args):
+    """The three networks, or one line naming every missing weight file and where to get it.
+    --random-weights: the same architectures randomly initialised (and a tiny CLIP), seeded."""
+    import feature_networks as N
+
+    missing, files = [], {}
+
+    def weights(key, filename, url, explicit):
+        if args.random_weights:
+            return None
+        try:
+            files[key] = str(N.find_weights(filename, url, explicit, not args.no_download))
+            return files[key]
+        except N.WeightsMissing as e:
+            missing.append(str(e))
+
+    inception = weights("inception", N.INCEPTION_FILE, N.INCEPTION_URL, args.inception_weights)
+    size = args.dinov2
+    if args.sscd_weights:
+        similarity = weights("sscd", N.SSCD_FILE, N.SSCD_URL, args.sscd_weights)
+    else:
+        dinov2_url = N.DINOV2_URL.format(size)
+        similarity = weights("dinov2", N.dinov2_file(size), dinov2_url, args.dinov2_weights)
+    torch.manual_seed(0)  # --random-weights: the same networks at every call
+    try:
+        clip = (
+            tiny_clip() if args.random_weights else load_clip(args.clip_model, not args.no_download)
+        )
+    except N.WeightsMissing as e:
+        missing.append(str(e))
+    if missing:
+        raise UserError(" Also: ".join(missing))
+    device = args.device
+    if args.sscd_weights:
+        sim = N.sscd_forward(N.sscd_network(similarity).to(device))
+        recipe = N.SSCD_RECIPE
+    else:
+        sim = N.dinov2_forward(N.dinov2_network(size, similarity).to(device))
+        recipe = N.similarity_recipe(size)
+    clip.model.to(device)
+    fid = N.inception_forward(N.inception_network(inception).to(device), args.fid_resize)
+    return ScoreNetworks(sim, recipe, fid, N.FID_RECIPES[args.fid_resize], clip, files)
+
+
+# The samples: which captions, and the .npz files that hold them, read as a stream.
+def chosen_captions(n, count, seed):
+    """The training captions the samples are drawn for, one sample each: every caption in order,
+    or `count` of them without repetition, seeded (the same captions for every run)."""
+    if count is None or count == n:
+        return np.arange(n)
+    if count > n:
+        raise UserError(f"--samples {count}: the training set has {n} captions; pass {n} or fewer")
+    return np.sort(np.random.default_rng(seed).choice(n, count, replace=False))
+
+
+def npy_image_header(f):
+    """The shape of the uint8 N x H x W x 3 array whose .npy stream f is at its start."""
+    fmt = np.lib.format
+    version = fmt.read_magic(f)
+    read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+    shape, fortran, dtype = read(f)
+    if dtype != np.uint8 or fortran or len(shape) != 4 or shape[3] != 3:
+        raise ValueError(f"'images' is {dtype} of shape {shape}, not uint8 N x H x W x 3")
+    return shape
+
+
+NPZ_ERRORS = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile)
+
+
+def npz_shape(file, fix):
+    """The shape of an .npz's 'images', from its header alone."""
+    try:
+        with zipfile.ZipFile(file) as archive, archive.open("images.npy") as f:
+            return npy_image_header(f)
+    except NPZ_ERRORS as e:
+        raise UserError(f"cannot read images from {file} ({one_line(e)}); {fix}") from None
+
+
+def npz_chunks(file, chunk, fix):
+    """An .npz's 'images', `chunk` at a time, decompressed from the archive as a stream: the whole
+    array is never in memory."""
+    try:
+        with zipfile.ZipFile(file) as archive, archive.open("images.npy") as f:
+            shape = npy_image_header(f)
+            row = int(np.prod(shape[1:]))
+            for start in range(0, shape[0], chunk):
+                n = min(chunk, shape[0] - start)
+                data = f.read(n * row)
+                if len(data) != n * row:
+                    raise EOFError(f"it ends within image {start + len(data) // row}")
+                yield np.frombuffer(data, np.uint8).reshape(n, *shape[1:]).copy()
+    except NPZ_ERRORS as e:
+        raise UserError(f"cannot read images from {file} ({one_line(e)}); {fix}") from None
+
+
+def npz_prompts(file, fix):
+    try:
+        with np.load(file) as f:  # reads the prompts alone; no pickle
+            return [str(p) for p in f["prompts"]]
+    except NPZ_ERRORS as e:
+        raise UserError(f"cannot read prompts from {file} ({one_line(e)}); {fix}") from None
+
+
+def drawn_for(file, prompts):
+    """Whether an .npz of samples holds the prompts `prompts`, in order (one sample each)."""
+    try:
+        return npz_prompts(file, "") == prompts
+    except UserError:
+        return False
+
+
+def one_line(error):
+    from feature_networks import first_line
+
+    return first_line(error)[:150]
+
+
+@dataclass
+class ScoreRun:
+    """A run folder to score: its config, training set, the captions its samples are drawn for,
+    the .npz files that hold them in order, and the shards still to draw (their first prompts)."""
+
+    path: Path
+    cfg: Config
+    pairs: list  # the training set's (image file, caption)
+    prompts: list
+    files: list
+    todo: list
+    settings: dict  # how the samples are drawn: seed, steps, guidance
+
+
+def training_pairs(train, path, cfg):
+    """(image, caption) pairs of --train, else of the folder the run was trained on."""
+    if train is None:
+        train = cfg.data_path if cfg.data_path and Path(cfg.data_path).is_dir() else None
+    if train is None:
+        raise UserError(
+            f"{path} was trained on {cfg.data_path or cfg.data}, which is not a folder here; "
+            "pass --train FOLDER, the images and captions it was trained on"
+        )
+    if not Path(train).is_dir():
+        raise UserError(
+            f"--train {train}: no such folder; pass the runs' folder of images and captions"
+        )
+    try:
+        return read_captions(train)
+    except UserError as e:
+        raise UserError(f"--train {train}: {e}") from None
+
+
+def open_score_run(spec, args):
+    """A run folder checked whole before anything slow: config, training set, stored samples, and a
+    checkpoint wherever samples are still to be drawn."""
+    path = Path(spec)
+    if not path.is_dir():
+        raise UserError(f"{spec}: no such run folder; pass folders that text_to_image.py trained")
+    if not (path / "config.json").is_file():
+        raise UserError(f"{spec} has no config.json: it is not a text_to_image.py run folder")
+    saved = A.read_config(path)
+    if "pretrained" not in saved:
+        raise UserError(
+            f"{path / 'config.json'} is not text_to_image.py's (it names no --pretrained); "
+            "eval_memorization.py scores ambient.py's runs"
+        )
+    cfg = Config.from_saved(saved, path / "config.json")
+    pairs = training_pairs(args.train, path, cfg)
+    chosen = chosen_captions(len(pairs), args.samples, args.seed)
+    steps = cfg.steps if args.steps is None else args.steps
+    guidance = cfg.guidance if args.guidance is None else args.guidance
+    settings = dict(seed=args.seed, steps=steps, guidance=guidance, captions=chosen.tolist())
+    run = ScoreRun(path, cfg, pairs, [pairs[i][1] for i in chosen], [], [], settings)
+    run.files, run.todo = stored_samples(run)
+    if run.todo and not (path / "checkpoint.pt").is_file():
+        raise UserError(
+            f"{path} holds no samples for the training captions and no checkpoint.pt to draw them "
+            f"from; restore checkpoint.pt, or put them in {path / SCORE_SAMPLES}"
+        )
+    return run
+
+
+def stored_samples(run):
+    """The .npz files that hold the run's samples for run.prompts, in order, and the shards still
+    to draw: the run's own samples.npz when it was drawn for exactly these prompts (--prompts with
+    the training captions), else table5-samples/<first prompt>/samples.npz."""
+    own, side = run.path / "samples.npz", run.cfg.resolution
+    if own.is_file() and drawn_for(own, run.prompts):
+        check_sample_shape(own, len(run.prompts), side, "restore it")
+        return [own], []
+    folder = run.path / SCORE_SAMPLES
+    protocol = folder / "protocol.json"
+    if protocol.is_file():
+        from eval_memorization import read_json
+
+        drawn = read_json(protocol, f"delete {folder} to draw the samples again")
+        drawn = drawn if isinstance(drawn, dict) else {}
+        differ = [k for k in run.settings if drawn.get(k) != run.settings[k]]
+        if differ:
+            raise UserError(
+                f"{folder} was drawn with other settings ({', '.join(differ)}); pass the flags it "
+                f"was drawn with ({protocol}), or delete it to draw again"
+            )
+    files, todo = [], []
+    for start in range(0, len(run.prompts), SHARD):
+        file = folder / f"{start:06d}" / "samples.npz"
+        files.append(file)
+        if not file.is_file():
+            todo.append(start)
+            continue
+        fix = f"delete {file.parent} to draw it again"
+        if npz_prompts(file, fix) != run.prompts[start : start + SHARD]:
+            raise UserError(f"{file} holds samples of other prompts; {fix}")
+        check_sample_shape(file, len(run.prompts[start : start + SHARD]), side, fix)
+    return files, todo
+
+
+def check_sample_shape(file, count, side, fix):
+    n, h, w, _ = npz_shape(file, fix)
+    if (n, h, w) != (count, side, side):
+        raise UserError(
+            f"{file} holds {n} images of {h}x{w}, and the run needs {count} of {side}x{side} "
+            f"(its resolution); {fix}"
+        )
+
+
+def run_models(run, device):
+    """The run's pipeline with its fine-tuned UNet from checkpoint.pt (weights-only)."""
+    fix = f"restore it, or put the samples in {run.path / SCORE_SAMPLES}"
+    saved = A.load_checkpoint(run.path / "checkpoint.pt", need=dict(unet=dict), fix=fix)
+    models = load_models(run.cfg)
+    check_model(run.cfg, models)
+    try:
+        models.unet.load_state_dict(saved["unet"])
+    except RuntimeError as e:
+        raise UserError(
+            f"{run.path / 'checkpoint.pt'} does not fit the model of {run.path / 'config.json'} "
+            f"({one_line(e)}); restore the run's own config.json"
+        ) from None
+    return models.to(device)
+
+
+def draw_samples(run, device, log):
+    """The missing shards: caption i of the list draws one image with `sample` from seed + i, as
+    `generate` does, and a shard's images and prompts go to an .npz of generate's layout (no PNGs:
+    10,000 at 768 px would fill 10 GB), written in a temporary folder that is renamed when whole,
+    so that a stop keeps every finished shard."""
+    folder, s = run.path / SCORE_SAMPLES, run.settings
+    folder.mkdir(exist_ok=True)
+    (folder / "protocol.json").write_text(json.dumps(s))
+    models = run_models(run, device)
+    for start in run.todo:
+        prompts, t0 = run.prompts[start : start + SHARD], time.time()
+        images = []
+        for i, prompt in enumerate(prompts, start):
+            x = sample(
+                models, prompt, 1, s["guidance"], s["steps"], s["seed"] + i, run.cfg.resolution
+            )
+            images.append(to_uint8(x))
+        images = np.concatenate(images)
+        tmp = folder / f"{start:06d}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        np.savez_compressed(tmp / "samples.npz", images=images, prompts=np.array(prompts))
+        os.replace(tmp, folder / f"{start:06d}")
+        log(
+            f"{run.path.name}: drew captions {start} to {start + len(prompts) - 1} "
+            f"({len(prompts) / (time.time() - t0):.2f} img/s)"
+        )
+    run.todo = []
+
+
+def to_uint8(x):
+    """[-1, 1] NCHW -> uint8 NHWC, as generate stores samples."""
+    return ((x + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+
+
+def sample_chunks(run, chunk):
+    """(uint8 images, their prompts), `chunk` at a time, over the run's sample files in order."""
+    done = 0
+    for file in run.files:
+        for images in npz_chunks(file, chunk, f"delete {file.parent} to draw it again"):
+            yield images, run.prompts[done : done + len(images)]
+            done += len(images)
+
+
+def score_samples(chunks, nets, args, log, name):
+    """Each sample's similarity descriptor, Inception features and CLIP score, a chunk at a time."""
+    from eval_memorization import features
+
+    sims, incs, clips, t0 = [], [], [], time.time()
+    for images, prompts in chunks:
+        x = A.prepare(images)
+        sims.append(features(nets.similarity, x, args.batch, args.device))
+        incs.append(features(nets.inception, x, args.batch, args.device))
+        for i in range(0, len(images), args.batch):
+            clips.append(nets.clip(images[i : i + args.batch], prompts[i : i + args.batch]))
+        done = sum(len(s) for s in sims)
+        log(f"{name}: {done} samples scored ({done / (time.time() - t0):.1f} img/s)")
+    return np.concatenate(sims), np.concatenate(incs), torch.cat(clips).numpy()
+
+
+# The training images: a chunk at a time, once for every run trained on them.
+def training_chunks(pairs, resolution, chunk):
+    """(index of the first, images) of the training set as it was trained (load_image: shorter
+    side resized, centre-cropped, [-1, 1]), `chunk` images at a time."""
+    for start in range(0, len(pairs), chunk):
+        files = [file for file, _ in pairs[start : start + chunk]]
+        yield start, torch.stack([load_image(file, resolution) for file in files])
+
+
+def add_moments(moments, feats):
+    """(count, mean, sum of centred outer products) merged with a chunk's (Chan, Golub and LeVeque
+    1979): exact, in float64, whatever the chunks."""
+    feats = np.asarray(feats, np.float64)
+    n_b, mean_b = len(feats), feats.mean(0)
+    centred = feats - mean_b
+    if moments is None:
+        return n_b, mean_b, centred.T @ centred
+    n_a, mean_a, m2_a = moments
+    n, delta = n_a + n_b, mean_b - mean_a
+    return (
+        n,
+        mean_a + delta * n_b / n,
+        m2_a + centred.T @ centred + np.outer(delta, delta * n_a * n_b / n),
+    )
+
+
+def scan_training(chunks, sample_sims, nets, batch, device, log=None):
+    """One pass over the training images: for each run, every sample's top-1 cosine to them and
+    its index; and their Inception mean and covariance (1 / (N - 1), as pytorch-fid). A chunk is
+    dropped before the next is read."""
+    from eval_memorization import features, top1_cosine
+
+    best = {
+        k: (np.full(len(s), -np.inf), np.zeros(len(s), np.int64)) for k, s in sample_sims.items()
+    }
+    moments, t0 = None, time.time()
+    for start, x in chunks:
+        train = features(nets.similarity, x, batch, device)
+        for name, s in sample_sims.items():
+            value, index = best[name]
+            sims, idx = top1_cosine(s, train)
+            better = sims > value
+            value[better] = sims[better]
+            index[better] = idx[better] + start
+        moments = add_moments(moments, features(nets.inception, x, batch, device))
+        done = start + len(x)
+        del x, train  # the next chunk is read without this one
+        if log:
+            log(f"training images: {done} read ({done / (time.time() - t0):.1f} img/s)")
+    n, mean, m2 = moments
+    return best, (mean, m2 / (n - 1))
+
+
+# The table: one row per run folder, Table 5's four columns beside the run's settings.
+def score(args):
+    """Table 5's columns for each run folder: table5.md, table5.json and per-sample numbers in
+    args.out; returns the rows."""
+    args.device = A.pick_device(args.device)
+
+    def log(msg):
+        print(msg, file=sys.stderr, flush=True)
+
+    runs = {}
+    for spec in args.runs:  # every input checked first: a bad one is reported before anything slow
+        run = open_score_run(spec, args)
+        name = run.path.resolve().name
+        runs[name if name not in runs else f"{name}-{len(runs)}"] = run
+    nets = score_networks(args)  # missing weights: reported before hours of sampling
+    for name, run in runs.items():
+        if run.todo:
+            log(f"{name}: drawing {len(run.todo)} shard(s) of samples for the training captions")
+            draw_samples(run, args.device, log)
+    per_run = {
+        name: score_samples(sample_chunks(run, args.chunk), nets, args, log, name)
+        for name, run in runs.items()
+    }
+    groups = {}  # runs trained on the same images at the same side share one pass over them
+    for name, run in runs.items():
+        key = (tuple(str(p) for p, _ in run.pairs), run.cfg.resolution)
+        groups.setdefault(key, []).append(name)
+    rows, numbers = {}, {}
+    for names in groups.values():
+        first = runs[names[0]]
+        chunks = training_chunks(first.pairs, first.cfg.resolution, args.chunk)
+        sample_sims = {name: per_run[name][0] for name in names}
+        best, (mu, cov) = scan_training(chunks, sample_sims, nets, args.batch, args.device, log)
+        for name in names:
+            rows[name], numbers[name] = table5_row(runs[name], best[name], per_run[name], mu, cov)
+    return write_table5(rows, numbers, nets, args, log)
+
+
+def table5_row(run, best, scored, mu, cov):
+    from eval_memorization import frechet_distance_to
+
+    (sims, nearest), (_, inception, clips), cfg = best, scored, run.cfg
+    row = dict(
+        tn=cfg.tn,
+        text_noise=cfg.text_noise,
+        w24_threshold=cfg.w24_threshold,
+        sim=float(sims.mean()),
+        sim_95=float(np.percentile(sims, 95)),
+        clip=float(clips.mean()),
+        fid=frechet_distance_to(inception, mu, cov) if min(len(run.pairs), len(sims)) > 1 else None,
+        share_above_threshold=float((sims > COPY_THRESHOLD).mean()),
+        samples=len(sims),
+        train_images=len(run.pairs),
+        resolution=cfg.resolution,
+        pretrained=cfg.pretrained,
+        iters=cfg.iters,
+        batch=cfg.batch,
+        **{k: v for k, v in run.settings.items() if k != "captions"},
+    )
+    numbers = dict(similarity=sims, nearest_train=nearest, clip_score=clips)
+    return row, numbers
+
+
+def table5_markdown(rows, nets):
+    lines = [
+        "| run | t_n | text noise | W24 | Sim | 95% | CLIP | FID | samples |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in rows.items():
+        w24 = "off" if r["w24_threshold"] is None else f"{r['w24_threshold']:g}"
+        fid = "n/a" if r["fid"] is None else f"{r['fid']:.2f}"
+        lines.append(
+            f"| {name} | {r['tn']} | {r['text_noise']:g} | {w24} | {r['sim']:.3f} | "
+            f"{r['sim_95']:.3f} | {r['clip']:.2f} | {fid} | {r['samples']} |"
+        )
+    r = next(iter(rows.values()))
+    notes = [
+        f"Sim: each sample's top-1 cosine to the {r['train_images']} training images, averaged; "
+        f"95%: its 95th percentile. {nets.similarity_recipe}",
+        "CLIP: 100 max(cos(image, caption), 0) averaged (torchmetrics' CLIPScore), "
+        f"{nets.clip.name}",
+        f"FID of the samples against the training images: {nets.fid_recipe} (fewer than 50,000 "
+        "samples bias it upwards)",
+        f"samples: one per training caption, seed {r['seed']} (caption i: seed + i), the same "
+        f"captions and seeds for every run; DDIM {sampling(rows)}",
+    ]
+    if not nets.files:
+        notes.append(
+            "RANDOM WEIGHTS (--random-weights): a check of the pipeline; the numbers mean nothing"
+        )
+    return "\n".join(lines + [""] + [f"- {n}" for n in notes]) + "\n"
+
+
+def sampling(rows):
+    settings = {(r["steps"], r["guidance"]) for r in rows.values()}
+    if len(settings) > 1:
+        return "steps and guidance: each run's own (table5.json)"
+    steps, guidance = settings.pop()
+    return f"{steps} steps, guidance {guidance:g}"
+
+
+def write_table5(rows, numbers, nets, args, log):
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    table = table5_markdown(rows, nets)
+    (out / "table5.md").write_text(table)
+    recipes = dict(
+        similarity=nets.similarity_recipe,
+        clip_model=nets.clip.name,
+        fid=nets.fid_recipe,
+        weights=nets.files,
+    )
+    (out / "table5.json").write_text(json.dumps(dict(runs=rows, **recipes), indent=1))
+    for name, arrays in numbers.items():
+        np.savez(out / f"per_sample_{name}.npz", **arrays)
+    print(table, end="")
+    log(f"wrote {out}/table5.md, table5.json and per_sample_<run>.npz")
+    return rows
+
+
+def score_parser():
+    from feature_networks import DINOV2_SIZES, FID_RESIZES, SSCD_FILE, SSCD_URL
+
+    p = argparse.ArgumentParser(
+        prog="text_to_image.py score",
+        description="Table 5's columns (Sim, 95%, CLIP, FID) for each run folder, from samples "
+        "drawn for the training captions (drawn here from checkpoint.pt when the run has none)",
+    )
+    a = p.add_argument
+    a("runs", nargs="+", metavar="RUN", help="run folders of text_to_image.py; one row each")
+    a(
+        "--train",
+        metavar="FOLDER",
+        help="the images and captions the runs were trained on (default: each run's --data)",
+    )
+    a(
+        "--samples",
+        type=int,
+        help="how many captions to draw a sample for (default: every "
+        "training caption once; fewer: a seeded subset, the same for every run)",
+    )
+    a("--seed", type=int, default=0, help="seeds the subset and the samples (caption i: seed + i)")
+    a("--steps", type=int, help="DDIM steps (default: the run's --steps)")
+    a("--guidance", type=float, help="guidance weight (default: the run's --guidance)")
+    a(
+        "--sscd-weights",
+        metavar="FILE",
+        help=f"SSCD's {SSCD_FILE} ({SSCD_URL}): similarity in "
+        "SSCD's space, as Somepalli et al. 2023, instead of DINOv2's",
+    )
+    a(
+        "--dinov2",
+        choices=tuple(DINOV2_SIZES),
+        default="vitg14",
+        help="DINOv2 size of the similarity (the paper's: vitg14)",
+    )
+    a("--dinov2-weights", metavar="FILE", help="local dinov2_<size>_pretrain.pth")
+    a("--inception-weights", metavar="FILE", help="local pt_inception-2015-12-05-6726825d.pth")
+    a(
+        "--fid-resize",
+        choices=FID_RESIZES,
+        default="tf1",
+        help="how FID images reach 299 x 299: tf1 (EDM's fid.py, the default) or pytorch-fid",
+    )
+    a(
+        "--clip-model",
+        default=CLIP_DEFAULT,
+        help=f"a CLIP model: Hub name or local folder "
+        f"(default {CLIP_DEFAULT}, torchmetrics' CLIPScore default)",
+    )
+    a("--no-download", action="store_true", help="never download weights")
+    a(
+        "--random-weights",
+        action="store_true",
+        help="a CPU check of the pipeline: every network "
+        "randomly initialised (a tiny CLIP); the numbers mean nothing",
+    )
+    a(
+        "--chunk",
+        type=int,
+        default=128,
+        help="images read at a time (default 128; at 768 px about 0.9 GB as float32)",
+    )
+    a("--batch", type=int, default=32, help="images per network call (default 32)")
+    a("--device", default="auto", help="auto (cuda if there is one), cpu, cuda, ...")
+    a("--out", default="runs/table5", help="table5.md, table5.json, per-sample numbers")
+    return p
+
+
+def score_main(argv):
+    args = score_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        for flag in ("samples", "steps", "chunk", "batch"):
+            if getattr(args, flag) is not None and getattr(args, flag) < 1:
+                raise UserError(f"--{flag} {getattr(args, flag)} must be at least 1")
+        return score(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(
+            "interrupted; every finished shard of samples is kept: run score again to go on",
+            file=sys.stderr,
+        )
+        sys.exit(130)
+
+
+# ------------------------------------------------------------------------------------------------
+# Entry point: training (sections 1-7), `gpu-check` (section 8) or `score` (section 9).
+# ------------------------------------------------------------------------------------------------
 def main(argv=None):
-    """python text_to_image.py [flags] trains; python text_to_image.py gpu-check [flags]."""
+    """python text_to_image.py [flags] trains; gpu-check [flags] measures SD-2's step; score RUN
+    ... --train DATA writes Table 5's columns."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["gpu-check"]:
         return A.main(argv[1:], GpuCheck, gpu_check)
+    if argv[:1] == ["score"]:
+        return score_main(argv[1:])
     return A.main(argv, Config, run)
 
 
