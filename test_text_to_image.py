@@ -16,6 +16,7 @@ from PIL import Image
 import ambient as A
 import text_to_image as T
 from test_ambient import error_of
+from test_inputs import one_line
 
 f64 = torch.float64
 KINDS = ("v_prediction", "epsilon")
@@ -372,3 +373,29 @@ def test_a_latents_cache_holding_a_pickled_callable_is_refused_and_never_runs(tm
     with pytest.raises(A.UserError, match="not a checkpoint this project wrote"):
         T.cached_latents(None, [], cfg, tmp_path, "cpu", print)
     assert not marker.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs (issue 26): each bad one is one line and exit code 2, with nothing written
+# ---------------------------------------------------------------------------------------------
+def t2i_argv(folder, out, *flags):
+    tiny = ["--pretrained", "tiny", "--device", "cpu", "--batch", "2", "--iters", "1"]
+    return tiny + ["--data", str(folder), "--out", str(out), *flags]
+
+
+@pytest.mark.parametrize(
+    "flags, named",
+    [
+        (["--lr", "nan"], "lr nan is not a number below 2^31"),
+        (["--lr", "inf"], "lr inf is not a number"),
+        (["--max-grad-norm", "nan"], "max_grad_norm nan is not a number"),
+        (["--guidance", "nan"], "guidance nan is not a number"),
+        (["--text-noise", "inf"], "text_noise inf is not a number"),
+        (["--text-noise", "1e30"], "text_noise 1e+30 is not a number below 2^31"),
+        (["--w24-threshold", "nan"], "w24_threshold nan is not a number"),
+        (["--seed", "9" * 23], f"seed {'9' * 23} is not an integer below 2^31"),
+    ],
+)
+def test_a_flag_of_the_wrong_type_or_range_is_one_line(flags, named, tmp_path, capsys):
+    folder = caption_folder(tmp_path)
+    assert named in one_line(T.main, t2i_argv(folder, tmp_path / "r", *flags), capsys, tmp_path)

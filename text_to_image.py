@@ -617,7 +617,10 @@ class Config:
     device: str = option("auto", "auto (cuda if there is one), cpu, cuda, ...", saved=False)
     data_path: str = None  # not a flag: the resolved data folder, which a resume compares
     LEGACY = {}
+    KINDS = A.Config.KINDS
 
+    # typed as ambient.py's: each setting of its type, numbers finite and below 2^31, choices kept
+    __post_init__ = A.Config.__post_init__
     saved = A.Config.saved
     differences = A.Config.differences
     from_saved = classmethod(A.Config.from_saved.__func__)
