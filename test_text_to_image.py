@@ -5,6 +5,8 @@ sampled on CPU."""
 
 import json
 import os
+import struct
+import zlib
 import types
 
 import numpy as np
@@ -399,3 +401,66 @@ def t2i_argv(folder, out, *flags):
 def test_a_flag_of_the_wrong_type_or_range_is_one_line(flags, named, tmp_path, capsys):
     folder = caption_folder(tmp_path)
     assert named in one_line(T.main, t2i_argv(folder, tmp_path / "r", *flags), capsys, tmp_path)
+
+
+def png_header(width, height):
+    """A PNG's signature and header for an 8-bit RGB image of this size, and a few pixel bytes."""
+
+    def chunk(kind, data):
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    pixels = chunk(b"IDAT", zlib.compress(bytes(64)))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + pixels + chunk(b"IEND", b"")
+
+
+def rows(*rows):
+    return "\n".join(json.dumps(row) for row in rows).encode()
+
+
+@pytest.mark.parametrize(
+    "name, content, named",
+    [
+        ("im0.txt", "café".encode("latin-1"), "im0.txt is not UTF-8 text"),
+        (
+            "metadata.jsonl",
+            b'{"file_name": "im0.png", "text": "caf\xe9"}',
+            "metadata.jsonl is not UTF-8 text",
+        ),
+        ("metadata.jsonl", b"[" * 100_000, "metadata.jsonl line 1 is not JSON (RecursionError)"),
+        (
+            "metadata.jsonl",
+            rows(dict(file_name="im0.png", text=None)),
+            "line 1: its text is None, not a string",
+        ),
+        (
+            "metadata.jsonl",
+            rows(dict(file_name="im0.png", text="a"), [1]),
+            "line 2 holds [1], not an object",
+        ),
+        ("metadata.jsonl", rows(dict(text="a")), "line 1: it has no file_name, not a string"),
+        ("im0.png", png_header(15000, 15000), "PIL's decompression-bomb limit"),
+    ],
+)
+def test_a_caption_or_image_that_cannot_be_read_as_written_is_one_line(
+    name, content, named, tmp_path, capsys
+):
+    """Captions are UTF-8 (a Latin-1 byte is refused, not guessed), metadata.jsonl lines are JSON
+    objects with string fields (null is not the caption "None"; nesting past Python's recursion
+    limit is refused), and a 15000x15000 PNG is refused from its header."""
+    folder = caption_folder(tmp_path)
+    (folder / name).write_bytes(content)
+    assert named in one_line(T.main, t2i_argv(folder, tmp_path / "r"), capsys, tmp_path)
+
+
+def test_16_bit_greyscale_is_scaled_to_8_bits_not_clipped(tmp_path):
+    """A 16-bit PNG's values v become round(v / 257), its 8-bit equivalent (257 * 255 = 65535)."""
+    k = np.arange(256).reshape(16, 16)
+    Image.fromarray((257 * k).astype(np.uint16)).save(tmp_path / "g.png")
+    assert Image.open(tmp_path / "g.png").mode == "I;16"
+    expected = torch.from_numpy(k).float().expand(3, 16, 16) / 127.5 - 1
+    assert torch.equal(T.load_image(tmp_path / "g.png", 16), expected)  # 16 px: no resampling
+    older = Image.fromarray((257 * k).astype(np.int32))  # mode I: older Pillow's for 16-bit PNGs
+    assert np.array_equal(T.rgb8(older), np.repeat(k[..., None].astype(np.uint8), 3, axis=-1))

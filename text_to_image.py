@@ -20,6 +20,7 @@ holds images and captions: a .txt beside each image, or diffusers' metadata.json
 
 import json
 import os
+import reprlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -289,43 +290,79 @@ def load_models(cfg):
 # 4. Data: a folder of images and captions -> VAE latents (times the scaling factor), computed once.
 # ------------------------------------------------------------------------------------------------
 def read_captions(folder):
-    """(image, caption) pairs: metadata.jsonl's file_name and text (or caption), else name.txt."""
+    """(image, caption) pairs: metadata.jsonl's file_name and text (or caption), else name.txt;
+    every image's header is read (its size, PIL's bomb check) before anything is decoded."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"--data {folder}: no such folder; pass a folder of images with captions")
     meta = folder / "metadata.jsonl"
-    if meta.is_file():
-        return captions_from_jsonl(meta)
-    pairs = []
-    for image in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
-        txt = image.with_suffix(".txt")
-        if not txt.is_file():
-            raise UserError(
-                f"{image} has no caption: write {txt.name} beside it, or a metadata.jsonl"
-            )
-        pairs.append((image, txt.read_text().strip()))
-    if not pairs:
-        raise UserError(f"no {'/'.join(IMAGE_SUFFIXES)} images in {folder}")
+    if meta.exists() or meta.is_symlink():
+        pairs = captions_from_jsonl(meta)
+    else:
+        pairs = []
+        for image in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+            txt = image.with_suffix(".txt")
+            if not txt.is_file():
+                raise UserError(
+                    f"{image} has no caption: write {txt.name} beside it, or a metadata.jsonl"
+                )
+            pairs.append((image, read_text(txt).strip()))
+        if not pairs:
+            raise UserError(f"no {'/'.join(IMAGE_SUFFIXES)} images in {folder}")
+    for image, _ in pairs:
+        A.open_image(image)
     return pairs
+
+
+def read_text(path):
+    """A caption file's text, read as UTF-8 (the encoding of diffusers' datasets)."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(
+            f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8"
+        ) from None
+    except OSError as e:
+        raise UserError(f"cannot read {path} ({type(e).__name__}); restore or remove it") from None
 
 
 def captions_from_jsonl(meta):
     pairs = []
-    for i, line in enumerate(meta.read_text().splitlines()):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            caption = row["text"] if "text" in row else row["caption"]
-            pairs.append((meta.parent / row["file_name"], str(caption)))
-        except (ValueError, KeyError, TypeError):
-            raise UserError(
-                f"{meta} line {i + 1}: expected a JSON object with file_name and text (or caption)"
-            ) from None
+    for i, line in enumerate(read_text(meta).splitlines()):
+        if line.strip():
+            pairs.append(caption_row(meta, i + 1, line))
     missing = [p for p, _ in pairs if not p.is_file()]
     if missing or not pairs:
         raise UserError(f"{meta}: {missing[0] if missing else 'no rows'}; list the folder's images")
     return pairs
+
+
+def caption_row(meta, number, line):
+    """One metadata.jsonl line: a JSON object whose file_name and text (or caption) are strings."""
+    where, fix = f"{meta} line {number}", "write a JSON object with file_name and text strings"
+    try:
+        row = json.loads(line)
+    except (ValueError, RecursionError) as e:  # RecursionError: nested too deep
+        raise UserError(f"{where} is not JSON ({type(e).__name__}); {fix}") from None
+    if not isinstance(row, dict):
+        raise UserError(f"{where} holds {reprlib.repr(row)}, not an object; {fix}")
+    for key in ("file_name", "text" if "text" in row else "caption"):
+        if not isinstance(row.get(key), str):
+            what = f"its {key} is {reprlib.repr(row[key])}" if key in row else f"it has no {key}"
+            raise UserError(f"{where}: {what}, not a string; {fix}")
+    return meta.parent / row["file_name"], row["text" if "text" in row else "caption"]
+
+
+def rgb8(im):
+    """A PIL image as uint8 RGB pixels. 16-bit greyscale (modes I;16*, and I in older Pillow) is
+    scaled to 8 bits, 65535 -> 255, where PIL's convert would clip it at 255; other modes
+    (greyscale, palette, alpha) convert as diffusers' scripts convert them."""
+    if im.mode == "I" or im.mode.startswith("I;16"):
+        grey = np.asarray(im).astype(np.int64)
+        if grey.min() < 0 or grey.max() > 65535:
+            raise ValueError(f"mode {im.mode} with values outside 0-65535")
+        return np.repeat(np.rint(grey / 257).astype(np.uint8)[..., None], 3, axis=-1)
+    return np.asarray(im.convert("RGB"))
 
 
 def load_image(path, resolution):
@@ -333,9 +370,13 @@ def load_image(path, resolution):
     from PIL import Image
 
     try:
-        im = Image.open(path).convert("RGB")
-    except OSError as err:
-        raise UserError(f"cannot read image {path} ({err}); remove or replace it") from None
+        with Image.open(path) as im:
+            pixels = rgb8(im)
+    except Exception as e:  # read_captions read the header; the pixels may still be damaged
+        raise UserError(
+            f"cannot read image {path} ({type(e).__name__}); remove or replace it"
+        ) from None
+    im = Image.fromarray(pixels)
     scale = resolution / min(im.size)
     w, h = max(resolution, round(im.width * scale)), max(resolution, round(im.height * scale))
     im = im.resize((w, h), Image.BILINEAR)
