@@ -1,13 +1,19 @@
 """Facts about text_to_image.py, Algorithm 1 for a diffusers text-to-image model (Table 5): the
 usual target at t_n = 0, Lemma C.2's target has the clean target's conditional mean, no clean
 latent above t_n, fixed noisy latents, the mitigations, and a tiny model trained, resumed and
-sampled on CPU."""
+sampled on CPU; and its inputs (issue 26): typed flags, UTF-8 captions, bounded JSON, images from
+their headers with 16-bit ones scaled, a keyed and checked latents cache, checked --resume entries,
+and no .tmp left by a stop."""
 
+import copy
 import json
 import os
+import re
+import shutil
+import signal
 import struct
 import zlib
-import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -369,11 +375,10 @@ class Planted:
 
 def test_a_latents_cache_holding_a_pickled_callable_is_refused_and_never_runs(tmp_path):
     marker = tmp_path / "ran"
-    planted = dict(latents=torch.zeros(1), files=[], resolution=8, code=Planted(marker))
+    planted = dict(latents=torch.zeros(1), key={}, code=Planted(marker))
     torch.save(planted, tmp_path / "latents.pt")
-    cfg = types.SimpleNamespace(resolution=8)
     with pytest.raises(A.UserError, match="not a checkpoint this project wrote"):
-        T.cached_latents(None, [], cfg, tmp_path, "cpu", print)
+        T.cached_latents(tmp_path / "latents.pt", {}, (1,))
     assert not marker.exists()
 
 
@@ -383,6 +388,25 @@ def test_a_latents_cache_holding_a_pickled_callable_is_refused_and_never_runs(tm
 def t2i_argv(folder, out, *flags):
     tiny = ["--pretrained", "tiny", "--device", "cpu", "--batch", "2", "--iters", "1"]
     return tiny + ["--data", str(folder), "--out", str(out), *flags]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny run of one step on 3 captioned images, and the argv that made it."""
+    tmp = tmp_path_factory.mktemp("t2i")
+    argv = t2i_argv(caption_folder(tmp, n=3), tmp / "run")
+    T.main(argv)
+    return tmp / "run", argv
+
+
+def copy_of(trained, tmp, checkpoint=True):
+    """The trained run copied to tmp/run (without its checkpoint if not `checkpoint`), and the argv
+    that resumes it there (a fresh run there without one)."""
+    run = Path(tmp) / "run"
+    shutil.copytree(trained[0], run)
+    if not checkpoint:
+        (run / "checkpoint.pt").unlink()
+    return run, trained[1] + ["--out", str(run)] + ["--resume"] * checkpoint  # the last --out wins
 
 
 @pytest.mark.parametrize(
@@ -396,10 +420,14 @@ def t2i_argv(folder, out, *flags):
         (["--text-noise", "1e30"], "text_noise 1e+30 is not a number below 2^31"),
         (["--w24-threshold", "nan"], "w24_threshold nan is not a number"),
         (["--seed", "9" * 23], f"seed {'9' * 23} is not an integer below 2^31"),
+        (["--device", "meta"], "--device meta cannot hold tensors"),
+        (["--out", "im0.txt"], "im0.txt is a file; pass a folder for the run"),
     ],
 )
 def test_a_flag_of_the_wrong_type_or_range_is_one_line(flags, named, tmp_path, capsys):
     folder = caption_folder(tmp_path)
+    if flags[0] == "--out":
+        flags = ["--out", str(folder / flags[1])]
     assert named in one_line(T.main, t2i_argv(folder, tmp_path / "r", *flags), capsys, tmp_path)
 
 
@@ -464,3 +492,115 @@ def test_16_bit_greyscale_is_scaled_to_8_bits_not_clipped(tmp_path):
     assert torch.equal(T.load_image(tmp_path / "g.png", 16), expected)  # 16 px: no resampling
     older = Image.fromarray((257 * k).astype(np.int32))  # mode I: older Pillow's for 16-bit PNGs
     assert np.array_equal(T.rgb8(older), np.repeat(k[..., None].astype(np.uint8), 3, axis=-1))
+
+
+def test_a_latents_cache_from_another_vae_is_encoded_again_and_this_ones_is_reused(
+    trained, tmp_path, capsys
+):
+    """The cache is keyed by the model, its VAE's weights (the tiny model's come from --seed), the
+    resolution and the images: a copied run with another --seed encodes with its own VAE, the
+    next start reads that cache, and a --resume whose cache was made from other images stops."""
+    run, argv = copy_of(trained, tmp_path, checkpoint=False)
+    capsys.readouterr()
+    T.main(argv + ["--seed", "1"])
+    assert "latents.pt was made from another vae)" in capsys.readouterr().out
+    pairs = T.read_captions(argv[argv.index("--data") + 1])
+    models, cfg = T.tiny_models(seed=1).to("cpu"), cfg_for(seed=1, resolution=16)
+    own = T.encode_latents(models, [image for image, _ in pairs], 16, "cpu")
+    cache = torch.load(run / "latents.pt", weights_only=True)
+    assert torch.equal(cache["latents"], own)
+    shape, key = T.latents_shape(models, cfg, 3), T.latents_key(models, cfg, pairs)
+    assert T.cached_latents(run / "latents.pt", key, shape)[0] is not None  # read, not encoded
+    torch.save({**cache, "key": {**cache["key"], "images": "0" * 64}}, run / "latents.pt")
+    with pytest.raises(A.UserError, match="was made from another images than this run's"):
+        T.prepare_latents(models, pairs, cfg, run, {"x_tn": own}, "cpu")  # a --resume
+
+
+LATENTS_DAMAGE = {
+    "3 channels": lambda x: x[:, :3],
+    "int64": lambda x: x.long(),
+    "5-D": lambda x: x[None],
+    "float16": lambda x: x.half(),
+    "2 rows for 3 images": lambda x: x[:2],
+}
+
+
+@pytest.mark.parametrize("damage", [*LATENTS_DAMAGE, "a folder"])
+def test_a_latents_cache_of_another_dtype_or_shape_is_one_error(damage, trained, tmp_path):
+    """(The generated damage below gives the same at the command line, writing nothing.)"""
+    cache = torch.load(trained[0] / "latents.pt", weights_only=True)
+    if damage == "a folder":
+        (tmp_path / "latents.pt").mkdir()
+    else:
+        latents = LATENTS_DAMAGE[damage](cache["latents"])
+        torch.save({**cache, "latents": latents}, tmp_path / "latents.pt")
+    with pytest.raises(A.UserError, match="latents.pt .*; delete it to encode the images again"):
+        T.cached_latents(tmp_path / "latents.pt", cache["key"], (3, 4, 8, 8))
+
+
+def group(c):
+    return c["opt"]["param_groups"][0]
+
+
+CHECKPOINT_DAMAGE = {  # row 8 of issue 26, and a few more: (the change, the entry named)
+    "x_tn[:1]": (lambda c: c.update(x_tn=c["x_tn"][:1]), "x_tn"),
+    "x_tn of another side": (lambda c: c.update(x_tn=c["x_tn"][..., :4, :4]), "x_tn"),
+    "x_tn float64": (lambda c: c.update(x_tn=c["x_tn"].double()), "x_tn"),
+    'lr "abc"': (lambda c: group(c).update(lr="abc"), "opt group 0 lr"),
+    "exp_avg of shape (7,)": (
+        lambda c: c["opt"]["state"][0].update(exp_avg=torch.zeros(7)),
+        "opt state of parameter 0 exp_avg",
+    ),
+    "1-tuple betas": (lambda c: group(c).update(betas=(0.9,)), "opt group 0 betas"),
+    "param_groups None": (lambda c: c["opt"].update(param_groups=None), "opt"),
+    "rng a float": (lambda c: c.update(rng=0.5), "rng"),
+    "noise_rng of repeated bytes": (
+        lambda c: c.update(noise_rng=torch.full((5056,), 7, dtype=torch.uint8)),
+        "noise_rng",
+    ),
+    "step -5": (lambda c: c.update(step=-5), "step"),
+    "unet of another shape": (
+        lambda c: c["unet"].update({"conv_in.weight": torch.zeros(3)}),
+        "unet",
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(trained):
+    return torch.load(trained[0] / "checkpoint.pt", weights_only=True)
+
+
+@pytest.mark.parametrize("damage", CHECKPOINT_DAMAGE)
+def test_a_checkpoint_entry_that_does_not_fit_is_one_error_naming_it(damage, checkpoint):
+    """What --resume checks before anything is written (the generated damage below runs it at the
+    command line, writing nothing)."""
+    saved = copy.deepcopy(checkpoint)
+    change, entry = CHECKPOINT_DAMAGE[damage]
+    change(saved)
+    unet = T.tiny_models(seed=0).unet
+    with pytest.raises(A.UserError, match=rf"^--resume: the checkpoint's {re.escape(entry)} "):
+        T.saved_x_tn(saved, (3, 4, 8, 8))
+        T.training_state(unet, cfg_for(), "cpu", saved)
+
+
+def test_a_stop_while_saving_leaves_no_tmp_file_and_keeps_the_last_checkpoint(
+    trained, tmp_path, capsys, monkeypatch
+):
+    """SIGTERM arrives while checkpoint.pt.tmp is written: the partial file is removed and the
+    last checkpoint kept; a latents.pt.tmp that a killed run left is removed at the next start."""
+    run, argv = copy_of(trained, tmp_path)
+    (run / "latents.pt.tmp").write_bytes(b"PK")
+    last = (run / "checkpoint.pt").read_bytes()
+    save = torch.save
+
+    def stopped(obj, f, *args, **kwargs):
+        Path(f).write_bytes(b"PK\x03\x04")  # the first bytes of a zip, as a save begins
+        os.kill(os.getpid(), signal.SIGTERM)  # ambient.main makes it a KeyboardInterrupt
+        save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", stopped)
+    with pytest.raises(SystemExit) as e:
+        T.main(argv + ["--iters", "2"])
+    assert e.value.code == 130 and "the last checkpoint is kept" in capsys.readouterr().err
+    assert (run / "checkpoint.pt").read_bytes() == last and not list(run.glob("*.tmp"))

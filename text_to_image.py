@@ -18,6 +18,7 @@ al. 2024: samples whose text-conditional prediction is large are left out of the
 holds images and captions: a .txt beside each image, or diffusers' metadata.jsonl.
 """
 
+import hashlib
 import json
 import os
 import reprlib
@@ -395,25 +396,86 @@ def encode_latents(models, paths, resolution, device, batch=8):
     return torch.cat(out) * models.vae.config.scaling_factor
 
 
-def cached_latents(models, pairs, cfg, out, device, log):
-    """out/latents.pt holds the latents for this folder and resolution, computed only once."""
-    path, files = Path(out) / "latents.pt", [str(p) for p, _ in pairs]
-    if path.is_file():
-        # weights_only: a cache copied from elsewhere runs no code (one that needs more is refused)
-        need = dict(latents=torch.Tensor, files=list, resolution=int)
-        cache = A.load_checkpoint(path, need=need, fix="delete it to encode the images again")
-        if cache["files"] == files and cache["resolution"] == cfg.resolution:
-            return cache["latents"]
-        log(f"{path} is for other images or another resolution: encoding again")
-    t0 = time.time()
-    latents = encode_latents(models, [p for p, _ in pairs], cfg.resolution, device)
-    torch.save(dict(latents=latents, files=files, resolution=cfg.resolution), str(path) + ".tmp")
-    os.replace(str(path) + ".tmp", path)
-    log(
-        f"encoded {len(files)} images to latents {tuple(latents.shape[1:])} "
-        f"in {time.time() - t0:.0f} s"
+def latents_key(models, cfg, pairs):
+    """What the latents are made of, each part of which changes them: the model named, its VAE's
+    config and weights (the tiny model's depend on --seed), the resolution, and the images' bytes
+    in order; the captions are tokenized at each start, so they may change."""
+    vae, images = hashlib.sha256(), hashlib.sha256()
+    vae.update(json.dumps(dict(models.vae.config), sort_keys=True, default=str).encode())
+    for name, weights in models.vae.state_dict().items():
+        vae.update(name.encode())
+        vae.update(weights.detach().cpu().reshape(-1).view(torch.uint8).numpy())
+    for image, _ in pairs:
+        content = image.read_bytes()  # read_captions opened each one
+        images.update(len(content).to_bytes(8, "little") + content)
+    return dict(
+        pretrained=cfg.pretrained,
+        vae=vae.hexdigest(),
+        resolution=cfg.resolution,
+        images=images.hexdigest(),
     )
-    return latents
+
+
+def latents_shape(models, cfg, count):
+    side = cfg.resolution // models.vae_factor
+    return (count, models.vae.config.latent_channels, side, side)
+
+
+def cached_latents(path, key, shape):
+    """(latents, []) from path when it was made from what `key` names, once checked against
+    `shape`; else None and the parts of the key that differ (none: no cache, or one made before
+    caches had keys), to be encoded again. Writes nothing."""
+    fix = "delete it to encode the images again"
+    if not (path.exists() or path.is_symlink()):
+        return None, []
+    if not path.is_file():
+        raise UserError(f"{path} is not a file; {fix}")
+    # weights_only: a cache copied from elsewhere runs no code (one that needs more is refused)
+    cache = A.load_checkpoint(path, need=dict(latents=torch.Tensor), fix=fix)
+    old = cache.get("key")
+    if old != key:
+        return None, [k for k in key if isinstance(old, dict) and old.get(k) != key[k]]
+    latents = cache["latents"]
+    if latents.dtype != torch.float32 or tuple(latents.shape) != shape:
+        raise UserError(
+            f"{path} holds a {str(latents.dtype)[6:]} tensor of shape {tuple(latents.shape)}, "
+            f"not the float32 {shape} of {shape[0]} images' latents; {fix}"
+        )
+    return latents, []
+
+
+def prepare_latents(models, pairs, cfg, out, saved, device):
+    """x_0 from out/latents.pt, or encoded (every image decoded, nothing written yet), and x_tn
+    from the checkpoint, or drawn; with the cache still to save and its log line (None: cached)."""
+    shape, key = latents_shape(models, cfg, len(pairs)), latents_key(models, cfg, pairs)
+    latents, other = cached_latents(out / "latents.pt", key, shape)
+    if saved and other:
+        raise UserError(
+            f"--resume: {out / 'latents.pt'} was made from another {', '.join(other)} than this "
+            "run's: resume with the images and model it was trained on, or start anew"
+        )
+    x_tn, cache = saved_x_tn(saved, shape), None
+    if latents is None:
+        t0 = time.time()
+        latents = encode_latents(models, [p for p, _ in pairs], cfg.resolution, device)
+        why = f" ({out / 'latents.pt'} was made from another {', '.join(other)})" if other else ""
+        note = f"encoded {len(pairs)} images to latents {shape[1:]} in {time.time() - t0:.0f} s"
+        cache = dict(latents=latents, key=key), note + why
+    if x_tn is None:
+        x_tn = make_noisy_latents(latents, models.scheduler, cfg.tn, cfg.seed)
+    return latents, x_tn, cache
+
+
+def save_atomic(obj, path):
+    """torch.save to path.tmp, then rename: a run stopped or failing midway keeps the last file
+    and leaves no .tmp behind."""
+    tmp = Path(str(path) + ".tmp")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:  # KeyboardInterrupt too: SIGTERM arrives as one (ambient.main)
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 # ------------------------------------------------------------------------------------------------
@@ -450,22 +512,23 @@ def training_state(unet, cfg, device, saved=None):
     if saved is not None:
         try:
             unet.load_state_dict(saved["unet"])
-            opt.load_state_dict(saved["opt"])
-            state.gen.set_state(saved["rng"].cpu())
-            state.noise_gen.set_state(saved["noise_rng"].cpu())
-        except (RuntimeError, ValueError, KeyError) as err:
+        except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as err:
             raise UserError(
-                f"--resume: the checkpoint does not fit this model or device "
-                f"({type(err).__name__}); "
-                "resume with the same --pretrained on the same device type"
+                f"--resume: the checkpoint's unet does not fit this model ({type(err).__name__}); "
+                "resume with the same --pretrained"
             ) from None
+        # step, generator states and optimizer state against the live ones, before any is used
+        A.check_training_entries(saved, opt, dict(rng=state.gen, noise_rng=state.noise_gen))
+        opt.load_state_dict(saved["opt"])
+        state.gen.set_state(saved["rng"].cpu())
+        state.noise_gen.set_state(saved["noise_rng"].cpu())
         state.step = saved["step"]
     return state
 
 
 def save_checkpoint(state, data, cfg, path):
-    """torch.save to a temporary file, then rename: a run killed mid-write keeps the last one."""
-    torch.save(
+    """Atomic (save_atomic): a run stopped mid-write keeps the last one."""
+    save_atomic(
         dict(
             unet=state.unet.state_dict(),
             opt=state.opt.state_dict(),
@@ -475,9 +538,8 @@ def save_checkpoint(state, data, cfg, path):
             x_tn=data.x_tn.cpu(),
             config=cfg.saved(),
         ),
-        str(path) + ".tmp",
+        path,
     )
-    os.replace(str(path) + ".tmp", path)
 
 
 def train_step(models, data, state, cfg):
@@ -710,39 +772,81 @@ def check_model(cfg, models):
         )
 
 
-def prepare_data(models, pairs, cfg, out, saved, device, log):
-    latents = cached_latents(models, pairs, cfg, out, device, log).to(device)
-    x_tn = (
-        saved["x_tn"]
-        if saved
-        else make_noisy_latents(latents.cpu(), models.scheduler, cfg.tn, cfg.seed)
-    )
-    ids = tokenize(models.tokenizer, [c for _, c in pairs]).to(device)
-    return TrainData(latents, x_tn.to(device), ids, tokenize(models.tokenizer, [""]).to(device))
+def usable_device(name):
+    """ambient.py's pick_device, once a tensor is made and read back there (meta holds no data)."""
+    device = A.pick_device(name)
+    try:
+        torch.zeros(1, device=device).cpu()
+    except Exception as e:  # meta: NotImplementedError; a backend this build lacks: RuntimeError
+        raise UserError(
+            f"--device {name} cannot hold tensors ({type(e).__name__}); use auto, cpu or cuda"
+        ) from None
+    return device
 
 
-def run(cfg):
-    """Fine-tune as cfg says, then sample the prompts; returns the run folder."""
-    device = A.pick_device(cfg.device)
-    pairs = read_captions(cfg.data)
-    prompts = read_prompts(cfg.prompts) if cfg.prompts else None
-    cfg.data_path = str(Path(cfg.data).resolve())
-    models = load_models(cfg)
-    check_model(cfg, models)
-    out = Path(cfg.out or Path("runs") / f"t2i-{Path(cfg.data_path).name}-tn{cfg.tn}")
-    tensor = torch.Tensor
-    need = dict(unet=dict, opt=dict, step=int, rng=tensor, noise_rng=tensor, x_tn=tensor)
-    saved = A.open_run(cfg, out, device, need)
-    out.mkdir(parents=True, exist_ok=True)
-    logfile = open(out / "log.txt", "a")
+def saved_x_tn(saved, shape):
+    """The checkpoint's noisy latents, one per image, of the latents' shape (None: a fresh run)."""
+    if saved is None:
+        return None
+    x_tn = saved["x_tn"]
+    if x_tn.dtype != torch.float32 or tuple(x_tn.shape) != shape:
+        raise UserError(
+            f"--resume: the checkpoint's x_tn is a {str(x_tn.dtype)[6:]} tensor of shape "
+            f"{tuple(x_tn.shape)}, not the float32 {shape} of these {shape[0]} images' latents; "
+            "resume with the images it was trained on, or start anew in another --out"
+        )
+    return x_tn
+
+
+def open_log(out):
+    """Makes the run folder, removes what a killed save left, and returns the log function."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        logfile = open(out / "log.txt", "a")
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot write there ({type(e).__name__})") from None
+    for tmp in out.glob("*.pt.tmp"):  # a run killed (SIGKILL) while saving
+        tmp.unlink()
 
     def log(msg):
         print(msg, flush=True)
         logfile.write(msg + "\n")
         logfile.flush()
 
+    return log
+
+
+def read_run(cfg):
+    """The device, captioned images, prompts, run folder, models and the checkpoint a --resume
+    continues (else None), each checked; nothing is written."""
+    device = usable_device(cfg.device)
+    pairs = read_captions(cfg.data)
+    prompts = read_prompts(cfg.prompts) if cfg.prompts else None
+    cfg.data_path = str(Path(cfg.data).resolve())
+    out = Path(cfg.out or Path("runs") / f"t2i-{Path(cfg.data_path).name}-tn{cfg.tn}")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; pass a folder for the run")
+    models = load_models(cfg)
+    check_model(cfg, models)
+    tensor = torch.Tensor
+    need = dict(unet=dict, opt=dict, step=int, rng=tensor, noise_rng=tensor, x_tn=tensor)
+    return device, pairs, prompts, out, models, A.open_run(cfg, out, device, need)
+
+
+def run(cfg):
+    """Fine-tune as cfg says, then sample the prompts; returns the run folder. Every input is read
+    and checked before anything is written."""
+    device, pairs, prompts, out, models, saved = read_run(cfg)
     models.to(device)
-    data = prepare_data(models, pairs, cfg, out, saved, device, log)
+    state = training_state(models.unet, cfg, device, saved)
+    latents, x_tn, cache = prepare_latents(models, pairs, cfg, out, saved, device)
+    log = open_log(out)
+    if cache:
+        save_atomic(cache[0], out / "latents.pt")
+        log(cache[1])
+    ids = tokenize(models.tokenizer, [c for _, c in pairs]).to(device)
+    empty = tokenize(models.tokenizer, [""]).to(device)
+    data = TrainData(latents.to(device), x_tn.to(device), ids, empty)
     (out / "config.json").write_text(json.dumps(cfg.saved(), indent=1))
     sigma_tn = float(sigma_of(models.scheduler, cfg.tn)) if cfg.tn else 0.0
     log(
@@ -750,7 +854,6 @@ def run(cfg):
         f"{models.scheduler.config.prediction_type}, t_n {cfg.tn} (VP sigma {sigma_tn:.4f}) "
         f"on {device}"
     )
-    state = training_state(models.unet, cfg, device, saved)
     train(models, data, state, cfg, out, log)
     if prompts:
         generate(models, prompts, cfg, out, log)
