@@ -3,7 +3,7 @@ usual target at t_n = 0, Lemma C.2's target has the clean target's conditional m
 latent above t_n, fixed noisy latents, the mitigations, and a tiny model trained, resumed and
 sampled on CPU; and its inputs (issue 26): typed flags, UTF-8 captions, bounded JSON, images from
 their headers with 16-bit ones scaled, a keyed and checked latents cache, checked --resume entries,
-and no .tmp left by a stop."""
+no .tmp left by a stop, and non-finite results named."""
 
 import copy
 import json
@@ -12,6 +12,7 @@ import re
 import shutil
 import signal
 import struct
+import types
 import zlib
 from pathlib import Path
 
@@ -604,3 +605,32 @@ def test_a_stop_while_saving_leaves_no_tmp_file_and_keeps_the_last_checkpoint(
         T.main(argv + ["--iters", "2"])
     assert e.value.code == 130 and "the last checkpoint is kept" in capsys.readouterr().err
     assert (run / "checkpoint.pt").read_bytes() == last and not list(run.glob("*.tmp"))
+
+
+def test_a_loss_weights_or_samples_that_are_not_finite_stop_the_run_naming_the_cause(
+    tiny, tmp_path, monkeypatch
+):
+    """Weights: --lr or --max-grad-norm; a loss at the first step from the loaded weights: the
+    inputs (--text-noise); a later loss: the updates (--lr); samples: --guidance; latents: the
+    VAE."""
+    net = torch.nn.Linear(2, 2)
+    state, cfg, nan = (
+        types.SimpleNamespace(unet=net, step=5),
+        cfg_for(text_noise=0.5),
+        torch.tensor(torch.nan),
+    )
+    T.check_finite(state, torch.tensor(1.0), cfg, first=0)  # all finite: the run goes on
+    with pytest.raises(A.UserError, match=r"step 5, the first .* a lower --text-noise \(0.5\)"):
+        T.check_finite(state, nan, cfg, first=4)
+    with pytest.raises(A.UserError, match=r"step 5: the updates .* a lower --lr \(1e-05\)"):
+        T.check_finite(state, nan, cfg, first=0)
+    net.bias.data[0] = torch.inf
+    with pytest.raises(A.UserError, match=r"weights are not finite after step 5; .* --lr"):
+        T.check_finite(state, torch.tensor(1.0), cfg, first=4)
+    monkeypatch.setattr(T, "sample", lambda *args: torch.full((1, 3, 16, 16), torch.nan))
+    with pytest.raises(A.UserError, match=r"samples of prompt 1 are not finite: .*--guidance"):
+        T.generate(tiny, ["a photo"], cfg_for(resolution=16), tmp_path)
+    monkeypatch.setattr(T, "encode_latents", lambda *args: torch.full((3, 4, 2, 2), torch.nan))
+    pairs = T.read_captions(caption_folder(tmp_path, n=3))
+    with pytest.raises(A.UserError, match=r"encoded 3 images to latents that are not finite"):
+        T.prepare_latents(tiny, pairs, cfg_for(resolution=16), tmp_path, None, "cpu")

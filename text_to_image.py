@@ -458,6 +458,12 @@ def prepare_latents(models, pairs, cfg, out, saved, device):
     if latents is None:
         t0 = time.time()
         latents = encode_latents(models, [p for p, _ in pairs], cfg.resolution, device)
+        bad = (~latents.flatten(1).isfinite().all(1)).nonzero().flatten().tolist()
+        if bad:
+            raise UserError(
+                f"the VAE encoded {len(bad)} images to latents that are not finite (the first: "
+                f"{pairs[bad[0]][0]}); check --pretrained's VAE (its weights and dtype)"
+            )
         why = f" ({out / 'latents.pt'} was made from another {', '.join(other)})" if other else ""
         note = f"encoded {len(pairs)} images to latents {shape[1:]} in {time.time() - t0:.0f} s"
         cache = dict(latents=latents, key=key), note + why
@@ -555,6 +561,27 @@ def train_step(models, data, state, cfg):
     return loss.detach(), int(keep.sum())
 
 
+def check_finite(state, loss, cfg, first):
+    """Stops the run at a loss or weights that are not finite, before a checkpoint keeps them,
+    naming which and the setting to change (`first`: the step this start began at)."""
+    weights = A.weights_finite(state.unet)
+    if weights and torch.isfinite(loss):
+        return
+    again = "start again with a lower"
+    if not weights:
+        what = f"the weights are not finite after step {state.step}"
+        fix = f"{again} --lr ({cfg.lr:g}) or --max-grad-norm ({cfg.max_grad_norm:g})"
+    elif state.step == first + 1:  # from the weights as loaded: the inputs overflow
+        what = f"the loss is not finite at step {state.step}, the first from the loaded weights"
+        fix = (
+            f"{again} --text-noise ({cfg.text_noise:g})" if cfg.text_noise else "check --pretrained"
+        )
+    else:
+        what = f"the loss is not finite at step {state.step}: the updates overflowed the weights"
+        fix = f"{again} --lr ({cfg.lr:g})"
+    raise UserError(f"{what}; {fix} (the last checkpoint is kept)")
+
+
 def train(models, data, state, cfg, out=None, log=print):
     """Steps until cfg.iters, logging and checkpointing into the folder `out` (None: nothing)."""
     models.unet.train()
@@ -562,12 +589,9 @@ def train(models, data, state, cfg, out=None, log=print):
     while state.step < cfg.iters:
         loss, k = train_step(models, data, state, cfg)
         state.step, kept = state.step + 1, kept + k
-        if not torch.isfinite(loss):
-            raise UserError(
-                f"the loss is not finite at step {state.step}; the last checkpoint is kept. "
-                "Lower --lr, then --resume"
-            )
         last = state.step == cfg.iters
+        if not torch.isfinite(loss) or state.step % cfg.ckpt_every == 0 or last:
+            check_finite(state, loss, cfg, first)
         if state.step % cfg.log_every == 0 or last:
             rate = (state.step - first) * cfg.batch / (time.time() - t0)
             log(
@@ -633,6 +657,10 @@ def generate(models, prompts, cfg, out, log=print):
             cfg.seed + i,
             cfg.resolution,
         )
+        if x.isnan().any():  # an image of NaN would be saved black
+            finite = A.weights_finite(models.unet)
+            why = f"lower --guidance ({cfg.guidance:g})" if finite else "the weights are not"
+            raise UserError(f"the samples of prompt {i + 1} are not finite: {why}")
         for k, im in enumerate(x):
             save_image((im + 1) / 2, folder / f"{i:05d}_{k}.png")
         images.append(((x + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy())
