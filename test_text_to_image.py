@@ -3,7 +3,7 @@ usual target at t_n = 0, Lemma C.2's target has the clean target's conditional m
 latent above t_n, fixed noisy latents, the mitigations, and a tiny model trained, resumed and
 sampled on CPU; and its inputs (issue 26): typed flags, UTF-8 captions, bounded JSON, images from
 their headers with 16-bit ones scaled, a keyed and checked latents cache, checked --resume entries,
-no .tmp left by a stop, and non-finite results named."""
+no .tmp left by a stop, non-finite results named, and generated damaged inputs giving one line."""
 
 import copy
 import json
@@ -12,6 +12,7 @@ import re
 import shutil
 import signal
 import struct
+import tempfile
 import types
 import zlib
 from pathlib import Path
@@ -20,12 +21,23 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDPMScheduler
+from hypothesis import example, given
+from hypothesis import strategies as st
 from PIL import Image
 
 import ambient as A
 import text_to_image as T
 from test_ambient import error_of
-from test_inputs import one_line
+from test_inputs import (
+    FUZZ,
+    PNG_PIXELS_CUT,
+    damaged_file,
+    float_arrays,
+    json_values,
+    one_line,
+    other_arrays,
+    write,
+)
 
 f64 = torch.float64
 KINDS = ("v_prediction", "epsilon")
@@ -634,3 +646,83 @@ def test_a_loss_weights_or_samples_that_are_not_finite_stop_the_run_naming_the_c
     pairs = T.read_captions(caption_folder(tmp_path, n=3))
     with pytest.raises(A.UserError, match=r"encoded 3 images to latents that are not finite"):
         T.prepare_latents(tiny, pairs, cfg_for(resolution=16), tmp_path, None, "cpu")
+
+
+def utf8(content):
+    try:
+        content.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def saved_bytes(obj):
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save(obj, Path(tmp) / "c.pt")
+        return (Path(tmp) / "c.pt").read_bytes()
+
+
+tensors = (float_arrays | other_arrays).map(torch.from_numpy)
+DATA_DAMAGE = st.one_of(  # (file in the data folder, its damaged content or None: a dangling link)
+    st.tuples(st.just("im1.png"), damaged_file(PNG_PIXELS_CUT)),
+    st.tuples(st.just("im1.txt"), st.binary(min_size=1, max_size=64).filter(lambda b: not utf8(b))),
+    st.tuples(st.just("im1.txt"), st.none()),
+    st.tuples(
+        st.just("metadata.jsonl"),
+        st.binary(max_size=200)  # not JSON, or blank: no rows
+        | st.lists(json_values, min_size=1, max_size=3).map(lambda v: rows(*v))  # no file_name
+        | json_values.filter(lambda v: not isinstance(v, str)).map(
+            lambda v: rows(dict(file_name="im0.png", text=v))
+        ),
+    ),
+)
+
+
+def run_damage(trained, target):
+    """A strategy: (file in the run folder, its damaged content) for the latents cache or the
+    checkpoint of the trained run: unreadable, or one entry of another type, dtype or shape."""
+    intact = (trained[0] / target).read_bytes()
+    saved = torch.load(trained[0] / target, weights_only=True)
+    if target == "latents.pt":
+        entries = st.builds(lambda a: saved_bytes({**saved, "latents": a}), tensors)
+    else:  # a step from 0 to 2^31 would be a good one
+        entries = st.builds(
+            lambda k, v: saved_bytes({**saved, k: v}),
+            st.sampled_from(["unet", "opt", "step", "rng", "noise_rng", "x_tn"]),
+            json_values | tensors,
+        ).filter(lambda b: not good_step(b, saved))
+    return st.tuples(st.just(target), damaged_file(intact) | entries)
+
+
+def good_step(content, saved):
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "c.pt").write_bytes(content)
+        step = torch.load(Path(tmp) / "c.pt", weights_only=True)["step"]
+    return type(step) is int and 0 <= step < 2**31
+
+
+@FUZZ
+@given(target=st.sampled_from(["data", "latents.pt", "checkpoint.pt"]), data=st.data())
+@example(target="checkpoint.pt", data="x_tn[:1]").via("issue 26 row 8, checked after loading")
+@example(target="checkpoint.pt", data='lr "abc"').via("issue 26 row 8, checked after loading")
+def test_a_damaged_data_folder_latents_cache_or_checkpoint_is_one_line_writing_nothing(
+    target, data, trained, capsys
+):
+    """One file damaged: an image, caption or metadata.jsonl of the data folder (a fresh run), the
+    latents cache (a fresh run in a folder holding it) or the checkpoint (a --resume)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        if target == "data":
+            folder = caption_folder(Path(tmp), n=3)
+            argv = t2i_argv(folder, Path(tmp) / "run")
+            name, content = data.draw(DATA_DAMAGE)
+            write(folder / name, content)
+        else:
+            run, argv = copy_of(trained, tmp, checkpoint=target == "checkpoint.pt")
+            if isinstance(data, str):  # one of CHECKPOINT_DAMAGE
+                saved = torch.load(run / target, weights_only=True)
+                CHECKPOINT_DAMAGE[data][0](saved)
+                name, content = target, saved_bytes(saved)
+            else:
+                name, content = data.draw(run_damage(trained, target))
+            write(run / name, content)
+        one_line(T.main, argv, capsys, Path(tmp))
