@@ -401,7 +401,9 @@ def latents_key(models, cfg, pairs):
     config and weights (the tiny model's depend on --seed), the resolution, and the images' bytes
     in order; the captions are tokenized at each start, so they may change."""
     vae, images = hashlib.sha256(), hashlib.sha256()
-    vae.update(json.dumps(dict(models.vae.config), sort_keys=True, default=str).encode())
+    # without diffusers' own entries: _use_default_values lists a set, in another order each run
+    config = {k: v for k, v in models.vae.config.items() if not k.startswith("_")}
+    vae.update(json.dumps(config, sort_keys=True, default=str).encode())
     for name, weights in models.vae.state_dict().items():
         vae.update(name.encode())
         vae.update(weights.detach().cpu().reshape(-1).view(torch.uint8).numpy())
