@@ -440,8 +440,8 @@ def cached_latents(path, key, shape):
     latents = cache["latents"]
     if latents.dtype != torch.float32 or tuple(latents.shape) != shape:
         raise UserError(
-            f"{path} holds a {str(latents.dtype)[6:]} tensor of shape {tuple(latents.shape)}, "
-            f"not the float32 {shape} of {shape[0]} images' latents; {fix}"
+            f"{path} holds {str(latents.dtype)[6:]} latents of shape {tuple(latents.shape)}, "
+            f"not float32 ones of shape {shape} for {shape[0]} images; {fix}"
         )
     return latents, []
 
@@ -821,8 +821,8 @@ def saved_x_tn(saved, shape):
     x_tn = saved["x_tn"]
     if x_tn.dtype != torch.float32 or tuple(x_tn.shape) != shape:
         raise UserError(
-            f"--resume: the checkpoint's x_tn is a {str(x_tn.dtype)[6:]} tensor of shape "
-            f"{tuple(x_tn.shape)}, not the float32 {shape} of these {shape[0]} images' latents; "
+            f"--resume: the checkpoint's x_tn is {str(x_tn.dtype)[6:]} of shape "
+            f"{tuple(x_tn.shape)}, not float32 of shape {shape} for these {shape[0]} images; "
             "resume with the images it was trained on, or start anew in another --out"
         )
     return x_tn
