@@ -25,8 +25,11 @@ each batch over several.
 
 import argparse
 import contextlib
+import hashlib
 import json
+import math
 import os
+import reprlib
 import shutil
 import signal
 import sys
@@ -423,43 +426,79 @@ def load_models(cfg):
 # 4. Data: a folder of images and captions -> VAE latents (times the scaling factor), computed once.
 # ------------------------------------------------------------------------------------------------
 def read_captions(folder):
-    """(image, caption) pairs: metadata.jsonl's file_name and text (or caption), else name.txt."""
+    """(image, caption) pairs: metadata.jsonl's file_name and text (or caption), else name.txt;
+    every image's header is read (its size, PIL's bomb check) before anything is decoded."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"--data {folder}: no such folder; pass a folder of images with captions")
     meta = folder / "metadata.jsonl"
-    if meta.is_file():
-        return captions_from_jsonl(meta)
-    pairs = []
-    for image in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
-        txt = image.with_suffix(".txt")
-        if not txt.is_file():
-            raise UserError(
-                f"{image} has no caption: write {txt.name} beside it, or a metadata.jsonl"
-            )
-        pairs.append((image, txt.read_text().strip()))
-    if not pairs:
-        raise UserError(f"no {'/'.join(IMAGE_SUFFIXES)} images in {folder}")
+    if meta.exists() or meta.is_symlink():
+        pairs = captions_from_jsonl(meta)
+    else:
+        pairs = []
+        for image in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+            txt = image.with_suffix(".txt")
+            if not txt.is_file():
+                raise UserError(
+                    f"{image} has no caption: write {txt.name} beside it, or a metadata.jsonl"
+                )
+            pairs.append((image, read_text(txt).strip()))
+        if not pairs:
+            raise UserError(f"no {'/'.join(IMAGE_SUFFIXES)} images in {folder}")
+    for image, _ in pairs:
+        A.open_image(image)
     return pairs
+
+
+def read_text(path):
+    """A caption file's text, read as UTF-8 (the encoding of diffusers' datasets)."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(
+            f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8"
+        ) from None
+    except OSError as e:
+        raise UserError(f"cannot read {path} ({type(e).__name__}); restore or remove it") from None
 
 
 def captions_from_jsonl(meta):
     pairs = []
-    for i, line in enumerate(meta.read_text().splitlines()):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            caption = row["text"] if "text" in row else row["caption"]
-            pairs.append((meta.parent / row["file_name"], str(caption)))
-        except (ValueError, KeyError, TypeError):
-            raise UserError(
-                f"{meta} line {i + 1}: expected a JSON object with file_name and text (or caption)"
-            ) from None
+    for i, line in enumerate(read_text(meta).splitlines()):
+        if line.strip():
+            pairs.append(caption_row(meta, i + 1, line))
     missing = [p for p, _ in pairs if not p.is_file()]
     if missing or not pairs:
         raise UserError(f"{meta}: {missing[0] if missing else 'no rows'}; list the folder's images")
     return pairs
+
+
+def caption_row(meta, number, line):
+    """One metadata.jsonl line: a JSON object whose file_name and text (or caption) are strings."""
+    where, fix = f"{meta} line {number}", "write a JSON object with file_name and text strings"
+    try:
+        row = json.loads(line)
+    except (ValueError, RecursionError) as e:  # RecursionError: nested too deep
+        raise UserError(f"{where} is not JSON ({type(e).__name__}); {fix}") from None
+    if not isinstance(row, dict):
+        raise UserError(f"{where} holds {reprlib.repr(row)}, not an object; {fix}")
+    for key in ("file_name", "text" if "text" in row else "caption"):
+        if not isinstance(row.get(key), str):
+            what = f"its {key} is {reprlib.repr(row[key])}" if key in row else f"it has no {key}"
+            raise UserError(f"{where}: {what}, not a string; {fix}")
+    return meta.parent / row["file_name"], row["text" if "text" in row else "caption"]
+
+
+def rgb8(im):
+    """A PIL image as uint8 RGB pixels. 16-bit greyscale (modes I;16*, and I in older Pillow) is
+    scaled to 8 bits, 65535 -> 255, where PIL's convert would clip it at 255; other modes
+    (greyscale, palette, alpha) convert as diffusers' scripts convert them."""
+    if im.mode == "I" or im.mode.startswith("I;16"):
+        grey = np.asarray(im).astype(np.int64)
+        if grey.min() < 0 or grey.max() > 65535:
+            raise ValueError(f"mode {im.mode} with values outside 0-65535")
+        return np.repeat(np.rint(grey / 257).astype(np.uint8)[..., None], 3, axis=-1)
+    return np.asarray(im.convert("RGB"))
 
 
 def load_image(path, resolution):
@@ -467,9 +506,13 @@ def load_image(path, resolution):
     from PIL import Image
 
     try:
-        im = Image.open(path).convert("RGB")
-    except OSError as err:
-        raise UserError(f"cannot read image {path} ({err}); remove or replace it") from None
+        with Image.open(path) as im:
+            pixels = rgb8(im)
+    except Exception as e:  # read_captions read the header; the pixels may still be damaged
+        raise UserError(
+            f"cannot read image {path} ({type(e).__name__}); remove or replace it"
+        ) from None
+    im = Image.fromarray(pixels)
     scale = resolution / min(im.size)
     w, h = max(resolution, round(im.width * scale)), max(resolution, round(im.height * scale))
     im = im.resize((w, h), Image.BILINEAR)
@@ -488,25 +531,94 @@ def encode_latents(models, paths, resolution, device, batch=8):
     return torch.cat(out) * models.vae.config.scaling_factor
 
 
-def cached_latents(models, pairs, cfg, out, device, log):
-    """out/latents.pt holds the latents for this folder and resolution, computed only once."""
-    path, files = Path(out) / "latents.pt", [str(p) for p, _ in pairs]
-    if path.is_file():
-        # weights_only: a cache copied from elsewhere runs no code (one that needs more is refused)
-        need = dict(latents=torch.Tensor, files=list, resolution=int)
-        cache = A.load_checkpoint(path, need=need, fix="delete it to encode the images again")
-        if cache["files"] == files and cache["resolution"] == cfg.resolution:
-            return cache["latents"]
-        log(f"{path} is for other images or another resolution: encoding again")
-    t0 = time.time()
-    latents = encode_latents(models, [p for p, _ in pairs], cfg.resolution, device)
-    torch.save(dict(latents=latents, files=files, resolution=cfg.resolution), str(path) + ".tmp")
-    os.replace(str(path) + ".tmp", path)
-    log(
-        f"encoded {len(files)} images to latents {tuple(latents.shape[1:])} "
-        f"in {time.time() - t0:.0f} s"
+def latents_key(models, cfg, pairs):
+    """What the latents are made of, each part of which changes them: the model named, its VAE's
+    config and weights (the tiny model's depend on --seed), the resolution, and the images' bytes
+    in order; the captions are tokenized at each start, so they may change."""
+    vae, images = hashlib.sha256(), hashlib.sha256()
+    # without diffusers' own entries: _use_default_values lists a set, in another order each run
+    config = {k: v for k, v in models.vae.config.items() if not k.startswith("_")}
+    vae.update(json.dumps(config, sort_keys=True, default=str).encode())
+    for name, weights in models.vae.state_dict().items():
+        vae.update(name.encode())
+        vae.update(weights.detach().cpu().reshape(-1).view(torch.uint8).numpy())
+    for image, _ in pairs:
+        content = image.read_bytes()  # read_captions opened each one
+        images.update(len(content).to_bytes(8, "little") + content)
+    return dict(
+        pretrained=cfg.pretrained,
+        vae=vae.hexdigest(),
+        resolution=cfg.resolution,
+        images=images.hexdigest(),
     )
-    return latents
+
+
+def latents_shape(models, cfg, count):
+    side = cfg.resolution // models.vae_factor
+    return (count, models.vae.config.latent_channels, side, side)
+
+
+def cached_latents(path, key, shape):
+    """(latents, []) from path when it was made from what `key` names, once checked against
+    `shape`; else None and the parts of the key that differ (none: no cache, or one made before
+    caches had keys), to be encoded again. Writes nothing."""
+    fix = "delete it to encode the images again"
+    if not (path.exists() or path.is_symlink()):
+        return None, []
+    if not path.is_file():
+        raise UserError(f"{path} is not a file; {fix}")
+    # weights_only: a cache copied from elsewhere runs no code (one that needs more is refused)
+    cache = A.load_checkpoint(path, need=dict(latents=torch.Tensor), fix=fix)
+    old = cache.get("key")
+    if old != key:
+        return None, [k for k in key if isinstance(old, dict) and old.get(k) != key[k]]
+    latents = cache["latents"]
+    if latents.dtype != torch.float32 or tuple(latents.shape) != shape:
+        raise UserError(
+            f"{path} holds {str(latents.dtype)[6:]} latents of shape {tuple(latents.shape)}, "
+            f"not float32 ones of shape {shape} for {shape[0]} images; {fix}"
+        )
+    return latents, []
+
+
+def prepare_latents(models, pairs, cfg, out, saved, device):
+    """x_0 from out/latents.pt, or encoded (every image decoded, nothing written yet), and x_tn
+    from the checkpoint, or drawn; with the cache still to save and its log line (None: cached)."""
+    shape, key = latents_shape(models, cfg, len(pairs)), latents_key(models, cfg, pairs)
+    latents, other = cached_latents(out / "latents.pt", key, shape)
+    if saved and other:
+        raise UserError(
+            f"--resume: {out / 'latents.pt'} was made from another {', '.join(other)} than this "
+            "run's: resume with the images and model it was trained on, or start anew"
+        )
+    x_tn, cache = saved_x_tn(saved, shape), None
+    if latents is None:
+        t0 = time.time()
+        latents = encode_latents(models, [p for p, _ in pairs], cfg.resolution, device)
+        bad = (~latents.flatten(1).isfinite().all(1)).nonzero().flatten().tolist()
+        if bad:
+            raise UserError(
+                f"the VAE encoded {len(bad)} images to latents that are not finite (the first: "
+                f"{pairs[bad[0]][0]}); check --pretrained's VAE (its weights and dtype)"
+            )
+        why = f" ({out / 'latents.pt'} was made from another {', '.join(other)})" if other else ""
+        note = f"encoded {len(pairs)} images to latents {shape[1:]} in {time.time() - t0:.0f} s"
+        cache = dict(latents=latents, key=key), note + why
+    if x_tn is None:
+        x_tn = make_noisy_latents(latents, models.scheduler, cfg.tn, cfg.seed)
+    return latents, x_tn, cache
+
+
+def save_atomic(obj, path):
+    """torch.save to path.tmp, then rename: a run stopped or failing midway keeps the last file
+    and leaves no .tmp behind."""
+    tmp = Path(str(path) + ".tmp")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:  # KeyboardInterrupt too: SIGTERM arrives as one (ambient.main)
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 # ------------------------------------------------------------------------------------------------
@@ -518,9 +630,8 @@ class TrainData:
     latents: torch.Tensor  # x_0, the VAE latents times the scaling factor
     x_tn: torch.Tensor  # line 1's one noisy copy per latent; fixed for the whole run
     ids: torch.Tensor  # each image's caption, tokenized
-    empty_ids: (
-        torch.Tensor
-    )  # the empty prompt: caption dropout's and guidance's unconditional input
+    # the empty prompt: caption dropout's and guidance's unconditional input
+    empty_ids: torch.Tensor
     captions: list = None  # each image's caption, for --caption-aug
 
 
@@ -560,26 +671,42 @@ def training_state(unet, cfg, device, saved=None, rank=0, world=1):
     if saved is not None:
         try:
             unet.load_state_dict(saved["unet"])
-            opt.load_state_dict(saved["opt"])
-            state.gen.set_state(saved["rng"].cpu())
-            state.noise_gen.set_state(saved["noise_rng"].cpu())
-            if torch.is_tensor(saved.get("caption_rng")):  # runs before --caption-aug lack it
-                state.caption_gen.set_state(saved["caption_rng"].cpu())
-            if fp16 and saved.get("scaler"):  # an fp16 run's loss scale; {} in other runs
-                state.scaler.load_state_dict(saved["scaler"])
-        except (RuntimeError, ValueError, KeyError, TypeError) as err:
+        except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as err:
             raise UserError(
-                f"--resume: the checkpoint does not fit this model or device "
-                f"({type(err).__name__}); "
-                "resume with the same --pretrained on the same device type"
+                f"--resume: the checkpoint's unet does not fit this model ({type(err).__name__}); "
+                "resume with the same --pretrained"
             ) from None
+        # step, generator states and optimizer state against the live ones, before any is used;
+        # caption_rng: runs before --caption-aug lack it
+        generators = dict(rng=state.gen, noise_rng=state.noise_gen, caption_rng=state.caption_gen)
+        A.check_training_entries(saved, opt, generators)
+        opt.load_state_dict(saved["opt"])
+        for name, gen in generators.items():
+            if name in saved:
+                gen.set_state(saved[name].cpu())
+        if fp16 and saved.get("scaler"):  # an fp16 run's loss scale; {} in other runs
+            load_scaler(state.scaler, saved["scaler"])
         state.step = saved["step"]
     return state
 
 
+def load_scaler(scaler, saved):
+    """An fp16 run's GradScaler state from its checkpoint, checked first: a positive finite scale,
+    positive factors and counts."""
+    keys = dict(scale=float, growth_factor=float, backoff_factor=float, growth_interval=int)
+    keys["_growth_tracker"] = int
+    ok = isinstance(saved, dict) and all(type(saved.get(k)) is t for k, t in keys.items())
+    if not ok or not all(0 <= saved[k] < math.inf for k in keys) or not saved["scale"] > 0:
+        raise UserError(
+            f"--resume: the checkpoint's scaler is {reprlib.repr(saved)}, not an fp16 loss "
+            "scale's state; restore checkpoint.pt from a copy, or start anew in another --out"
+        )
+    scaler.load_state_dict(saved)
+
+
 def save_checkpoint(state, data, cfg, path):
-    """torch.save to a temporary file, then rename: a run killed mid-write keeps the last one."""
-    torch.save(
+    """Atomic (save_atomic): a run stopped mid-write keeps the last one."""
+    save_atomic(
         dict(
             unet=state.unet.state_dict(),
             opt=state.opt.state_dict(),
@@ -591,9 +718,8 @@ def save_checkpoint(state, data, cfg, path):
             x_tn=data.x_tn.cpu(),
             config=cfg.saved(),
         ),
-        str(path) + ".tmp",
+        path,
     )
-    os.replace(str(path) + ".tmp", path)
 
 
 def global_batch(models, data, state, cfg):
@@ -647,6 +773,27 @@ def train_step(models, data, state, cfg):
     return totals[0] / max(kept, 1), kept
 
 
+def check_finite(state, loss, cfg, first):
+    """Stops the run at a loss or weights that are not finite, before a checkpoint keeps them,
+    naming which and the setting to change (`first`: the step this start began at)."""
+    weights = A.weights_finite(state.unet)
+    if weights and torch.isfinite(loss):
+        return
+    again = "start again with a lower"
+    if not weights:
+        what = f"the weights are not finite after step {state.step}"
+        fix = f"{again} --lr ({cfg.lr:g}) or --max-grad-norm ({cfg.max_grad_norm:g})"
+    elif state.step == first + 1:  # from the weights as loaded: the inputs overflow
+        what = f"the loss is not finite at step {state.step}, the first from the loaded weights"
+        fix = (
+            f"{again} --text-noise ({cfg.text_noise:g})" if cfg.text_noise else "check --pretrained"
+        )
+    else:
+        what = f"the loss is not finite at step {state.step}: the updates overflowed the weights"
+        fix = f"{again} --lr ({cfg.lr:g})"
+    raise UserError(f"{what}; {fix} (the last checkpoint is kept)")
+
+
 def train(models, data, state, cfg, out=None, log=print):
     """Steps until cfg.iters, logging and checkpointing into the folder `out` (None: nothing)."""
     models.unet.train()
@@ -657,12 +804,9 @@ def train(models, data, state, cfg, out=None, log=print):
         except torch.cuda.OutOfMemoryError:
             raise UserError(out_of_memory(cfg, state.step + 1)) from None
         state.step, kept = state.step + 1, kept + k
-        if not torch.isfinite(loss):
-            raise UserError(
-                f"the loss is not finite at step {state.step}; the last checkpoint is kept. "
-                "Lower --lr, then --resume"
-            )
         last = state.step == cfg.iters
+        if not torch.isfinite(loss) or state.step % cfg.ckpt_every == 0 or last:
+            check_finite(state, loss, cfg, first)
         if state.step % cfg.log_every == 0 or last:
             rate = (state.step - first) * cfg.batch / (time.time() - t0)
             log(
@@ -728,6 +872,10 @@ def generate(models, prompts, cfg, out, log=print):
             cfg.seed + i,
             cfg.resolution,
         )
+        if x.isnan().any():  # an image of NaN would be saved black
+            finite = A.weights_finite(models.unet)
+            why = f"lower --guidance ({cfg.guidance:g})" if finite else "the weights are not"
+            raise UserError(f"the samples of prompt {i + 1} are not finite: {why}")
         for k, im in enumerate(x):
             save_image((im + 1) / 2, folder / f"{i:05d}_{k}.png")
         images.append(((x + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy())
@@ -854,7 +1002,10 @@ class Config:
     device: str = option("auto", "auto (cuda if there is one), cpu, cuda, ...", saved=False)
     data_path: str = None  # not a flag: the resolved data folder, which a resume compares
     LEGACY = {}
+    KINDS = A.Config.KINDS
 
+    # typed as ambient.py's: each setting of its type, numbers finite and below 2^31, choices kept
+    __post_init__ = A.Config.__post_init__
     saved = A.Config.saved
     differences = A.Config.differences
     from_saved = classmethod(A.Config.from_saved.__func__)
@@ -910,19 +1061,6 @@ def check_model(cfg, models):
         )
 
 
-def prepare_data(models, pairs, cfg, out, saved, device, log):
-    latents = cached_latents(models, pairs, cfg, out, device, log).to(device)
-    x_tn = (
-        saved["x_tn"]
-        if saved
-        else make_noisy_latents(latents.cpu(), models.scheduler, cfg.tn, cfg.seed)
-    )
-    captions = [c for _, c in pairs]
-    ids = tokenize(models.tokenizer, captions).to(device)
-    empty = tokenize(models.tokenizer, [""]).to(device)
-    return TrainData(latents, x_tn.to(device), ids, empty, captions)
-
-
 def distributed(device):
     """(rank, world size, this process's device). Under torchrun (WORLD_SIZE > 1) the first call
     joins the process group: nccl with one GPU a process (LOCAL_RANK) on CUDA, gloo on a CPU."""
@@ -973,28 +1111,41 @@ def export_unet(unet, folder):
     unet.save_pretrained(folder)
 
 
-def run(cfg):
-    """Fine-tune as cfg says, then sample the prompts; returns the run folder. Under torchrun each
-    process trains on its share of every batch and only the first writes (checkpoints, samples)."""
-    rank, world, device = distributed(A.pick_device(cfg.device))
-    if cfg.batch % (world * cfg.accumulate):
+def usable_device(name):
+    """ambient.py's pick_device, once a tensor is made and read back there (meta holds no data)."""
+    device = A.pick_device(name)
+    try:
+        torch.zeros(1, device=device).cpu()
+    except Exception as e:  # meta: NotImplementedError; a backend this build lacks: RuntimeError
         raise UserError(
-            f"--batch {cfg.batch} does not split into {world} processes x {cfg.accumulate} "
-            f"micro-batches (--accumulate); use a multiple of {world * cfg.accumulate}"
+            f"--device {name} cannot hold tensors ({type(e).__name__}); use auto, cpu or cuda"
+        ) from None
+    return device
+
+
+def saved_x_tn(saved, shape):
+    """The checkpoint's noisy latents, one per image, of the latents' shape (None: a fresh run)."""
+    if saved is None:
+        return None
+    x_tn = saved["x_tn"]
+    if x_tn.dtype != torch.float32 or tuple(x_tn.shape) != shape:
+        raise UserError(
+            f"--resume: the checkpoint's x_tn is {str(x_tn.dtype)[6:]} of shape "
+            f"{tuple(x_tn.shape)}, not float32 of shape {shape} for these {shape[0]} images; "
+            "resume with the images it was trained on, or start anew in another --out"
         )
-    if cfg.export and Path(cfg.export).is_file():
-        raise UserError(f"--export {cfg.export} is a file; pass a folder for the UNet")
-    pairs = read_captions(cfg.data)
-    prompts = read_prompts(cfg.prompts) if cfg.prompts else None
-    cfg.data_path = str(Path(cfg.data).resolve())
-    models = load_models(cfg)
-    check_model(cfg, models)
-    out = Path(cfg.out or Path("runs") / f"t2i-{Path(cfg.data_path).name}-tn{cfg.tn}")
-    tensor = torch.Tensor
-    need = dict(unet=dict, opt=dict, step=int, rng=tensor, noise_rng=tensor, x_tn=tensor)
-    saved = A.open_run(cfg, out, device, need)
-    out.mkdir(parents=True, exist_ok=True)
-    logfile = open(out / "log.txt", "a") if rank == 0 else None
+    return x_tn
+
+
+def open_log(out):
+    """Makes the run folder, removes what a killed save left, and returns the log function."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        logfile = open(out / "log.txt", "a")
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot write there ({type(e).__name__})") from None
+    for tmp in out.glob("*.pt.tmp"):  # a run killed (SIGKILL) while saving
+        tmp.unlink()
 
     def log(msg):
         if logfile:
@@ -1002,13 +1153,54 @@ def run(cfg):
             logfile.write(msg + "\n")
             logfile.flush()
 
+    return log
+
+
+def read_run(cfg, device):
+    """The captioned images, prompts, run folder, models and the checkpoint a --resume continues
+    (else None), each checked; nothing is written."""
+    pairs = read_captions(cfg.data)
+    prompts = read_prompts(cfg.prompts) if cfg.prompts else None
+    cfg.data_path = str(Path(cfg.data).resolve())
+    out = Path(cfg.out or Path("runs") / f"t2i-{Path(cfg.data_path).name}-tn{cfg.tn}")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; pass a folder for the run")
+    models = load_models(cfg)
+    check_model(cfg, models)
+    tensor = torch.Tensor
+    need = dict(unet=dict, opt=dict, step=int, rng=tensor, noise_rng=tensor, x_tn=tensor)
+    return pairs, prompts, out, models, A.open_run(cfg, out, device, need)
+
+
+def run(cfg):
+    """Fine-tune as cfg says, then sample the prompts; returns the run folder. Every input is read
+    and checked before anything is written. Under torchrun each process trains on its share of
+    every batch and only the first writes (latents, checkpoints, samples)."""
+    rank, world, device = distributed(usable_device(cfg.device))
+    if cfg.batch % (world * cfg.accumulate):
+        raise UserError(
+            f"--batch {cfg.batch} does not split into {world} processes x {cfg.accumulate} "
+            f"micro-batches (--accumulate); use a multiple of {world * cfg.accumulate}"
+        )
+    if cfg.export and Path(cfg.export).is_file():
+        raise UserError(f"--export {cfg.export} is a file; pass a folder for the UNet")
+    pairs, prompts, out, models, saved = read_run(cfg, device)
     models.to(device)
     checkpointing = prepare_unet(models.unet, cfg)
+    state = training_state(models.unet, cfg, device, saved, rank, world)
     if rank > 0:  # the first process encodes and caches the latents; the others then read them
         torch.distributed.barrier()
-    data = prepare_data(models, pairs, cfg, out, saved, device, log)
+    latents, x_tn, cache = prepare_latents(models, pairs, cfg, out, saved, device)
+    log = open_log(out) if rank == 0 else lambda msg: None
+    if cache and rank == 0:
+        save_atomic(cache[0], out / "latents.pt")
+        log(cache[1])
     if rank == 0 and world > 1:
         torch.distributed.barrier()
+    captions = [c for _, c in pairs]
+    ids = tokenize(models.tokenizer, captions).to(device)
+    empty = tokenize(models.tokenizer, [""]).to(device)
+    data = TrainData(latents.to(device), x_tn.to(device), ids, empty, captions)
     if rank == 0:
         (out / "config.json").write_text(json.dumps(cfg.saved(), indent=1))
     sigma_tn = float(sigma_of(models.scheduler, cfg.tn)) if cfg.tn else 0.0
@@ -1020,7 +1212,6 @@ def run(cfg):
         f"{str(precision).replace('torch.', '') if precision else 'off'}, gradient checkpointing "
         f"{'on' if checkpointing else 'off'}, {cfg.accumulate} micro-batch(es) a step"
     )
-    state = training_state(models.unet, cfg, device, saved, rank, world)
     train(models, data, state, cfg, out if rank == 0 else None, log)
     if prompts and rank == 0:
         generate(models, prompts, cfg, out, log)
