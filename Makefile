@@ -82,10 +82,13 @@ gpu-data:
 	mkdir -p $(GPU_DATA)/data $(GPU_DATA)/judge
 	cp ../shared/data/cifar10_train_png4000.npz ../shared/data/cifar10_test_png1000.npz $(GPU_DATA)/data/
 	cp ../shared/judge/judge.py ../shared/judge/cifar10_judge.pt ../shared/judge/README.md $(GPU_DATA)/judge/
+	# gpu_check.sh t2i: the GPU image has transformers and huggingface-hub but not diffusers
+	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: -d $(GPU_DATA)/whl \
+	    diffusers==0.42.1 importlib_metadata==10.2.0
 
 # The one-call GPU check (within one 600 s call on an H200; NOTES.md's GPU section): gpu_check.sh,
-# which runs without make too: the trio first, then the CUDA tests and bench rows with what is left.
-# MODE=resume: a second call continues the trio toward 7.68M images. RESULTS=DIR receives the logs,
-# table1.md/.json/.png and trio.json.
+# which runs without make too: the trio's CUDA tests, the trio, then the bench rows with what is
+# left. MODE=resume: a second call continues the trio toward 7.68M images; MODE=t2i: SD-2's training
+# step's peak memory and img/s. RESULTS=DIR receives the logs and reports.
 gpu-check:
 	PYTHON=$(PYTHON) bash gpu_check.sh $(or $(RESULTS),runs/gpu-check) $(MODE)
