@@ -10,13 +10,25 @@ PY     := $(VENV)/bin/python
 export MALLOC_MMAP_THRESHOLD_ ?= 1000000000000
 export MALLOC_TRIM_THRESHOLD_ ?= 1000000000000
 
-.PHONY: demo test train repro-cpu bench repro-gpu gpu-data gpu-check clean
+.PHONY: demo test train repro-cpu bench repro-gpu gpu-data gpu-check clean constraints
 
-$(VENV)/.installed: requirements.txt requirements-t2i.txt
+$(VENV)/.installed: requirements.txt requirements-t2i.txt constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements.txt -r requirements-t2i.txt
+	$(PY) -m pip install --quiet -r requirements.txt -r requirements-t2i.txt -c constraints.txt
 	touch $@
+
+# constraints.txt: the versions of every package the tests passed with (pip freeze of a venv built
+# from requirements*.txt alone). Versions, not builds: pip takes a CPU or a CUDA build of torch as
+# the machine has it. `make constraints` resolves the newest versions anew; then run make test.
+constraints:
+	rm -rf .venv-lock
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install --quiet --upgrade pip
+	.venv-lock/bin/python -m pip install --quiet -r requirements.txt -r requirements-t2i.txt
+	{ sed -n '/^#/p' constraints.txt; .venv-lock/bin/python -m pip freeze; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
+	rm -rf .venv-lock
 
 # DDPM and Algorithm 1 (sigma_tn = 1) under its two loss weights on 16 bundled CIFAR-10 images at 8x8
 # (tiny preset, CPU), each scored after 32k and, resumed, after 96k images seen: how far each method
