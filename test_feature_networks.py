@@ -181,6 +181,23 @@ def test_sscd_input_is_dcrs_resize_crop_and_half_normalisation():
     assert flat.shape == (2, 3, 224, 224) and torch.allclose(
         flat, torch.tensor(102 / 255 / 0.5 - 1)
     )
+    # DCR's own transform (torchvision on PIL images), on images taller and wider than square
+    from PIL import Image
+    from torchvision import transforms
+
+    dcr = transforms.Compose(
+        [
+            transforms.Resize(256),
+            transforms.CenterCrop(224),
+            transforms.ToTensor(),
+            transforms.Normalize(0.5, 0.5),
+        ]
+    )
+    rng = np.random.default_rng(5)
+    for h, w in ((300, 457), (457, 300)):
+        image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 127.5 - 1
+        assert torch.allclose(N.sscd_input(x)[0], dcr(Image.fromarray(image)), atol=1e-6)
 
 
 def test_sscd_loads_a_bare_torchvision_state_dict_weights_only_and_gives_unit_descriptors(tmp_path):

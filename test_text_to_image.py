@@ -754,8 +754,8 @@ def test_a_latents_cache_holding_a_pickled_callable_is_refused_and_never_runs(tm
 # score: Table 5's columns (Sim, 95%, CLIP, FID), the training images streamed in chunks.
 # ------------------------------------------------------------------------------------------------
 def test_clip_score_is_100_times_the_cosine_clipped_at_0():
-    """torchmetrics' convention: identical directions 100, orthogonal 0, opposite 0 (not -100),
-    cos 1/2 gives 50, whatever the embeddings' lengths."""
+    """Each pair clipped (Hessel et al.): identical directions 100, orthogonal 0, opposite 0 (not
+    -100), cos 1/2 gives 50, whatever the embeddings' lengths."""
     image = torch.tensor([[3.0, 0.0], [0.0, 2.0], [1.0, 0.0], [2.0, 0.0]])
     text = torch.tensor([[0.5, 0.0], [1.0, 0.0], [-4.0, 0.0], [1.0, 3.0**0.5]])
     assert torch.allclose(T.clip_score(image, text), torch.tensor([100.0, 0, 0, 50], dtype=f64))

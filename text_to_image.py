@@ -1400,8 +1400,9 @@ COPY_THRESHOLD = 0.5  # DCR's sim_gt_05pc: the share of samples with a similarit
 
 
 def clip_score(image_emb, text_emb):
-    """Each pair's 100 max(cos(image, text), 0), torchmetrics' CLIPScore convention; the score
-    is their mean."""
+    """Each pair's 100 max(cos(image, text), 0): Hessel et al.'s CLIPScore with 100 for its 2.5;
+    the score is their mean. torchmetrics' CLIPScore clips the mean instead: the same whenever no
+    cosine is negative."""
     cos = (F.normalize(image_emb.double(), dim=-1) * F.normalize(text_emb.double(), dim=-1)).sum(-1)
     return 100 * cos.clamp(min=0)
 
@@ -1904,7 +1905,7 @@ def table5_markdown(rows, nets):
     notes = [
         f"Sim: each sample's top-1 cosine to the {r['train_images']} training images, averaged; "
         f"95%: its 95th percentile. {nets.similarity_recipe}",
-        "CLIP: 100 max(cos(image, caption), 0) averaged (torchmetrics' CLIPScore), "
+        "CLIP: 100 max(cos(image, caption), 0) averaged (Hessel et al.'s CLIPScore, w = 100), "
         f"{nets.clip.name}",
         f"FID of the samples against the training images: {nets.fid_recipe} (fewer than 50,000 "
         "samples bias it upwards)",
