@@ -631,6 +631,19 @@ def test_two_process_ddp_step_equals_the_one_process_step(tmp_path):
     # by lr g / (|g| + 1e-8): where |g| is near 1e-8, the sum's rounding moves them.)
     moments = [[s["exp_avg"] for s in c["opt"]["state"].values()] for c in (one, both)]
     assert all((g - h).abs().max() <= 1e-4 * g.abs().max() for g, h in zip(*moments, strict=True))
+    # the first process fails in its own part (its latents cache is a folder): both stop, exit 2
+    (tmp_path / "three" / "latents.pt").mkdir(parents=True)
+    three = argv + ["--out", str(tmp_path / "three")]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = [fork.Process(target=ddp_process, args=(rank, port, three)) for rank in range(2)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(60)
+        proc.kill()
+    assert [proc.exitcode for proc in procs] == [2, 2]
 
 
 def test_gpu_check_runs_the_training_step_on_the_tiny_model(tmp_path, capsys):

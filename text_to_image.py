@@ -1082,6 +1082,17 @@ def distributed(device):
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def first_rank_done(world, error=None):
+    """Under torchrun: the first process's outcome of its part (an error's message, or None)
+    reaches every process, and each raises the error, so that none waits at a barrier for a process
+    that has stopped."""
+    box = [error]
+    if world > 1:
+        torch.distributed.broadcast_object_list(box, src=0)
+    if box[0]:
+        raise UserError(box[0])
+
+
 def use_checkpointing(setting, unet):
     """--grad-checkpointing auto: on above CHECKPOINTING_ABOVE parameters (NOTES.md)."""
     if setting == "auto":
@@ -1188,15 +1199,20 @@ def run(cfg):
     models.to(device)
     checkpointing = prepare_unet(models.unet, cfg)
     state = training_state(models.unet, cfg, device, saved, rank, world)
-    if rank > 0:  # the first process encodes and caches the latents; the others then read them
-        torch.distributed.barrier()
-    latents, x_tn, cache = prepare_latents(models, pairs, cfg, out, saved, device)
-    log = open_log(out) if rank == 0 else lambda msg: None
-    if cache and rank == 0:
-        save_atomic(cache[0], out / "latents.pt")
-        log(cache[1])
-    if rank == 0 and world > 1:
-        torch.distributed.barrier()
+    if rank == 0:  # the first process encodes and caches the latents; the others then read them
+        try:
+            latents, x_tn, cache = prepare_latents(models, pairs, cfg, out, saved, device)
+            log = open_log(out)
+            if cache:
+                save_atomic(cache[0], out / "latents.pt")
+                log(cache[1])
+        except UserError as e:
+            first_rank_done(world, str(e))
+        first_rank_done(world)
+    else:
+        first_rank_done(world)
+        latents, x_tn, _ = prepare_latents(models, pairs, cfg, out, saved, device)
+        log = lambda msg: None  # noqa: E731 (only the first process logs)
     captions = [c for _, c in pairs]
     ids = tokenize(models.tokenizer, captions).to(device)
     empty = tokenize(models.tokenizer, [""]).to(device)
