@@ -923,10 +923,6 @@ class Member:
     state: A.TrainState
     folder: Path
 
-    def log(self, msg):
-        with open(self.folder / "log.txt", "a") as f:
-            f.write(msg + "\n")
-
 
 def trio_member(name, cfg, S, indices, out, saved=None):
     """Set up as ambient.run sets up a run: the same seed before the network, so the three start
@@ -940,7 +936,6 @@ def trio_member(name, cfg, S, indices, out, saved=None):
     if saved is None:
         (folder / "config.json").write_text(json.dumps(cfg.saved(), indent=1))
         (folder / "indices.json").write_text(json.dumps(indices.tolist()))
-        (folder / "log.txt").write_text("")
     return Member(name, cfg, method, state, folder)
 
 
