@@ -722,6 +722,87 @@ def load_checkpoint(path, device="cpu", need=None, fix="restore it from a copy")
     return saved
 
 
+RESUME_FIX = "restore checkpoint.pt from a copy, or start again without --resume in another --out"
+
+
+def described(value):
+    if torch.is_tensor(value):
+        return f"a {str(value.dtype)[6:]} tensor of shape {tuple(value.shape)}"
+    return f"{type(value).__name__} {reprlib.repr(value)}"
+
+
+def check_training_entries(saved, opt, generators, fix=RESUME_FIX):
+    """A checkpoint's training entries, checked before anything uses them (load_state_dict and
+    set_state trust what they get: a moment of the wrong shape crashes fused Adam): saved['step'],
+    saved[name] against each torch.Generator in `generators` (of the kind whose state it restores;
+    names the checkpoint lacks are skipped) and saved['opt'] against the live optimizer `opt`.
+    Raises UserError, one line naming the entry, then `fix`."""
+
+    def refuse(entry, problem):
+        raise UserError(f"--resume: the checkpoint's {entry} {problem}; {fix}")
+
+    step = saved.get("step")
+    if type(step) is not int or not 0 <= step < 2**31:
+        refuse("step", f"is {described(step)}, not an integer from 0 to 2^31")
+    for name, gen in ((k, g) for k, g in generators.items() if k in saved):
+        state, size = saved[name], len(gen.get_state())
+        if not (torch.is_tensor(state) and state.dtype == torch.uint8 and state.shape == (size,)):
+            kind = f"the {size} bytes of a {gen.device.type} generator's state"
+            refuse(name, f"is {described(state)}, not {kind} (resume on the device that saved it)")
+        try:
+            torch.Generator(gen.device).set_state(state.cpu())  # random bytes fail mt19937's check
+        except RuntimeError as e:
+            refuse(name, f"is not a generator's state ({str(e).strip()[:80]})")
+    check_optimizer_state(saved.get("opt"), opt, refuse)
+
+
+def same(value, like):
+    """Equal, with the same types, element by element: no tensor's == decides."""
+    if isinstance(like, (tuple, list)):
+        return type(value) is type(like) and len(value) == len(like) and all(map(same, value, like))
+    return type(value) is type(like) and value == like
+
+
+def check_optimizer_state(saved, opt, refuse):
+    """saved: an optimizer's state_dict, against the live `opt` that the run's config made: each
+    group's settings as opt's (flags torch fills in may be absent), its lr finite and >= 0, and per
+    parameter a step >= 0 and finite floating moments of the parameter's shape (all of Adam's, for
+    Adam and AdamW). refuse(entry, problem) raises."""
+    live, params = opt.state_dict(), [p for g in opt.param_groups for p in g["params"]]
+    groups = saved.get("param_groups") if isinstance(saved, dict) else None
+    if not (isinstance(groups, list) and isinstance(saved.get("state"), dict)):
+        refuse("opt", f"is {described(saved)}, not an optimizer's state_dict")
+    if len(groups) != len(live["param_groups"]) or not all(isinstance(g, dict) for g in groups):
+        refuse("opt", f"does not hold {len(live['param_groups'])} parameter group(s)")
+    owner = {}  # parameter number -> its saved group
+    for i, (group, fresh) in enumerate(zip(groups, live["param_groups"], strict=True)):
+        owner.update(dict.fromkeys(fresh["params"], group))
+        lr = group.get("lr")
+        if type(lr) not in (int, float) or not 0 <= lr < math.inf:
+            refuse(f"opt group {i} lr", f"is {described(lr)}, not a finite number >= 0")
+        for key, like in fresh.items():
+            flag = like is None or isinstance(like, bool)
+            if key != "lr" and (key in group or not flag) and not same(group.get(key), like):
+                wrong = (
+                    f"is {described(group.get(key))}, not {like!r} as this run's optimizer has it"
+                )
+                refuse(f"opt group {i} {key}", wrong)
+    for k, entries in saved["state"].items():
+        if k not in owner or not isinstance(entries, dict):
+            refuse("opt state", f"has an entry {reprlib.repr(k)} for no parameter")
+        amsgrad = owner[k].get("amsgrad") is True
+        adam = {"step", "exp_avg", "exp_avg_sq"} | ({"max_exp_avg_sq"} if amsgrad else set())
+        if isinstance(opt, torch.optim.Adam) and set(entries) != adam:
+            refuse(f"opt state of parameter {k}", f"holds {sorted(entries)}, not {sorted(adam)}")
+        for key, v in entries.items():
+            shape = () if key == "step" else params[k].shape
+            ok = torch.is_tensor(v) and v.is_floating_point() and v.shape == shape
+            signed = key not in ("step", "exp_avg_sq", "max_exp_avg_sq")
+            if not (ok and v.isfinite().all() and (signed or (v >= 0).all())):
+                kind = f"a finite float tensor of shape {tuple(shape)}" + " >= 0" * (not signed)
+                refuse(f"opt state of parameter {k} {key}", f"is {described(v)}, not {kind}")
+
+
 def training_state(net, cfg, pixels, saved=None):
     """A fresh TrainState for `net`, or the one a checkpoint (`saved`) holds."""
     device = next(net.parameters()).device
@@ -732,21 +813,18 @@ def training_state(net, cfg, pixels, saved=None):
         torch.Generator(device).manual_seed(cfg.seed + 2),
     )
     if saved is not None:
-        rng = saved["rng"]
-        if rng.dtype != torch.uint8 or rng.numel() != state.gen.get_state().numel():
-            raise UserError(
-                "--resume: the checkpoint's random state is from another device type; resume on it"
-            )
         try:
             net.load_state_dict(saved["net"])
             state.ema.load_state_dict(saved["ema"])
-            state.opt.load_state_dict(saved["opt"])
         except (RuntimeError, ValueError, KeyError, TypeError):
             raise UserError(
                 "--resume: the checkpoint holds another network; "
                 "resume it with the script that trained it"
             ) from None
-        state.gen.set_state(rng.cpu())
+        generators = dict(rng=state.gen, dropout_rng=torch.Generator(device))
+        check_training_entries(saved, state.opt, generators)
+        state.opt.load_state_dict(saved["opt"])
+        state.gen.set_state(saved["rng"].cpu())
         if "dropout_rng" in saved:  # runs before 763cef1 have none
             global_rng(device, saved["dropout_rng"])
         state.step = saved["step"]
@@ -1227,6 +1305,7 @@ def run(cfg, method, make_step=eager_step, main_process=True):
     S = prepare(images[indices], cfg.resolution).to(device)
     method.use_data(S, saved)
     net = method.network().to(device)
+    state = training_state(net, cfg, S[0].numel(), saved)  # checks a checkpoint before any write
     if main_process:
         (out / "config.json").write_text(json.dumps(cfg.saved(), indent=1))
         (out / "indices.json").write_text(json.dumps(indices.tolist()))
@@ -1241,7 +1320,6 @@ def run(cfg, method, make_step=eager_step, main_process=True):
             f"note: the {cfg.preset} preset on CPU takes days; "
             "try --preset tiny --resolution 16, or `make demo`"
         )
-    state = training_state(net, cfg, S[0].numel(), saved)
     ema = train(method, state, cfg, out if main_process else None, log, make_step)
     if main_process:
         report(method.generate(ema, cfg.samples, log), S.cpu(), out, log)

@@ -6,6 +6,7 @@ repro_cpu.py's checkpoint reading), writing nothing. FUZZ_EXAMPLES=500 runs the 
 import json
 import os
 import shlex
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -141,6 +142,109 @@ def test_the_projects_own_checkpoints_load_as_weights_only(tmp_path):
     )
     assert saved["config"] == cfg.saved() and torch.equal(saved["masks"], method.masks)
     A.training_state(method.network(), cfg, S[0].numel(), saved)  # --resume's use of it
+
+
+# ---------------------------------------------------------------------------------------------
+# Every training entry of a checkpoint is checked before --resume uses it
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A run of one step: its checkpoint holds Adam's step and moments for every parameter."""
+    run = tmp_path_factory.mktemp("trained") / "r"
+    A.main(TINY + ["--samples", "1", "--out", str(run)])
+    return run
+
+
+def with_entry(saved, path, value):
+    """A copy of saved with the entry at path (keys, e.g. ("opt", "state", 0, "exp_avg")) set to
+    value, or to value(the entry) if value is a function; only the containers on the path are
+    copied."""
+    if not path:
+        return value(saved) if callable(value) else value
+    copied = dict(enumerate(saved)) if isinstance(saved, list) else dict(saved)
+    copied[path[0]] = with_entry(copied.get(path[0]), path[1:], value)
+    return list(copied.values()) if isinstance(saved, list) else copied
+
+
+@pytest.fixture(scope="module")
+def trained_checkpoint(trained_run):
+    return A.load_checkpoint(trained_run / "checkpoint.pt", need=A.RESUME_KEYS)
+
+
+RANDOM_BYTES = torch.from_numpy(np.random.default_rng(0).integers(0, 256, 5056, np.uint8))
+EXP_AVG = ("opt", "state", 0, "exp_avg")
+
+
+@pytest.mark.parametrize(
+    "path, value, named",
+    [
+        (EXP_AVG, torch.zeros(7), "opt state of parameter 0 exp_avg"),  # fused Adam segfaulted
+        (EXP_AVG, lambda m: m.long(), "opt state of parameter 0 exp_avg is a int64 tensor"),
+        (EXP_AVG, lambda m: m / 0, "opt state of parameter 0 exp_avg is a float32 tensor"),
+        (
+            ("opt", "state", 0, "exp_avg_sq"),
+            lambda m: -1 - m,
+            "opt state of parameter 0 exp_avg_sq is a float32",
+        ),
+        (("opt", "state", 0, "step"), torch.tensor(-1.0), "opt state of parameter 0 step"),
+        (
+            ("opt", "state", 0),
+            {"step": torch.tensor(1.0)},
+            "opt state of parameter 0 holds ['step']",
+        ),
+        (("opt", "state", 999), {}, "opt state has an entry 999 for no parameter"),
+        (("opt", "state"), [], "opt is dict"),  # opt.state as a list
+        (("opt", "param_groups"), None, "opt is dict"),
+        (("opt", "param_groups", 0, "betas"), (0.9,), "opt group 0 betas is tuple (0.9,)"),
+        (("opt", "param_groups", 0, "eps"), float("nan"), "opt group 0 eps is float nan"),
+        (("opt", "param_groups", 0, "lr"), "abc", "opt group 0 lr is str 'abc'"),
+        (("opt", "param_groups", 0, "lr"), float("inf"), "opt group 0 lr is float inf"),
+        (("opt", "param_groups", 0, "fused"), "yes", "opt group 0 fused is str 'yes'"),
+        (("opt", "param_groups", 0, "params"), [0, 1], "opt group 0 params is list [0, 1]"),
+        (("step",), -5, "step is int -5, not an integer from 0"),  # trained from -5, exit 0
+        (("dropout_rng",), 0.5, "dropout_rng is float 0.5, not the 5056 bytes"),
+        (("dropout_rng",), 3, "dropout_rng is int 3"),
+        (("dropout_rng",), RANDOM_BYTES, "dropout_rng is not a generator's state (Invalid mt19937"),
+        (("rng",), RANDOM_BYTES, "rng is not a generator's state (Invalid mt19937"),
+        (("rng",), torch.zeros(16, dtype=torch.uint8), "rng is a uint8 tensor of shape (16,)"),
+    ],
+)
+def test_a_damaged_training_entry_of_a_checkpoint_is_one_line_naming_it(
+    path, value, named, trained_checkpoint
+):
+    saved = with_entry(trained_checkpoint, path, value)
+    opt = A.make_optimizer(A.Denoiser(8, "tiny").parameters(), config_of(TINY), 3 * 8 * 8)
+    with pytest.raises(A.UserError) as e:
+        A.check_training_entries(
+            saved, opt, dict(rng=torch.Generator(), dropout_rng=torch.Generator())
+        )
+    message = str(e.value)
+    assert message.startswith(f"--resume: the checkpoint's {named}")
+    assert message.endswith(f"; {A.RESUME_FIX}") and "\n" not in message
+
+
+@pytest.mark.parametrize(
+    "path, value", [(EXP_AVG, torch.zeros(7)), (("step",), -5)]
+)  # a segmentation fault (exit 139) and training from step -5 (exit 0) before the check
+def test_resume_from_a_damaged_entry_exits_2_with_one_line_writing_nothing(
+    path, value, trained_run, tmp_path, capsys
+):
+    run = tmp_path / "r"
+    shutil.copytree(trained_run, run)
+    saved = torch.load(run / "checkpoint.pt", weights_only=True)
+    torch.save(with_entry(saved, path, value), run / "checkpoint.pt")
+    err = one_line(A.main, TINY + ["--iters", "2", "--out", str(run), "--resume"], capsys, tmp_path)
+    assert "--resume: the checkpoint's" in err
+
+
+def test_the_entry_check_passes_the_projects_own_checkpoint_and_resume_continues(
+    trained_checkpoint,
+):
+    saved = with_entry(trained_checkpoint, (), dict)
+    assert saved["step"] == 1 and len(saved["opt"]["state"]) == len(saved["net"])
+    cfg = config_of(TINY)
+    state = A.training_state(A.Denoiser(8, "tiny"), cfg, 3 * 8 * 8, saved)
+    assert state.step == 1 and torch.equal(state.gen.get_state(), saved["rng"])
 
 
 # ---------------------------------------------------------------------------------------------
