@@ -1,12 +1,15 @@
-"""Inputs from elsewhere: a shared checkpoint runs no code, config.json is read through the typed
-Config, image sizes are bounded, and generated damaged files give one line and exit code 2 at every
-entry point (ambient.py, baselines.py, conditional.py, repro_gpu.py train, eval_memorization.py;
-repro_cpu.py's checkpoint reading), writing nothing. FUZZ_EXAMPLES=500 runs the fuzz longer."""
+"""Inputs from elsewhere: a shared checkpoint runs no code, its training entries are checked before
+--resume uses them, config.json is read through the typed Config, image sizes are bounded, and
+generated damaged files give one line and exit code 2 at every entry point (ambient.py,
+baselines.py, conditional.py, repro_gpu.py train, eval_memorization.py; repro_cpu.py's run reading
+and onset's stage folders), writing nothing. FUZZ_EXAMPLES=500 runs the fuzz longer."""
 
+import functools
 import json
 import os
 import shlex
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -122,6 +125,39 @@ def test_a_checkpoint_holding_a_pickled_callable_is_refused_and_the_callable_nev
     else:
         err = one_line(TRAINERS[entry], TINY + ["--out", str(run), "--resume"], capsys, tmp_path)
         assert "not a checkpoint this project wrote" in err and "could run code" in err
+    assert not marker.exists()
+
+
+def onset_stage(runs, checkpoint, **files):
+    """repro_cpu.py onset's first stage of DDPM at n = 16 under runs: config.json, metrics.json,
+    samples.npz, checkpoint.pt, and `files` (name: bytes) written over them."""
+    stage = runs / "onset" / "n16-ddpm" / "0008k"
+    run_folder(stage, config_of(TINY), checkpoint)
+    metrics = {"copy_rate": 0.5, "cosine_above_0.95": 0.25, "roughness_vs_train": 1.0}
+    (stage / "metrics.json").write_text(json.dumps(metrics))
+    for name, content in files.items():
+        write(stage / name, content)
+    return stage
+
+
+ONSET_DATA = functools.cache(repro_cpu.data)  # the bundled images at 8x8, prepared once
+
+
+def onset_no_train(runs, capsys, monkeypatch, argv=()):
+    """repro_cpu.py onset --no-train over runs: exit 2, one line, nothing written; the line."""
+    monkeypatch.setattr(repro_cpu, "RUNS", runs)
+    monkeypatch.setattr(repro_cpu, "data", ONSET_DATA)
+    monkeypatch.setattr(repro_cpu, "FIGS", runs / "figures")
+    return one_line(repro_cpu.main, ["onset", "--no-train", *argv], capsys, runs)
+
+
+def test_onset_refuses_a_stage_checkpoint_holding_a_pickled_callable_which_never_runs(
+    tmp_path, capsys, monkeypatch
+):
+    marker = tmp_path / "ran"
+    net = A.Denoiser(8, "tiny").state_dict()
+    onset_stage(tmp_path, dict(ema=net, planted=Planted(marker)))
+    assert "not a checkpoint this project wrote" in onset_no_train(tmp_path, capsys, monkeypatch)
     assert not marker.exists()
 
 
@@ -490,3 +526,96 @@ def test_a_damaged_run_folder_gives_one_line_when_resumed_or_scored(name, data, 
         for main in TRAINERS.values():
             one_line(main, TINY + ["--out", str(run), "--resume"], capsys, tmp)
         one_line(E.main, eval_argv(run, tmp), capsys, tmp)
+
+
+# ---------------------------------------------------------------------------------------------
+# repro_cpu.py onset's stage folders: each damaged file is one line and exit 2
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_ema():
+    return A.Denoiser(8, "tiny").state_dict()
+
+
+SCORE = {"copy": 0.5, "c95": 0.25, "rough": 1.0, "loss": {f"{s:g}": 1.0 for s in repro_cpu.SIGMAS}}
+
+
+@pytest.mark.parametrize(
+    "files, named",
+    [
+        (dict(truncated=True), "checkpoint.pt is damaged"),
+        (dict(wrong_shape=True), "checkpoint.pt: its EMA weights do not fit the network"),
+        ({"score.json": b'{"copy": 0.5, '}, "cannot read"),
+        ({"score.json": json.dumps({**SCORE, "c95": "x"}).encode()}, "no finite number c95"),
+        ({"score.json": json.dumps({**SCORE, "loss": {}}).encode()}, "loss has no finite number"),
+        ({"metrics.json": b"{}"}, "metrics.json has no finite number copy_rate"),
+        ({"config.json": b"[]"}, "config.json holds [], not a JSON object of settings"),
+    ],
+)
+def test_a_damaged_onset_stage_is_one_line_naming_the_file(
+    files, named, tiny_ema, tmp_path, capsys, monkeypatch
+):
+    ema = dict(tiny_ema)
+    if files.pop("wrong_shape", False):
+        ema["net.conv_in.weight"] = torch.zeros(1)
+    checkpoint = torch_bytes(dict(ema=ema))
+    if files.pop("truncated", False):
+        files["checkpoint.pt"] = checkpoint[: len(checkpoint) // 2]
+    stage = onset_stage(tmp_path / "runs", dict(ema=ema), **files)
+    err = onset_no_train(tmp_path / "runs", capsys, monkeypatch)
+    assert str(stage) in err and named in err
+
+
+def test_an_onset_judge_without_features_is_one_line_before_anything_is_scored(
+    tmp_path, capsys, monkeypatch
+):
+    (tmp_path / "judge").mkdir()
+    (tmp_path / "judge" / "judge.py").write_text(
+        "def load_judge(path):\n    return None\n\n\nfrechet = nn_cosine = load_judge\n"
+    )
+    (tmp_path / "data").mkdir()
+    np.savez(tmp_path / "data" / repro_cpu.JUDGE_REF, images=np.zeros((4, 8, 8, 3), np.uint8))
+    (tmp_path / "runs").mkdir()
+    argv = ["--judge", str(tmp_path / "judge")]
+    err = onset_no_train(tmp_path / "runs", capsys, monkeypatch, argv)
+    assert "judge.py has no function features" in err
+
+
+def test_a_failed_onset_stage_is_one_line_naming_its_log_and_exit_2(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(repro_cpu, "RUNS", tmp_path)
+    fails = [sys.executable, "-c", "raise SystemExit(3)"]
+    monkeypatch.setattr(repro_cpu, "onset_command", lambda *args: fails)
+    monkeypatch.setattr(repro_cpu.time, "sleep", lambda seconds: None)
+    with pytest.raises(SystemExit) as e:
+        repro_cpu.main(["onset", "--parallel", "1"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1
+    assert "failed (exit code 3)" in err and "0008k/stdout.txt" in err
+
+
+METRICS = {"copy_rate": 0.5, "cosine_above_0.95": 0.25, "roughness_vs_train": 1.0}
+ONSET_DAMAGE = {  # a stage's files that onset reads, and what each may become
+    "config.json": RUN_DAMAGE["config.json"],
+    "checkpoint.pt": RUN_DAMAGE["checkpoint.pt"],
+    # a dangling metrics.json is a stage not run, a correct result
+    "metrics.json": st.one_of(
+        damaged_file(json.dumps(METRICS).encode()).filter(lambda b: b is not None),
+        json_bytes,
+        st.builds(
+            lambda k, v: json.dumps({**METRICS, k: v}).encode(),
+            st.sampled_from(sorted(METRICS)),
+            json_values,
+        ),
+    ),
+    "score.json": damaged_file(json.dumps(SCORE).encode()) | json_bytes,
+}
+
+
+@FUZZ
+@given(name=st.sampled_from(sorted(ONSET_DAMAGE)), data=st.data())
+def test_a_damaged_onset_stage_folder_gives_one_line(name, data, capsys):
+    """One file of an onset stage damaged; its checkpoint holds no weights, so that whatever else
+    passes, onset stops at it rather than score."""
+    with tempfile.TemporaryDirectory() as tmp, pytest.MonkeyPatch.context() as monkeypatch:
+        stage = onset_stage(Path(tmp), {"step": 0})
+        write(stage / name, data.draw(ONSET_DAMAGE[name]))
+        onset_no_train(Path(tmp), capsys, monkeypatch)
