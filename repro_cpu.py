@@ -61,9 +61,18 @@ import torch
 import torch.nn.functional as F
 
 import ambient
-import baselines
 from ambient import UserError
-from eval_memorization import first_line, method_of_run, read_json
+from eval_memorization import (
+    HELDOUT_BANDS,
+    HELDOUT_SIGMAS,
+    denoiser_of,
+    heldout_band,
+    first_line,
+    heldout_losses,
+    method_of_run,
+    read_json,
+    weighted_loss,
+)
 
 ROOT = Path(__file__).resolve().parent
 RUNS, FIGS = ROOT / "runs" / "cpu", ROOT / "figures"
@@ -75,7 +84,7 @@ COMMON = (
 WEIGHTS = ("released", "x0")
 DEMO_SIGMA_TN = 1.0
 SWEEP = (0, 0.1, 0.2, 0.4, 1, 2, 4, 20)  # 20: above the paper's range, expected to be too high
-SIGMAS = (0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 40)  # EDM units, for the held-out loss
+SIGMAS = HELDOUT_SIGMAS  # EDM units, for the held-out loss (eval_memorization.py computes it)
 FIG3_SIGMAS = (1, 2, 5, 10, 20)
 # Table 2 at demo scale, fixed before its runs: the noisy-only baseline at Algorithm 1's sigma_tn,
 # and masking with the defaults of Ambient Diffusion's released eval.py (p = 0.4, delta = 0.1).
@@ -211,16 +220,6 @@ def data():
     return train_all, train_all[subset], ambient.prepare(f["test_images"], RES)
 
 
-@torch.no_grad()
-def weighted_loss(model, x0, sigma, draws, seed=0):
-    """Mean of lambda(sigma) |h(x_t) - x_0|^2 over images and `draws` fixed noise draws each."""
-    x0 = x0.repeat(draws, 1, 1, 1)
-    z = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
-    s_t = torch.tensor(ambient.vp_from_edm(float(sigma)))
-    pred = model(ambient.add_noise(x0, s_t, z), s_t)
-    return (ambient.loss_weight(s_t, torch.tensor(0.0)) * ambient.ddpm_loss(pred, x0)).mean().item()
-
-
 def fd44(a, b):
     """Frechet distance of 4x4 area-downsampled pixels (48 features) between image sets in
     [-1, 1]."""
@@ -285,20 +284,6 @@ def table(rows, train_all, subset, test):
         "(a perfect copier)."
     )
     return "\n".join(lines)
-
-
-def denoiser_of(model, cfg):
-    """The E[x_0 | x_t] a run samples with: the network, or for masking its fixed-mask form (one
-    seeded mask per image, drawn as in sampling)."""
-    if cfg.method != "masking":
-        return model
-    keep = (1 - cfg.mask_p) * (1 - cfg.mask_delta)
-
-    def h(x_t, sigma_t):
-        u = torch.rand(x_t.shape[0], 1, *x_t.shape[2:], generator=torch.Generator().manual_seed(7))
-        return baselines.with_mask(model, (u < keep).float())(x_t, sigma_t)
-
-    return h
 
 
 def write(name, text):
@@ -738,7 +723,7 @@ def train_onset(parallel=2):
 
 
 # Fixed before any onset run. Bands of the held-out loss: below t_n = 1, around it, far above it.
-ONSET_BANDS = (("0.05-0.5", (0.05, 0.1, 0.2, 0.5)), ("1-2", (1, 2)), ("5-40", (5, 10, 20, 40)))
+ONSET_BANDS = HELDOUT_BANDS  # (name, the SIGMAS it averages); eval_memorization.py reports them
 JUDGE_REF = "cifar10_test_png1000.npz"  # 1000 CIFAR-10 test images, lossless
 PLATEAU = 0.05  # quality "arrives" at the first checkpoint within 5% of the method's best
 
@@ -827,7 +812,7 @@ def score_stage(out, od):
         copy=m["copy_rate"],
         c95=m["cosine_above_0.95"],
         rough=m["roughness_vs_train"],
-        loss={f"{s:g}": weighted_loss(model, od.test, s, 4) for s in SIGMAS},
+        loss=heldout_losses(model, od.test),
     )
     if od.judge is not None:
         f_gen = od.features(load_samples(out))
@@ -838,7 +823,7 @@ def score_stage(out, od):
 
 
 def band(r, sigmas):
-    return float(np.mean([r["loss"][f"{s:g}"] for s in sigmas]))
+    return heldout_band(r["loss"], sigmas)
 
 
 def crossing(images, values, level=0.5):
