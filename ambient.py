@@ -309,17 +309,28 @@ class UserError(Exception):  # bad input: printed as one line, exit code 2, no t
     pass
 
 
-def load_images(spec, data_dir="data"):
-    """--data cifar | demo | file.npz | image folder -> uint8 (N, H, W, 3), int labels or None."""
+def load_images(spec, data_dir="data", cfg=None):
+    """--data cifar | demo | file.npz | image folder -> uint8 (N, H, W, 3), int labels or None.
+    Files are checked from their headers before any pixel is read: the memory they need and, for a
+    training run's cfg, its resolution (filled in)."""
     if spec == "cifar":
-        return load_cifar10(data_dir)
+        images, labels = load_cifar10(data_dir)
+        check_fit(images.shape, "CIFAR-10", cfg)
+        return images, labels
     path = DEMO_FILE if spec == "demo" else Path(spec)
     if path.is_dir():
-        return load_image_folder(path), None
+        return load_image_folder(path, cfg), None
     if path.suffix == ".npz" and path.is_file():
         try:
-            with np.load(path) as f:
-                check_memory(f.zip.getinfo("images.npy").file_size, path)  # read before unpacking
+            with np.load(path) as f, f.zip.open("images.npy") as npy:
+                version = np.lib.format.read_magic(npy)
+                header = np.lib.format.read_array_header_1_0 if version == (1, 0) else None
+                shape, _, dtype = (header or np.lib.format.read_array_header_2_0)(npy)
+                if dtype != np.uint8 or len(shape) != 4 or shape[3] != 3 or 0 in shape:
+                    raise UserError(
+                        f"{path}: 'images' is {dtype} {shape}; expected uint8 N x H x W x 3"
+                    )
+                check_fit(shape, path, cfg)
                 images = f["images"]
                 labels = f["labels"] if "labels" in f.files else None
         except UserError:
@@ -329,15 +340,6 @@ def load_images(spec, data_dir="data"):
                 f"cannot read images from {path} ({type(e).__name__}): it must be a NumPy .npz "
                 "archive with a uint8 array 'images' of shape N x H x W x 3"
             ) from None
-        if (
-            images.dtype != np.uint8
-            or images.ndim != 4
-            or images.shape[3] != 3
-            or 0 in images.shape
-        ):
-            raise UserError(
-                f"{path}: 'images' is {images.dtype} {images.shape}; expected uint8 N x H x W x 3"
-            )
         if labels is not None and (
             labels.dtype.kind not in "iu" or labels.shape != images.shape[:1] or labels.min() < 0
         ):
@@ -382,13 +384,31 @@ def available_memory():  # Linux's MemAvailable (free and reclaimable); elsewher
         return math.inf
 
 
-def check_memory(nbytes, source):
-    """Refuses, before reading them, uint8 images of nbytes that do not fit with a float32 copy."""
-    if 5 * nbytes > available_memory():
+PREPARE_CHUNK = 2**24  # bytes of uint8 pixels that prepare() turns into floats at a time
+MEMORY_SLACK = 2**27  # torch's and the allocator's own memory: up to 75 MB measured
+
+
+def memory_needed(shape, resolution=None):
+    """Peak bytes of reading uint8 images of `shape` and preparing them at `resolution` (default:
+    their side), as measured (test_inputs.py): the images, their float32 copy at that side,
+    prepare()'s buffers (a chunk of full-size images, uint8 and float32; decoding needs less) and
+    MEMORY_SLACK."""
+    n, h, w, c = shape
+    chunk = min(n, max(1, PREPARE_CHUNK // (h * w * c))) * h * w * c
+    return n * h * w * c * (1 + 4 * ((resolution or h) / h) ** 2) + 5 * chunk + MEMORY_SLACK
+
+
+def check_fit(shape, source, cfg=None):
+    """Refuses, before reading them, images of `shape` that a run (cfg: training at its resolution,
+    which is checked first) could not hold in memory."""
+    if cfg is not None:
+        check_resolution(cfg, shape)
+    need = memory_needed(shape, cfg and cfg.resolution)
+    if need > available_memory():
         raise UserError(
-            f"{source} holds {nbytes / 1e9:.1f} GB of pixels, {5 * nbytes / 1e9:.1f} GB with their "
-            f"float32 copy, and {available_memory() / 1e9:.1f} GB of memory is free: use fewer or "
-            "smaller images"
+            f"{source} holds {math.prod(shape) / 1e9:.1f} GB of pixels, {need / 1e9:.1f} GB with "
+            f"their float32 copy, and {available_memory() / 1e9:.1f} GB of memory is free: use "
+            "fewer or smaller images"
         )
 
 
@@ -401,7 +421,9 @@ def open_image(file, read=False):
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(file) as im:
-                return np.asarray(im.convert("RGB")) if read else im.size
+                return (
+                    np.asarray(im if im.mode == "RGB" else im.convert("RGB")) if read else im.size
+                )
     except (Image.DecompressionBombWarning, Image.DecompressionBombError):
         raise UserError(
             f"{file} has more than {Image.MAX_IMAGE_PIXELS:,} pixels, PIL's decompression-bomb "
@@ -411,7 +433,7 @@ def open_image(file, read=False):
         raise UserError(f"cannot read image {file} ({type(e).__name__}: {str(e)[:120]})") from None
 
 
-def load_image_folder(path):
+def load_image_folder(path, cfg=None):
     """The folder's images, read one at a time into one array once their headers say it fits."""
     suffixes = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
     files = sorted(p for p in path.iterdir() if p.suffix.lower() in suffixes)
@@ -421,19 +443,32 @@ def load_image_folder(path):
     if len(sizes) > 1:
         raise UserError(f"images in {path} differ in size; resize them to one size first")
     w, h = sizes.pop()
-    check_memory(len(files) * h * w * 3, path)
+    check_fit((len(files), h, w, 3), path, cfg)
     images = np.empty((len(files), h, w, 3), np.uint8)
     for i, f in enumerate(files):
         images[i] = open_image(f, read=True)
     return images
 
 
-def prepare(images, resolution=None):
-    """uint8 NHWC -> float NCHW in [-1, 1], area-downsampled to `resolution` if given."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
-    if resolution and resolution != x.shape[-1]:
-        x = F.interpolate(x, size=(resolution, resolution), mode="area")
-    return x
+def prepare(images, resolution=None, rows=None):
+    """uint8 NHWC (the images numbered `rows`, default all) -> float NCHW in [-1, 1], area-
+    downsampled to `resolution` if given. A chunk at a time, in buffers made once: the float copy
+    of full-size images is never whole (both steps act on each image alone: the same numbers)."""
+    rows = np.arange(len(images)) if rows is None else np.asarray(rows)
+    side, full = resolution or images.shape[1], images.shape[1]
+    out = torch.empty((len(rows), 3, side, side), memory_format=torch.channels_last)
+    chunk = max(1, min(len(rows), PREPARE_CHUNK // max(1, images[0].nbytes)))
+    pixels = torch.empty((chunk, *images.shape[1:]), dtype=torch.uint8)
+    work = torch.empty((chunk, 3, full, full), memory_format=torch.channels_last)
+    for start in range(0, len(rows), chunk):
+        k = min(chunk, len(rows) - start)
+        for j, i in enumerate(rows[start : start + k]):  # no temporary copy of the chunk
+            pixels[j] = torch.from_numpy(images[i])
+        x = work[:k].copy_(pixels[:k].permute(0, 3, 1, 2)).div_(127.5).sub_(1)
+        out[start : start + k] = (
+            F.interpolate(x, size=(side, side), mode="area") if side != full else x
+        )
+    return out
 
 
 def choose_subset(num_images, n, seed):
@@ -548,7 +583,7 @@ class Algorithm1:
 
     def training_set(self):
         """The dataset's images and the indices of the subset to train on."""
-        images, _ = load_images(self.cfg.data, self.cfg.data_dir)
+        images, _ = load_images(self.cfg.data, self.cfg.data_dir, self.cfg)
         return images, choose_subset(len(images), self.cfg.n, self.cfg.seed)
 
     def network(self, **kwargs):
@@ -1214,12 +1249,17 @@ def pick_device(name):
 
 def check_resolution(cfg, images):
     """Fills in the config's resolution (default: the images' side, up to DEFAULT_MAX) once it
-    fits the images and the network."""
-    h, w = images.shape[1:3]
+    fits the images (an array or its shape) and the network."""
+    h, w = getattr(images, "shape", images)[1:3]
     step = 2 ** (len(PRESETS[cfg.preset]["mults"]) - 1)  # the U-Net halves the side this often
     if h != w:
         raise UserError(
             f"the images are {h}x{w}: the network takes square images; crop them to a square first"
+        )
+    if h < step:
+        raise UserError(
+            f"the images are {h}x{w}, smaller than the {step}x{step} that preset {cfg.preset} "
+            "needs (its U-Net halves the side); use larger images"
         )
     if cfg.resolution is None and h > DEFAULT_MAX:
         raise UserError(
@@ -1287,8 +1327,7 @@ def run(cfg, method, make_step=eager_step, main_process=True):
     # TF32 matmuls and convolutions on CUDA: float32 range, 10-bit mantissa, much faster
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    images, indices = method.training_set()
-    check_resolution(cfg, images)
+    images, indices = method.training_set()  # fills in cfg.resolution
     cfg.data_path = str(Path(cfg.data).resolve()) if cfg.data not in ("demo", "cifar") else None
     out = Path(cfg.out or Path("runs") / f"{Path(cfg.data).stem}-n{len(indices)}-{method.label()}")
     saved = open_run(cfg, out, device)
@@ -1302,7 +1341,7 @@ def run(cfg, method, make_step=eager_step, main_process=True):
             logfile.flush()
 
     torch.manual_seed(cfg.seed)
-    S = prepare(images[indices], cfg.resolution).to(device)
+    S = prepare(images, cfg.resolution, indices).to(device)
     method.use_data(S, saved)
     net = method.network().to(device)
     state = training_state(net, cfg, S[0].numel(), saved)  # checks a checkpoint before any write
