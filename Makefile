@@ -1,5 +1,5 @@
 # make demo | test | train | clean. Each target builds .venv from requirements.txt and requirements-t2i.txt
-# (diffusers and transformers, for text_to_image.py) when it is missing.
+# (diffusers and transformers, for text_to_image.py) at the versions in constraints.txt when it is missing.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -12,11 +12,17 @@ export MALLOC_TRIM_THRESHOLD_ ?= 1000000000000
 
 .PHONY: demo test train repro-cpu bench repro-gpu gpu-data gpu-check clean
 
-$(VENV)/.installed: requirements.txt requirements-t2i.txt
+$(VENV)/.installed: requirements.txt requirements-t2i.txt constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements.txt -r requirements-t2i.txt
+	$(PY) -m pip install --quiet -r requirements.txt -r requirements-t2i.txt -c constraints.txt
 	touch $@
+
+# constraints.txt's pins from what .venv holds now (after an upgrade that `make test` passed with).
+.PHONY: constraints
+constraints:
+	{ grep '^#' constraints.txt; $(PY) -m pip freeze --exclude-editable | grep -vE '^(nvidia-|cuda-|triton)'; } > constraints.txt.tmp
+	mv constraints.txt.tmp constraints.txt
 
 # DDPM and Algorithm 1 (sigma_tn = 1) under its two loss weights on 16 bundled CIFAR-10 images at 8x8
 # (tiny preset, CPU), each scored after 32k and, resumed, after 96k images seen: how far each method
