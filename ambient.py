@@ -791,17 +791,10 @@ def check_training_entries(saved, opt, generators, fix=RESUME_FIX):
     check_optimizer_state(saved.get("opt"), opt, refuse)
 
 
-def same(value, like):
-    """Equal, with the same types, element by element: no tensor's == decides."""
-    if isinstance(like, (tuple, list)):
-        return type(value) is type(like) and len(value) == len(like) and all(map(same, value, like))
-    return type(value) is type(like) and value == like
-
-
 def check_optimizer_state(saved, opt, refuse):
     """saved: an optimizer's state_dict, against the live `opt` that the run's config made: each
     group's settings as opt's (flags torch fills in may be absent), its lr finite and >= 0, and per
-    parameter a step >= 0 and finite floating moments of the parameter's shape (all of Adam's, for
+    parameter a step >= 0 and finite floating moments of the parameter's shape (Adam's three, for
     Adam and AdamW). refuse(entry, problem) raises."""
     live, params = opt.state_dict(), [p for g in opt.param_groups for p in g["params"]]
     groups = saved.get("param_groups") if isinstance(saved, dict) else None
@@ -809,24 +802,21 @@ def check_optimizer_state(saved, opt, refuse):
         refuse("opt", f"is {described(saved)}, not an optimizer's state_dict")
     if len(groups) != len(live["param_groups"]) or not all(isinstance(g, dict) for g in groups):
         refuse("opt", f"does not hold {len(live['param_groups'])} parameter group(s)")
-    owner = {}  # parameter number -> its saved group
     for i, (group, fresh) in enumerate(zip(groups, live["param_groups"], strict=True)):
-        owner.update(dict.fromkeys(fresh["params"], group))
         lr = group.get("lr")
         if type(lr) not in (int, float) or not 0 <= lr < math.inf:
             refuse(f"opt group {i} lr", f"is {described(lr)}, not a finite number >= 0")
-        for key, like in fresh.items():
+        for key, like in fresh.items():  # repr: equal, and of the same types (no tensor's ==)
             flag = like is None or isinstance(like, bool)
-            if key != "lr" and (key in group or not flag) and not same(group.get(key), like):
+            if key != "lr" and (key in group or not flag) and repr(group.get(key)) != repr(like):
                 wrong = (
                     f"is {described(group.get(key))}, not {like!r} as this run's optimizer has it"
                 )
                 refuse(f"opt group {i} {key}", wrong)
+    adam = {"step", "exp_avg", "exp_avg_sq"}  # amsgrad's fourth moment: a flag refused above
     for k, entries in saved["state"].items():
-        if k not in owner or not isinstance(entries, dict):
+        if type(k) is not int or not 0 <= k < len(params) or not isinstance(entries, dict):
             refuse("opt state", f"has an entry {reprlib.repr(k)} for no parameter")
-        amsgrad = owner[k].get("amsgrad") is True
-        adam = {"step", "exp_avg", "exp_avg_sq"} | ({"max_exp_avg_sq"} if amsgrad else set())
         if isinstance(opt, torch.optim.Adam) and set(entries) != adam:
             refuse(f"opt state of parameter {k}", f"holds {sorted(entries)}, not {sorted(adam)}")
         for key, v in entries.items():
