@@ -1012,41 +1012,7 @@ def save_neighbour_grid(samples, train, idx, path, pairs=32, per_row=8, upscale=
 
 
 # ------------------------------------------------------------------------------------------------
-# 9. Closed forms: the optimal denoisers the theory is about; test_ambient.py checks the sampler
-# with them.
-# ------------------------------------------------------------------------------------------------
-def ambient_optimal_denoiser(S_tn, sigma_tn):
-    """Lemma 4.1: the minimiser of Eq. 6 when the data are the finite set S_tn (VP units), t > t_n.
-    x_tn is one of S_tn, weighted by N(x_t; (alpha_t / alpha_tn) x_tn, s2) with
-    s2 = (sigma_t^2 - sigma_tn^2) / (1 - sigma_tn^2), and Lemma C.1's map gives E[x_0 | x_t].
-    With sigma_tn = 0 it is Eq. 3's empirical optimum."""
-    points = S_tn.flatten(1)
-    sq_norms = points.square().sum(1)
-
-    def h(x_t, sigma_t):
-        sigma_t = torch.as_tensor(sigma_t, dtype=x_t.dtype).expand(x_t.shape[0])
-        scale = alpha(sigma_t) / alpha(sigma_tn)
-        s2 = (sigma_t**2 - sigma_tn**2) / (1 - sigma_tn**2)
-        x = x_t.flatten(1)
-        d2 = (
-            x.square().sum(1, keepdim=True)
-            - 2 * scale[:, None] * x @ points.T
-            + scale[:, None] ** 2 * sq_norms
-        )
-        mean_x_tn = (torch.softmax(-d2 / (2 * s2[:, None]), dim=1) @ points).reshape(x_t.shape)
-        c_h, c_x = ambient_coefficients(sigma_t, sigma_tn)
-        return (mean_x_tn - bcast(c_x, x_t) * x_t) / bcast(c_h, x_t)
-
-    return h
-
-
-def empirical_denoiser(S):
-    """Section 2.2: E[x_0 | x_t] when x_0 is uniform on the training set S. Its ODE copies S."""
-    return ambient_optimal_denoiser(S, 0.0)
-
-
-# ------------------------------------------------------------------------------------------------
-# 10. Command line: one typed Config holds each setting, its --flag, default and help; extensions
+# 9. Command line: one typed Config holds each setting, its --flag, default and help; extensions
 # subclass it.
 # ------------------------------------------------------------------------------------------------
 def option(default, help, **meta):

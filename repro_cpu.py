@@ -65,7 +65,9 @@ from ambient import UserError
 from eval_memorization import (
     HELDOUT_BANDS,
     HELDOUT_SIGMAS,
+    ambient_optimal_denoiser,
     denoiser_of,
+    empirical_denoiser,
     heldout_band,
     first_line,
     heldout_losses,
@@ -416,14 +418,12 @@ def fig3(args):
         RUNS / run_name(DEMO_SIGMA_TN) / "checkpoint.pt", need=dict(S_tn=torch.Tensor)
     )["S_tn"]
     optima = [
-        (f"empirical, {N} images", ambient.empirical_denoiser(subset)),
+        (f"empirical, {N} images", empirical_denoiser(subset)),
         (
             f"Lemma 4.1 ambient optimum, {N} noisy copies",
-            ambient.ambient_optimal_denoiser(
-                S_tn, torch.tensor(ambient.vp_from_edm(DEMO_SIGMA_TN))
-            ),
+            ambient_optimal_denoiser(S_tn, torch.tensor(ambient.vp_from_edm(DEMO_SIGMA_TN))),
         ),
-        ("empirical, 800 images", ambient.empirical_denoiser(train_all)),
+        ("empirical, 800 images", empirical_denoiser(train_all)),
     ]
     lines += [
         "",

@@ -676,7 +676,7 @@ def test_the_empirical_denoiser_has_no_loss_on_its_own_images_at_low_noise_and_s
     zero loss on S, and a loss on held-out images, which it cannot return."""
     f = np.load(A.DEMO_FILE)
     S, test = A.prepare(f["images"][:16], 8).double(), A.prepare(f["test_images"][:16], 8).double()
-    h = A.empirical_denoiser(S)
+    h = E.empirical_denoiser(S)
     assert E.weighted_loss(h, S, 0.05, 4) < 1e-6 < 0.1 < E.weighted_loss(h, test, 0.05, 4)
 
 
