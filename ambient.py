@@ -155,16 +155,7 @@ class ResBlock(nn.Module):
 
 
 class UNet(nn.Module):  # F_theta, the raw network inside the preconditioning
-    def __init__(
-        self,
-        resolution=32,
-        channels=64,
-        mults=(1, 2, 2),
-        blocks=2,
-        attn_at=(16,),
-        dropout=0.0,
-        in_channels=3,
-    ):
+    def __init__(self, resolution, channels, mults, blocks, attn_at, dropout=0.0, in_channels=3):
         super().__init__()
         self.channels = channels
         emb_dim = 4 * channels
@@ -310,9 +301,8 @@ class UserError(Exception):  # bad input: printed as one line, exit code 2, no t
 
 
 def load_images(spec, data_dir="data", cfg=None):
-    """--data cifar | demo | file.npz | image folder -> uint8 (N, H, W, 3), int labels or None.
-    Files are checked from their headers before any pixel is read: the memory they need and, for a
-    training run's cfg, its resolution (filled in)."""
+    """--data cifar | demo | file.npz | image folder -> uint8 (N, H, W, 3), int labels or None;
+    the memory and a training cfg's resolution (filled in) checked from headers, before reading."""
     if spec == "cifar":
         images, labels = load_cifar10(data_dir)
         check_fit(images.shape, "CIFAR-10", cfg)
@@ -327,9 +317,7 @@ def load_images(spec, data_dir="data", cfg=None):
                 header = np.lib.format.read_array_header_1_0 if version == (1, 0) else None
                 shape, _, dtype = (header or np.lib.format.read_array_header_2_0)(npy)
                 if dtype != np.uint8 or len(shape) != 4 or shape[3] != 3 or 0 in shape:
-                    raise UserError(
-                        f"{path}: 'images' is {dtype} {shape}; expected uint8 N x H x W x 3"
-                    )
+                    raise UserError(f"{path}: 'images' is {dtype} {shape}; expected uint8 NxHxWx3")
                 check_fit(shape, path, cfg)
                 images = f["images"]
                 labels = f["labels"] if "labels" in f.files else None
@@ -364,15 +352,10 @@ def load_cifar10(data_dir):
     except Exception as e:
         archive = Path(data_dir) / CIFAR_URL.rsplit("/", 1)[1]
         # torchvision checks a placed archive's checksum and, if wrong, downloads a fresh copy
-        if archive.exists():
-            raise UserError(
-                f"{archive} is damaged or incomplete and no fresh copy could be downloaded "
-                f"({type(e).__name__}); replace it with a good copy from {CIFAR_URL}"
-            ) from None
+        where = f"{archive} is damaged" if archive.exists() else f"CIFAR-10 is not in {data_dir}"
         raise UserError(
-            f"CIFAR-10 is not in {data_dir}/cifar-10-batches-py and could not be downloaded "
-            f"({type(e).__name__}). Place {archive.name} from {CIFAR_URL} in "
-            f"{data_dir}/ (or pass --data-dir), or use --data demo"
+            f"{where} and could not be downloaded ({type(e).__name__}): place {archive.name} from "
+            f"{CIFAR_URL} in {data_dir}/ (or pass --data-dir), or use --data demo"
         ) from None
     return np.asarray(ds.data), np.asarray(ds.targets, dtype=np.int64)
 
@@ -390,9 +373,8 @@ MEMORY_SLACK = 2**27  # torch's and the allocator's own memory: up to 75 MB meas
 
 def memory_needed(shape, resolution=None):
     """Peak bytes of reading uint8 images of `shape` and preparing them at `resolution` (default:
-    their side), as measured (test_inputs.py): the images, their float32 copy at that side,
-    prepare()'s buffers (a chunk of full-size images, uint8 and float32; decoding needs less) and
-    MEMORY_SLACK."""
+    their side), as measured (test_inputs.py): the images, their float32 copy, prepare()'s chunk of
+    full-size images as uint8 and float32 (decoding needs less), and MEMORY_SLACK."""
     n, h, w, c = shape
     chunk = min(n, max(1, PREPARE_CHUNK // (h * w * c))) * h * w * c
     return n * h * w * c * (1 + 4 * ((resolution or h) / h) ** 2) + 5 * chunk + MEMORY_SLACK
@@ -421,9 +403,8 @@ def open_image(file, read=False):
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(file) as im:
-                return (
-                    np.asarray(im if im.mode == "RGB" else im.convert("RGB")) if read else im.size
-                )
+                rgb = im if im.mode == "RGB" or not read else im.convert("RGB")
+                return np.asarray(rgb) if read else im.size
     except (Image.DecompressionBombWarning, Image.DecompressionBombError):
         raise UserError(
             f"{file} has more than {Image.MAX_IMAGE_PIXELS:,} pixels, PIL's decompression-bomb "
@@ -451,9 +432,8 @@ def load_image_folder(path, cfg=None):
 
 
 def prepare(images, resolution=None, rows=None):
-    """uint8 NHWC (the images numbered `rows`, default all) -> float NCHW in [-1, 1], area-
-    downsampled to `resolution` if given. A chunk at a time, in buffers made once: the float copy
-    of full-size images is never whole (both steps act on each image alone: the same numbers)."""
+    """uint8 NHWC (rows `rows`, default all) -> float NCHW in [-1, 1], area-downsampled to
+    `resolution` if given; a chunk at a time in buffers made once (per image: the same numbers)."""
     rows = np.arange(len(images)) if rows is None else np.asarray(rows)
     side, full = resolution or images.shape[1], images.shape[1]
     out = torch.empty((len(rows), 3, side, side), memory_format=torch.channels_last)
@@ -465,9 +445,8 @@ def prepare(images, resolution=None, rows=None):
         for j, i in enumerate(rows[start : start + k]):  # no temporary copy of the chunk
             pixels[j] = torch.from_numpy(images[i])
         x = work[:k].copy_(pixels[:k].permute(0, 3, 1, 2)).div_(127.5).sub_(1)
-        out[start : start + k] = (
-            F.interpolate(x, size=(side, side), mode="area") if side != full else x
-        )
+        x = F.interpolate(x, size=(side, side), mode="area") if side != full else x
+        out[start : start + k] = x
     return out
 
 
@@ -641,14 +620,9 @@ def make_optimizer(params, cfg, pixels=1):
     ignore that scale once eps and an L2 term in the gradient are divided by `pixels` too: then the
     steps are the released ones."""
     adamw = cfg.optimizer == "adamw"
-    optimizer = torch.optim.AdamW if adamw else torch.optim.Adam
+    optimizer, decay = (torch.optim.AdamW, 0.01) if adamw else (torch.optim.Adam, 0.01 / pixels)
     return optimizer(
-        params,
-        lr=cfg.lr,
-        betas=(0.9, 0.999),
-        eps=1e-8 / pixels,
-        weight_decay=0.01 if adamw else 0.01 / pixels,
-        fused=True,
+        params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8 / pixels, weight_decay=decay, fused=True
     )
 
 
@@ -704,19 +678,10 @@ def global_rng(device, state=None):
 
 def save_checkpoint(state, method, cfg, path):
     """torch.save to a temp file, then rename: a run killed mid-write keeps its last checkpoint."""
-    torch.save(
-        dict(
-            net=state.net.state_dict(),
-            ema=state.ema.state_dict(),
-            opt=state.opt.state_dict(),
-            step=state.step,
-            rng=state.gen.get_state(),
-            dropout_rng=global_rng(next(state.net.parameters()).device),
-            config=cfg.saved(),
-            **method.saved_data(),
-        ),
-        str(path) + ".tmp",
-    )
+    saved = dict(net=state.net.state_dict(), ema=state.ema.state_dict(), opt=state.opt.state_dict())
+    saved.update(step=state.step, rng=state.gen.get_state())
+    saved.update(dropout_rng=global_rng(next(state.net.parameters()).device), config=cfg.saved())
+    torch.save(dict(saved, **method.saved_data()), str(path) + ".tmp")
     os.replace(str(path) + ".tmp", path)
 
 
@@ -745,11 +710,8 @@ def load_checkpoint(path, device="cpu", need=None, fix="restore it from a copy")
         raise UserError(f"{path} is damaged ({why}); {fix}") from None
     saved = saved if isinstance(saved, dict) else {}
     wrong = [k for k, kind in need.items() if not isinstance(saved.get(k), kind)]
-    values = [
-        v
-        for k in need
-        for v in (saved[k].values() if isinstance(saved.get(k), dict) else [saved.get(k)])
-    ]
+    entries = [saved.get(k) for k in need]
+    values = [v for e in entries for v in (e.values() if isinstance(e, dict) else [e])]
     finite = all(v.isfinite().all() for v in values if torch.is_tensor(v) and v.is_floating_point())
     if wrong or not finite:
         what = f"no {wrong[0]} {need[wrong[0]].__name__}" if wrong else "it holds NaN or inf"
@@ -767,11 +729,9 @@ def described(value):
 
 
 def check_training_entries(saved, opt, generators, fix=RESUME_FIX):
-    """A checkpoint's training entries, checked before anything uses them (load_state_dict and
-    set_state trust what they get: a moment of the wrong shape crashes fused Adam): saved['step'],
-    saved[name] against each torch.Generator in `generators` (of the kind whose state it restores;
-    names the checkpoint lacks are skipped) and saved['opt'] against the live optimizer `opt`.
-    Raises UserError, one line naming the entry, then `fix`."""
+    """A checkpoint's step, saved[name] for each torch.Generator in `generators` (of its kind; names
+    absent are skipped) and optimizer state against the live `opt`, checked before anything uses
+    them (a moment of the wrong shape crashes fused Adam). UserError: the entry, then `fix`."""
 
     def refuse(entry, problem):
         raise UserError(f"--resume: the checkpoint's {entry} {problem}; {fix}")
@@ -780,22 +740,18 @@ def check_training_entries(saved, opt, generators, fix=RESUME_FIX):
     if type(step) is not int or not 0 <= step < 2**31:
         refuse("step", f"is {described(step)}, not an integer from 0 to 2^31")
     for name, gen in ((k, g) for k, g in generators.items() if k in saved):
-        state, size = saved[name], len(gen.get_state())
-        if not (torch.is_tensor(state) and state.dtype == torch.uint8 and state.shape == (size,)):
-            kind = f"the {size} bytes of a {gen.device.type} generator's state"
-            refuse(name, f"is {described(state)}, not {kind} (resume on the device that saved it)")
-        try:
-            torch.Generator(gen.device).set_state(state.cpu())  # random bytes fail mt19937's check
-        except RuntimeError as e:
-            refuse(name, f"is not a generator's state ({str(e).strip()[:80]})")
+        try:  # on a scratch generator of gen's kind, which checks size and type (and mt19937 more)
+            torch.Generator(gen.device).set_state(saved[name].cpu())
+        except (AttributeError, RuntimeError, TypeError) as e:
+            kind = f"a {gen.device.type} generator's state ({str(e).strip()[:90]})"
+            refuse(name, f"is {described(saved[name])}, not {kind}")
     check_optimizer_state(saved.get("opt"), opt, refuse)
 
 
 def check_optimizer_state(saved, opt, refuse):
-    """saved: an optimizer's state_dict, against the live `opt` that the run's config made: each
-    group's settings as opt's (flags torch fills in may be absent), its lr finite and >= 0, and per
-    parameter a step >= 0 and finite floating moments of the parameter's shape (Adam's three, for
-    Adam and AdamW). refuse(entry, problem) raises."""
+    """An optimizer state_dict against the live `opt` the config made: group settings as opt's
+    (flags torch fills in may be absent), lr finite and >= 0, per parameter a step >= 0 and
+    finite float moments of its shape (Adam's three for Adam, AdamW). refuse(entry, why) raises."""
     live, params = opt.state_dict(), [p for g in opt.param_groups for p in g["params"]]
     groups = saved.get("param_groups") if isinstance(saved, dict) else None
     if not (isinstance(groups, list) and isinstance(saved.get("state"), dict)):
@@ -809,9 +765,7 @@ def check_optimizer_state(saved, opt, refuse):
         for key, like in fresh.items():  # repr: equal, and of the same types (no tensor's ==)
             flag = like is None or isinstance(like, bool)
             if key != "lr" and (key in group or not flag) and repr(group.get(key)) != repr(like):
-                wrong = (
-                    f"is {described(group.get(key))}, not {like!r} as this run's optimizer has it"
-                )
+                wrong = f"is {described(group.get(key))}, where this run has {like!r}"
                 refuse(f"opt group {i} {key}", wrong)
     adam = {"step", "exp_avg", "exp_avg_sq"}  # amsgrad's fourth moment: a flag refused above
     for k, entries in saved["state"].items():
@@ -831,12 +785,9 @@ def check_optimizer_state(saved, opt, refuse):
 def training_state(net, cfg, pixels, saved=None):
     """A fresh TrainState for `net`, or the one a checkpoint (`saved`) holds."""
     device = next(net.parameters()).device
-    state = TrainState(
-        net,
-        copy.deepcopy(net).requires_grad_(False).eval(),
-        make_optimizer(net.parameters(), cfg, pixels),
-        torch.Generator(device).manual_seed(cfg.seed + 2),
-    )
+    ema, gen = copy.deepcopy(net).requires_grad_(False).eval(), torch.Generator(device)
+    opt = make_optimizer(net.parameters(), cfg, pixels)
+    state = TrainState(net, ema, opt, gen.manual_seed(cfg.seed + 2))
     if saved is not None:
         try:
             net.load_state_dict(saved["net"])
@@ -1032,23 +983,17 @@ class Config:
     )
     data_dir: str = option("data", "where --data cifar is downloaded or placed")
     n: int = fixed(None, "train on a seeded random n images (paper: 300/1000/3000)", type=int)
-    sigma_tn: float = fixed(
-        0.4, "the noisy copies' EDM noise level; 0 = DDPM (paper: 0.4-4; train.sh: 0.5)"
-    )
+    sigma_tn: float = fixed(0.4, "noisy copies' EDM noise; 0 = DDPM (paper: 0.4-4; train.sh: 0.5)")
     schedule: str = fixed(
         "edm", "edm (released, log-normal) or algorithm1 (the text)", choices=("edm", "algorithm1")
     )
-    ambient_weight: str = fixed(
-        "released", "Eq. 6's weight: released, or x0 (NOTES.md)", choices=AMBIENT_WEIGHTS
-    )
+    ambient_weight: str = fixed("released", "Eq. 6's weight (NOTES.md)", choices=AMBIENT_WEIGHTS)
     preset: str = fixed(
         "small",
         "small (6.5M), edm (EDM's DDPM++, 54M, the paper's network) or tiny (0.7M, CPU)",
         choices=(*PRESETS, "paper"),  # "paper": the old name of small, refused with the new one
     )
-    dropout: float = fixed(
-        None, "dropout (default: the preset's; released train.sh: 0.05)", type=float
-    )
+    dropout: float = fixed(None, "dropout (default: the preset's; train.sh: 0.05)", type=float)
     resolution: int = fixed(None, "downsample the images to this side", type=int)
     iters: int = option(
         30000,
@@ -1056,26 +1001,18 @@ class Config:
     )
     batch: int = fixed(256, "batch size (paper: 256)")
     lr: float = fixed(1e-4, "learning rate (paper: 1e-4)")
-    optimizer: str = fixed(
-        "adam", "adam (released, L2 decay) or adamw (decoupled)", choices=OPTIMIZERS
-    )
+    optimizer: str = fixed("adam", "adam (released, L2) or adamw (decoupled)", choices=OPTIMIZERS)
     lr_rampup: float = fixed(0.0, "warm-up over this many million images (released: 10)")
     flip: bool = fixed(False, "random horizontal flips, an image and its noisy copy together")
     seed: int = fixed(0, "seeds the subset, S_tn, initialisation, batches and sampling")
     samples: int = option(256, "images to generate after training")
     steps: int = option(40, "ODE steps for sampling (released: 40)")
     sampler: str = option("heun", "heun (EDM's, as released) or euler", choices=("heun", "euler"))
-    sample_batch: int = option(
-        256, "images per sampling batch; batch k draws its noise from seed + k"
-    )
+    sample_batch: int = option(256, "images per sampling batch (batch k's noise: seed + k)")
     log_every: int = option(100, "progress line every this many steps")
     ckpt_every: int = option(1000, "checkpoint every this many steps")
-    out: str = option(
-        None, "run folder (default: runs/<data>-n<n>-<method>)", type=str, saved=False
-    )
-    resume: bool = option(
-        False, "continue the checkpoint in --out; the config must match", saved=False
-    )
+    out: str = option(None, "run folder (default runs/<data>-n<n>-<method>)", type=str, saved=False)
+    resume: bool = option(False, "continue --out's checkpoint; the config must match", saved=False)
     device: str = option("auto", "auto (cuda if there is one), cpu, cuda, cuda:1, ...", saved=False)
     # Not flags: the run fills in the absolute path of a file or folder dataset, and baselines.py's
     # runs name their method.
@@ -1134,23 +1071,16 @@ class Config:
 
     def differences(self, other):
         """The same_run keys that differ; a dataset is compared by its resolved path."""
-        diff = [
-            f.name
-            for f in fields(self)
-            if f.metadata.get("same_run") and getattr(self, f.name) != getattr(other, f.name)
-        ]
+        same_run = [f.name for f in fields(self) if f.metadata.get("same_run")]
+        diff = [k for k in same_run if getattr(self, k) != getattr(other, k)]
         same_data = self.data_path and self.data_path == other.data_path
         return [k for k in diff if not (k == "data" and same_data)]
 
     def check(self):
         """Every check that needs no data, before anything slow happens."""
         if not (self.sigma_tn == 0 or SIGMA_MIN < self.sigma_tn < SIGMA_MAX):
-            if self.sigma_tn < 0:
-                where = "negative"
-            elif self.sigma_tn < 1:
-                where = "below the lowest"
-            else:
-                where = "at or above the top"
+            low = "below the lowest" if self.sigma_tn < 1 else "at or above the top"
+            where = "negative" if self.sigma_tn < 0 else low
             raise UserError(
                 f"--sigma-tn {self.sigma_tn} is {where} noise level trained ({SIGMA_MIN} to "
                 f"{SIGMA_MAX}); use 0 for DDPM or a level such as 0.4 (paper: 0.4 to 4)"
@@ -1209,13 +1139,10 @@ def check_resolution(cfg, images):
     h, w = getattr(images, "shape", images)[1:3]
     step = 2 ** (len(PRESETS[cfg.preset]["mults"]) - 1)  # the U-Net halves the side this often
     if h != w:
-        raise UserError(
-            f"the images are {h}x{w}: the network takes square images; crop them to a square first"
-        )
+        raise UserError(f"the images are {h}x{w}, not square: crop them to a square first")
     if h < step:
         raise UserError(
-            f"the images are {h}x{w}, smaller than the {step}x{step} that preset {cfg.preset} "
-            "needs (its U-Net halves the side); use larger images"
+            f"the images are {h}x{w}; preset {cfg.preset} needs {step}x{step} or larger images"
         )
     if cfg.resolution is None and h > DEFAULT_MAX:
         raise UserError(
@@ -1254,14 +1181,10 @@ def open_run(cfg, out, device, need=RESUME_KEYS):
     fresh run."""
     if not cfg.resume:
         if (out / "checkpoint.pt").exists():
-            raise UserError(
-                f"{out} already holds a run; pass --resume to continue it, or choose another --out"
-            )
+            raise UserError(f"{out} already holds a run; add --resume, or choose another --out")
         return None
     if not (out / "checkpoint.pt").is_file():
-        raise UserError(
-            f"--resume: no checkpoint at {out / 'checkpoint.pt'}; drop --resume to start fresh"
-        )
+        raise UserError(f"--resume: no {out / 'checkpoint.pt'}; drop --resume to start fresh")
     saved = type(cfg).from_saved(read_config(out), out / "config.json")
     if saved.differences(cfg):
         differences = ", ".join(
@@ -1311,10 +1234,7 @@ def run(cfg, method, make_step=eager_step, main_process=True):
         f"{device}, preset {cfg.preset} ({millions:.2f}M parameters), {method.describe()}"
     )
     if device.type == "cpu" and cfg.preset != "tiny" and cfg.iters > 1000:
-        log(
-            f"note: the {cfg.preset} preset on CPU takes days; "
-            "try --preset tiny --resolution 16, or `make demo`"
-        )
+        log(f"note: the {cfg.preset} preset takes days on CPU; try --preset tiny, or `make demo`")
     ema = train(method, state, cfg, out if main_process else None, log, make_step)
     if main_process:
         report(method.generate(ema, cfg.samples, log), S.cpu(), out, log)

@@ -210,6 +210,7 @@ def trained_checkpoint(trained_run):
 
 
 RANDOM_BYTES = torch.from_numpy(np.random.default_rng(0).integers(0, 256, 5056, np.uint8))
+RANDOM_STATE = "a uint8 tensor of shape (5056,), not a cpu generator's state"
 EXP_AVG = ("opt", "state", 0, "exp_avg")
 
 
@@ -240,11 +241,11 @@ EXP_AVG = ("opt", "state", 0, "exp_avg")
         (("opt", "param_groups", 0, "fused"), "yes", "opt group 0 fused is str 'yes'"),
         (("opt", "param_groups", 0, "params"), [0, 1], "opt group 0 params is list [0, 1]"),
         (("step",), -5, "step is int -5, not an integer from 0"),  # trained from -5, exit 0
-        (("dropout_rng",), 0.5, "dropout_rng is float 0.5, not the 5056 bytes"),
+        (("dropout_rng",), 0.5, "dropout_rng is float 0.5, not a cpu generator's state"),
         (("dropout_rng",), 3, "dropout_rng is int 3"),
-        (("dropout_rng",), RANDOM_BYTES, "dropout_rng is not a generator's state (Invalid mt19937"),
-        (("rng",), RANDOM_BYTES, "rng is not a generator's state (Invalid mt19937"),
-        (("rng",), torch.zeros(16, dtype=torch.uint8), "rng is a uint8 tensor of shape (16,)"),
+        (("dropout_rng",), RANDOM_BYTES, f"dropout_rng is {RANDOM_STATE} (Invalid mt19937"),
+        (("rng",), RANDOM_BYTES, f"rng is {RANDOM_STATE} (Invalid mt19937"),
+        (("rng",), torch.zeros(16, dtype=torch.uint8), "rng is a uint8 tensor of shape (16,), not"),
     ],
 )
 def test_a_damaged_training_entry_of_a_checkpoint_is_one_line_naming_it(
@@ -444,8 +445,8 @@ def test_images_smaller_than_the_preset_needs_are_refused_with_a_fix_that_exists
         for resolution in ([], ["--resolution", str(side)]):
             argv = ["--data", str(tmp_path / "d.npz"), "--preset", "tiny", *resolution]
             err = one_line(A.main, argv + ["--out", str(tmp_path / "r")], capsys, tmp_path)
-            assert f"are {side}x{side}, smaller than the 4x4 that preset tiny needs" in err
-            assert "use larger images" in err and "--resolution 0" not in err
+            assert f"are {side}x{side}; preset tiny needs 4x4 or larger images" in err
+            assert "--resolution 0" not in err
 
 
 @pytest.mark.parametrize("resolution", [None, 8, 16])
