@@ -398,10 +398,10 @@ def test_images_that_would_not_fit_in_memory_are_refused_from_their_headers(tmp_
 
 
 def test_the_memory_estimate_bounds_the_measured_peak_of_reading_and_preparing_images(tmp_path):
-    """Issue 26 row 3 in small: two 4000x4000 images trained at 16x16 (it was 10x the pixels while
+    """Issue 26 row 3 in small: two 3000x3000 images trained at 16x16 (it was 10x the pixels while
     5x was allowed). The peak resident memory of reading and preparing them, in a fresh process,
     lies between the estimate's allocations and the estimate (they plus MEMORY_SLACK)."""
-    shape = (2, 4000, 4000, 3)
+    shape = (2, 3000, 3000, 3)
     np.savez(tmp_path / "d.npz", images=np.zeros(shape, np.uint8))
     script = (  # VmHWM: this process's peak (ru_maxrss would start from pytest's at the fork)
         "import sys; sys.path.insert(0, sys.argv[1]); import ambient as A\n"
