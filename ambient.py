@@ -437,7 +437,7 @@ def prepare(images, resolution=None, rows=None):
     rows = np.arange(len(images)) if rows is None else np.asarray(rows)
     side, full = resolution or images.shape[1], images.shape[1]
     out = torch.empty((len(rows), 3, side, side), memory_format=torch.channels_last)
-    chunk = max(1, min(len(rows), PREPARE_CHUNK // max(1, images[0].nbytes)))
+    chunk = max(1, min(len(rows), PREPARE_CHUNK // max(1, images[:1].nbytes)))
     pixels = torch.empty((chunk, *images.shape[1:]), dtype=torch.uint8)
     work = torch.empty((chunk, 3, full, full), memory_format=torch.channels_last)
     for start in range(0, len(rows), chunk):
