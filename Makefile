@@ -1,5 +1,6 @@
-# make demo | test | train | clean. Each target builds .venv from requirements.txt and requirements-t2i.txt
-# (diffusers and transformers, for text_to_image.py) when it is missing.
+# make demo | test | train | clean. Each target builds .venv, when it is missing, from requirements.txt
+# and requirements-t2i.txt (diffusers and transformers, for text_to_image.py) at the versions in
+# constraints.txt.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python

@@ -155,16 +155,7 @@ class ResBlock(nn.Module):
 
 
 class UNet(nn.Module):  # F_theta, the raw network inside the preconditioning
-    def __init__(
-        self,
-        resolution=32,
-        channels=64,
-        mults=(1, 2, 2),
-        blocks=2,
-        attn_at=(16,),
-        dropout=0.0,
-        in_channels=3,
-    ):
+    def __init__(self, resolution, channels, mults, blocks, attn_at, dropout=0.0, in_channels=3):
         super().__init__()
         self.channels = channels
         emb_dim = 4 * channels
@@ -309,17 +300,25 @@ class UserError(Exception):  # bad input: printed as one line, exit code 2, no t
     pass
 
 
-def load_images(spec, data_dir="data"):
-    """--data cifar | demo | file.npz | image folder -> uint8 (N, H, W, 3), int labels or None."""
+def load_images(spec, data_dir="data", cfg=None):
+    """--data cifar | demo | file.npz | image folder -> uint8 (N, H, W, 3), int labels or None;
+    the memory and a training cfg's resolution (filled in) checked from headers, before reading."""
     if spec == "cifar":
-        return load_cifar10(data_dir)
+        images, labels = load_cifar10(data_dir)
+        check_fit(images.shape, "CIFAR-10", cfg)
+        return images, labels
     path = DEMO_FILE if spec == "demo" else Path(spec)
     if path.is_dir():
-        return load_image_folder(path), None
+        return load_image_folder(path, cfg), None
     if path.suffix == ".npz" and path.is_file():
         try:
-            with np.load(path) as f:
-                check_memory(f.zip.getinfo("images.npy").file_size, path)  # read before unpacking
+            with np.load(path) as f, f.zip.open("images.npy") as npy:
+                version = np.lib.format.read_magic(npy)
+                header = np.lib.format.read_array_header_1_0 if version == (1, 0) else None
+                shape, _, dtype = (header or np.lib.format.read_array_header_2_0)(npy)
+                if dtype != np.uint8 or len(shape) != 4 or shape[3] != 3 or 0 in shape:
+                    raise UserError(f"{path}: 'images' is {dtype} {shape}; expected uint8 NxHxWx3")
+                check_fit(shape, path, cfg)
                 images = f["images"]
                 labels = f["labels"] if "labels" in f.files else None
         except UserError:
@@ -329,15 +328,6 @@ def load_images(spec, data_dir="data"):
                 f"cannot read images from {path} ({type(e).__name__}): it must be a NumPy .npz "
                 "archive with a uint8 array 'images' of shape N x H x W x 3"
             ) from None
-        if (
-            images.dtype != np.uint8
-            or images.ndim != 4
-            or images.shape[3] != 3
-            or 0 in images.shape
-        ):
-            raise UserError(
-                f"{path}: 'images' is {images.dtype} {images.shape}; expected uint8 N x H x W x 3"
-            )
         if labels is not None and (
             labels.dtype.kind not in "iu" or labels.shape != images.shape[:1] or labels.min() < 0
         ):
@@ -362,15 +352,10 @@ def load_cifar10(data_dir):
     except Exception as e:
         archive = Path(data_dir) / CIFAR_URL.rsplit("/", 1)[1]
         # torchvision checks a placed archive's checksum and, if wrong, downloads a fresh copy
-        if archive.exists():
-            raise UserError(
-                f"{archive} is damaged or incomplete and no fresh copy could be downloaded "
-                f"({type(e).__name__}); replace it with a good copy from {CIFAR_URL}"
-            ) from None
+        where = f"{archive} is damaged" if archive.exists() else f"CIFAR-10 is not in {data_dir}"
         raise UserError(
-            f"CIFAR-10 is not in {data_dir}/cifar-10-batches-py and could not be downloaded "
-            f"({type(e).__name__}). Place {archive.name} from {CIFAR_URL} in "
-            f"{data_dir}/ (or pass --data-dir), or use --data demo"
+            f"{where} and could not be downloaded ({type(e).__name__}): place {archive.name} from "
+            f"{CIFAR_URL} in {data_dir}/ (or pass --data-dir), or use --data demo"
         ) from None
     return np.asarray(ds.data), np.asarray(ds.targets, dtype=np.int64)
 
@@ -382,13 +367,30 @@ def available_memory():  # Linux's MemAvailable (free and reclaimable); elsewher
         return math.inf
 
 
-def check_memory(nbytes, source):
-    """Refuses, before reading them, uint8 images of nbytes that do not fit with a float32 copy."""
-    if 5 * nbytes > available_memory():
+PREPARE_CHUNK = 2**24  # bytes of uint8 pixels that prepare() turns into floats at a time
+MEMORY_SLACK = 2**27  # torch's and the allocator's own memory: up to 75 MB measured
+
+
+def memory_needed(shape, resolution=None):
+    """Peak bytes of reading uint8 images of `shape` and preparing them at `resolution` (default:
+    their side), as measured (test_inputs.py): the images, their float32 copy, prepare()'s chunk of
+    full-size images as uint8 and float32 (decoding needs less), and MEMORY_SLACK."""
+    n, h, w, c = shape
+    chunk = min(n, max(1, PREPARE_CHUNK // (h * w * c))) * h * w * c
+    return n * h * w * c * (1 + 4 * ((resolution or h) / h) ** 2) + 5 * chunk + MEMORY_SLACK
+
+
+def check_fit(shape, source, cfg=None):
+    """Refuses, before reading them, images of `shape` that a run (cfg: training at its resolution,
+    which is checked first) could not hold in memory."""
+    if cfg is not None:
+        check_resolution(cfg, shape)
+    need = memory_needed(shape, cfg and cfg.resolution)
+    if need > available_memory():
         raise UserError(
-            f"{source} holds {nbytes / 1e9:.1f} GB of pixels, {5 * nbytes / 1e9:.1f} GB with their "
-            f"float32 copy, and {available_memory() / 1e9:.1f} GB of memory is free: use fewer or "
-            "smaller images"
+            f"{source} holds {math.prod(shape) / 1e9:.1f} GB of pixels, {need / 1e9:.1f} GB with "
+            f"their float32 copy, and {available_memory() / 1e9:.1f} GB of memory is free: use "
+            "fewer or smaller images"
         )
 
 
@@ -401,7 +403,8 @@ def open_image(file, read=False):
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(file) as im:
-                return np.asarray(im.convert("RGB")) if read else im.size
+                rgb = im if im.mode == "RGB" or not read else im.convert("RGB")
+                return np.asarray(rgb) if read else im.size
     except (Image.DecompressionBombWarning, Image.DecompressionBombError):
         raise UserError(
             f"{file} has more than {Image.MAX_IMAGE_PIXELS:,} pixels, PIL's decompression-bomb "
@@ -411,7 +414,7 @@ def open_image(file, read=False):
         raise UserError(f"cannot read image {file} ({type(e).__name__}: {str(e)[:120]})") from None
 
 
-def load_image_folder(path):
+def load_image_folder(path, cfg=None):
     """The folder's images, read one at a time into one array once their headers say it fits."""
     suffixes = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
     files = sorted(p for p in path.iterdir() if p.suffix.lower() in suffixes)
@@ -421,19 +424,30 @@ def load_image_folder(path):
     if len(sizes) > 1:
         raise UserError(f"images in {path} differ in size; resize them to one size first")
     w, h = sizes.pop()
-    check_memory(len(files) * h * w * 3, path)
+    check_fit((len(files), h, w, 3), path, cfg)
     images = np.empty((len(files), h, w, 3), np.uint8)
     for i, f in enumerate(files):
         images[i] = open_image(f, read=True)
     return images
 
 
-def prepare(images, resolution=None):
-    """uint8 NHWC -> float NCHW in [-1, 1], area-downsampled to `resolution` if given."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
-    if resolution and resolution != x.shape[-1]:
-        x = F.interpolate(x, size=(resolution, resolution), mode="area")
-    return x
+def prepare(images, resolution=None, rows=None):
+    """uint8 NHWC (rows `rows`, default all) -> float NCHW in [-1, 1], area-downsampled to
+    `resolution` if given; a chunk at a time in buffers made once (per image: the same numbers)."""
+    rows = np.arange(len(images)) if rows is None else np.asarray(rows)
+    side, full = resolution or images.shape[1], images.shape[1]
+    out = torch.empty((len(rows), 3, side, side), memory_format=torch.channels_last)
+    chunk = max(1, min(len(rows), PREPARE_CHUNK // max(1, images[:1].nbytes)))
+    pixels = torch.empty((chunk, *images.shape[1:]), dtype=torch.uint8)
+    work = torch.empty((chunk, 3, full, full), memory_format=torch.channels_last)
+    for start in range(0, len(rows), chunk):
+        k = min(chunk, len(rows) - start)
+        for j, i in enumerate(rows[start : start + k]):  # no temporary copy of the chunk
+            pixels[j] = torch.from_numpy(images[i])
+        x = work[:k].copy_(pixels[:k].permute(0, 3, 1, 2)).div_(127.5).sub_(1)
+        x = F.interpolate(x, size=(side, side), mode="area") if side != full else x
+        out[start : start + k] = x
+    return out
 
 
 def choose_subset(num_images, n, seed):
@@ -548,7 +562,7 @@ class Algorithm1:
 
     def training_set(self):
         """The dataset's images and the indices of the subset to train on."""
-        images, _ = load_images(self.cfg.data, self.cfg.data_dir)
+        images, _ = load_images(self.cfg.data, self.cfg.data_dir, self.cfg)
         return images, choose_subset(len(images), self.cfg.n, self.cfg.seed)
 
     def network(self, **kwargs):
@@ -606,14 +620,9 @@ def make_optimizer(params, cfg, pixels=1):
     ignore that scale once eps and an L2 term in the gradient are divided by `pixels` too: then the
     steps are the released ones."""
     adamw = cfg.optimizer == "adamw"
-    optimizer = torch.optim.AdamW if adamw else torch.optim.Adam
+    optimizer, decay = (torch.optim.AdamW, 0.01) if adamw else (torch.optim.Adam, 0.01 / pixels)
     return optimizer(
-        params,
-        lr=cfg.lr,
-        betas=(0.9, 0.999),
-        eps=1e-8 / pixels,
-        weight_decay=0.01 if adamw else 0.01 / pixels,
-        fused=True,
+        params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8 / pixels, weight_decay=decay, fused=True
     )
 
 
@@ -669,19 +678,10 @@ def global_rng(device, state=None):
 
 def save_checkpoint(state, method, cfg, path):
     """torch.save to a temp file, then rename: a run killed mid-write keeps its last checkpoint."""
-    torch.save(
-        dict(
-            net=state.net.state_dict(),
-            ema=state.ema.state_dict(),
-            opt=state.opt.state_dict(),
-            step=state.step,
-            rng=state.gen.get_state(),
-            dropout_rng=global_rng(next(state.net.parameters()).device),
-            config=cfg.saved(),
-            **method.saved_data(),
-        ),
-        str(path) + ".tmp",
-    )
+    saved = dict(net=state.net.state_dict(), ema=state.ema.state_dict(), opt=state.opt.state_dict())
+    saved.update(step=state.step, rng=state.gen.get_state())
+    saved.update(dropout_rng=global_rng(next(state.net.parameters()).device), config=cfg.saved())
+    torch.save(dict(saved, **method.saved_data()), str(path) + ".tmp")
     os.replace(str(path) + ".tmp", path)
 
 
@@ -710,11 +710,8 @@ def load_checkpoint(path, device="cpu", need=None, fix="restore it from a copy")
         raise UserError(f"{path} is damaged ({why}); {fix}") from None
     saved = saved if isinstance(saved, dict) else {}
     wrong = [k for k, kind in need.items() if not isinstance(saved.get(k), kind)]
-    values = [
-        v
-        for k in need
-        for v in (saved[k].values() if isinstance(saved.get(k), dict) else [saved.get(k)])
-    ]
+    entries = [saved.get(k) for k in need]
+    values = [v for e in entries for v in (e.values() if isinstance(e, dict) else [e])]
     finite = all(v.isfinite().all() for v in values if torch.is_tensor(v) and v.is_floating_point())
     if wrong or not finite:
         what = f"no {wrong[0]} {need[wrong[0]].__name__}" if wrong else "it holds NaN or inf"
@@ -732,11 +729,9 @@ def described(value):
 
 
 def check_training_entries(saved, opt, generators, fix=RESUME_FIX):
-    """A checkpoint's training entries, checked before anything uses them (load_state_dict and
-    set_state trust what they get: a moment of the wrong shape crashes fused Adam): saved['step'],
-    saved[name] against each torch.Generator in `generators` (of the kind whose state it restores;
-    names the checkpoint lacks are skipped) and saved['opt'] against the live optimizer `opt`.
-    Raises UserError, one line naming the entry, then `fix`."""
+    """A checkpoint's step, saved[name] for each torch.Generator in `generators` (of its kind; names
+    absent are skipped) and optimizer state against the live `opt`, checked before anything uses
+    them (a moment of the wrong shape crashes fused Adam). UserError: the entry, then `fix`."""
 
     def refuse(entry, problem):
         raise UserError(f"--resume: the checkpoint's {entry} {problem}; {fix}")
@@ -745,53 +740,37 @@ def check_training_entries(saved, opt, generators, fix=RESUME_FIX):
     if type(step) is not int or not 0 <= step < 2**31:
         refuse("step", f"is {described(step)}, not an integer from 0 to 2^31")
     for name, gen in ((k, g) for k, g in generators.items() if k in saved):
-        state, size = saved[name], len(gen.get_state())
-        if not (torch.is_tensor(state) and state.dtype == torch.uint8 and state.shape == (size,)):
-            kind = f"the {size} bytes of a {gen.device.type} generator's state"
-            refuse(name, f"is {described(state)}, not {kind} (resume on the device that saved it)")
-        try:
-            torch.Generator(gen.device).set_state(state.cpu())  # random bytes fail mt19937's check
-        except RuntimeError as e:
-            refuse(name, f"is not a generator's state ({str(e).strip()[:80]})")
+        try:  # on a scratch generator of gen's kind, which checks size and type (and mt19937 more)
+            torch.Generator(gen.device).set_state(saved[name].cpu())
+        except (AttributeError, RuntimeError, TypeError) as e:
+            kind = f"a {gen.device.type} generator's state ({str(e).strip()[:90]})"
+            refuse(name, f"is {described(saved[name])}, not {kind}")
     check_optimizer_state(saved.get("opt"), opt, refuse)
 
 
-def same(value, like):
-    """Equal, with the same types, element by element: no tensor's == decides."""
-    if isinstance(like, (tuple, list)):
-        return type(value) is type(like) and len(value) == len(like) and all(map(same, value, like))
-    return type(value) is type(like) and value == like
-
-
 def check_optimizer_state(saved, opt, refuse):
-    """saved: an optimizer's state_dict, against the live `opt` that the run's config made: each
-    group's settings as opt's (flags torch fills in may be absent), its lr finite and >= 0, and per
-    parameter a step >= 0 and finite floating moments of the parameter's shape (all of Adam's, for
-    Adam and AdamW). refuse(entry, problem) raises."""
+    """An optimizer state_dict against the live `opt` the config made: group settings as opt's
+    (flags torch fills in may be absent), lr finite and >= 0, per parameter a step >= 0 and
+    finite float moments of its shape (Adam's three for Adam, AdamW). refuse(entry, why) raises."""
     live, params = opt.state_dict(), [p for g in opt.param_groups for p in g["params"]]
     groups = saved.get("param_groups") if isinstance(saved, dict) else None
     if not (isinstance(groups, list) and isinstance(saved.get("state"), dict)):
         refuse("opt", f"is {described(saved)}, not an optimizer's state_dict")
     if len(groups) != len(live["param_groups"]) or not all(isinstance(g, dict) for g in groups):
         refuse("opt", f"does not hold {len(live['param_groups'])} parameter group(s)")
-    owner = {}  # parameter number -> its saved group
     for i, (group, fresh) in enumerate(zip(groups, live["param_groups"], strict=True)):
-        owner.update(dict.fromkeys(fresh["params"], group))
         lr = group.get("lr")
         if type(lr) not in (int, float) or not 0 <= lr < math.inf:
             refuse(f"opt group {i} lr", f"is {described(lr)}, not a finite number >= 0")
-        for key, like in fresh.items():
+        for key, like in fresh.items():  # repr: equal, and of the same types (no tensor's ==)
             flag = like is None or isinstance(like, bool)
-            if key != "lr" and (key in group or not flag) and not same(group.get(key), like):
-                wrong = (
-                    f"is {described(group.get(key))}, not {like!r} as this run's optimizer has it"
-                )
+            if key != "lr" and (key in group or not flag) and repr(group.get(key)) != repr(like):
+                wrong = f"is {described(group.get(key))}, where this run has {like!r}"
                 refuse(f"opt group {i} {key}", wrong)
+    adam = {"step", "exp_avg", "exp_avg_sq"}  # amsgrad's fourth moment: a flag refused above
     for k, entries in saved["state"].items():
-        if k not in owner or not isinstance(entries, dict):
+        if type(k) is not int or not 0 <= k < len(params) or not isinstance(entries, dict):
             refuse("opt state", f"has an entry {reprlib.repr(k)} for no parameter")
-        amsgrad = owner[k].get("amsgrad") is True
-        adam = {"step", "exp_avg", "exp_avg_sq"} | ({"max_exp_avg_sq"} if amsgrad else set())
         if isinstance(opt, torch.optim.Adam) and set(entries) != adam:
             refuse(f"opt state of parameter {k}", f"holds {sorted(entries)}, not {sorted(adam)}")
         for key, v in entries.items():
@@ -806,12 +785,9 @@ def check_optimizer_state(saved, opt, refuse):
 def training_state(net, cfg, pixels, saved=None):
     """A fresh TrainState for `net`, or the one a checkpoint (`saved`) holds."""
     device = next(net.parameters()).device
-    state = TrainState(
-        net,
-        copy.deepcopy(net).requires_grad_(False).eval(),
-        make_optimizer(net.parameters(), cfg, pixels),
-        torch.Generator(device).manual_seed(cfg.seed + 2),
-    )
+    ema, gen = copy.deepcopy(net).requires_grad_(False).eval(), torch.Generator(device)
+    opt = make_optimizer(net.parameters(), cfg, pixels)
+    state = TrainState(net, ema, opt, gen.manual_seed(cfg.seed + 2))
     if saved is not None:
         try:
             net.load_state_dict(saved["net"])
@@ -987,41 +963,7 @@ def save_neighbour_grid(samples, train, idx, path, pairs=32, per_row=8, upscale=
 
 
 # ------------------------------------------------------------------------------------------------
-# 9. Closed forms: the optimal denoisers the theory is about; test_ambient.py checks the sampler
-# with them.
-# ------------------------------------------------------------------------------------------------
-def ambient_optimal_denoiser(S_tn, sigma_tn):
-    """Lemma 4.1: the minimiser of Eq. 6 when the data are the finite set S_tn (VP units), t > t_n.
-    x_tn is one of S_tn, weighted by N(x_t; (alpha_t / alpha_tn) x_tn, s2) with
-    s2 = (sigma_t^2 - sigma_tn^2) / (1 - sigma_tn^2), and Lemma C.1's map gives E[x_0 | x_t].
-    With sigma_tn = 0 it is Eq. 3's empirical optimum."""
-    points = S_tn.flatten(1)
-    sq_norms = points.square().sum(1)
-
-    def h(x_t, sigma_t):
-        sigma_t = torch.as_tensor(sigma_t, dtype=x_t.dtype).expand(x_t.shape[0])
-        scale = alpha(sigma_t) / alpha(sigma_tn)
-        s2 = (sigma_t**2 - sigma_tn**2) / (1 - sigma_tn**2)
-        x = x_t.flatten(1)
-        d2 = (
-            x.square().sum(1, keepdim=True)
-            - 2 * scale[:, None] * x @ points.T
-            + scale[:, None] ** 2 * sq_norms
-        )
-        mean_x_tn = (torch.softmax(-d2 / (2 * s2[:, None]), dim=1) @ points).reshape(x_t.shape)
-        c_h, c_x = ambient_coefficients(sigma_t, sigma_tn)
-        return (mean_x_tn - bcast(c_x, x_t) * x_t) / bcast(c_h, x_t)
-
-    return h
-
-
-def empirical_denoiser(S):
-    """Section 2.2: E[x_0 | x_t] when x_0 is uniform on the training set S. Its ODE copies S."""
-    return ambient_optimal_denoiser(S, 0.0)
-
-
-# ------------------------------------------------------------------------------------------------
-# 10. Command line: one typed Config holds each setting, its --flag, default and help; extensions
+# 9. Command line: one typed Config holds each setting, its --flag, default and help; extensions
 # subclass it.
 # ------------------------------------------------------------------------------------------------
 def option(default, help, **meta):
@@ -1041,23 +983,17 @@ class Config:
     )
     data_dir: str = option("data", "where --data cifar is downloaded or placed")
     n: int = fixed(None, "train on a seeded random n images (paper: 300/1000/3000)", type=int)
-    sigma_tn: float = fixed(
-        0.4, "the noisy copies' EDM noise level; 0 = DDPM (paper: 0.4-4; train.sh: 0.5)"
-    )
+    sigma_tn: float = fixed(0.4, "noisy copies' EDM noise; 0 = DDPM (paper: 0.4-4; train.sh: 0.5)")
     schedule: str = fixed(
         "edm", "edm (released, log-normal) or algorithm1 (the text)", choices=("edm", "algorithm1")
     )
-    ambient_weight: str = fixed(
-        "released", "Eq. 6's weight: released, or x0 (NOTES.md)", choices=AMBIENT_WEIGHTS
-    )
+    ambient_weight: str = fixed("released", "Eq. 6's weight (NOTES.md)", choices=AMBIENT_WEIGHTS)
     preset: str = fixed(
         "small",
         "small (6.5M), edm (EDM's DDPM++, 54M, the paper's network) or tiny (0.7M, CPU)",
         choices=(*PRESETS, "paper"),  # "paper": the old name of small, refused with the new one
     )
-    dropout: float = fixed(
-        None, "dropout (default: the preset's; released train.sh: 0.05)", type=float
-    )
+    dropout: float = fixed(None, "dropout (default: the preset's; train.sh: 0.05)", type=float)
     resolution: int = fixed(None, "downsample the images to this side", type=int)
     iters: int = option(
         30000,
@@ -1065,26 +1001,18 @@ class Config:
     )
     batch: int = fixed(256, "batch size (paper: 256)")
     lr: float = fixed(1e-4, "learning rate (paper: 1e-4)")
-    optimizer: str = fixed(
-        "adam", "adam (released, L2 decay) or adamw (decoupled)", choices=OPTIMIZERS
-    )
+    optimizer: str = fixed("adam", "adam (released, L2) or adamw (decoupled)", choices=OPTIMIZERS)
     lr_rampup: float = fixed(0.0, "warm-up over this many million images (released: 10)")
     flip: bool = fixed(False, "random horizontal flips, an image and its noisy copy together")
     seed: int = fixed(0, "seeds the subset, S_tn, initialisation, batches and sampling")
     samples: int = option(256, "images to generate after training")
     steps: int = option(40, "ODE steps for sampling (released: 40)")
     sampler: str = option("heun", "heun (EDM's, as released) or euler", choices=("heun", "euler"))
-    sample_batch: int = option(
-        256, "images per sampling batch; batch k draws its noise from seed + k"
-    )
+    sample_batch: int = option(256, "images per sampling batch (batch k's noise: seed + k)")
     log_every: int = option(100, "progress line every this many steps")
     ckpt_every: int = option(1000, "checkpoint every this many steps")
-    out: str = option(
-        None, "run folder (default: runs/<data>-n<n>-<method>)", type=str, saved=False
-    )
-    resume: bool = option(
-        False, "continue the checkpoint in --out; the config must match", saved=False
-    )
+    out: str = option(None, "run folder (default runs/<data>-n<n>-<method>)", type=str, saved=False)
+    resume: bool = option(False, "continue --out's checkpoint; the config must match", saved=False)
     device: str = option("auto", "auto (cuda if there is one), cpu, cuda, cuda:1, ...", saved=False)
     # Not flags: the run fills in the absolute path of a file or folder dataset, and baselines.py's
     # runs name their method.
@@ -1143,23 +1071,16 @@ class Config:
 
     def differences(self, other):
         """The same_run keys that differ; a dataset is compared by its resolved path."""
-        diff = [
-            f.name
-            for f in fields(self)
-            if f.metadata.get("same_run") and getattr(self, f.name) != getattr(other, f.name)
-        ]
+        same_run = [f.name for f in fields(self) if f.metadata.get("same_run")]
+        diff = [k for k in same_run if getattr(self, k) != getattr(other, k)]
         same_data = self.data_path and self.data_path == other.data_path
         return [k for k in diff if not (k == "data" and same_data)]
 
     def check(self):
         """Every check that needs no data, before anything slow happens."""
         if not (self.sigma_tn == 0 or SIGMA_MIN < self.sigma_tn < SIGMA_MAX):
-            if self.sigma_tn < 0:
-                where = "negative"
-            elif self.sigma_tn < 1:
-                where = "below the lowest"
-            else:
-                where = "at or above the top"
+            low = "below the lowest" if self.sigma_tn < 1 else "at or above the top"
+            where = "negative" if self.sigma_tn < 0 else low
             raise UserError(
                 f"--sigma-tn {self.sigma_tn} is {where} noise level trained ({SIGMA_MIN} to "
                 f"{SIGMA_MAX}); use 0 for DDPM or a level such as 0.4 (paper: 0.4 to 4)"
@@ -1214,12 +1135,14 @@ def pick_device(name):
 
 def check_resolution(cfg, images):
     """Fills in the config's resolution (default: the images' side, up to DEFAULT_MAX) once it
-    fits the images and the network."""
-    h, w = images.shape[1:3]
+    fits the images (an array or its shape) and the network."""
+    h, w = getattr(images, "shape", images)[1:3]
     step = 2 ** (len(PRESETS[cfg.preset]["mults"]) - 1)  # the U-Net halves the side this often
     if h != w:
+        raise UserError(f"the images are {h}x{w}, not square: crop them to a square first")
+    if h < step:
         raise UserError(
-            f"the images are {h}x{w}: the network takes square images; crop them to a square first"
+            f"the images are {h}x{w}; preset {cfg.preset} needs {step}x{step} or larger images"
         )
     if cfg.resolution is None and h > DEFAULT_MAX:
         raise UserError(
@@ -1258,14 +1181,10 @@ def open_run(cfg, out, device, need=RESUME_KEYS):
     fresh run."""
     if not cfg.resume:
         if (out / "checkpoint.pt").exists():
-            raise UserError(
-                f"{out} already holds a run; pass --resume to continue it, or choose another --out"
-            )
+            raise UserError(f"{out} already holds a run; add --resume, or choose another --out")
         return None
     if not (out / "checkpoint.pt").is_file():
-        raise UserError(
-            f"--resume: no checkpoint at {out / 'checkpoint.pt'}; drop --resume to start fresh"
-        )
+        raise UserError(f"--resume: no {out / 'checkpoint.pt'}; drop --resume to start fresh")
     saved = type(cfg).from_saved(read_config(out), out / "config.json")
     if saved.differences(cfg):
         differences = ", ".join(
@@ -1287,8 +1206,7 @@ def run(cfg, method, make_step=eager_step, main_process=True):
     # TF32 matmuls and convolutions on CUDA: float32 range, 10-bit mantissa, much faster
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    images, indices = method.training_set()
-    check_resolution(cfg, images)
+    images, indices = method.training_set()  # fills in cfg.resolution
     cfg.data_path = str(Path(cfg.data).resolve()) if cfg.data not in ("demo", "cifar") else None
     out = Path(cfg.out or Path("runs") / f"{Path(cfg.data).stem}-n{len(indices)}-{method.label()}")
     saved = open_run(cfg, out, device)
@@ -1302,7 +1220,7 @@ def run(cfg, method, make_step=eager_step, main_process=True):
             logfile.flush()
 
     torch.manual_seed(cfg.seed)
-    S = prepare(images[indices], cfg.resolution).to(device)
+    S = prepare(images, cfg.resolution, indices).to(device)
     method.use_data(S, saved)
     net = method.network().to(device)
     state = training_state(net, cfg, S[0].numel(), saved)  # checks a checkpoint before any write
@@ -1316,10 +1234,7 @@ def run(cfg, method, make_step=eager_step, main_process=True):
         f"{device}, preset {cfg.preset} ({millions:.2f}M parameters), {method.describe()}"
     )
     if device.type == "cpu" and cfg.preset != "tiny" and cfg.iters > 1000:
-        log(
-            f"note: the {cfg.preset} preset on CPU takes days; "
-            "try --preset tiny --resolution 16, or `make demo`"
-        )
+        log(f"note: the {cfg.preset} preset takes days on CPU; try --preset tiny, or `make demo`")
     ema = train(method, state, cfg, out if main_process else None, log, make_step)
     if main_process:
         report(method.generate(ema, cfg.samples, log), S.cpu(), out, log)

@@ -114,7 +114,7 @@ class ClassConditional(A.Algorithm1):
 
     def training_set(self):
         cfg = self.cfg
-        images, self.all_labels = A.load_images(cfg.data, cfg.data_dir)
+        images, self.all_labels = A.load_images(cfg.data, cfg.data_dir, cfg)
         if self.all_labels is None or len(self.all_labels) != len(images):
             raise UserError(
                 f"conditional.py needs one class label per image and --data {cfg.data} has "

@@ -224,6 +224,106 @@ def similarity_summary(sims, thresholds):
 
 
 # ------------------------------------------------------------------------------------------------
+# Held-out denoising loss: the training objective on images the run never saw, an offline quality
+# figure that needs no downloaded weights (repro_cpu.py's onset study fixed it; NOTES.md, "Onset").
+# ------------------------------------------------------------------------------------------------
+HELDOUT_SIGMAS = (0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 40)  # EDM units
+# Below the demo's t_n (sigma_tn = 1), around it, far above it.
+HELDOUT_BANDS = (("0.05-0.5", (0.05, 0.1, 0.2, 0.5)), ("1-2", (1, 2)), ("5-40", (5, 10, 20, 40)))
+HELDOUT_DRAWS = 4  # fixed noise draws per image and level
+HELDOUT_RECIPE = (
+    "EDM-weighted squared error of h(x_t) against x_0 on the dataset's held-out images, "
+    f"{HELDOUT_DRAWS} fixed noise draws each, averaged over the levels (repro_cpu.py onset)"
+)
+
+
+@torch.no_grad()
+def weighted_loss(model, x0, sigma, draws, seed=0):
+    """Mean of lambda(sigma) |h(x_t) - x_0|^2 over images and `draws` fixed noise draws each."""
+    x0 = x0.repeat(draws, 1, 1, 1)
+    z = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)).to(x0.device)
+    s_t = torch.tensor(A.vp_from_edm(float(sigma)))
+    pred = model(A.add_noise(x0, s_t, z), s_t)
+    return (A.loss_weight(s_t, torch.tensor(0.0)) * A.ddpm_loss(pred, x0)).mean().item()
+
+
+def heldout_losses(model, test):
+    """{sigma: the held-out loss at that level} over HELDOUT_SIGMAS."""
+    return {f"{s:g}": weighted_loss(model, test, s, HELDOUT_DRAWS) for s in HELDOUT_SIGMAS}
+
+
+def heldout_band(losses, sigmas):
+    return float(np.mean([losses[f"{s:g}"] for s in sigmas]))
+
+
+def denoiser_of(model, cfg):
+    """The E[x_0 | x_t] a run samples with: the network, or for masking its fixed-mask form (one
+    seeded mask per image, drawn as in sampling)."""
+    import baselines
+
+    if cfg.method != "masking":
+        return model
+    keep = (1 - cfg.mask_p) * (1 - cfg.mask_delta)
+
+    def h(x_t, sigma_t):
+        u = torch.rand(x_t.shape[0], 1, *x_t.shape[2:], generator=torch.Generator().manual_seed(7))
+        return baselines.with_mask(model, (u < keep).float().to(x_t.device))(x_t, sigma_t)
+
+    return h
+
+
+def heldout_images(data, data_dir, resolution):
+    """(the held-out images of --data demo or cifar at `resolution`, None) or (None, why none)."""
+    if data == "demo":
+        with np.load(A.DEMO_FILE) as f:
+            return A.prepare(f["test_images"], resolution), None
+    if data != "cifar":
+        return None, f"no held-out images for --data {data} (demo and cifar have them)"
+    import torchvision
+
+    try:  # the test batch sits beside the training batches; nothing is downloaded here
+        test = torchvision.datasets.CIFAR10(data_dir, train=False, download=False).data
+    except Exception as e:
+        return None, f"no CIFAR-10 test set in {data_dir} ({first_line(e)[:80]})"
+    return A.prepare(np.asarray(test), resolution), None
+
+
+# ------------------------------------------------------------------------------------------------
+# Closed-form optima: the exact minimisers of the training objectives on a finite training set,
+# the theory's copiers (Section 2.2, Lemma 4.1). Runs are compared with them (repro_cpu.py fig3) and
+# test_ambient.py checks ambient.py's sampler with them.
+# ------------------------------------------------------------------------------------------------
+def ambient_optimal_denoiser(S_tn, sigma_tn):
+    """Lemma 4.1: the minimiser of Eq. 6 when the data are the finite set S_tn (VP units), t > t_n.
+    x_tn is one of S_tn, weighted by N(x_t; (alpha_t / alpha_tn) x_tn, s2) with
+    s2 = (sigma_t^2 - sigma_tn^2) / (1 - sigma_tn^2), and Lemma C.1's map gives E[x_0 | x_t].
+    With sigma_tn = 0 it is Eq. 3's empirical optimum."""
+    points = S_tn.flatten(1)
+    sq_norms = points.square().sum(1)
+
+    def h(x_t, sigma_t):
+        sigma_t = torch.as_tensor(sigma_t, dtype=x_t.dtype).expand(x_t.shape[0])
+        scale = A.alpha(sigma_t) / A.alpha(sigma_tn)
+        s2 = (sigma_t**2 - sigma_tn**2) / (1 - sigma_tn**2)
+        x = x_t.flatten(1)
+        d2 = (
+            x.square().sum(1, keepdim=True)
+            - 2 * scale[:, None] * x @ points.T
+            + scale[:, None] ** 2 * sq_norms
+        )
+        mean_x_tn = (torch.softmax(-d2 / (2 * s2[:, None]), dim=1) @ points).reshape(x_t.shape)
+        c_h, c_x = A.ambient_coefficients(sigma_t, sigma_tn)
+        return (mean_x_tn - A.bcast(c_x, x_t) * x_t) / A.bcast(c_h, x_t)
+
+    return h
+
+
+def empirical_denoiser(S):
+    """Section 2.2: E[x_0 | x_t] when x_0 is uniform on the training set S. Its ODE copies S."""
+    return ambient_optimal_denoiser(S, 0.0)
+
+
+# ------------------------------------------------------------------------------------------------
 # 2. Cache files (npz): reference statistics and training features, valid only for the same key.
 # ------------------------------------------------------------------------------------------------
 def cache_path(cache_dir, kind, key):
@@ -350,6 +450,7 @@ def load_run(path, args, log):
             f"images of {spec}; pass --train with the dataset the run was trained on"
         )
     samples, want = run_samples(path, args, cfg.resolution)
+    heldout = heldout_of_run(path, cfg, data_dir, args.device)
     run = dict(
         samples=samples,
         train=A.prepare(dataset[indices], cfg.resolution),
@@ -362,10 +463,38 @@ def load_run(path, args, log):
         sigma_tn=cfg.sigma_tn,
         method=cfg.method,
         mask_p=getattr(cfg, "mask_p", None),
+        heldout=heldout,
     )
     if samples is None:
         run["generate"] = lambda: A.prepare(generate_for(path, cfg, want, args, log)[:want])
     return run
+
+
+def heldout_of_run(path, cfg, data_dir, device):
+    """What the held-out loss of a run needs, checked now: a function of nothing giving its losses
+    (from the checkpoint's EMA weights), or why it is n/a."""
+    import conditional
+
+    if isinstance(cfg, conditional.Config):
+        return "class-conditional runs are not scored by it"
+    test, why = heldout_images(cfg.data, data_dir, cfg.resolution)
+    if test is None:
+        return why
+    if not (path / "checkpoint.pt").is_file():
+        return f"{path} has no checkpoint.pt"
+    model = method_of_run(path).network()
+    try:
+        model.load_state_dict(A.load_checkpoint(path / "checkpoint.pt", fix=HELDOUT_FIX)["ema"])
+    except RuntimeError as e:
+        raise UserError(
+            f"{path / 'checkpoint.pt'} does not fit {path / 'config.json'} "
+            f"({first_line(e)[:120]}); restore the run's own config.json"
+        ) from None
+    model = model.to(device).eval()
+    return lambda: heldout_losses(denoiser_of(model, cfg), test.to(device))
+
+
+HELDOUT_FIX = "the held-out loss needs its EMA weights; restore it from a copy or re-train the run"
 
 
 def run_samples(path, args, resolution):
@@ -484,6 +613,7 @@ def load_images_input(path, args):
         ref_dir=args.data_dir or "data",
         resolution=res,
         sigma_tn=None,
+        heldout="images, not a run folder: no network to score",
         data=args.train,
         train_key=[args.train, str(Path(args.data_dir or "data").resolve()), res, "all"],
     )
@@ -727,9 +857,23 @@ def evaluate_run(run, nets, args, log, name):
         pixel_ratio_median=pixel["ratio_median"],
         roughness_vs_train=A.roughness(samples) / A.roughness(train),
     )
+    row.update(heldout_metrics(run["heldout"]))
     if len(samples) < 10_000 and row["fid"] is not None:
         row["note"] = f"FID from {len(samples)} samples is biased upwards; the paper uses 50,000"
     return row, per_sample(run, sims, idx, pixel_nn, row["similarity_space"])
+
+
+def heldout_metrics(heldout):
+    """The held-out loss row: per level, per band and over all levels, or why it is n/a."""
+    if isinstance(heldout, str):
+        return {"heldout_loss": None, "heldout_unavailable": heldout}
+    losses = heldout()
+    bands = {name: heldout_band(losses, sigmas) for name, sigmas in HELDOUT_BANDS}
+    return {
+        "heldout_loss": heldout_band(losses, HELDOUT_SIGMAS),
+        "heldout_loss_bands": bands,
+        "heldout_loss_per_sigma": losses,
+    }
 
 
 def per_sample(run, sims, idx, pixel_nn, space):
@@ -762,30 +906,38 @@ ROUGHNESS_RECIPE = (
     "ambient.py: mean |difference| of neighbouring pixels, samples over training images; "
     "1 = as the data, white noise 2-3"
 )
-LEGEND = (
-    "lower is better for FID, KID and FD_DINOv2, higher for precision and recall; the similarity "
-    "rows and the copy rate measure copying (lower = fewer copies; the paper seeks them low at an "
-    "equal or better FID); a copy rate near 0 means nothing unless the quality rows (or roughness "
-    "near 1) say the model learned the data"
+COPY_LEGEND = (
+    "the similarity rows and the copy rate measure copying (lower = fewer copies; the paper seeks "
+    "them low at an equal or better FID); a copy rate near 0 means nothing unless the quality rows "
+    "(or roughness near 1) say the model learned the data"
 )
+LOWER_BETTER = (("fid", "FID"), ("kid", "KID"), ("fd_dinov2", "FD_DINOv2"))
+LOWER_BETTER += (("heldout_loss", "the held-out loss"),)
 UNAVAILABLE = {
     "fid_unavailable": "FID, KID, precision and recall",
     "kid_unavailable": "KID",
     "fd_dinov2_unavailable": "FD_DINOv2",
     "similarity_unavailable": "DINOv2 similarity",
+    "heldout_unavailable": "held-out loss",
 }
 
 
-def markdown(rows):
-    """One column per run and a last one naming each metric's recipe (the same for every run)."""
+def markdown(rows, measured_only=False):
+    """One column per run and a last one naming each metric's recipe (the same for every run).
+    measured_only (--pixels-only): rows that are n/a for every run are left out."""
     first = next(iter(rows.values()))
     lines = ["| metric | " + " | ".join(rows) + " | recipe |", "|---" * (len(rows) + 2) + "|"]
+    shown = []
 
     def line(label, key, fmt="{:.3f}", percent=False, recipe="", values=None):
-        cells = []
-        for name, r in rows.items():
-            v = values[name] if values else r.get(key)
-            cells.append("n/a" if v is None else f"{100 * v:.1f}%" if percent else fmt.format(v))
+        values = values or {name: r.get(key) for name, r in rows.items()}
+        if measured_only and all(v is None for v in values.values()):
+            return
+        shown.append(key)
+        cells = [
+            "n/a" if v is None else f"{100 * v:.1f}%" if percent else fmt.format(v)
+            for v in values.values()
+        ]
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {recipe} |")
 
     line("FID (Inception-v3)", "fid", "{:.2f}", recipe=first.get("fid_recipe", "unavailable"))
@@ -793,10 +945,14 @@ def markdown(rows):
         k: None if r.get("kid") is None else f"{1e3 * r['kid']:.2f} +- {1e3 * r['kid_std']:.2f}"
         for k, r in rows.items()
     }
-    line("KID x 1000", None, "{}", recipe=first.get("kid_recipe", "unavailable"), values=kid_cells)
+    line("KID x 1000", "kid", "{}", recipe=first.get("kid_recipe", "unavailable"), values=kid_cells)
     line("precision", "precision", recipe=first.get("pr_recipe", "unavailable"))
     line("recall", "recall")
     line("FD_DINOv2", "fd_dinov2", "{:.2f}", recipe=first.get("fd_dinov2_recipe", "unavailable"))
+    line("held-out denoising loss, 10 levels", "heldout_loss", recipe=HELDOUT_RECIPE)
+    for name, _ in HELDOUT_BANDS:
+        bands = {k: r.get("heldout_loss_bands", {}).get(name) for k, r in rows.items()}
+        line(f"held-out denoising loss, sigma {name}", f"heldout {name}", values=bands)
     line(
         f"similarity mean ({first['similarity_space']})",
         "similarity_mean",
@@ -815,24 +971,30 @@ def markdown(rows):
         ("mask p", "mask_p", "{:g}"),
     ):
         line(label, key, fmt)
-    return "\n".join(lines + [""] + [f"- {n}" for n in report_notes(rows)])
+    return "\n".join(lines + [""] + [f"- {n}" for n in report_notes(rows, shown)])
 
 
-def report_notes(rows):
-    notes = [LEGEND] + [
+def legend(shown):
+    """Which direction is better, for the quality rows shown, then what the copy rows measure."""
+    lower = [name for key, name in LOWER_BETTER if key in shown]
+    quality = "lower is better for " + ", ".join(lower) if lower else ""
+    if "precision" in shown:
+        quality += ", higher for precision and recall"
+    return (quality + "; " if quality else "") + COPY_LEGEND
+
+
+def report_notes(rows, shown):
+    notes = [legend(shown)] + [
         f"{name}: the samples are {r['roughness_vs_train']:.1f}x as rough as the training images, "
         "as noise is: the model has not learned the data, so its copy rate says nothing"
         for name, r in rows.items()
         if r.get("roughness_vs_train", 0) > 1.5
     ]
-    notes += sorted(
-        {
-            f"{UNAVAILABLE[k]} unavailable: {v}"
-            for r in rows.values()
-            for k, v in r.items()
-            if k in UNAVAILABLE
-        }
-    )
+    missing = {}  # why -> what was not measured for that reason, in the table's order
+    for key, what in UNAVAILABLE.items():
+        for why in dict.fromkeys(r[key] for r in rows.values() if key in r):
+            missing.setdefault(why, []).append(what)
+    notes += [f"not measured: {', '.join(what)} ({why})" for why, what in missing.items()]
     if any(r["similarity_space"].startswith("pixels") for r in rows.values()):
         notes.append(
             "the similarity rows use ambient.py's pixel fallback, not DINOv2: "
@@ -1048,7 +1210,7 @@ def run(args):
             samples[order], train, torch.as_tensor(idx)[order], out / f"memorized_{name}.png"
         )
         files.append(f"memorized_{name}.png")
-    table = markdown(rows)
+    table = markdown(rows, measured_only=args.pixels_only)
     print(table)
     (out / "report.md").write_text(table + "\n")
     (out / "report.json").write_text(

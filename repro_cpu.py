@@ -45,8 +45,11 @@ Measures (none needs downloaded weights):
 """
 
 import argparse
+import importlib.util
 import json
+import math
 import os
+import reprlib
 import shutil
 import subprocess
 import sys
@@ -58,8 +61,20 @@ import torch
 import torch.nn.functional as F
 
 import ambient
-import baselines
-from eval_memorization import method_of_run
+from ambient import UserError
+from eval_memorization import (
+    HELDOUT_BANDS,
+    HELDOUT_SIGMAS,
+    ambient_optimal_denoiser,
+    denoiser_of,
+    empirical_denoiser,
+    heldout_band,
+    first_line,
+    heldout_losses,
+    method_of_run,
+    read_json,
+    weighted_loss,
+)
 
 ROOT = Path(__file__).resolve().parent
 RUNS, FIGS = ROOT / "runs" / "cpu", ROOT / "figures"
@@ -71,7 +86,7 @@ COMMON = (
 WEIGHTS = ("released", "x0")
 DEMO_SIGMA_TN = 1.0
 SWEEP = (0, 0.1, 0.2, 0.4, 1, 2, 4, 20)  # 20: above the paper's range, expected to be too high
-SIGMAS = (0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 40)  # EDM units, for the held-out loss
+SIGMAS = HELDOUT_SIGMAS  # EDM units, for the held-out loss (eval_memorization.py computes it)
 FIG3_SIGMAS = (1, 2, 5, 10, 20)
 # Table 2 at demo scale, fixed before its runs: the noisy-only baseline at Algorithm 1's sigma_tn,
 # and masking with the defaults of Ambient Diffusion's released eval.py (p = 0.4, delta = 0.1).
@@ -146,7 +161,7 @@ def train_missing(jobs, parallel=2):
         for p in [r for r in running if r[0].poll() is not None]:
             running.remove(p)
             if p[0].returncode:
-                sys.exit(f"{p[2]} failed, see {p[2] / 'stdout.txt'}")
+                raise UserError(failed(p[2], p[0].returncode))
             (p[2] / "wall_s.txt").write_text(f"{time.time() - p[1]:.0f}")
             print(f"done {p[2].name} in {time.time() - p[1]:.0f} s", flush=True)
 
@@ -154,12 +169,47 @@ def train_missing(jobs, parallel=2):
 # ------------------------------------------------------------------------------------------------
 # Evaluation
 # ------------------------------------------------------------------------------------------------
-def load_run(name):
+def failed(out, code):
+    return f"{out} failed (exit code {code}): see {out / 'stdout.txt'}, then run this again"
+
+
+def ema_network(folder):
+    """A run's EMA network, built as its checked config.json says, weights loaded weights-only."""
+    fix = f"delete {folder} to train it again"
+    method = method_of_run(folder)
+    model = method.network()
+    try:
+        model.load_state_dict(ambient.load_checkpoint(folder / "checkpoint.pt", fix=fix)["ema"])
+    except RuntimeError as e:
+        raise UserError(
+            f"{folder / 'checkpoint.pt'}: its EMA weights do not fit the network of "
+            f"{folder / 'config.json'} ({first_line(e)[:100]}); {fix}"
+        ) from None
+    return model.eval(), method.cfg
+
+
+def numbers(values, keys, file, fix):
+    """values[key] for each key is a finite number (a JSON file's), or one line naming it."""
+    for key in keys:
+        v = values.get(key) if isinstance(values, dict) else None
+        if type(v) not in (int, float) or not math.isfinite(v):
+            raise UserError(
+                f"{file} has no finite number {key} (it holds {reprlib.repr(v)}); {fix}"
+            )
+    return values
+
+
+RUN_METRICS = ("copy_rate", "cosine_median", "ratio_median") + tuple(
+    f"cosine_above_{t}" for t in ambient.COSINE_THRESHOLDS
+)
+
+
+def load_run(name, metrics=RUN_METRICS):
+    """A run folder's EMA network, typed config and metrics.json, checked."""
     d = RUNS / name
-    cfg = json.loads((d / "config.json").read_text())
-    model = method_of_run(d).network()
-    model.load_state_dict(ambient.load_checkpoint(d / "checkpoint.pt")["ema"])
-    return model.eval(), cfg, json.loads((d / "metrics.json").read_text())
+    model, cfg = ema_network(d)
+    fix = f"delete {d} to train it again"
+    return model, cfg, numbers(read_json(d / "metrics.json", fix), metrics, d / "metrics.json", fix)
 
 
 def data():
@@ -170,16 +220,6 @@ def data():
     # the same seeded subset as ambient.py --n N --seed 0
     subset = ambient.choose_subset(len(train_all), N, 0)
     return train_all, train_all[subset], ambient.prepare(f["test_images"], RES)
-
-
-@torch.no_grad()
-def weighted_loss(model, x0, sigma, draws, seed=0):
-    """Mean of lambda(sigma) |h(x_t) - x_0|^2 over images and `draws` fixed noise draws each."""
-    x0 = x0.repeat(draws, 1, 1, 1)
-    z = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
-    s_t = torch.tensor(ambient.vp_from_edm(float(sigma)))
-    pred = model(ambient.add_noise(x0, s_t, z), s_t)
-    return (ambient.loss_weight(s_t, torch.tensor(0.0)) * ambient.ddpm_loss(pred, x0)).mean().item()
 
 
 def fd44(a, b):
@@ -196,8 +236,9 @@ def fd44(a, b):
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(ca + cb - 2 * covmean))
 
 
-def load_samples(name):
-    return ambient.prepare(np.load(RUNS / name / "samples.npz")["images"])
+def load_samples(folder):
+    """A run's samples.npz, read by ambient's checked loader, in [-1, 1]."""
+    return ambient.prepare(ambient.load_images(str(Path(folder) / "samples.npz"))[0])
 
 
 def row(name, test):
@@ -207,8 +248,8 @@ def row(name, test):
         (RUNS / name / "wall_s.txt").read_text() if (RUNS / name / "wall_s.txt").exists() else "?"
     )
     return dict(
-        sigma_tn=cfg["sigma_tn"],
-        weight=cfg.get("ambient_weight", "x0"),
+        sigma_tn=cfg.sigma_tn,
+        weight=cfg.ambient_weight,
         copy=m["copy_rate"],
         c90=m["cosine_above_0.9"],
         c925=m["cosine_above_0.925"],
@@ -216,7 +257,7 @@ def row(name, test):
         cmed=m["cosine_median"],
         rmed=m["ratio_median"],
         heldout=heldout,
-        fd=fd44(load_samples(name), test),
+        fd=fd44(load_samples(RUNS / name), test),
         wall=wall,
     )
 
@@ -245,20 +286,6 @@ def table(rows, train_all, subset, test):
         "(a perfect copier)."
     )
     return "\n".join(lines)
-
-
-def denoiser_of(model, cfg):
-    """The E[x_0 | x_t] a run samples with: the network, or for masking its fixed-mask form (one
-    seeded mask per image, drawn as in sampling)."""
-    if cfg.get("method") != "masking":
-        return model
-    keep = (1 - cfg["mask_p"]) * (1 - cfg["mask_delta"])
-
-    def h(x_t, sigma_t):
-        u = torch.rand(x_t.shape[0], 1, *x_t.shape[2:], generator=torch.Generator().manual_seed(7))
-        return baselines.with_mask(model, (u < keep).float())(x_t, sigma_t)
-
-    return h
 
 
 def write(name, text):
@@ -391,14 +418,12 @@ def fig3(args):
         RUNS / run_name(DEMO_SIGMA_TN) / "checkpoint.pt", need=dict(S_tn=torch.Tensor)
     )["S_tn"]
     optima = [
-        (f"empirical, {N} images", ambient.empirical_denoiser(subset)),
+        (f"empirical, {N} images", empirical_denoiser(subset)),
         (
             f"Lemma 4.1 ambient optimum, {N} noisy copies",
-            ambient.ambient_optimal_denoiser(
-                S_tn, torch.tensor(ambient.vp_from_edm(DEMO_SIGMA_TN))
-            ),
+            ambient_optimal_denoiser(S_tn, torch.tensor(ambient.vp_from_edm(DEMO_SIGMA_TN))),
         ),
-        ("empirical, 800 images", ambient.empirical_denoiser(train_all)),
+        ("empirical, 800 images", empirical_denoiser(train_all)),
     ]
     lines += [
         "",
@@ -501,8 +526,8 @@ def table2(args):
         lines.append(
             f"| {seed} | {'DDPM' if level == 0 else label[method].format(level, weight)} | "
             f"{m['copy_rate']:.3f} | {m['cosine_above_0.95']:.3f} | {m['cosine_median']:.3f} | "
-            f"{m['ratio_median']:.3f} | {heldout:.4f} | {fd44(load_samples(name), test):.3f} | "
-            f"{wall} |"
+            f"{m['ratio_median']:.3f} | {heldout:.4f} | "
+            f"{fd44(load_samples(RUNS / name), test):.3f} | {wall} |"
         )
     g = torch.Generator().manual_seed(0)
     ref_gen = fd44(train_all[torch.randperm(len(train_all), generator=g)[:256]], test)
@@ -688,7 +713,7 @@ def train_onset(parallel=2):
                 continue
             del running[i]
             if proc.returncode:
-                sys.exit(f"{out} failed, see {out / 'stdout.txt'}")
+                raise UserError(failed(out, proc.returncode))
             (out / "wall_s.txt").write_text(f"{time.time() - t0:.0f}")
             print(
                 time.strftime("%H:%M:%S ") + f"done {out.relative_to(RUNS)} in "
@@ -698,7 +723,7 @@ def train_onset(parallel=2):
 
 
 # Fixed before any onset run. Bands of the held-out loss: below t_n = 1, around it, far above it.
-ONSET_BANDS = (("0.05-0.5", (0.05, 0.1, 0.2, 0.5)), ("1-2", (1, 2)), ("5-40", (5, 10, 20, 40)))
+ONSET_BANDS = HELDOUT_BANDS  # (name, the SIGMAS it averages); eval_memorization.py reports them
 JUDGE_REF = "cifar10_test_png1000.npz"  # 1000 CIFAR-10 test images, lossless
 PLATEAU = 0.05  # quality "arrives" at the first checkpoint within 5% of the method's best
 
@@ -709,24 +734,48 @@ def judge_images(x):
     return ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
 
 
+JUDGE_API = ("load_judge", "features", "frechet", "nn_cosine")  # what onset calls in judge.py
+
+
+def onset_judge(folder):
+    """The offline judge's module, network and held-out images, checked before anything slow."""
+    ref, fix = Path(folder).parent / "data" / JUDGE_REF, "pass the shared judge folder"
+    if not ((Path(folder) / "judge.py").is_file() and ref.is_file()):
+        raise UserError(
+            f"--judge {folder}: needs judge.py there and {ref}; {fix} (../shared/judge) or leave "
+            "--judge out"
+        )
+    spec = importlib.util.spec_from_file_location("judge", Path(folder) / "judge.py")
+    judge = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(judge)
+        missing = [f for f in JUDGE_API if not callable(getattr(judge, f, None))]
+        if missing:
+            raise UserError(f"--judge {folder}: judge.py has no function {missing[0]}; {fix}")
+        net = judge.load_judge(Path(folder) / "cifar10_judge.pt")
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(
+            f"--judge {folder}: cannot load the judge ({type(e).__name__}: {first_line(e)[:100]}); "
+            f"{fix}"
+        ) from None
+    return judge, net, ambient.load_images(str(ref))[0]
+
+
 class OnsetData:
     """What every checkpoint of one setting is scored against; the judge's sets pass through the
     samples' own path (area-down to RES, nearest up to 32), so the judge compares like with like."""
 
-    def __init__(self, n, judge_dir=None, judge_ref=None):
+    def __init__(self, n, judge=None, f_ref=None):
         train_all, _, self.test = data()
         self.subset = train_all[ambient.choose_subset(len(train_all), n, 0)]
         self.judge = None
-        if judge_dir:
-            sys.path.insert(0, str(Path(judge_dir).resolve()))
-            import judge
-
-            self.judge, self.net = judge, judge.load_judge(Path(judge_dir) / "cifar10_judge.pt")
-            if judge_ref is None:
-                # the judge's README: its held-out reference sits in ../data beside it
-                ref = judge.load_images(Path(judge_dir).parent / "data" / JUDGE_REF)
-                judge_ref = judge.features(self.net, judge_images(ambient.prepare(ref, RES)))
-            self.f_ref, self.f_train = judge_ref, self.features(self.subset)
+        if judge:
+            self.judge, self.net, held_out = judge
+            if f_ref is None:  # the judge's README: its held-out reference sits in ../data
+                f_ref = self.features(ambient.prepare(held_out, RES))
+            self.f_ref, self.f_train = f_ref, self.features(self.subset)
             g = torch.Generator().manual_seed(0)
             generator = train_all[torch.randperm(len(train_all), generator=g)[:256]]
             copier = self.subset[torch.randint(len(self.subset), (256,), generator=g)]
@@ -742,41 +791,39 @@ class OnsetData:
         return self.judge.frechet(features, self.f_ref)
 
 
+SCORE_KEYS = ("copy", "c95", "rough")
+
+
 def score_stage(out, od):
     """Copying, roughness, held-out loss per level and (with the judge) fd_judge of one checkpoint;
     cached in score.json."""
     cache = out / "score.json"
     if cache.exists():
-        cached = json.loads(cache.read_text())
+        fix = "delete it to score the stage again"
+        cached = numbers(read_json(cache, fix), SCORE_KEYS, cache, fix)
+        numbers(cached.get("loss"), [f"{s:g}" for s in SIGMAS], f"{cache}'s loss", fix)
         if "fd_judge" in cached or od.judge is None:
-            return cached
-    m = json.loads((out / "metrics.json").read_text())
-    cfg = ambient.Config.from_saved(json.loads((out / "config.json").read_text()))
-    model = ambient.Algorithm1(cfg).network()
-    model.load_state_dict(
-        torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)["ema"]
-    )
-    model.eval()
+            return numbers(cached, ("fd_judge", "sim_mean") if od.judge else (), cache, fix)
+    fix = f"delete {out} to train it again"
+    keys = ("copy_rate", "cosine_above_0.95", "roughness_vs_train")
+    m = numbers(read_json(out / "metrics.json", fix), keys, out / "metrics.json", fix)
+    model, _ = ema_network(out)
     r = dict(
         copy=m["copy_rate"],
         c95=m["cosine_above_0.95"],
         rough=m["roughness_vs_train"],
-        loss={f"{s:g}": weighted_loss(model, od.test, s, 4) for s in SIGMAS},
+        loss=heldout_losses(model, od.test),
     )
     if od.judge is not None:
-        f_gen = od.features(load_samples_at(out))
+        f_gen = od.features(load_samples(out))
         r["fd_judge"] = od.fd(f_gen)
         r["sim_mean"] = float(od.judge.nn_cosine(f_gen, od.f_train)[0].mean())
     cache.write_text(json.dumps(r, indent=1))
     return r
 
 
-def load_samples_at(out):
-    return ambient.prepare(np.load(out / "samples.npz")["images"])
-
-
 def band(r, sigmas):
-    return float(np.mean([r["loss"][f"{s:g}"] for s in sigmas]))
+    return heldout_band(r["loss"], sigmas)
 
 
 def crossing(images, values, level=0.5):
@@ -801,14 +848,7 @@ def plateau(images, values):
 
 def onset(args):
     """Trains the missing checkpoints (unless --no-train), then scores those there are."""
-    ref = Path(args.judge or ".").parent / "data" / JUDGE_REF
-    if args.judge and not ((Path(args.judge) / "judge.py").is_file() and ref.is_file()):
-        print(
-            f"error: --judge {args.judge}: needs judge.py there and {ref}; pass the shared "
-            "judge folder (../shared/judge) or leave --judge out",
-            file=sys.stderr,
-        )
-        sys.exit(2)
+    judge = onset_judge(args.judge) if args.judge else None
     if not args.no_train:
         train_onset(args.parallel)
     curves, lines, summary, refs = {}, [], [], []
@@ -821,10 +861,10 @@ def onset(args):
         + " |"
     )
     lines += [head, "|---" * (head.count(" | ") + 1) + "|"]
-    judge_ref = None
+    f_ref = None
     for n, _, _ in ONSET_SETTINGS:
-        od = OnsetData(n, args.judge, judge_ref)
-        judge_ref = od.f_ref if judged else None
+        od = OnsetData(n, judge, f_ref)
+        f_ref = od.f_ref if judged else None
         if judged:
             refs.append(
                 f"n = {n}: fd_judge of 256 random bundled training images (a perfect "
@@ -930,7 +970,7 @@ def grid_png(rows, labels, header, path, up=8, label_w=230, top=16):
     print(f"wrote {path}")
 
 
-if __name__ == "__main__":
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("command", choices=("demo", "sweep", "fig3", "table2", "weights", "onset"))
     p.add_argument(
@@ -945,11 +985,15 @@ if __name__ == "__main__":
     p.add_argument(
         "--judge", default=None, help="onset: the offline judge's folder (../shared/judge)"
     )
-    args = p.parse_args()
+    args = p.parse_args(argv)
     torch.set_num_threads(2)
     commands = dict(demo=demo, sweep=sweep, fig3=fig3, table2=table2, weights=weights, onset=onset)
     try:
         commands[args.command](args)
-    except ambient.UserError as e:  # a damaged run or checkpoint in runs/cpu: one line
+    except UserError as e:  # a damaged run or checkpoint in runs/cpu, a stage that failed: one line
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -16,6 +16,7 @@ import torch
 from scipy.stats import norm
 
 import ambient as A
+import eval_memorization as closed_forms  # the closed-form optima live there
 from ambient import alpha, ambient_coefficients, bcast
 
 f64 = torch.float64
@@ -346,7 +347,9 @@ def test_lemma_4_1_ambient_optimum_ode_lands_on_noisy_copies():
     S = torch.randn(6, 12, generator=gen(7), dtype=f64)
     sigma_tn = 1.0  # EDM units
     S_tn = A.make_noisy_copies(S, A.vp_from_edm(torch.tensor(sigma_tn, dtype=f64)), seed=0)
-    h = A.ambient_optimal_denoiser(S_tn, A.vp_from_edm(torch.tensor(sigma_tn, dtype=f64)))
+    h = closed_forms.ambient_optimal_denoiser(
+        S_tn, A.vp_from_edm(torch.tensor(sigma_tn, dtype=f64))
+    )
     x = A.sample(
         h, A.initial_noise((32, 12), 1, dtype=f64), steps=60, sampler="euler", sigma_stop=sigma_tn
     )
@@ -358,7 +361,10 @@ def test_lemma_4_1_ambient_optimum_ode_lands_on_noisy_copies():
 def test_ddpm_empirical_optimum_ode_copies_training_points():
     S = torch.randn(6, 12, generator=gen(8), dtype=f64)
     x = A.sample(
-        A.empirical_denoiser(S), A.initial_noise((32, 12), 2, dtype=f64), steps=40, sampler="euler"
+        closed_forms.empirical_denoiser(S),
+        A.initial_noise((32, 12), 2, dtype=f64),
+        steps=40,
+        sampler="euler",
     )
     assert torch.cdist(x, S).min(1).values.max() < 1e-5
 
@@ -366,7 +372,10 @@ def test_ddpm_empirical_optimum_ode_copies_training_points():
 def algorithm1_optimum(S, S_tn, sigma_tn):
     """The exact minimiser of Algorithm 1's objective on the finite set S (VP sigma_tn): Lemma 4.1's
     ambient optimum on S_tn above t_n (Eq. 6), the empirical clean denoiser below it (Eq. 3)."""
-    noisy, clean = A.ambient_optimal_denoiser(S_tn, sigma_tn), A.empirical_denoiser(S)
+    noisy, clean = (
+        closed_forms.ambient_optimal_denoiser(S_tn, sigma_tn),
+        closed_forms.empirical_denoiser(S),
+    )
 
     def h(x_t, sigma_t):
         sigma_t = torch.as_tensor(sigma_t, dtype=x_t.dtype).expand(x_t.shape[0])

@@ -129,7 +129,7 @@ def eval_error(argv, capsys):
     return err
 
 
-def fake_run(folder, data_file, indices, samples, sigma_tn=0.0):
+def fake_run(folder, data_file, indices, samples, sigma_tn=0.0, resolution=16):
     """A run folder as ambient.py writes it, with a tiny untrained checkpoint to generate from."""
     folder.mkdir(parents=True)
     (folder / "config.json").write_text(
@@ -141,14 +141,14 @@ def fake_run(folder, data_file, indices, samples, sigma_tn=0.0):
                 seed=0,
                 sigma_tn=sigma_tn,
                 preset="tiny",
-                resolution=16,
+                resolution=resolution,
                 steps=2,
             )
         )
     )
     (folder / "indices.json").write_text(json.dumps(indices))
     np.savez(folder / "samples.npz", images=samples)
-    torch.save({"ema": A.Denoiser(16, "tiny").state_dict()}, folder / "checkpoint.pt")
+    torch.save({"ema": A.Denoiser(resolution, "tiny").state_dict()}, folder / "checkpoint.pt")
     return folder
 
 
@@ -634,3 +634,57 @@ def test_the_report_has_a_legend_and_flags_samples_as_rough_as_noise(tmp_path, c
     )
     assert "| roughness vs training images |" in table and "lower = fewer copies" in table
     assert "noise: the samples are" in table and "copies: the samples are" not in table
+
+
+# =============================================================================================
+# The held-out denoising loss: an offline quality row beside the copy rates
+# =============================================================================================
+def test_heldout_loss_of_an_untrained_network_is_its_hand_computed_value_beside_measured_rows(
+    tmp_path, capsys, monkeypatch
+):
+    """A fresh network outputs c_skip x exactly (its last layer is zero), x = x_0 + sigma z in EDM
+    units, so its held-out loss at sigma is lambda mean |c_skip (x_0 + sigma z) - x_0|^2 over the
+    test images and the 4 fixed draws z (seed 0). --pixels-only shows only measured rows and names
+    the rest in one note line."""
+    real = E.heldout_images  # the demo's 200 test images; the first 8 keep the test fast
+    monkeypatch.setattr(E, "heldout_images", lambda *args: (real(*args)[0][:8], None))
+    samples = np.load(A.DEMO_FILE)["images"][:4, ::4, ::4]
+    run = fake_run(tmp_path / "fresh", "demo", [0, 1, 2, 3], samples, resolution=8)
+    E.main([str(run), "--pixels-only", "--out", str(tmp_path / "out"), "--device", "cpu"])
+    table = capsys.readouterr().out
+    row = json.loads((tmp_path / "out" / "report.json").read_text())["runs"]["fresh"]
+    x0 = A.prepare(np.load(A.DEMO_FILE)["test_images"][:8], 8).double().repeat(4, 1, 1, 1)
+    z = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0)).double()
+    s_d = A.SIGMA_DATA
+    for sigma in E.HELDOUT_SIGMAS:
+        c_skip, weight = s_d**2 / (sigma**2 + s_d**2), (sigma**2 + s_d**2) / (sigma * s_d) ** 2
+        by_hand = weight * (c_skip * (x0 + sigma * z) - x0).square().mean().item()
+        assert row["heldout_loss_per_sigma"][f"{sigma:g}"] == pytest.approx(by_hand, rel=1e-4)
+    assert row["heldout_loss"] == pytest.approx(
+        np.mean(list(row["heldout_loss_per_sigma"].values()))
+    )
+    assert "| held-out denoising loss, 10 levels |" in table and "n/a" not in table
+    notes = [line for line in table.splitlines() if "not measured" in line]
+    assert notes == [
+        "- not measured: FID, KID, precision and recall, FD_DINOv2, DINOv2 similarity "
+        "(--pixels-only)"
+    ]
+
+
+def test_the_empirical_denoiser_has_no_loss_on_its_own_images_at_low_noise_and_some_on_others():
+    """Eq. 3's exact minimiser on the training set S returns the nearest image of S at low noise:
+    zero loss on S, and a loss on held-out images, which it cannot return."""
+    f = np.load(A.DEMO_FILE)
+    S, test = A.prepare(f["images"][:16], 8).double(), A.prepare(f["test_images"][:16], 8).double()
+    h = E.empirical_denoiser(S)
+    assert E.weighted_loss(h, S, 0.05, 4) < 1e-6 < 0.1 < E.weighted_loss(h, test, 0.05, 4)
+
+
+def test_a_run_without_held_out_images_says_why_the_loss_is_not_measured(tmp_path, capsys):
+    data = (np.random.default_rng(26).random((4, 8, 8, 3)) * 255).astype(np.uint8)
+    np.savez(tmp_path / "d.npz", images=data)
+    run = fake_run(tmp_path / "r", tmp_path / "d.npz", [0, 1], data[:2], resolution=8)
+    E.main([str(run), "--pixels-only", "--out", str(tmp_path / "out"), "--device", "cpu"])
+    table = capsys.readouterr().out
+    assert "held-out denoising loss" not in table
+    assert f"held-out loss (no held-out images for --data {tmp_path / 'd.npz'}" in table

@@ -1,22 +1,27 @@
-"""Inputs from elsewhere: a shared checkpoint runs no code, config.json is read through the typed
-Config, image sizes are bounded, and generated damaged files give one line and exit code 2 at every
-entry point (ambient.py, baselines.py, conditional.py, repro_gpu.py train, eval_memorization.py;
-repro_cpu.py's checkpoint reading), writing nothing. FUZZ_EXAMPLES=500 runs the fuzz longer."""
+"""Inputs from elsewhere: a shared checkpoint runs no code, its training entries are checked before
+--resume uses them, config.json is read through the typed Config, image sizes are bounded, and
+generated damaged files give one line and exit code 2 at every entry point (ambient.py,
+baselines.py, conditional.py, repro_gpu.py train, eval_memorization.py; repro_cpu.py's run reading
+and onset's stage folders), writing nothing. FUZZ_EXAMPLES=500 runs the fuzz longer."""
 
+import functools
 import json
 import os
 import shlex
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import array_shapes, arrays
-from PIL import Image
+from PIL import Image, ImageFile
 
 import ambient as A
 import baselines
@@ -125,6 +130,39 @@ def test_a_checkpoint_holding_a_pickled_callable_is_refused_and_the_callable_nev
     assert not marker.exists()
 
 
+def onset_stage(runs, checkpoint, **files):
+    """repro_cpu.py onset's first stage of DDPM at n = 16 under runs: config.json, metrics.json,
+    samples.npz, checkpoint.pt, and `files` (name: bytes) written over them."""
+    stage = runs / "onset" / "n16-ddpm" / "0008k"
+    run_folder(stage, config_of(TINY), checkpoint)
+    metrics = {"copy_rate": 0.5, "cosine_above_0.95": 0.25, "roughness_vs_train": 1.0}
+    (stage / "metrics.json").write_text(json.dumps(metrics))
+    for name, content in files.items():
+        write(stage / name, content)
+    return stage
+
+
+ONSET_DATA = functools.cache(repro_cpu.data)  # the bundled images at 8x8, prepared once
+
+
+def onset_no_train(runs, capsys, monkeypatch, argv=()):
+    """repro_cpu.py onset --no-train over runs: exit 2, one line, nothing written; the line."""
+    monkeypatch.setattr(repro_cpu, "RUNS", runs)
+    monkeypatch.setattr(repro_cpu, "data", ONSET_DATA)
+    monkeypatch.setattr(repro_cpu, "FIGS", runs / "figures")
+    return one_line(repro_cpu.main, ["onset", "--no-train", *argv], capsys, runs)
+
+
+def test_onset_refuses_a_stage_checkpoint_holding_a_pickled_callable_which_never_runs(
+    tmp_path, capsys, monkeypatch
+):
+    marker = tmp_path / "ran"
+    net = A.Denoiser(8, "tiny").state_dict()
+    onset_stage(tmp_path, dict(ema=net, planted=Planted(marker)))
+    assert "not a checkpoint this project wrote" in onset_no_train(tmp_path, capsys, monkeypatch)
+    assert not marker.exists()
+
+
 def test_the_projects_own_checkpoints_load_as_weights_only(tmp_path):
     """Everything a checkpoint holds (state dicts, step, RNG states, config, S_tn, masks) is a
     tensor or a plain value: --resume and eval read it with weights_only=True."""
@@ -172,6 +210,7 @@ def trained_checkpoint(trained_run):
 
 
 RANDOM_BYTES = torch.from_numpy(np.random.default_rng(0).integers(0, 256, 5056, np.uint8))
+RANDOM_STATE = "a uint8 tensor of shape (5056,), not a cpu generator's state"
 EXP_AVG = ("opt", "state", 0, "exp_avg")
 
 
@@ -202,11 +241,11 @@ EXP_AVG = ("opt", "state", 0, "exp_avg")
         (("opt", "param_groups", 0, "fused"), "yes", "opt group 0 fused is str 'yes'"),
         (("opt", "param_groups", 0, "params"), [0, 1], "opt group 0 params is list [0, 1]"),
         (("step",), -5, "step is int -5, not an integer from 0"),  # trained from -5, exit 0
-        (("dropout_rng",), 0.5, "dropout_rng is float 0.5, not the 5056 bytes"),
+        (("dropout_rng",), 0.5, "dropout_rng is float 0.5, not a cpu generator's state"),
         (("dropout_rng",), 3, "dropout_rng is int 3"),
-        (("dropout_rng",), RANDOM_BYTES, "dropout_rng is not a generator's state (Invalid mt19937"),
-        (("rng",), RANDOM_BYTES, "rng is not a generator's state (Invalid mt19937"),
-        (("rng",), torch.zeros(16, dtype=torch.uint8), "rng is a uint8 tensor of shape (16,)"),
+        (("dropout_rng",), RANDOM_BYTES, f"dropout_rng is {RANDOM_STATE} (Invalid mt19937"),
+        (("rng",), RANDOM_BYTES, f"rng is {RANDOM_STATE} (Invalid mt19937"),
+        (("rng",), torch.zeros(16, dtype=torch.uint8), "rng is a uint8 tensor of shape (16,), not"),
     ],
 )
 def test_a_damaged_training_entry_of_a_checkpoint_is_one_line_naming_it(
@@ -327,12 +366,18 @@ def test_images_larger_than_the_presets_need_an_explicit_resolution_and_the_name
         A.check_resolution(named, big)  # the fix it names works
 
 
+def no_decoding(monkeypatch):
+    """Reading any image's or .npz's pixels fails the test: PIL decodes in load()."""
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda *a: pytest.fail("decoded"))
+    monkeypatch.setattr(np.lib.npyio.NpzFile, "__getitem__", lambda *a: pytest.fail("read"))
+
+
 def test_a_decompression_bomb_is_one_error_before_any_pixel_is_decoded(tmp_path, monkeypatch):
     Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "a.png")
     monkeypatch.setattr(
         Image, "MAX_IMAGE_PIXELS", 200
     )  # 256 pixels: PIL warns (past 200), errs only past 400
-    monkeypatch.setattr(Image.Image, "convert", lambda *a: pytest.fail("decoded"))
+    no_decoding(monkeypatch)
     with pytest.raises(A.UserError, match="decompression-bomb"):
         A.load_images(str(tmp_path))
 
@@ -341,16 +386,83 @@ def test_images_that_would_not_fit_in_memory_are_refused_from_their_headers(tmp_
     for i in range(2):
         Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / f"{i}.png")
     np.savez(tmp_path / "d.npz", images=np.zeros((2, 16, 16, 3), np.uint8))
-    monkeypatch.setattr(A, "available_memory", lambda: 5 * 2 * 16 * 16 * 3 - 1)  # one byte short
-    monkeypatch.setattr(Image.Image, "convert", lambda *a: pytest.fail("decoded"))
+    need = A.memory_needed((2, 16, 16, 3))
+    monkeypatch.setattr(A, "available_memory", lambda: need - 1)  # one byte short
+    no_decoding(monkeypatch)
     for spec in (tmp_path, tmp_path / "d.npz"):
         with pytest.raises(A.UserError, match="GB of pixels"):
             A.load_images(str(spec))
     monkeypatch.undo()
-    monkeypatch.setattr(
-        A, "available_memory", lambda: 5 * 2 * 16 * 16 * 3
-    )  # the estimate for a folder is exact
+    monkeypatch.setattr(A, "available_memory", lambda: need)
     assert A.load_images(str(tmp_path))[0].shape == (2, 16, 16, 3)
+
+
+def test_the_memory_estimate_bounds_the_measured_peak_of_reading_and_preparing_images(tmp_path):
+    """Issue 26 row 3 in small: two 3000x3000 images trained at 16x16 (it was 10x the pixels while
+    5x was allowed). The peak resident memory of reading and preparing them, in a fresh process,
+    lies between the estimate's allocations and the estimate (they plus MEMORY_SLACK)."""
+    shape = (2, 3000, 3000, 3)
+    np.savez(tmp_path / "d.npz", images=np.zeros(shape, np.uint8))
+    script = (  # VmHWM: this process's peak (ru_maxrss would start from pytest's at the fork)
+        "import sys; sys.path.insert(0, sys.argv[1]); import ambient as A\n"
+        "def kb(key): return next(int(l.split()[1]) for l in open('/proc/self/status') "
+        "if l.startswith(key))\n"
+        "rss = kb('VmRSS')\n"
+        "cfg = A.Config(data=sys.argv[2], preset='tiny', resolution=16)\n"
+        "images, rows = A.Algorithm1(cfg).training_set()\n"
+        "A.prepare(images, cfg.resolution, rows)\n"
+        "print((kb('VmHWM') - rss) * 1024)\n"
+    )
+    here = str(Path(__file__).parent)
+    run = subprocess.run(
+        [sys.executable, "-c", script, here, str(tmp_path / "d.npz")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    peak = int(run.stdout)
+    estimate = A.memory_needed(shape, 16)
+    assert estimate - A.MEMORY_SLACK <= peak <= estimate, (peak, estimate)
+
+
+def test_images_over_64_px_without_resolution_are_refused_from_their_headers(
+    tmp_path, capsys, monkeypatch
+):
+    """Issue 26 row 4: the refusal came after decoding every image."""
+    (tmp_path / "folder").mkdir()
+    for i in range(2):
+        Image.fromarray(np.zeros((80, 80, 3), np.uint8)).save(tmp_path / "folder" / f"{i}.png")
+    np.savez(tmp_path / "d.npz", images=np.zeros((2, 80, 80, 3), np.uint8))
+    no_decoding(monkeypatch)
+    for data in (tmp_path / "folder", tmp_path / "d.npz"):
+        argv = ["--data", str(data), "--preset", "tiny", "--device", "cpu"]
+        err = one_line(A.main, argv + ["--out", str(tmp_path / "r")], capsys, tmp_path)
+        assert "the images are 80x80, larger than the 64x64" in err and "--resolution 64" in err
+
+
+def test_images_smaller_than_the_preset_needs_are_refused_with_a_fix_that_exists(tmp_path, capsys):
+    """Issue 26 row 15: a 1-pixel image was offered "--resolution 0"."""
+    for side in (1, 2):
+        np.savez(tmp_path / "d.npz", images=np.zeros((4, side, side, 3), np.uint8))
+        for resolution in ([], ["--resolution", str(side)]):
+            argv = ["--data", str(tmp_path / "d.npz"), "--preset", "tiny", *resolution]
+            err = one_line(A.main, argv + ["--out", str(tmp_path / "r")], capsys, tmp_path)
+            assert f"are {side}x{side}; preset tiny needs 4x4 or larger images" in err
+            assert "--resolution 0" not in err
+
+
+@pytest.mark.parametrize("resolution", [None, 8, 16])
+def test_prepare_a_chunk_at_a_time_equals_the_whole_batch_bit_for_bit(resolution, monkeypatch):
+    """prepare's chunks give the numbers and memory layout of converting and area-downsampling
+    the whole batch at once (the form it had before): both steps act on each image alone."""
+    images = np.load(A.DEMO_FILE)["images"][:7, :16, :16]
+    rows = np.array([6, 0, 3, 3, 1])
+    whole = torch.from_numpy(images[rows]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    if resolution and resolution != 16:
+        whole = F.interpolate(whole, size=(resolution, resolution), mode="area")
+    monkeypatch.setattr(A, "PREPARE_CHUNK", 2 * images[0].nbytes)  # chunks of 2, 2 and 1 images
+    chunked = A.prepare(images, resolution, rows)
+    assert torch.equal(chunked, whole) and chunked.stride() == whole.stride()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -490,3 +602,96 @@ def test_a_damaged_run_folder_gives_one_line_when_resumed_or_scored(name, data, 
         for main in TRAINERS.values():
             one_line(main, TINY + ["--out", str(run), "--resume"], capsys, tmp)
         one_line(E.main, eval_argv(run, tmp), capsys, tmp)
+
+
+# ---------------------------------------------------------------------------------------------
+# repro_cpu.py onset's stage folders: each damaged file is one line and exit 2
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_ema():
+    return A.Denoiser(8, "tiny").state_dict()
+
+
+SCORE = {"copy": 0.5, "c95": 0.25, "rough": 1.0, "loss": {f"{s:g}": 1.0 for s in repro_cpu.SIGMAS}}
+
+
+@pytest.mark.parametrize(
+    "files, named",
+    [
+        (dict(truncated=True), "checkpoint.pt is damaged"),
+        (dict(wrong_shape=True), "checkpoint.pt: its EMA weights do not fit the network"),
+        ({"score.json": b'{"copy": 0.5, '}, "cannot read"),
+        ({"score.json": json.dumps({**SCORE, "c95": "x"}).encode()}, "no finite number c95"),
+        ({"score.json": json.dumps({**SCORE, "loss": {}}).encode()}, "loss has no finite number"),
+        ({"metrics.json": b"{}"}, "metrics.json has no finite number copy_rate"),
+        ({"config.json": b"[]"}, "config.json holds [], not a JSON object of settings"),
+    ],
+)
+def test_a_damaged_onset_stage_is_one_line_naming_the_file(
+    files, named, tiny_ema, tmp_path, capsys, monkeypatch
+):
+    ema = dict(tiny_ema)
+    if files.pop("wrong_shape", False):
+        ema["net.conv_in.weight"] = torch.zeros(1)
+    checkpoint = torch_bytes(dict(ema=ema))
+    if files.pop("truncated", False):
+        files["checkpoint.pt"] = checkpoint[: len(checkpoint) // 2]
+    stage = onset_stage(tmp_path / "runs", dict(ema=ema), **files)
+    err = onset_no_train(tmp_path / "runs", capsys, monkeypatch)
+    assert str(stage) in err and named in err
+
+
+def test_an_onset_judge_without_features_is_one_line_before_anything_is_scored(
+    tmp_path, capsys, monkeypatch
+):
+    (tmp_path / "judge").mkdir()
+    (tmp_path / "judge" / "judge.py").write_text(
+        "def load_judge(path):\n    return None\n\n\nfrechet = nn_cosine = load_judge\n"
+    )
+    (tmp_path / "data").mkdir()
+    np.savez(tmp_path / "data" / repro_cpu.JUDGE_REF, images=np.zeros((4, 8, 8, 3), np.uint8))
+    (tmp_path / "runs").mkdir()
+    argv = ["--judge", str(tmp_path / "judge")]
+    err = onset_no_train(tmp_path / "runs", capsys, monkeypatch, argv)
+    assert "judge.py has no function features" in err
+
+
+def test_a_failed_onset_stage_is_one_line_naming_its_log_and_exit_2(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(repro_cpu, "RUNS", tmp_path)
+    fails = [sys.executable, "-c", "raise SystemExit(3)"]
+    monkeypatch.setattr(repro_cpu, "onset_command", lambda *args: fails)
+    monkeypatch.setattr(repro_cpu.time, "sleep", lambda seconds: None)
+    with pytest.raises(SystemExit) as e:
+        repro_cpu.main(["onset", "--parallel", "1"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1
+    assert "failed (exit code 3)" in err and "0008k/stdout.txt" in err
+
+
+METRICS = {"copy_rate": 0.5, "cosine_above_0.95": 0.25, "roughness_vs_train": 1.0}
+ONSET_DAMAGE = {  # a stage's files that onset reads, and what each may become
+    "config.json": RUN_DAMAGE["config.json"],
+    "checkpoint.pt": RUN_DAMAGE["checkpoint.pt"],
+    # a dangling metrics.json is a stage not run, a correct result
+    "metrics.json": st.one_of(
+        damaged_file(json.dumps(METRICS).encode()).filter(lambda b: b is not None),
+        json_bytes,
+        st.builds(
+            lambda k, v: json.dumps({**METRICS, k: v}).encode(),
+            st.sampled_from(sorted(METRICS)),
+            json_values,
+        ),
+    ),
+    "score.json": damaged_file(json.dumps(SCORE).encode()) | json_bytes,
+}
+
+
+@FUZZ
+@given(name=st.sampled_from(sorted(ONSET_DAMAGE)), data=st.data())
+def test_a_damaged_onset_stage_folder_gives_one_line(name, data, capsys):
+    """One file of an onset stage damaged; its checkpoint holds no weights, so that whatever else
+    passes, onset stops at it rather than score."""
+    with tempfile.TemporaryDirectory() as tmp, pytest.MonkeyPatch.context() as monkeypatch:
+        stage = onset_stage(Path(tmp), {"step": 0})
+        write(stage / name, data.draw(ONSET_DAMAGE[name]))
+        onset_no_train(Path(tmp), capsys, monkeypatch)

@@ -95,7 +95,7 @@ def sha(obj):
 
 tmp = Path(sys.argv[1])
 for run in sorted((tmp / "runs").iterdir()):
-    ck = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=False)
+    ck = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)
     for part in sorted(ck):
         value = ck[part]
         if part == "config":
