@@ -103,8 +103,7 @@ PRESETS = {
     "tiny": dict(channels=16, mults=(1, 2, 4), blocks=1, attn_at=(4,), dropout=0.0),
     # GPU: 6.47M at 32x32, named "paper" before issue 24 (it is not the paper's network: edm is)
     "small": dict(channels=64, mults=(1, 2, 2), blocks=2, attn_at=(16,), dropout=0.05),
-    # EDM's DDPM++ CIFAR-10 layout (the released train.py's default; train.sh names NCSN++):
-    # 53.6M here, 55.7M in EDM
+    # EDM's DDPM++ CIFAR-10 (released train.py's default; train.sh names NCSN++): 53.6M, EDM 55.7M
     "edm": dict(channels=128, mults=(2, 2, 2), blocks=4, attn_at=(16,), dropout=0.05),
 }
 
@@ -469,8 +468,7 @@ def choose_subset(num_images, n, seed):
 #   edm         the released code (default): ln sigma ~ N(-1.2, 1.2^2); the noisy copy if
 #               sigma >= sigma_tn.
 #   algorithm1  as written: clean image or noisy copy with equal odds; t ~ U(0, t_n) or U(t_n, T).
-# sigma_tn = 0 makes every sample clean, over the whole range, with the DDPM loss: the baseline,
-# exactly.
+# sigma_tn = 0 makes every sample clean, over the whole range, with the DDPM loss: the baseline.
 # ------------------------------------------------------------------------------------------------
 def make_noisy_copies(S, sigma_tn, seed):
     """Line 1: S_tn = {sqrt(1 - sigma_tn^2) x_0 + sigma_tn eps}, one draw per image (VP units)."""
@@ -677,8 +675,12 @@ def global_rng(device, state=None):
 
 
 def save_checkpoint(state, method, cfg, path):
-    """torch.save to a temp file, then rename: a run killed mid-write keeps its last checkpoint."""
-    saved = dict(net=state.net.state_dict(), ema=state.ema.state_dict(), opt=state.opt.state_dict())
+    """torch.save to a temp file, then rename: a run killed mid-write keeps its last checkpoint.
+    Adam's settings as make_optimizer's, not a graphed step's (device lr, capturable): resumable."""
+    opt = state.opt.state_dict()
+    for group in opt["param_groups"]:
+        group.update(lr=float(group["lr"]), capturable=False)
+    saved = dict(net=state.net.state_dict(), ema=state.ema.state_dict(), opt=opt)
     saved.update(step=state.step, rng=state.gen.get_state())
     saved.update(dropout_rng=global_rng(next(state.net.parameters()).device), config=cfg.saved())
     torch.save(dict(saved, **method.saved_data()), str(path) + ".tmp")
@@ -908,9 +910,8 @@ def generate(sample_batch, count, batch=256, log=print):
 # ------------------------------------------------------------------------------------------------
 # 8. Memorization, without DINOv2. The paper scores a sample by the DINOv2 cosine to its nearest
 # training image (eval_memorization.py). Pixels give two weight-free stand-ins: the cosine of
-# mean-centred pixels (it ignores brightness shifts), and d1/d2, the L2 distance to the nearest
-# training image over the second-nearest: a copy sits far closer to one image than to any other
-# (Gu et al. 2023).
+# mean-centred pixels (it ignores brightness shifts), and d1/d2 (Gu et al. 2023), the L2 distance
+# to the nearest training image over the second-nearest: a copy sits far closer to one than to any.
 # ------------------------------------------------------------------------------------------------
 COSINE_THRESHOLDS = (0.9, 0.925, 0.95)  # Table 1's CIFAR-10 thresholds
 COPY_RATIO = 1 / 3
@@ -963,8 +964,7 @@ def save_neighbour_grid(samples, train, idx, path, pairs=32, per_row=8, upscale=
 
 
 # ------------------------------------------------------------------------------------------------
-# 9. Command line: one typed Config holds each setting, its --flag, default and help; extensions
-# subclass it.
+# 9. Command line: one typed Config (extensions subclass it): each setting, --flag, default, help.
 # ------------------------------------------------------------------------------------------------
 def option(default, help, **meta):
     """A setting with a --flag. saved=False: not in config.json."""

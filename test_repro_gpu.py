@@ -141,6 +141,34 @@ def test_the_graph_ready_step_trains_as_the_eager_step(device, monkeypatch):
     )
 
 
+def test_a_graphed_runs_checkpoint_resumes_and_steps_on_as_the_run_would(tmp_path):
+    """The graphed step leaves a device learning rate in Adam's groups, and on a GPU capturable =
+    True, which --resume's check refuses as settings of another run. The checkpoint holds
+    make_optimizer's plain settings instead: it resumes, and the resumed run steps on as the
+    uninterrupted one does."""
+    (_, _, _), (method, state, cfg) = graph_ready_pair(0.0001)
+    step = G.graphed_step(state, method, cfg)
+    for _ in range(3):
+        step()
+        state.step += 1
+    assert torch.is_tensor(state.opt.param_groups[0]["lr"])
+    for group in state.opt.param_groups:
+        group["capturable"] = True  # as step_body leaves it on a GPU
+    A.save_checkpoint(state, method, cfg, tmp_path / "checkpoint.pt")
+    for group in state.opt.param_groups:
+        group["capturable"] = False  # a CPU's Adam cannot step captured
+    saved = A.load_checkpoint(tmp_path / "checkpoint.pt", need=A.RESUME_KEYS)
+    resumed = A.training_state(method.network(), cfg, 3 * 8 * 8, saved)
+    assert resumed.step == 3
+    steps = (step, G.graphed_step(resumed, method, cfg))
+    for _ in range(2):
+        for s, take_step in zip((state, resumed), steps, strict=True):
+            take_step()
+            s.step += 1
+    for a, b in ((state.net, resumed.net), (state.ema, resumed.ema)):
+        assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_the_captured_sampler_gives_the_eager_samples(device):
     """On a GPU, graphed_sampler replays one captured Heun integration per full batch with fresh
