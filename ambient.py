@@ -402,8 +402,9 @@ def open_image(file, read=False):
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(file) as im:
-                rgb = im if im.mode == "RGB" or not read else im.convert("RGB")
-                return np.asarray(rgb) if read else im.size
+                if read and im.mode.startswith("I"):  # 16-bit grey: convert() would clip at 255
+                    im = Image.fromarray(np.rint(np.asarray(im) / 257).clip(0, 255).astype("uint8"))
+                return np.asarray(im.convert("RGB")) if read else im.size
     except (Image.DecompressionBombWarning, Image.DecompressionBombError):
         raise UserError(
             f"{file} has more than {Image.MAX_IMAGE_PIXELS:,} pixels, PIL's decompression-bomb "
@@ -1014,16 +1015,14 @@ class Config:
     out: str = option(None, "run folder (default runs/<data>-n<n>-<method>)", type=str, saved=False)
     resume: bool = option(False, "continue --out's checkpoint; the config must match", saved=False)
     device: str = option("auto", "auto (cuda if there is one), cpu, cuda, cuda:1, ...", saved=False)
-    # Not flags: the run fills in the absolute path of a file or folder dataset, and baselines.py's
-    # runs name their method.
+    # Not flags: the dataset's absolute path (the run fills it in), the method (baselines.py's)
     data_path: str = None
     method: str = field(default="algorithm1", metadata=dict(same_run=True))
     # What runs before 763cef1 used where their config.json lacks a key.
     LEGACY = dict(ambient_weight="x0", optimizer="adamw", dropout=0.0, lr_rampup=0.0)
     # The smallest value each number may take.
-    LOWEST = dict(iters=0, lr=0, lr_rampup=0, n=2)
+    LOWEST = dict(iters=0, lr=0, lr_rampup=0, n=2, log_every=1, ckpt_every=1)
     LOWEST.update(dict.fromkeys(["batch", "samples", "steps", "sample_batch", "resolution"], 1))
-    LOWEST.update(log_every=1, ckpt_every=1)
     KINDS = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
 
     def __post_init__(self):
@@ -1113,10 +1112,9 @@ def build_parser(config=Config):
     for f in (f for f in fields(config) if "help" in f.metadata):
         meta = {k: v for k, v in f.metadata.items() if k not in ("same_run", "saved")}
         meta["help"] += "" if f.default in (None, False) else f" (default: {f.default})"
+        kind = dict(default=f.default, type=type(f.default))
         if f.default is False:
             kind = dict(action="store_true")
-        else:
-            kind = dict(default=f.default, type=type(f.default))
         p.add_argument("--" + f.name.replace("_", "-"), **{**kind, **meta})
     return p
 
@@ -1125,8 +1123,11 @@ def pick_device(name):
     cuda = torch.cuda.device_count()
     try:
         device = torch.device("cuda" if cuda else "cpu") if name == "auto" else torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name} is not a device name; use auto, cpu or cuda") from None
+        if device.type != "cuda":  # meta holds no data; a backend this build lacks fails here
+            torch.zeros(1, device=device).cpu()
+    except Exception as e:
+        why = f"is not a device that holds tensors here ({type(e).__name__})"
+        raise UserError(f"--device {name} {why}; use auto, cpu or cuda") from None
     if device.type == "cuda" and (device.index or 0) >= cuda:
         fix = "" if cuda else "; use --device cpu"
         raise UserError(f"--device {name}: this machine has {cuda} CUDA device(s){fix}")
@@ -1177,8 +1178,9 @@ def read_config(folder):
 
 
 def open_run(cfg, out, device, need=RESUME_KEYS):
-    """The checkpoint that --resume continues (with the keys and types in `need`), or None for a
-    fresh run."""
+    """The checkpoint --resume continues (keys and types as in `need`), or None: a fresh run."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder; choose another --out")
     if not cfg.resume:
         if (out / "checkpoint.pt").exists():
             raise UserError(f"{out} already holds a run; add --resume, or choose another --out")
@@ -1216,8 +1218,7 @@ def run(cfg, method, make_step=eager_step, main_process=True):
     def log(msg):
         if logfile:
             print(msg, flush=True)
-            logfile.write(msg + "\n")
-            logfile.flush()
+            print(msg, file=logfile, flush=True)
 
     torch.manual_seed(cfg.seed)
     S = prepare(images, cfg.resolution, indices).to(device)

@@ -761,6 +761,12 @@ def test_cli_bad_input_gives_one_clear_line(tmp_path, capsys, monkeypatch):
         TINY + ["--iters", "1", "--sigma-tn", "1", "--resume"] + out, capsys
     )
     assert "already holds a run" in error_of(TINY + ["--iters", "1"] + out, capsys)
+    assert "is a file, not a folder" in error_of(
+        TINY + ["--out", str(tmp_path / "r/log.txt")], capsys
+    )
+    for device in ("meta", "gpu"):  # no data on meta; gpu is not a name torch knows
+        err = error_of(TINY + ["--device", device] + out, capsys)
+        assert f"--device {device} is not a device that holds tensors here" in err
     import torchvision
 
     def offline(*args, **kwargs):

@@ -6,6 +6,7 @@ their headers with 16-bit ones scaled, a keyed and checked latents cache, checke
 no .tmp left by a stop, non-finite results named, and generated damaged inputs giving one line."""
 
 import copy
+import io
 import json
 import os
 import re
@@ -990,7 +991,7 @@ def copy_of(trained, tmp, checkpoint=True):
         (["--text-noise", "1e30"], "text_noise 1e+30 is not a number below 2^31"),
         (["--w24-threshold", "nan"], "w24_threshold nan is not a number"),
         (["--seed", "9" * 23], f"seed {'9' * 23} is not an integer below 2^31"),
-        (["--device", "meta"], "--device meta cannot hold tensors"),
+        (["--device", "meta"], "--device meta is not a device that holds tensors here"),
         (["--out", "im0.txt"], "im0.txt is a file; pass a folder for the run"),
     ],
 )
@@ -1054,14 +1055,19 @@ def test_a_caption_or_image_that_cannot_be_read_as_written_is_one_line(
 
 
 def test_16_bit_greyscale_is_scaled_to_8_bits_not_clipped(tmp_path):
-    """A 16-bit PNG's values v become round(v / 257), its 8-bit equivalent (257 * 255 = 65535)."""
+    """A 16-bit PNG's values v become round(v / 257), its 8-bit equivalent (257 * 255 = 65535),
+    in ambient.py's image folders and text_to_image.py's alike."""
     k = np.arange(256).reshape(16, 16)
     Image.fromarray((257 * k).astype(np.uint16)).save(tmp_path / "g.png")
     assert Image.open(tmp_path / "g.png").mode == "I;16"
     expected = torch.from_numpy(k).float().expand(3, 16, 16) / 127.5 - 1
     assert torch.equal(T.load_image(tmp_path / "g.png", 16), expected)  # 16 px: no resampling
-    older = Image.fromarray((257 * k).astype(np.int32))  # mode I: older Pillow's for 16-bit PNGs
-    assert np.array_equal(T.rgb8(older), np.repeat(k[..., None].astype(np.uint8), 3, axis=-1))
+    rgb = np.repeat(k[..., None].astype(np.uint8), 3, axis=-1)
+    assert np.array_equal(A.load_image_folder(tmp_path)[0], rgb)
+    older = io.BytesIO()  # mode I: older Pillow's for 16-bit PNGs (TIFF keeps it)
+    Image.fromarray((257 * k).astype(np.int32)).save(older, format="TIFF")
+    assert Image.open(older).mode == "I"
+    assert np.array_equal(A.open_image(older, read=True), rgb)
 
 
 def test_a_latents_cache_from_another_vae_is_encoded_again_and_this_ones_is_reused(

@@ -489,30 +489,11 @@ def caption_row(meta, number, line):
     return meta.parent / row["file_name"], row["text" if "text" in row else "caption"]
 
 
-def rgb8(im):
-    """A PIL image as uint8 RGB pixels. 16-bit greyscale (modes I;16*, and I in older Pillow) is
-    scaled to 8 bits, 65535 -> 255, where PIL's convert would clip it at 255; other modes
-    (greyscale, palette, alpha) convert as diffusers' scripts convert them."""
-    if im.mode == "I" or im.mode.startswith("I;16"):
-        grey = np.asarray(im).astype(np.int64)
-        if grey.min() < 0 or grey.max() > 65535:
-            raise ValueError(f"mode {im.mode} with values outside 0-65535")
-        return np.repeat(np.rint(grey / 257).astype(np.uint8)[..., None], 3, axis=-1)
-    return np.asarray(im.convert("RGB"))
-
-
 def load_image(path, resolution):
     """Shorter side resized to `resolution`, centre crop, [-1, 1] NCHW, as diffusers' scripts do."""
     from PIL import Image
 
-    try:
-        with Image.open(path) as im:
-            pixels = rgb8(im)
-    except Exception as e:  # read_captions read the header; the pixels may still be damaged
-        raise UserError(
-            f"cannot read image {path} ({type(e).__name__}); remove or replace it"
-        ) from None
-    im = Image.fromarray(pixels)
+    im = Image.fromarray(A.open_image(path, read=True))  # 16-bit grey scaled, not clipped
     scale = resolution / min(im.size)
     w, h = max(resolution, round(im.width * scale)), max(resolution, round(im.height * scale))
     im = im.resize((w, h), Image.BILINEAR)
@@ -1122,18 +1103,6 @@ def export_unet(unet, folder):
     unet.save_pretrained(folder)
 
 
-def usable_device(name):
-    """ambient.py's pick_device, once a tensor is made and read back there (meta holds no data)."""
-    device = A.pick_device(name)
-    try:
-        torch.zeros(1, device=device).cpu()
-    except Exception as e:  # meta: NotImplementedError; a backend this build lacks: RuntimeError
-        raise UserError(
-            f"--device {name} cannot hold tensors ({type(e).__name__}); use auto, cpu or cuda"
-        ) from None
-    return device
-
-
 def saved_x_tn(saved, shape):
     """The checkpoint's noisy latents, one per image, of the latents' shape (None: a fresh run)."""
     if saved is None:
@@ -1187,7 +1156,7 @@ def run(cfg):
     """Fine-tune as cfg says, then sample the prompts; returns the run folder. Every input is read
     and checked before anything is written. Under torchrun each process trains on its share of
     every batch and only the first writes (latents, checkpoints, samples)."""
-    rank, world, device = distributed(usable_device(cfg.device))
+    rank, world, device = distributed(A.pick_device(cfg.device))
     if cfg.batch % (world * cfg.accumulate):
         raise UserError(
             f"--batch {cfg.batch} does not split into {world} processes x {cfg.accumulate} "
