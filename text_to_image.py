@@ -1287,6 +1287,34 @@ class GpuCheck(Config):
     tiny: bool = option(False, "the tiny model instead of SD-2's: this path on a CPU, in seconds")
 
 
+def random_train_data(models, cfg, device):
+    """gpu-check's data: 4 batches of random latents at cfg.resolution, numbered captions, and
+    their fixed noisy copies, on `device`."""
+    side = cfg.resolution // models.vae_factor
+    shape = (4 * cfg.batch, models.unet.config.in_channels, side, side)
+    latents = torch.randn(shape, generator=torch.Generator().manual_seed(cfg.seed))
+    captions = [f"a photo of thing {i}" for i in range(len(latents))]
+    x_tn = make_noisy_latents(latents, models.scheduler, cfg.tn, cfg.seed)
+    empty = tokenize(models.tokenizer, [""]).to(device)
+    ids = tokenize(models.tokenizer, captions).to(device)
+    return TrainData(latents.to(device), x_tn.to(device), ids, empty, captions)
+
+
+def timed_steps(models, data, state, cfg, device):
+    """cfg.iters train_steps, each timed to its end on the device; (seconds, last loss, kept)."""
+    seconds = []
+    for step in range(cfg.iters):
+        start = time.perf_counter()
+        try:
+            loss, kept = train_step(models, data, state, cfg)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        except torch.cuda.OutOfMemoryError:
+            raise UserError(out_of_memory(cfg, step + 1)) from None
+        seconds.append(time.perf_counter() - start)
+    return seconds, loss, kept
+
+
 def gpu_check(cfg, log=print):
     """cfg.iters training steps (train_step, as a run takes them) of SD-2 at 768 px (96x96
     latents), batch 16 by default, random weights; logs and returns peak memory and img/s. The
@@ -1309,26 +1337,11 @@ def gpu_check(cfg, log=print):
     check_model(cfg, models)
     models.to(device)
     checkpointing = prepare_unet(models.unet, cfg)
-    side = cfg.resolution // models.vae_factor
-    shape = (4 * cfg.batch, models.unet.config.in_channels, side, side)
-    latents = torch.randn(shape, generator=torch.Generator().manual_seed(cfg.seed))
-    captions = [f"a photo of thing {i}" for i in range(len(latents))]
-    x_tn = make_noisy_latents(latents, models.scheduler, cfg.tn, cfg.seed)
-    empty = tokenize(models.tokenizer, [""]).to(device)
-    ids = tokenize(models.tokenizer, captions).to(device)
-    data = TrainData(latents.to(device), x_tn.to(device), ids, empty, captions)
+    data = random_train_data(models, cfg, device)
     state = training_state(models.unet, cfg, device)
     models.unet.train()
-    seconds = []
-    for step in range(cfg.iters):
-        start = time.perf_counter()
-        try:
-            loss, kept = train_step(models, data, state, cfg)
-            if cuda:
-                torch.cuda.synchronize(device)
-        except torch.cuda.OutOfMemoryError:
-            raise UserError(out_of_memory(cfg, step + 1)) from None
-        seconds.append(time.perf_counter() - start)
+    seconds, loss, kept = timed_steps(models, data, state, cfg, device)
+    side = data.latents.shape[-1]
     timed = seconds[1:] or seconds
     dtype = autocast_dtype(cfg.mixed_precision, device.type)
     gb = 1e9
