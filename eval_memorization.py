@@ -482,15 +482,8 @@ def heldout_of_run(path, cfg, data_dir, device):
         return why
     if not (path / "checkpoint.pt").is_file():
         return f"{path} has no checkpoint.pt"
-    model = method_of_run(path).network()
-    try:
-        model.load_state_dict(A.load_checkpoint(path / "checkpoint.pt", fix=HELDOUT_FIX)["ema"])
-    except RuntimeError as e:
-        raise UserError(
-            f"{path / 'checkpoint.pt'} does not fit {path / 'config.json'} "
-            f"({first_line(e)[:120]}); restore the run's own config.json"
-        ) from None
-    model = model.to(device).eval()
+    _, model = ema_network(path, lambda: A.load_checkpoint(path / "checkpoint.pt", fix=HELDOUT_FIX))
+    model = model.to(device)
     return lambda: heldout_losses(denoiser_of(model, cfg), test.to(device))
 
 
@@ -519,7 +512,7 @@ def run_samples(path, args, resolution):
 
 
 def checkpoint_weights(path, count, have=0):
-    """The EMA weights in path/checkpoint.pt, or one line saying what to do without them."""
+    """path/checkpoint.pt's entries (weights-only), or one line saying what to do without it."""
     checkpoint = path / "checkpoint.pt"
     instead = f", or pass --samples {have} (what samples.npz holds)" if have else ""
     if not checkpoint.is_file():
@@ -530,7 +523,7 @@ def checkpoint_weights(path, count, have=0):
     return A.load_checkpoint(
         checkpoint,
         fix=f"{count} samples need it; restore it from a copy or re-train the run{instead}",
-    )["ema"]
+    )
 
 
 def run_config(path):
@@ -548,6 +541,22 @@ def run_config(path):
         else A.Config
     )
     return kind.from_saved(saved, path / "config.json")
+
+
+def ema_network(path, load, fix="restore the run's own config.json"):
+    """A run's method and its EMA network in eval mode, built as config.json describes it
+    (mask-aware for masking runs), holding the "ema" weights of load()'s checkpoint entries;
+    weights that do not fit that network are one line."""
+    method = method_of_run(path)
+    model = method.network()
+    try:
+        model.load_state_dict(load()["ema"])
+    except RuntimeError as e:
+        raise UserError(
+            f"{path / 'checkpoint.pt'}: its EMA weights do not fit the network of "
+            f"{path / 'config.json'} ({first_line(e)[:120]}); {fix}"
+        ) from None
+    return method, model.eval()
 
 
 def method_of_run(path):
@@ -572,16 +581,8 @@ def generate_for(path, cfg, count, args, log):
     out = path / f"eval-samples-{count}.npz"
     if out.is_file():
         return read_samples(out, cfg.resolution, f"delete it to draw the {count} samples again")
-    method = method_of_run(path)
-    ema = method.network()  # a mask-aware network for masking runs, as config.json describes it
-    try:
-        ema.load_state_dict(checkpoint_weights(path, count))
-    except RuntimeError as e:
-        raise UserError(
-            f"{path / 'checkpoint.pt'} does not fit {path / 'config.json'} "
-            f"({first_line(e)[:120]}); restore the run's own config.json"
-        ) from None
-    ema = ema.to(args.device).eval()
+    method, ema = ema_network(path, lambda: checkpoint_weights(path, count))
+    ema = ema.to(args.device)
     log(f"{path.name}: generating {count} samples from its checkpoint")
     bf16 = (
         A.read_config(path).get("precision") == "bf16"

@@ -67,11 +67,11 @@ from eval_memorization import (
     HELDOUT_SIGMAS,
     ambient_optimal_denoiser,
     denoiser_of,
+    ema_network,
     empirical_denoiser,
     heldout_band,
     first_line,
     heldout_losses,
-    method_of_run,
     read_json,
     weighted_loss,
 )
@@ -173,19 +173,13 @@ def failed(out, code):
     return f"{out} failed (exit code {code}): see {out / 'stdout.txt'}, then run this again"
 
 
-def ema_network(folder):
+def stage_network(folder):
     """A run's EMA network, built as its checked config.json says, weights loaded weights-only."""
     fix = f"delete {folder} to train it again"
-    method = method_of_run(folder)
-    model = method.network()
-    try:
-        model.load_state_dict(ambient.load_checkpoint(folder / "checkpoint.pt", fix=fix)["ema"])
-    except RuntimeError as e:
-        raise UserError(
-            f"{folder / 'checkpoint.pt'}: its EMA weights do not fit the network of "
-            f"{folder / 'config.json'} ({first_line(e)[:100]}); {fix}"
-        ) from None
-    return model.eval(), method.cfg
+    method, model = ema_network(
+        folder, lambda: ambient.load_checkpoint(folder / "checkpoint.pt", fix=fix), fix
+    )
+    return model, method.cfg
 
 
 def numbers(values, keys, file, fix):
@@ -207,7 +201,7 @@ RUN_METRICS = ("copy_rate", "cosine_median", "ratio_median") + tuple(
 def load_run(name, metrics=RUN_METRICS):
     """A run folder's EMA network, typed config and metrics.json, checked."""
     d = RUNS / name
-    model, cfg = ema_network(d)
+    model, cfg = stage_network(d)
     fix = f"delete {d} to train it again"
     return model, cfg, numbers(read_json(d / "metrics.json", fix), metrics, d / "metrics.json", fix)
 
@@ -807,7 +801,7 @@ def score_stage(out, od):
     fix = f"delete {out} to train it again"
     keys = ("copy_rate", "cosine_above_0.95", "roughness_vs_train")
     m = numbers(read_json(out / "metrics.json", fix), keys, out / "metrics.json", fix)
-    model, _ = ema_network(out)
+    model, _ = stage_network(out)
     r = dict(
         copy=m["copy_rate"],
         c95=m["cosine_above_0.95"],
