@@ -660,6 +660,8 @@ def test_gpu_check_runs_the_training_step_on_the_tiny_model(tmp_path, capsys):
     assert report["peak_allocated_gb"] is None and np.isfinite(report["loss"])
     assert "gpu-check tiny" in capsys.readouterr().out
     assert "needs a CUDA device" in error_of(["gpu-check", "--device", "cpu"], capsys, T.main)
+    argv[-1] = str(out / "gpu-check.json")
+    assert "is a file; pass a folder" in error_of(argv, capsys, T.main)
     from diffusers import UNet2DConditionModel
 
     with torch.device("meta"):  # shapes without memory

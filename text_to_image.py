@@ -1330,6 +1330,8 @@ def gpu_check(cfg, log=print):
         raise UserError(f"--iters {cfg.iters}: gpu-check needs at least 1 step")
     if cfg.batch % cfg.accumulate:
         raise UserError(f"--accumulate {cfg.accumulate} must divide --batch {cfg.batch}")
+    if cfg.out and Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+        raise UserError(f"--out {cfg.out} is a file; pass a folder for gpu-check.json")
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(cfg.seed)
