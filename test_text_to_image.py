@@ -936,6 +936,9 @@ def test_score_bad_input_gives_one_clear_line(tmp_path, capsys, monkeypatch):
     assert "--train" in err(score + ["--train", str(tmp_path / "empty")])
     assert "the training set has 3 captions" in err(score + ["--samples", "9"])
     assert "must be at least 1" in err(score + ["--chunk", "0"])
+    assert "--seed -1 must be from 0" in err(score + ["--seed", "-1"])
+    assert "--guidance nan is not a finite number" in err(score + ["--guidance", "nan"])
+    assert "is a file; pass a folder" in err(score + ["--out", str(folder / "im0.txt")])
     captions = [f"photo {i}" for i in range(3)]
     place_samples(run, images[:, :8, :8], captions)
     assert "holds 3 images of 8x8, and the run needs 3 of 16x16" in err(score)
@@ -995,12 +998,14 @@ def copy_of(trained, tmp, checkpoint=True):
         (["--seed", "9" * 23], f"seed {'9' * 23} is not an integer below 2^31"),
         (["--device", "meta"], "--device meta is not a device that holds tensors here"),
         (["--out", "im0.txt"], "im0.txt is a file; pass a folder for the run"),
+        (["--export", "im0.txt/unet"], "im0.txt/unet is or lies in a file; pass a folder"),
+        (["--steps", "1001"], "--steps 1001: the scheduler has 1000 timesteps"),
     ],
 )
 def test_a_flag_of_the_wrong_type_or_range_is_one_line(flags, named, tmp_path, capsys):
     folder = caption_folder(tmp_path)
-    if flags[0] == "--out":
-        flags = ["--out", str(folder / flags[1])]
+    if flags[0] in ("--out", "--export"):
+        flags = [flags[0], str(folder / flags[1])]
     assert named in one_line(T.main, t2i_argv(folder, tmp_path / "r", *flags), capsys, tmp_path)
 
 
@@ -1054,6 +1059,15 @@ def test_a_caption_or_image_that_cannot_be_read_as_written_is_one_line(
     folder = caption_folder(tmp_path)
     (folder / name).write_bytes(content)
     assert named in one_line(T.main, t2i_argv(folder, tmp_path / "r"), capsys, tmp_path)
+
+
+def test_a_byte_order_mark_is_not_part_of_a_caption_or_a_prompt(tmp_path):
+    """Notepad's UTF-8 starts with U+FEFF, which str.strip keeps: it would enter the caption."""
+    folder = caption_folder(tmp_path, n=1)
+    (folder / "im0.txt").write_bytes("\ufeffphoto é".encode())
+    assert T.read_captions(folder)[0][1] == "photo é"
+    (tmp_path / "p.txt").write_bytes("\ufeffa cat\n".encode())
+    assert T.read_prompts(tmp_path / "p.txt") == ["a cat"]
 
 
 def test_16_bit_greyscale_is_scaled_to_8_bits_not_clipped(tmp_path):

@@ -25,6 +25,7 @@ each batch over several.
 
 import argparse
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -451,9 +452,10 @@ def read_captions(folder):
 
 
 def read_text(path):
-    """A caption file's text, read as UTF-8 (the encoding of diffusers' datasets)."""
+    """A caption file's text, read as UTF-8 (the encoding of diffusers' datasets); a leading byte
+    order mark is not part of the caption."""
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
         raise UserError(
             f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8"
@@ -825,7 +827,8 @@ def sample(models, prompt, count, guidance, steps, seed, resolution):
 
 def read_prompts(path):
     try:
-        prompts = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+        lines = Path(path).read_text(encoding="utf-8-sig").splitlines()
+        prompts = [line.strip() for line in lines if line.strip()]
     except (OSError, UnicodeDecodeError) as err:
         raise UserError(
             f"--prompts {path}: cannot read it ({type(err).__name__}); pass a text file "
@@ -1033,6 +1036,10 @@ def check_model(cfg, models):
             f"--tn {cfg.tn}: the scheduler has timesteps 0 to {steps - 1}; "
             "the paper tried 25, 50 and 100"
         )
+    if cfg.steps > steps:
+        raise UserError(
+            f"--steps {cfg.steps}: the scheduler has {steps} timesteps; pass {steps} or fewer"
+        )
     down = models.vae_factor * 2 ** (len(models.unet.config.block_out_channels) - 1)
     cfg.resolution = cfg.resolution or models.unet.config.sample_size * models.vae_factor
     if cfg.resolution % down:
@@ -1162,8 +1169,8 @@ def run(cfg):
             f"--batch {cfg.batch} does not split into {world} processes x {cfg.accumulate} "
             f"micro-batches (--accumulate); use a multiple of {world * cfg.accumulate}"
         )
-    if cfg.export and Path(cfg.export).is_file():
-        raise UserError(f"--export {cfg.export} is a file; pass a folder for the UNet")
+    if cfg.export and any(p.is_file() for p in (Path(cfg.export), *Path(cfg.export).parents)):
+        raise UserError(f"--export {cfg.export} is or lies in a file; pass a folder for the UNet")
     pairs, prompts, out, models, saved = read_run(cfg, device)
     models.to(device)
     checkpointing = prepare_unet(models.unet, cfg)
@@ -1333,6 +1340,7 @@ def gpu_check(cfg, log=print):
     if cfg.out and Path(cfg.out).exists() and not Path(cfg.out).is_dir():
         raise UserError(f"--out {cfg.out} is a file; pass a folder for gpu-check.json")
     if cuda:
+        torch.cuda.init()  # an explicit index (cuda:0) is refused before CUDA is initialised
         torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(cfg.seed)
     models = tiny_models(cfg.tiny_prediction, cfg.seed) if cfg.tiny else sd2_random_models(device)
@@ -1702,7 +1710,9 @@ def run_models(run, device):
     fix = f"restore it, or put the samples in {run.path / SCORE_SAMPLES}"
     saved = A.load_checkpoint(run.path / "checkpoint.pt", need=dict(unet=dict), fix=fix)
     models = load_models(run.cfg)
-    check_model(run.cfg, models)
+    check_model(
+        dataclasses.replace(run.cfg, steps=run.settings["steps"]), models
+    )  # score's --steps
     try:
         models.unet.load_state_dict(saved["unet"])
     except RuntimeError as e:
@@ -2022,6 +2032,12 @@ def score_main(argv):
         for flag in ("samples", "steps", "chunk", "batch"):
             if getattr(args, flag) is not None and getattr(args, flag) < 1:
                 raise UserError(f"--{flag} {getattr(args, flag)} must be at least 1")
+        if not 0 <= args.seed < 2**31:
+            raise UserError(f"--seed {args.seed} must be from 0 to below 2^31")
+        if args.guidance is not None and not math.isfinite(args.guidance):
+            raise UserError(f"--guidance {args.guidance} is not a finite number")
+        if Path(args.out).exists() and not Path(args.out).is_dir():
+            raise UserError(f"--out {args.out} is a file; pass a folder for table5.md")
         return score(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
