@@ -919,6 +919,44 @@ def test_score_writes_one_row_per_run_and_streams_the_training_images(tmp_path, 
     assert "| copies | 100 | 0.1 | 2 | 1.000 | 1.000 |" in table and "RANDOM WEIGHTS" in table
 
 
+def test_score_scores_samples_of_the_checkpoint_it_finds_not_older_ones(
+    tmp_path, capsys, monkeypatch
+):
+    """Samples belong to the checkpoint that drew them. The run's own samples.npz (--prompts the
+    training captions) is scored while its checkpoint is the one that drew it; after more
+    training (the checkpoint's step raised) score draws afresh, and later refuses the shards it
+    drew at the step before, naming the step. Each row gives its samples' step."""
+    folder, _ = square_caption_folder(tmp_path)
+    captions = [f"photo {i}" for i in range(3)]
+    (tmp_path / "prompts.txt").write_text("\n".join(captions))
+    run, out = tmp_path / "run", tmp_path / "table5"
+    T.main(
+        ["--pretrained", "tiny", "--data", str(folder), "--out", str(run), "--iters", "0"]
+        + ["--steps", "2", "--device", "cpu", "--prompts", str(tmp_path / "prompts.txt")]
+    )
+    drew, real_sample = [], T.sample
+    monkeypatch.setattr(
+        T,
+        "sample",
+        lambda models, prompt, *a: drew.append(prompt) or real_sample(models, prompt, *a),
+    )
+
+    score = ["score", str(run), "--out", str(out)] + SCORE_CPU
+
+    def score_at(step):
+        saved = torch.load(run / "checkpoint.pt", weights_only=True)
+        torch.save(dict(saved, step=step), run / "checkpoint.pt")
+        T.main(score)
+        return json.loads((out / "table5.json").read_text())["runs"]["run"]["step"]
+
+    assert score_at(0) == 0 and drew == []
+    assert score_at(3) == 3 and drew == captions
+    saved = torch.load(run / "checkpoint.pt", weights_only=True)
+    torch.save(dict(saved, step=4), run / "checkpoint.pt")
+    capsys.readouterr()
+    assert "drawn with other settings (step;" in error_of(score, capsys, T.main)
+
+
 def test_score_bad_input_gives_one_clear_line(tmp_path, capsys, monkeypatch):
     folder, images = square_caption_folder(tmp_path)
     run = fake_t2i_run(tmp_path / "run", folder)
@@ -946,7 +984,7 @@ def test_score_bad_input_gives_one_clear_line(tmp_path, capsys, monkeypatch):
     np.savez(shard, images=images, prompts=np.array(captions))
     protocol = run / T.SCORE_SAMPLES / "protocol.json"
     protocol.write_text(json.dumps(dict(seed=1, steps=50, guidance=7.5, captions=[0, 1, 2])))
-    assert "drawn with other settings (seed)" in err(score)
+    assert "drawn with other settings (seed;" in err(score)
     protocol.unlink()
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))

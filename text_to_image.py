@@ -839,8 +839,10 @@ def read_prompts(path):
     return prompts
 
 
-def generate(models, prompts, cfg, out, log=print):
-    """samples/<prompt>_<k>.png and samples.npz (uint8 images, prompts); prompt i: seed + i."""
+def generate(models, prompts, cfg, out, log=print, step=None):
+    """samples/<prompt>_<k>.png and samples.npz (uint8 images, prompts, and `drawn`: the seed,
+    steps, guidance and training step they were drawn with, which score compares); prompt i:
+    seed + i."""
     from torchvision.utils import save_image
 
     folder = Path(out) / "samples"
@@ -864,8 +866,12 @@ def generate(models, prompts, cfg, out, log=print):
             save_image((im + 1) / 2, folder / f"{i:05d}_{k}.png")
         images.append(((x + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy())
         names += [prompt] * len(x)
+    drawn = json.dumps(dict(seed=cfg.seed, steps=cfg.steps, guidance=cfg.guidance, step=step))
     np.savez_compressed(
-        Path(out) / "samples.npz", images=np.concatenate(images), prompts=np.array(names)
+        Path(out) / "samples.npz",
+        images=np.concatenate(images),
+        prompts=np.array(names),
+        drawn=np.array(drawn),
     )
     log(f"wrote {len(names)} samples for {len(prompts)} prompts to {folder} and {out}/samples.npz")
 
@@ -1206,7 +1212,7 @@ def run(cfg):
     )
     train(models, data, state, cfg, out if rank == 0 else None, log)
     if prompts and rank == 0:
-        generate(models, prompts, cfg, out, log)
+        generate(models, prompts, cfg, out, log, state.step)
     if cfg.export and rank == 0:
         export_unet(models.unet, cfg.export)
         log(f"wrote the UNet to {cfg.export} (UNet2DConditionModel.from_pretrained reads it)")
@@ -1584,6 +1590,43 @@ def npz_prompts(file, fix):
         raise UserError(f"cannot read prompts from {file} ({one_line(e)}); {fix}") from None
 
 
+def checkpoint_step(path):
+    """The training step of path/checkpoint.pt, read memory-mapped (weights-only, nothing else
+    loaded), or None without one."""
+    file = path / "checkpoint.pt"
+    if not file.is_file():
+        return None
+    try:
+        step = torch.load(file, map_location="cpu", weights_only=True, mmap=True)["step"]
+    except Exception as e:  # truncated, not a zip archive, not a dict, no step
+        raise UserError(f"{file} is damaged ({one_line(e)}); restore it from a copy") from None
+    if type(step) is not int:
+        raise UserError(f"{file} holds a step {reprlib.repr(step)}; restore it from a copy")
+    return step
+
+
+def npz_drawn(file):
+    """How a run's samples.npz was drawn (generate's `drawn`), or None where it does not say."""
+    try:
+        with np.load(file) as f:
+            return json.loads(str(f["drawn"])) if "drawn" in f.files else None
+    except (*NPZ_ERRORS, RecursionError):
+        return None
+
+
+def same_drawing(run, drawn):
+    """Whether a run's own samples, drawn as `drawn` says (None: it does not say), are those score
+    would draw now: the same seed, steps, guidance and checkpoint step. Without a checkpoint to
+    draw from they are used as they are (placed by hand, or the checkpoint deleted), and the row
+    gives what their record says."""
+    keys = ("seed", "steps", "guidance", "step")
+    drawn = drawn if isinstance(drawn, dict) else {}
+    if run.settings["step"] is None:
+        run.settings.update({k: drawn.get(k) for k in keys if k in drawn})
+        return True
+    return all(k in drawn and drawn[k] == run.settings[k] for k in keys)
+
+
 def drawn_for(file, prompts):
     """Whether an .npz of samples holds the prompts `prompts`, in order (one sample each)."""
     try:
@@ -1651,6 +1694,7 @@ def open_score_run(spec, args):
     steps = cfg.steps if args.steps is None else args.steps
     guidance = cfg.guidance if args.guidance is None else args.guidance
     settings = dict(seed=args.seed, steps=steps, guidance=guidance, captions=chosen.tolist())
+    settings["step"] = checkpoint_step(path)  # None: no checkpoint, the stored samples' step
     run = ScoreRun(path, cfg, pairs, [pairs[i][1] for i in chosen], [], [], settings)
     run.files, run.todo = stored_samples(run)
     if run.todo and not (path / "checkpoint.pt").is_file():
@@ -1666,7 +1710,7 @@ def stored_samples(run):
     to draw: the run's own samples.npz when it was drawn for exactly these prompts (--prompts with
     the training captions), else table5-samples/<first prompt>/samples.npz."""
     own, side = run.path / "samples.npz", run.cfg.resolution
-    if own.is_file() and drawn_for(own, run.prompts):
+    if own.is_file() and drawn_for(own, run.prompts) and same_drawing(run, npz_drawn(own)):
         check_sample_shape(own, len(run.prompts), side, "restore it")
         return [own], []
     folder = run.path / SCORE_SAMPLES
@@ -1676,11 +1720,14 @@ def stored_samples(run):
 
         drawn = read_json(protocol, f"delete {folder} to draw the samples again")
         drawn = drawn if isinstance(drawn, dict) else {}
+        if run.settings["step"] is None:  # no checkpoint to compare with: the samples' own step
+            run.settings["step"] = drawn.get("step")
         differ = [k for k in run.settings if drawn.get(k) != run.settings[k]]
         if differ:
             raise UserError(
-                f"{folder} was drawn with other settings ({', '.join(differ)}); pass the flags it "
-                f"was drawn with ({protocol}), or delete it to draw again"
+                f"{folder} was drawn with other settings ({', '.join(differ)}; step: the "
+                f"checkpoint's training step); pass the flags it was drawn with ({protocol}), or "
+                "delete it to draw again"
             )
     files, todo = [], []
     for start in range(0, len(run.prompts), SHARD):
