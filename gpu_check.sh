@@ -15,8 +15,9 @@
 # `t2i`: text_to_image.py gpu-check, SD-2's training step at 768 px and batch 16 with random
 # weights (peak memory and img/s), with and without gradient checkpointing; it installs the wheels
 # of gpu-data/whl (diffusers, which the GPU image lacks) into /tmp/site first.
-# RESULTS_DIR receives the log, table1.md/.json/.png, trio.json, the trio's own log
-# (trio-log.txt) and gpu-check.json: at most 8 files, what a device call returns. It needs
+# RESULTS_DIR receives the log, table1.md/.json/.png, trio.json and the trio's own log
+# (trio-log.txt), or in t2i mode t2i-checkpointing-on|off/gpu-check.json: at most 8 files, what a
+# device call returns. It needs
 # gpu-data/ (make gpu-data, run where ../shared exists), carried to the GPU machine, and uses that
 # machine's own python3 (PYTHON=...), which holds PyTorch.
 set -u

@@ -606,13 +606,17 @@ class Stops:
             raise KeyboardInterrupt
 
 
-def measure(trio, measure_s, budget_s, t0):
+def measure(trio, measure_s, budget_s, t0, room):
     """The trio's rates, measured on the trio itself: its first steps (the graphs' warm-up and
     capture, the compilation: set-up), then measure_s seconds of timed steps, all of them the run's
-    own first steps; then two sampling batches per model, the first with its set-up, the second
-    timed. Refuses, naming what it measured, once the measurement alone has spent the budget."""
+    own first steps and at most the `room` steps left to the target; then two sampling batches per
+    model, the first with its set-up, the second timed. Refuses, naming what it measured, once the
+    measurement alone has spent the budget; None when the target is too near to measure."""
     cfg, device = trio.cfg, trio.device
     warm = 5 if device.type == "cuda" else 1  # a captured step: 3 warm-up steps, then the capture
+    if room < warm + 3:
+        trio.log(f"{room} step(s) to the target: too few to measure; the plan is the target")
+        return None
     trio.log(
         f"measuring speed on the trio ({cfg.preset} preset, batch {cfg.batch} per model, on "
         f"{device}): {warm} set-up step(s), about {measure_s:g} s of timed steps (the run's first "
@@ -621,7 +625,7 @@ def measure(trio, measure_s, budget_s, t0):
     first_s = timed(lambda: trio.advance(warm), device)
     over_budget(budget_s, t0, f"{warm} set-up step(s) of the trio took {first_s:.1f} s")
     step_s = timed(lambda: trio.advance(1), device)
-    steps = max(2, int(measure_s / max(step_s, 1e-6)))
+    steps = max(2, min(int(measure_s / max(step_s, 1e-6)), room - warm - 1))
     train_ips = 3 * cfg.batch * steps / timed(lambda: trio.advance(steps), device)
 
     def batch():
@@ -767,6 +771,15 @@ def table1_args(argv):
     return args, rest
 
 
+def given(rest, dest):
+    """Whether ambient's flags `rest` set the setting `dest`, read as argparse reads them (so an
+    abbreviation such as --iter counts too)."""
+    unset = object()
+    parser = A.build_parser(Config)
+    parser.set_defaults(**{dest: unset})
+    return getattr(parser.parse_known_args(rest)[0], dest) is not unset
+
+
 def check_table1_args(args, rest):
     """The flags, and whether --out may take the trio, before anything loads."""
     if args.budget_s is not None and not args.budget_s > 0:
@@ -782,11 +795,11 @@ def check_table1_args(args, rest):
         if getattr(args, key) < 1:
             raise UserError(f"--{key} {getattr(args, key)} must be at least 1")
     for flag in ("--ambient-weight", "--out"):
-        if any(a == flag or a.startswith(flag + "=") for a in rest):
+        if given(rest, flag[2:].replace("-", "_")):
             raise UserError(f"table1 sets {flag} itself (the trio: DDPM, released, x0); drop it")
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file; name a folder for the trio")
+    if any(p.exists() and not p.is_dir() for p in (out, *out.parents)):
+        raise UserError(f"--out {out} is or lies in a file; name a folder for the trio")
     older = (out / "table1.json").exists() or any(next((out / n).glob("*.pt"), 0) for n in TRIO)
     if (out / TRIO_FILE).exists():
         if not args.resume:
@@ -806,13 +819,13 @@ def check_table1_args(args, rest):
 def trio_config(args, rest):
     """The three runs' common Config, checked: n = 300, the GPU's fast path and a sampling batch of
     its own on CUDA, unless the flags say otherwise."""
-    flags = ["--n", "300"] + ([] if "--data" in rest else ["--data", "cifar"])
+    flags = ["--n", "300"] + ([] if given(rest, "data") else ["--data", "cifar"])
     if (
         torch.cuda.is_available()
         and A.pick_device(A.build_parser(Config).parse_args(rest).device).type == "cuda"
     ):
-        flags += [] if "--graph" in rest else ["--graph"]
-        flags += [] if "--sample-batch" in rest else ["--sample-batch", "1024"]
+        flags += [] if given(rest, "graph") else ["--graph"]
+        flags += [] if given(rest, "sample_batch") else ["--sample-batch", "1024"]
     cfg = Config(**vars(A.build_parser(Config).parse_args(flags + rest)))
     # replace: Config's own checks of each value's type and range
     cfg = dataclasses.replace(cfg, sigma_tn=args.sigma_tn, samples=args.samples)
@@ -1178,7 +1191,7 @@ def first_target(trio, args, rest):
     """Without --budget-s: --iters, or a resumed trio's own last checkpoint when --iters is not
     given. Refuses a target behind the trio, and a run with nothing left to do."""
     record, cfg = trio.record, trio.cfg
-    explicit = any(a == "--iters" or a.startswith("--iters=") for a in rest)
+    explicit = given(rest, "iters")
     target = cfg.iters if explicit or not record["schedule"] or args.budget_s else None
     target = record["schedule"][-1] if target is None else target
     done = {r["iters"] for r in record["rows"]}
@@ -1290,7 +1303,7 @@ def run_trio(trio, args, rest, loaded, S, t0):
     rates = None
     if args.budget_s:
         measure_s = args.measure_s or min(5.0, args.budget_s / 200)
-        rates = measure(trio, measure_s, args.budget_s, t0)
+        rates = measure(trio, measure_s, args.budget_s, t0, target - trio.step)
     target = plan(trio, args, target, rates, t0)
     for point in record["schedule"]:
         if point in {r["iters"] for r in record["rows"]}:

@@ -488,7 +488,8 @@ def test_the_command_line_edges(tmp_path, capsys, monkeypatch):
         code, printed = cli(["table1", *flags, "--device", "cpu"], capsys)
         assert code == 2 and printed.err.count("\n") == 1 and flags[0] in printed.err
     for flags, why in (
-        (["--out", __file__], "is a file"),
+        (["--out", __file__], "is or lies in a file"),
+        (["--out", __file__ + "/trio"], "is or lies in a file"),
         (["--iters", "0"], "--iters 0"),
         (["--samples", str(2**40)], "samples"),
     ):
@@ -516,6 +517,28 @@ def test_the_command_line_edges(tmp_path, capsys, monkeypatch):
         ["table1", *TRIO_ARGS, "--budget-s", "0.01", "--out", str(tmp_path / "t")], capsys
     )
     assert code == 2 and "spent before training" in printed.err and printed.err.count("\n") == 1
+    # targets near the measurement's dozens of steps: too near to measure (3), or a measurement
+    # cut to fit (6); the trio trains to the target, not past it
+    for iters in (3, 6):
+        out = tmp_path / f"short{iters}"
+        flags = ["--iters", str(iters), "--budget-s", "60", "--measure-s", "5", "--out", str(out)]
+        G.main(["table1", *TRIO_ARGS, *flags])
+        assert json.loads((out / "table1.json").read_text())["plan"]["iters"] == iters
+        assert json.loads((out / "trio.json").read_text())["rows"][-1]["iters"] == iters
+
+
+def test_a_flag_counts_as_given_abbreviated_too():
+    """table1 asks whether a flag was given (--iters on a resume, --data, --graph); argparse takes
+    --iter for --iters, and so must that question."""
+    assert G.given(["--iter", "5"], "iters") and G.given(["--iters=5"], "iters")
+    assert not G.given(["--batch", "4", "--n", "5"], "iters")
+    assert G.given(["--gra"], "graph") and not G.given([], "graph")
+    # a finished trio (checkpoints at 2 and 4) resumed with --iter 8 extends it to 8
+    record = dict(schedule=[2, 4], rows=[dict(iters=2), dict(iters=4)])
+    trio = SimpleNamespace(record=record, cfg=SimpleNamespace(iters=8, batch=8), step=4, out="t")
+    assert G.first_target(trio, SimpleNamespace(budget_s=None), ["--iter", "8"]) == 8
+    with pytest.raises(A.UserError, match="would not extend it"):
+        G.first_target(trio, SimpleNamespace(budget_s=None), [])
 
 
 def trio_members(device, graph, precision="fp32"):
