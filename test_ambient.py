@@ -6,6 +6,7 @@ Run with `make test`. Float64 for the maths, the tiny preset on CPU for the plum
 import copy
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -739,6 +740,33 @@ def error_of(argv, capsys, main=A.main):
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and err.startswith("error: ") and "\n" not in err
     return err
+
+
+def torchrun_child(rank, port, main, argv):
+    """What torchrun gives each of two processes on one machine, then the command line."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)  # a forked child runs no OpenMP team: the parent's does not exist
+    main(argv)
+
+
+def two_processes(main, argv, timeout=120):
+    """main(argv) in two processes forked from this one with torchrun's environment (as torchrun
+    would run them, without its seconds of imports); their exit codes."""
+    import multiprocessing
+    import socket
+
+    with socket.socket() as sock:  # a free port for the processes' rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    fork = multiprocessing.get_context("fork")
+    procs = [fork.Process(target=torchrun_child, args=(r, port, main, argv)) for r in range(2)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(timeout)
+        proc.kill()
+    return [proc.exitcode for proc in procs]
 
 
 def test_cli_bad_input_gives_one_clear_line(tmp_path, capsys, monkeypatch):

@@ -14,7 +14,7 @@ import torch
 
 import ambient as A
 import repro_gpu as G
-from test_ambient import TINY, gen, plumbing_data
+from test_ambient import TINY, gen, plumbing_data, two_processes
 
 # CI has a CPU; `make gpu-check` runs both
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -47,34 +47,12 @@ def test_bf16_autocast_loss_matches_fp32_to_bf16_precision():
     assert bf16.dtype == torch.float32 and abs(bf16.item() - fp32.item()) < 0.05 * fp32.item()
 
 
-def ddp_child(rank, port, argv):
-    """What torchrun gives each of two processes on one machine, then repro_gpu's command line."""
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)  # a forked child runs no OpenMP team: the parent's does not exist
-    G.main(argv)
-
-
 def test_two_process_ddp_step_equals_single_process_step(tmp_path):
     """Two processes (gloo) with torchrun's environment, forked from this one (without torchrun's
     seconds of imports): same global batch, so the same weights as one process."""
-    import multiprocessing
-    import socket
-
     args = TINY + ["--iters", "3", "--sigma-tn", "0.4", "--flip"]
     A.main(args + ["--out", str(tmp_path / "one")])
-    with socket.socket() as sock:  # a free port for the processes' rendezvous
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    two = ["train", *args, "--out", str(tmp_path / "two")]
-    fork = multiprocessing.get_context("fork")
-    procs = [fork.Process(target=ddp_child, args=(rank, port, two)) for rank in range(2)]
-    for proc in procs:
-        proc.start()
-    for proc in procs:
-        proc.join(120)
-        proc.kill()
-    assert [proc.exitcode for proc in procs] == [0, 0]
+    assert two_processes(G.main, ["train", *args, "--out", str(tmp_path / "two")]) == [0, 0]
     one, two = (
         torch.load(tmp_path / d / "checkpoint.pt", weights_only=True) for d in ("one", "two")
     )

@@ -29,7 +29,7 @@ from PIL import Image
 
 import ambient as A
 import text_to_image as T
-from test_ambient import error_of
+from test_ambient import error_of, two_processes
 from test_inputs import (
     FUZZ,
     PNG_PIXELS_CUT,
@@ -588,39 +588,18 @@ def test_train_resume_and_sample_end_to_end_with_fixed_noisy_latents(tmp_path):
     assert len(list((out / "samples").glob("*.png"))) == 4
 
 
-def ddp_process(rank, port, argv):
-    """What torchrun gives each of two processes on one machine, then the command line."""
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)  # a forked child runs no OpenMP team: the parent's does not exist
-    T.main(argv)
-
-
 def test_two_process_ddp_step_equals_the_one_process_step(tmp_path):
     """Two processes (gloo), each with two micro-batches of its half of the batch: every process
     draws the whole batch (captions augmented, text noise, W24 leaving samples out in the total),
     so after one step the weights are the one process's; only the first process writes. The
     processes are forked from this one (as torchrun's would run, without its 8 s of imports)."""
-    import multiprocessing
-    import socket
-
     argv = ["--pretrained", "tiny", "--data", str(caption_folder(tmp_path)), "--device", "cpu"]
     argv += ["--batch", "4", "--iters", "1", "--tn", "50", "--text-noise", "0.1"]
     argv += ["--caption-aug", "rand_word_add", "--w24-threshold", "0.4", "--caption-dropout", "0"]
     argv += ["--max-grad-norm", "1e9"]  # clipping would hide a gradient off by a factor
     T.main(argv + ["--out", str(tmp_path / "one")])
-    with socket.socket() as sock:  # a free port for the processes' rendezvous
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     two = argv + ["--out", str(tmp_path / "two"), "--accumulate", "2"]
-    fork = multiprocessing.get_context("fork")
-    procs = [fork.Process(target=ddp_process, args=(rank, port, two)) for rank in range(2)]
-    for proc in procs:
-        proc.start()
-    for proc in procs:
-        proc.join(120)
-        proc.kill()
-    assert [proc.exitcode for proc in procs] == [0, 0]
+    assert two_processes(T.main, two) == [0, 0]
     one, both = (
         torch.load(tmp_path / d / "checkpoint.pt", weights_only=True) for d in ("one", "two")
     )
@@ -635,16 +614,7 @@ def test_two_process_ddp_step_equals_the_one_process_step(tmp_path):
     # the first process fails in its own part (its latents cache is a folder): both stop, exit 2
     (tmp_path / "three" / "latents.pt").mkdir(parents=True)
     three = argv + ["--out", str(tmp_path / "three")]
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    procs = [fork.Process(target=ddp_process, args=(rank, port, three)) for rank in range(2)]
-    for proc in procs:
-        proc.start()
-    for proc in procs:
-        proc.join(60)
-        proc.kill()
-    assert [proc.exitcode for proc in procs] == [2, 2]
+    assert two_processes(T.main, three, timeout=60) == [2, 2]
 
 
 def test_gpu_check_runs_the_training_step_on_the_tiny_model(tmp_path, capsys):
